@@ -1,0 +1,5 @@
+"""`python -m shardstate ...` is the `shardstate` command."""
+
+from shardstate.cli import main
+
+raise SystemExit(main())

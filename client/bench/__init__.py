@@ -1,0 +1,1 @@
+"""The load harness behind `shardstate bench`: workloads, statistics, reports."""

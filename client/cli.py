@@ -1,0 +1,50 @@
+"""The `shardstate` command: one entry point, one module per subcommand, imported lazily.
+
+This is the one composition root allowed to reach into shardstate.server and shardstate.router,
+and only when their subcommand runs, so `import shardstate` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function taking argv); each module owns its own argparse.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "dev": ("shardstate.dev", "main", "start a whole local cluster (shards, replicas, a router)"),
+    "shard": ("shardstate.server.main", "main", "run one shard server (primary or replica)"),
+    "router": ("shardstate.router.main", "main", "run one router"),
+    "admin": ("shardstate.admin", "main", "cluster administration: status, add/remove shard, promote"),
+    "bench": ("shardstate.bench.cli", "main", "load a cluster and print throughput and latency"),
+    "get": ("shardstate.poke", "get_main", "print one key of a session"),
+    "put": ("shardstate.poke", "put_main", "write one key of a session"),
+    "ls": ("shardstate.poke", "ls_main", "list sessions, or the keys of one session"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: shardstate COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {help}" for name, (_, _, help) in COMMANDS.items()]
+    lines += ["", "`shardstate COMMAND --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"shardstate: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith(module.rsplit(".", 1)[0]):
+            print(f"shardstate: command {name!r} is not built yet ({e})", file=sys.stderr)
+            return 2
+        raise
+    result = getattr(mod, func)(rest)
+    return int(result or 0)

@@ -1,0 +1,56 @@
+"""Plain Python views of what the server returns: records, log entries, sessions, changes.
+
+They are what the client library hands to callers instead of protobuf messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shardstate.v1 import types_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    key: str
+    value: bytes
+    version: int
+    create_version: int = 0
+    expires_at: int = 0  # ms since the epoch; 0 = never
+    updated_at: int = 0
+
+    @classmethod
+    def from_pb(cls, r: types_pb2.Record) -> Record:
+        return cls(r.key, r.value, r.version, r.create_version, r.expires_at_ms, r.updated_at_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    data: bytes
+    appended_at: int = 0
+
+    @classmethod
+    def from_pb(cls, e: types_pb2.LogEntry) -> Entry:
+        return cls(e.seq, e.data, e.appended_at_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    namespace: str
+    session_id: str
+    created_at: int
+    updated_at: int
+    expires_at: int
+    key_count: int
+    bytes: int
+    max_version: int
+    streams: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> first, last, count
+
+    @classmethod
+    def from_pb(cls, s: types_pb2.SessionInfo) -> SessionInfo:
+        return cls(
+            s.namespace, s.session_id, s.created_at_ms, s.updated_at_ms, s.expires_at_ms,
+            s.key_count, s.bytes, s.max_version,
+            {st.name: (st.first_seq, st.last_seq, st.count) for st in s.streams},
+        )

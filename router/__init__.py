@@ -1,0 +1,1 @@
+"""The router: cluster map, forwarding, scatter-gather, admin coordination."""

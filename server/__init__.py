@@ -1,0 +1,1 @@
+"""The shard server: storage engine on LevelDB, State service, replication, migration."""

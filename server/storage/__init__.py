@@ -1,0 +1,1 @@
+"""The storage engine of a shard: key encoding, LevelDB engine, change log, expiry."""
