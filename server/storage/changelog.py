@@ -1,0 +1,100 @@
+"""The change log (`c|revision` -> ChangeEntry): reading it from a revision, retention
+(count + age), and applying a primary's entries on a replica.
+
+History is complete for revisions above `_|compacted` (the highest revision trimmed, or the
+revision of an installed snapshot); `oldest_revision = compacted + 1`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shardstate.errors import HistoryCompactedError
+from shardstate.v1 import replication_pb2, types_pb2
+
+from . import encoding as enc
+from .commit import Op, Pending
+from .revision import LOGICAL_BITS
+from .store import COMPACTED_KEY, REVISION_KEY, Store
+from .values import pack_u64
+
+_CHANGE_END = enc.prefix_end(enc.CHANGE)
+
+
+def oldest_revision(store: Store) -> int:
+    return store.compacted + 1
+
+
+def changes_since_raw(store: Store, from_revision: int, limit: int) -> list[tuple[int, bytes]]:
+    """(revision, serialized ChangeEntry) with revision >= from_revision, oldest first."""
+    if store.compacted and from_revision <= store.compacted:
+        raise HistoryCompactedError.of(from_revision, store.compacted + 1)
+    out: list[tuple[int, bytes]] = []
+    if limit <= 0:
+        return out
+    start = enc.change_key(max(from_revision, 0))
+    for k, v in store.db.iterator(start=start, stop=_CHANGE_END):
+        out.append((enc.revision_of_change_key(k), v))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def changes_since(store: Store, from_revision: int, limit: int) -> list[replication_pb2.ChangeEntry]:
+    parse = replication_pb2.ChangeEntry.FromString
+    return [parse(v) for _, v in changes_since_raw(store, from_revision, limit)]
+
+
+def trim(store: Store, now_ms: int, keep: int, keep_s: float, hold_from: int = 0, max_ops: int = 10_000) -> int:
+    """Delete the oldest entries beyond `keep` entries or older than `keep_s`, never one at or
+    above `hold_from` (> 0: a follower still needs it). Local: not itself a change."""
+    excess = store.change_count - keep
+    cutoff = max(0, now_ms - int(keep_s * 1000)) << LOGICAL_BITS
+    victims: list[bytes] = []
+    last = 0
+    for k in store.db.iterator(prefix=enc.CHANGE, include_value=False):
+        rev = enc.revision_of_change_key(k)
+        if (hold_from and rev >= hold_from) or (excess <= 0 and rev >= cutoff):
+            break
+        victims.append(k)
+        excess -= 1
+        last = rev
+        if len(victims) >= max_ops:
+            break
+    if not victims:
+        return 0
+    wb = store.db.write_batch()
+    for k in victims:
+        wb.delete(k)
+    wb.put(COMPACTED_KEY, pack_u64(last))
+    wb.write()
+    store.compacted = last
+    store.change_count -= len(victims)
+    return len(victims)
+
+
+def replica_pending(store: Store, entries: Sequence[replication_pb2.ChangeEntry]) -> Pending | None:
+    """One WriteBatch applying a primary's entries (raw ops + c| entries + revision); entries
+    at or below the applied revision are skipped, so re-sending a batch is harmless."""
+    ops: list[Op] = []
+    metas: dict[bytes, types_pb2.SessionInfo | None] = {}
+    top = store.committed
+    n = 0
+    for e in entries:
+        if e.revision <= top:
+            continue
+        top = e.revision
+        n += 1
+        for op in e.ops:
+            if op.delete:
+                ops.append((op.key, None))
+            else:
+                ops.append((op.key, op.value))
+            if op.key[:1] == enc.META:
+                metas[op.key] = None if op.delete else types_pb2.SessionInfo.FromString(op.value)
+        ops.append((enc.change_key(e.revision), e.SerializeToString()))
+    if not n:
+        return None
+    ops.append((REVISION_KEY, pack_u64(top)))
+    store.clock.raise_to(top)
+    return Pending(top, ops, metas, changes=n)

@@ -1,0 +1,306 @@
+"""The storage engine of a shard: every State operation on one LevelDB, one WriteBatch each,
+plus the change-log, snapshot and apply API that replication and migration build on.
+
+Independent of gRPC: takes and returns shardstate.v1 protobuf messages (replies without their
+header, except `header.replayed`), raises shardstate.errors exceptions.
+
+API for replication / migration / routers (all on the event loop thread):
+
+    Engine.open(config: ShardConfig) -> Engine
+    engine.revision() -> int                 # highest committed revision (applied on a replica)
+    engine.oldest_revision() -> int          # lowest from_revision changes_since still serves
+    engine.changes_since(from_revision, limit) -> list[ChangeEntry]   # revision >= from, oldest
+    engine.changes_since_raw(from_revision, limit) -> list[(revision, bytes)]  #   first; raises
+                                             # HistoryCompactedError below oldest_revision()
+    await engine.wait_for_revision(rev, timeout_s) -> bool  # True once rev is committed
+    await engine.wait_for_change(timeout_s)  # returns at the next commit (or timeout / close)
+    await engine.apply_changes(entries) -> int   # replica: raw ops + c| entries + revision in
+                                             # one WriteBatch; entries <= revision() skipped
+    engine.snapshot() -> Snapshot            # `with` it; .revision; iterates raw (key, value)
+                                             # of all data (no c|, no _|)
+    engine.install_snapshot_chunk(ops, first, revision_or_None)   # follower side
+    await engine.raise_revision(floor)       # never hand out a revision <= floor (persisted)
+    engine.retention_hold = lambda: rev      # change-log trim keeps revisions >= rev (0 = none)
+    engine.sweeping = False                  # replicas: do not reclaim expired data themselves
+    engine.set_node_meta(name, bytes) / engine.node_meta(name)   # `_|name`, local, synced
+
+Writers of one session are serialized: plain writes run from read to LevelDB write without
+yielding to the event loop; with --fsync a write waits for its group commit while holding a
+per-session lock. Reads never wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from shardstate.config import ShardConfig
+from shardstate.v1 import replication_pb2, state_pb2, types_pb2
+
+from . import changelog, expiry, idempotency, keys, logs, sessions, snapshot, txn
+from . import encoding as enc
+from .context import WriteContext, node_write
+from .locks import SessionLocks
+from .revision import wall_ms
+from .store import REVISION_KEY, Store
+from .validation import SessionRef, session_ref
+from .values import pack_u64
+
+log = logging.getLogger("shardstate.engine")
+R = TypeVar("R")
+SWEEP_BATCH = 500
+
+
+class Engine:
+    def __init__(self, config: ShardConfig) -> None:
+        self.config = config
+        self.limits = config
+        self.shard_id = config.id
+        self.store = Store(config.data_dir, config, fsync=config.fsync)
+        self._locks = SessionLocks() if self.store.group_commit else None
+        self._window_ms = int(config.idempotency_window_s * 1000)
+        self.retention_hold: Callable[[], int] | None = None
+        self.sweeping = True
+
+    @classmethod
+    def open(cls, config: ShardConfig) -> Engine:
+        return cls(config)
+
+    def ref(self, namespace: str, session_id: str) -> SessionRef:
+        return session_ref(namespace, session_id, self.limits)
+
+    # ---- reads: no locks, one DB read plus the (cached) session meta ----
+
+    def get(self, req: state_pb2.GetRequest) -> state_pb2.GetResponse:
+        return keys.get(self.store, self.ref(req.namespace, req.session_id), req, wall_ms())
+
+    def scan(self, req: state_pb2.ScanRequest) -> state_pb2.ScanResponse:
+        return keys.scan(self.store, self.ref(req.namespace, req.session_id), req, wall_ms())
+
+    def read_log(self, req: state_pb2.ReadLogRequest) -> state_pb2.ReadLogResponse:
+        return logs.read_log(self.store, self.ref(req.namespace, req.session_id), req, wall_ms())
+
+    def get_session(self, req: state_pb2.GetSessionRequest) -> state_pb2.GetSessionResponse:
+        return sessions.get_session(self.store, self.ref(req.namespace, req.session_id), wall_ms(), self.shard_id)
+
+    def list_sessions(
+        self, req: state_pb2.ListSessionsRequest, owned: Callable[[str, str], bool] | None = None
+    ) -> state_pb2.ListSessionsResponse:
+        return sessions.list_sessions(self.store, req, wall_ms(), self.shard_id, owned)
+
+    # ---- writes ----
+
+    async def put(self, req: state_pb2.PutRequest) -> state_pb2.PutResponse:
+        return await self._write(req, keys.op_put, state_pb2.PutResponse)
+
+    async def delete(self, req: state_pb2.DeleteRequest) -> state_pb2.DeleteResponse:
+        return await self._write(req, keys.op_delete, state_pb2.DeleteResponse)
+
+    async def increment(self, req: state_pb2.IncrementRequest) -> state_pb2.IncrementResponse:
+        return await self._write(req, keys.op_increment, state_pb2.IncrementResponse)
+
+    async def txn(self, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
+        return await self._write(req, txn.op_txn, state_pb2.TxnResponse)
+
+    async def append(self, req: state_pb2.AppendRequest) -> state_pb2.AppendResponse:
+        return await self._write(req, logs.op_append, state_pb2.AppendResponse)
+
+    async def trim_log(self, req: state_pb2.TrimLogRequest) -> state_pb2.TrimLogResponse:
+        return await self._write(req, logs.op_trim, state_pb2.TrimLogResponse)
+
+    async def pop_last(self, req: state_pb2.PopLastRequest) -> state_pb2.PopLastResponse:
+        return await self._write(req, logs.op_pop, state_pb2.PopLastResponse)
+
+    async def touch(self, req: state_pb2.TouchRequest) -> state_pb2.TouchResponse:
+        return await self._write(req, sessions.op_touch, state_pb2.TouchResponse)
+
+    async def delete_session(self, req: state_pb2.DeleteSessionRequest) -> state_pb2.DeleteSessionResponse:
+        return await self._write(req, sessions.op_delete_session, state_pb2.DeleteSessionResponse)
+
+    async def _write(self, req: Any, op: Callable[[WriteContext, Any], R], reply: type[Any]) -> R:
+        ref = self.ref(req.namespace, req.session_id)
+        ridb = idempotency.request_id_bytes(req.request_id) if req.request_id else b""
+        locks = self._locks
+        if locks is not None:
+            await locks.acquire(ref.mkey)
+        try:
+            now = wall_ms()
+            if ridb:
+                stored = idempotency.lookup(self.store, ref, ridb, reply, now)
+                if stored is not None:
+                    return stored  # type: ignore[no-any-return]
+            ctx = WriteContext(self.store, ref, now)
+            resp = op(ctx, req)
+            extra = idempotency.record(ref, ridb, resp, now, self._window_ms) if ridb and ctx.writes else None
+            pending = ctx.finish(extra)
+            if pending is not None:
+                await self.store.commit(pending)
+            return resp
+        finally:
+            if locks is not None:
+                locks.release(ref.mkey)
+
+    # ---- change log, replication, snapshots ----
+
+    def revision(self) -> int:
+        return self.store.committed
+
+    def oldest_revision(self) -> int:
+        return changelog.oldest_revision(self.store)
+
+    def changes_since(self, from_revision: int, limit: int) -> list[replication_pb2.ChangeEntry]:
+        return changelog.changes_since(self.store, from_revision, limit)
+
+    def changes_since_raw(self, from_revision: int, limit: int) -> list[tuple[int, bytes]]:
+        return changelog.changes_since_raw(self.store, from_revision, limit)
+
+    async def wait_for_revision(self, revision: int, timeout: float) -> bool:
+        return await self.store.wait_for_revision(revision, timeout)
+
+    async def wait_for_change(self, timeout: float) -> None:
+        await self.store.wait_for_change(timeout)
+
+    def wake_waiters(self) -> None:
+        """Wake every wait_for_* now (shutdown: watchers re-check whether to stop)."""
+        self.store.wake()
+
+    async def apply_changes(self, entries: Sequence[replication_pb2.ChangeEntry]) -> int:
+        """Replica: apply a primary's entries in one WriteBatch; returns the applied revision."""
+        pending = changelog.replica_pending(self.store, entries)
+        if pending is not None:
+            await self.store.commit(pending)
+        return self.store.committed
+
+    def snapshot(self) -> snapshot.Snapshot:
+        return snapshot.Snapshot(self.store)
+
+    def install_snapshot_chunk(
+        self, ops: Iterable[tuple[bytes, bytes | None]], first: bool, revision: int | None
+    ) -> None:
+        """Follower: `first` clears all data (node meta kept); `revision` (last chunk) sets the
+        applied revision and makes it the start of the follower's change-log history."""
+        if first:
+            snapshot.clear_data(self.store)
+        snapshot.write_chunk(self.store, ops, revision)
+
+    async def raise_revision(self, floor: int) -> int:
+        """Promotion / migration guard rail: every later revision is above `floor`."""
+        self.store.clock.raise_to(floor)
+        self.store.db.put(REVISION_KEY, pack_u64(self.store.clock.last), sync=True)
+        return self.store.clock.last
+
+    def set_node_meta(self, name: str, value: bytes) -> None:
+        self.store.set_node_meta(name, value)
+
+    def node_meta(self, name: str) -> bytes | None:
+        return self.store.node_meta(name)
+
+    # ---- expiry sweeper and retention ----
+
+    async def sweep_once(self) -> dict[str, int]:
+        """One pass: reclaim due sessions and keys, collect idempotency records, trim the
+        change log. Returns what it did (for logs and tests)."""
+        done = {"sessions": 0, "keys": 0, "idempotency": 0, "changes_trimmed": 0}
+        store = self.store
+        if self.sweeping:
+            for exp, ns, sid in expiry.due_sessions(store, wall_ms(), SWEEP_BATCH):
+                if await self._reclaim_session(ns, sid, exp):
+                    done["sessions"] += 1
+                await asyncio.sleep(0)
+            for (ns, sid), due in expiry.due_keys(store, wall_ms(), SWEEP_BATCH).items():
+                done["keys"] += await self._reclaim_keys(ns, sid, due)
+                await asyncio.sleep(0)
+            ops = idempotency.expired(store, wall_ms(), SWEEP_BATCH, self._busy)
+            if ops:
+                await store.commit(node_write(store, ops, wall_ms()))
+                done["idempotency"] = sum(1 for k, _ in ops if k[:1] == enc.IDEMPOTENCY)
+        hold = self.retention_hold() if self.retention_hold is not None else 0
+        done["changes_trimmed"] = changelog.trim(
+            store, wall_ms(), self.config.changelog_retention, self.config.changelog_retention_s, hold
+        )
+        return done
+
+    def _busy(self, mkey: bytes) -> bool:
+        return self._locks is not None and self._locks.busy(mkey)
+
+    async def _locked(self, ref: SessionRef, fn: Callable[[], Any]) -> Any:
+        if self._locks is None:
+            return await fn()
+        await self._locks.acquire(ref.mkey)
+        try:
+            return await fn()
+        finally:
+            self._locks.release(ref.mkey)
+
+    async def _reclaim_session(self, ns: bytes, sid: bytes, expires_at: int) -> bool:
+        ref = SessionRef(ns.decode(), sid.decode(), ns, sid, enc.meta_key(ns, sid))
+
+        async def run() -> bool:
+            ctx = WriteContext(self.store, ref, wall_ms())
+            if not expiry.reclaim_session(ctx, expires_at):
+                # stale index entry; local clean-up
+                self.store.db.delete(enc.session_expiry_key(expires_at, ns, sid))
+                return False
+            pending = ctx.finish()
+            if pending is not None:
+                await self.store.commit(pending)
+            return True
+
+        return bool(await self._locked(ref, run))
+
+    async def _reclaim_keys(self, ns: bytes, sid: bytes, due: list[tuple[int, bytes]]) -> int:
+        ref = SessionRef(ns.decode(), sid.decode(), ns, sid, enc.meta_key(ns, sid))
+
+        async def run() -> int:
+            ctx = WriteContext(self.store, ref, wall_ms())
+            n, stale = expiry.reclaim_keys(ctx, due)
+            pending = ctx.finish()
+            if pending is not None:
+                await self.store.commit(pending)
+            for k in stale:
+                self.store.db.delete(k)  # stale index entries; local clean-up
+            return n
+
+        return int(await self._locked(ref, run))
+
+    async def run_sweeper(self) -> None:
+        """Background task: sweep every sweep_interval_s until cancelled."""
+        while True:
+            try:
+                done = await self.sweep_once()
+                if any(done.values()):
+                    log.info("sweep", extra={"fields": done})
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweep failed")
+            await asyncio.sleep(self.config.sweep_interval_s)
+
+    # ---- status ----
+
+    def count_sessions(self) -> tuple[int, int]:
+        """(live sessions, keys): a scan of the session metas; run it off the event loop."""
+        now = wall_ms()
+        n = nkeys = 0
+        for _, raw in self.store.db.iterator(prefix=enc.META):
+            m = types_pb2.SessionInfo.FromString(raw)
+            if m.expires_at_ms and m.expires_at_ms <= now:
+                continue
+            n += 1
+            nkeys += m.key_count
+        return n, nkeys
+
+    def disk_bytes(self) -> int:
+        total = 0
+        with os.scandir(self.store.path) as it:
+            for e in it:
+                if e.is_file():
+                    total += e.stat().st_size
+        return total
+
+    async def close(self) -> None:
+        await self.store.drain()
+        self.store.close()

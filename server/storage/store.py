@@ -1,0 +1,145 @@
+"""The shard's one LevelDB and the state every operation shares: revision clock, meta cache,
+change-log bookkeeping, commit (direct or group-committed) and waiting for new revisions.
+
+Nothing here is the only copy of anything: the meta cache and the counters are rebuilt from
+disk at open, and every write lands in LevelDB before its effects reach them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import plyvel
+
+from shardstate.config import Limits
+from shardstate.v1 import types_pb2
+
+from . import encoding as enc
+from .commit import GroupCommitter, Pending, write_batch
+from .revision import RevisionClock
+from .values import unpack_u64
+
+REVISION_KEY = enc.node_key("revision")
+COMPACTED_KEY = enc.node_key("compacted")
+META_CACHE_SIZE = 100_000
+MB = 1024 * 1024
+
+
+class Store:
+    def __init__(self, path: str, limits: Limits, *, fsync: bool = False) -> None:
+        self.db: Any = plyvel.DB(
+            path, create_if_missing=True, write_buffer_size=32 * MB,
+            lru_cache_size=64 * MB, bloom_filter_bits=10,
+        )
+        self.path = path
+        self.limits = limits
+        self.fsync = fsync
+        last = unpack_u64(self.db.get(REVISION_KEY))
+        self.compacted = unpack_u64(self.db.get(COMPACTED_KEY))
+        self.change_count = 0
+        for k in self.db.iterator(prefix=enc.CHANGE, include_value=False):
+            self.change_count += 1
+            last = max(last, enc.revision_of_change_key(k))
+        self.clock = RevisionClock(last)
+        self.committed = last  # highest revision whose write is in LevelDB
+        self._meta: dict[bytes, types_pb2.SessionInfo | None] = {}
+        self._changed = asyncio.Event()
+        self._committer = GroupCommitter(self.db, self.written) if fsync else None
+        self.closed = False
+
+    # ---- session meta (read-only objects: writers copy before changing) ----
+
+    def load_meta(self, mkey: bytes) -> types_pb2.SessionInfo | None:
+        try:
+            return self._meta[mkey]
+        except KeyError:
+            pass
+        raw = self.db.get(mkey)
+        meta = types_pb2.SessionInfo.FromString(raw) if raw is not None else None
+        if len(self._meta) >= META_CACHE_SIZE:
+            for k in list(self._meta)[: META_CACHE_SIZE // 10]:
+                del self._meta[k]
+        self._meta[mkey] = meta
+        return meta
+
+    def live_meta(self, mkey: bytes, now: int) -> types_pb2.SessionInfo | None:
+        """The session's meta, or None when it does not exist or has expired."""
+        meta = self.load_meta(mkey)
+        if meta is None or (meta.expires_at_ms and meta.expires_at_ms <= now):
+            return None
+        return meta
+
+    def forget_meta(self, mkey: bytes | None = None) -> None:
+        if mkey is None:
+            self._meta.clear()
+        else:
+            self._meta.pop(mkey, None)
+
+    # ---- commit ----
+
+    async def commit(self, pending: Pending) -> None:
+        if self._committer is None:
+            # Unsynced writes return once LevelDB's log has the batch (a kill -9 loses nothing).
+            write_batch(self.db, [pending], False)
+            self.written(pending)
+        else:
+            await self._committer.commit(pending)
+
+    @property
+    def group_commit(self) -> bool:
+        return self._committer is not None
+
+    def written(self, p: Pending) -> None:
+        for mkey, meta in p.metas.items():
+            self._meta[mkey] = meta
+        self.change_count += p.changes
+        if p.revision > self.committed:
+            self.committed = p.revision
+        self.wake()
+
+    def wake(self) -> None:
+        ev, self._changed = self._changed, asyncio.Event()
+        ev.set()
+
+    async def wait_for_revision(self, revision: int, timeout: float) -> bool:
+        """True once `revision` is committed; False after `timeout` seconds (or at close)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.committed < revision and not self.closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return self.committed >= revision
+        return self.committed >= revision
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return at the next commit, after `timeout` seconds, or at close."""
+        if self.closed:
+            return
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def set_node_meta(self, name: str, value: bytes) -> None:
+        """Node-local metadata (`_|name`), synced; never replicated."""
+        self.db.put(enc.node_key(name), value, sync=True)
+
+    def node_meta(self, name: str) -> bytes | None:
+        value: bytes | None = self.db.get(enc.node_key(name))
+        return value
+
+    async def drain(self) -> None:
+        """Wait until queued group commits have landed."""
+        while self._committer is not None and not self._committer.idle():
+            await asyncio.sleep(0.005)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.wake()
+            self.db.close()

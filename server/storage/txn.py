@@ -1,0 +1,99 @@
+"""Txn: compares on one session's keys and logs, then the success or the failure ops, all in
+one WriteBatch at one revision (etcd's Txn). Later ops see the writes of earlier ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from shardstate.errors import InvalidArgumentError
+from shardstate.v1 import state_pb2
+
+from . import keys, logs
+from .context import WriteContext
+from .validation import check_ops, key_bytes, ttl
+
+Compare = state_pb2.Compare
+
+# TxnOp field -> (op function, TxnOpResult field)
+_OPS: dict[str, Callable[[WriteContext, Any], Any]] = {
+    "get": keys.op_get,
+    "put": keys.op_put,
+    "delete": keys.op_delete,
+    "increment": keys.op_increment,
+    "append": logs.op_append,
+}
+
+
+def _holds(result: int, cmp: int) -> bool:
+    """`cmp` is -1/0/1 for actual vs target."""
+    if result == Compare.EQUAL:
+        return cmp == 0
+    if result == Compare.NOT_EQUAL:
+        return cmp != 0
+    if result == Compare.GREATER:
+        return cmp > 0
+    if result == Compare.LESS:
+        return cmp < 0
+    raise InvalidArgumentError(f"unknown compare result {result}")
+
+
+def _sign(a: Any, b: Any) -> int:
+    return (a > b) - (a < b)
+
+
+def compare(ctx: WriteContext, c: state_pb2.Compare) -> bool:
+    target = c.WhichOneof("target")
+    if target == "log_length":
+        if not c.key:
+            raise InvalidArgumentError("compare on log_length needs the stream name in key")
+        s = ctx.stream(c.key)
+        return _holds(c.result, _sign(s.count if s is not None else 0, c.log_length))
+    rec = ctx.record(ctx.data_key(key_bytes(c.key, ctx.limits, "compare key")))
+    if target == "version":
+        return _holds(c.result, _sign(rec.version if rec is not None else 0, c.version))
+    if target == "value":
+        if rec is None:  # an absent key never matches EQUAL, GREATER or LESS
+            return c.result == Compare.NOT_EQUAL
+        return _holds(c.result, _sign(rec.value, c.value))
+    if target == "exists":
+        if c.result not in (Compare.EQUAL, Compare.NOT_EQUAL):
+            raise InvalidArgumentError("compare on exists takes EQUAL or NOT_EQUAL only")
+        return _holds(c.result, 0 if (rec is not None) == c.exists else 1)
+    raise InvalidArgumentError(f"compare on key {c.key!r} has no target")
+
+
+def _check_op(kind: str, op: Any) -> None:
+    if op.namespace or op.session_id:
+        raise InvalidArgumentError(f"Txn {kind} op must not name a namespace or session_id; it inherits the Txn's")
+    if getattr(op, "request_id", ""):
+        raise InvalidArgumentError(f"Txn {kind} op must not carry a request_id; give it on the Txn")
+    if kind in ("put", "delete") and op.HasField("expected_version"):
+        raise InvalidArgumentError(f"Txn {kind} op must not set expected_version; use a compare")
+
+
+def validate(req: state_pb2.TxnRequest, limits: Any) -> None:
+    for name, items in (("compares", req.compares), ("success ops", req.success), ("failure ops", req.failure)):
+        check_ops(len(items), limits, f"Txn {name}")
+    for op in (*req.success, *req.failure):
+        kind = op.WhichOneof("op")
+        if kind is None:
+            raise InvalidArgumentError("Txn op is empty")
+        _check_op(kind, getattr(op, kind))
+
+
+def op_txn(ctx: WriteContext, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
+    validate(req, ctx.limits)
+    succeeded = all(compare(ctx, c) for c in req.compares)
+    resp = state_pb2.TxnResponse(succeeded=succeeded)
+    for op in req.success if succeeded else req.failure:
+        kind = op.WhichOneof("op")
+        assert kind is not None
+        result = _OPS[kind](ctx, getattr(op, kind))
+        getattr(resp.results.add(), kind).CopyFrom(result)
+    if req.session_ttl_ms and ctx.writes:
+        ctx.session_ttl_ms = ttl(req.session_ttl_ms, "session_ttl_ms")
+    if ctx.writes:
+        resp.revision = ctx.revision()
+    return resp
