@@ -39,7 +39,7 @@ class Limits:
     max_page: int = opt(1000, "largest page of Scan, ReadLog and ListSessions")
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(Limits):  # not self: subclasses add non-numeric fields
             if getattr(self, f.name) <= 0:
                 raise InvalidArgumentError(f"{f.name} must be positive, got {getattr(self, f.name)}")
         if self.max_value_bytes > self.max_request_bytes:
