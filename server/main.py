@@ -1,0 +1,148 @@
+"""`shardstate shard`: one shard server process (State + Admin + health + reflection on
+grpc.aio), from flags/env to a serving, drainable process.
+
+Process contract: binds --listen (port 0 picks one), writes the bound port to --port-file
+atomically once serving, JSON logs on stderr, SIGTERM/SIGINT drain within --grace-s, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shardstate import config
+from shardstate.clustermap import load_cluster_file
+from shardstate.errors import InvalidArgumentError
+from shardstate.v1 import admin_pb2, state_pb2
+
+from . import handlers, logs
+from .admin import AdminService
+from .node import Node
+from .service import StateService
+from .storage.engine import Engine
+
+log = logging.getLogger("shardstate.shard")
+# Room for the envelope around a max_request_bytes payload; beyond it gRPC itself answers
+# RESOURCE_EXHAUSTED before the message is parsed.
+REQUEST_SLACK_BYTES = 64 * 1024
+STATE_SERVICE = state_pb2.DESCRIPTOR.services_by_name["State"]
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+
+
+class StartupError(Exception):
+    pass
+
+
+def write_port_file(path: str, port: int) -> None:
+    """tmp + rename in the same directory: readers see no file or the whole number."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{port}\n")
+    os.replace(tmp, target)
+
+
+def advertised(listen: str, port: int) -> str:
+    host = listen.rsplit(":", 1)[0]
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+def make_server(cfg: config.ShardConfig) -> grpc.aio.Server:
+    return grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", cfg.max_request_bytes + REQUEST_SLACK_BYTES),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share it
+    ])
+
+
+async def serve(cfg: config.ShardConfig) -> int:
+    try:
+        engine = Engine.open(cfg)
+    except Exception as e:
+        raise StartupError(f"cannot open the data directory {cfg.data_dir!r}: {e}") from e
+    try:
+        return await _serve(cfg, engine)
+    finally:
+        await engine.close()
+
+
+async def _serve(cfg: config.ShardConfig, engine: Engine) -> int:
+    node = Node(cfg.id, engine)
+    if cfg.cluster:
+        node.adopt(load_cluster_file(cfg.cluster))
+    server = make_server(cfg)
+    try:
+        port = server.add_insecure_port(cfg.listen)
+    except RuntimeError as e:
+        raise StartupError(f"cannot listen on {cfg.listen}: {e}") from e
+    if not port:
+        raise StartupError(f"cannot listen on {cfg.listen}")
+    node.address = advertised(cfg.listen, port)
+    state = StateService(engine, node)
+    handlers.register(server, STATE_SERVICE, state.behaviors())
+    handlers.register(server, ADMIN_SERVICE, AdminService(node, state).behaviors())
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (STATE_SERVICE.full_name, ADMIN_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    await server.start()
+    for name in ("", STATE_SERVICE.full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    node.serving = True
+    if cfg.port_file:
+        write_port_file(cfg.port_file, port)
+    sweeper = asyncio.create_task(engine.run_sweeper())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving", extra={"fields": {
+        "shard_id": cfg.id, "address": node.address, "port": port, "data_dir": cfg.data_dir,
+        "revision": engine.revision(), "epoch": node.epoch, "fsync": cfg.fsync,
+    }})
+    await stop.wait()
+
+    log.info("draining", extra={"fields": {"grace_s": cfg.grace_s}})
+    node.serving = False
+    await health_servicer.enter_graceful_shutdown()
+    state.drain()
+    await server.stop(cfg.grace_s)
+    sweeper.cancel()
+    try:
+        await sweeper
+    except asyncio.CancelledError:
+        pass
+    log.info("stopped", extra={"fields": {"revision": engine.revision()}})
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="shardstate shard", description="Run one shard server.")
+    config.add_arguments(parser, config.ShardConfig)
+    cfg = config.from_args(config.ShardConfig, parser.parse_args(argv))
+    try:
+        cfg.validate()
+    except InvalidArgumentError as e:
+        print(f"shardstate shard: {e.message}", file=sys.stderr)
+        return 2
+    logs.setup(shard_id=cfg.id)
+    try:
+        return asyncio.run(serve(cfg))
+    except (StartupError, InvalidArgumentError) as e:
+        log.error("cannot start", extra={"fields": {"error": str(e)}})
+        print(f"shardstate shard: {e}", file=sys.stderr)
+        return 1

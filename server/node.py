@@ -1,0 +1,69 @@
+"""What this shard process is in the cluster: its id, address, role, and the cluster map it
+holds (persisted in `_|clustermap`, replaced only by a higher epoch); ownership checks.
+
+`role` / `primary` are the hook for replication: a replica refuses writes and STRONG reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from shardstate.clustermap import ClusterView, empty_view
+from shardstate.errors import NotPrimaryError, WrongShardError
+from shardstate.v1 import admin_pb2
+
+from .storage.engine import Engine
+
+log = logging.getLogger("shardstate.node")
+MAP_KEY = "clustermap"
+
+
+class Node:
+    def __init__(self, shard_id: str, engine: Engine, address: str = "") -> None:
+        self.shard_id = shard_id
+        self.engine = engine
+        self.address = address
+        self.role: int = admin_pb2.PRIMARY
+        self.primary = ""  # the primary's address, when this node is a replica
+        self.view: ClusterView = empty_view()
+        self.started = time.monotonic()
+        self.serving = False
+        raw = engine.node_meta(MAP_KEY)
+        if raw:
+            self.view = ClusterView.of(admin_pb2.ClusterMap.FromString(raw))
+
+    @property
+    def epoch(self) -> int:
+        return self.view.epoch
+
+    @property
+    def is_replica(self) -> bool:
+        return self.role == admin_pb2.REPLICA
+
+    def adopt(self, pb: admin_pb2.ClusterMap) -> bool:
+        """Take `pb` if its epoch is higher than the map held; persisted before it is used."""
+        if pb.epoch <= self.view.epoch:
+            return False
+        view = ClusterView.of(pb)
+        self.engine.set_node_meta(MAP_KEY, pb.SerializeToString())
+        self.view = view
+        log.info("cluster map adopted", extra={"fields": {"epoch": pb.epoch, "shards": [s.id for s in pb.shards]}})
+        return True
+
+    def check_owner(self, namespace: str, session_id: str) -> None:
+        """WrongShardError unless this shard owns the session (with no map it owns all)."""
+        view = self.view
+        if not view.epoch or not view.ring:
+            return
+        owner = view.owner(namespace, session_id)
+        if owner.id != self.shard_id:
+            raise WrongShardError.of(view.epoch, owner.id, owner.primary)
+
+    def owns(self, namespace: str, session_id: str) -> bool:
+        view = self.view
+        return not view.epoch or not view.ring or view.ring.owner(namespace, session_id) == self.shard_id
+
+    def check_writable(self) -> None:
+        if self.role == admin_pb2.REPLICA:
+            raise NotPrimaryError.of(self.primary, self.shard_id)

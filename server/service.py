@@ -1,0 +1,229 @@
+"""The `State` service of a shard on grpc.aio: ownership and role checks, the engine call,
+the response header. Batch runs ops independently; Pipeline and Watch are in streams.py.
+
+Every failure leaves through `errors.abort` (unary) or a per-op code (Batch), so the one
+status table in shardstate.errors decides what the caller sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from shardstate import errors
+from shardstate.v1 import state_pb2, types_pb2
+
+from .node import Node
+from .storage.engine import Engine
+from .streams import DRAIN, pipeline_behavior, watch_behavior
+
+log = logging.getLogger("shardstate.service")
+Op = Callable[[Any], Awaitable[Any]]
+REPLICA_READ_WAIT_S = 1.0
+
+# BatchOp / BatchResult field of each op kind (the same names in both messages).
+BATCH_KINDS = ("get", "put", "delete", "increment", "append", "read_log", "txn", "scan", "touch", "get_session")
+
+
+class StateService:
+    def __init__(self, engine: Engine, node: Node) -> None:
+        self.engine = engine
+        self.node = node
+        self.draining = False
+        self.streams: set[asyncio.Queue[Any]] = set()  # inboxes of open Pipelines
+        self.served = 0  # replies sent (ops in a Batch count one each), for Status load
+        # With group commit a write waits for its fsync: run a batch's sessions concurrently
+        # so their writes share one. Otherwise nothing suspends and plain order is cheapest.
+        self.concurrent = engine.store.group_commit
+        self.ops: dict[str, Op] = {
+            "get": self.get, "put": self.put, "delete": self.delete, "increment": self.increment,
+            "append": self.append, "read_log": self.read_log, "txn": self.txn, "scan": self.scan,
+            "touch": self.touch, "get_session": self.get_session,
+        }
+
+    @property
+    def role(self) -> int:
+        """admin_pb2.NodeRole of this node (the replication hook lives on Node)."""
+        return self.node.role
+
+    # ---- plumbing ----
+
+    def header(self, resp: Any) -> Any:
+        self.served += 1
+        h = resp.header
+        h.shard_id = self.node.shard_id
+        h.revision = self.engine.store.committed
+        h.epoch = self.node.view.epoch
+        h.node = self.node.address
+        return resp
+
+    def _write_gate(self, req: Any) -> None:
+        self.node.check_owner(req.namespace, req.session_id)
+        self.node.check_writable()
+
+    async def _read_gate(self, req: Any) -> None:
+        """Ownership; on a replica: STRONG (the default without min_revision) goes to the
+        primary, EVENTUAL is served, min_revision is served once applied."""
+        node = self.node
+        node.check_owner(req.namespace, req.session_id)
+        if not node.is_replica:
+            return
+        strong = req.consistency == types_pb2.STRONG or (
+            req.consistency == types_pb2.CONSISTENCY_UNSPECIFIED and not req.min_revision
+        )
+        if strong:
+            raise errors.NotPrimaryError.of(node.primary, node.shard_id)
+        if req.min_revision and not await self.engine.wait_for_revision(req.min_revision, REPLICA_READ_WAIT_S):
+            raise errors.NotPrimaryError.of(node.primary, node.shard_id)
+
+    # ---- ops (raise shardstate errors; used by unary RPCs, Batch and Pipeline) ----
+
+    async def get(self, req: state_pb2.GetRequest) -> state_pb2.GetResponse:
+        await self._read_gate(req)
+        return self.header(self.engine.get(req))
+
+    async def scan(self, req: state_pb2.ScanRequest) -> state_pb2.ScanResponse:
+        await self._read_gate(req)
+        return self.header(self.engine.scan(req))
+
+    async def read_log(self, req: state_pb2.ReadLogRequest) -> state_pb2.ReadLogResponse:
+        await self._read_gate(req)
+        return self.header(self.engine.read_log(req))
+
+    async def get_session(self, req: state_pb2.GetSessionRequest) -> state_pb2.GetSessionResponse:
+        await self._read_gate(req)
+        return self.header(self.engine.get_session(req))
+
+    async def list_sessions(self, req: state_pb2.ListSessionsRequest) -> state_pb2.ListSessionsResponse:
+        node = self.node
+        owned = node.owns if node.view.epoch else None
+        return self.header(self.engine.list_sessions(req, owned))
+
+    async def put(self, req: state_pb2.PutRequest) -> state_pb2.PutResponse:
+        self._write_gate(req)
+        return self.header(await self.engine.put(req))
+
+    async def delete(self, req: state_pb2.DeleteRequest) -> state_pb2.DeleteResponse:
+        self._write_gate(req)
+        return self.header(await self.engine.delete(req))
+
+    async def increment(self, req: state_pb2.IncrementRequest) -> state_pb2.IncrementResponse:
+        self._write_gate(req)
+        return self.header(await self.engine.increment(req))
+
+    async def txn(self, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
+        self._write_gate(req)
+        return self.header(await self.engine.txn(req))
+
+    async def append(self, req: state_pb2.AppendRequest) -> state_pb2.AppendResponse:
+        self._write_gate(req)
+        return self.header(await self.engine.append(req))
+
+    async def trim_log(self, req: state_pb2.TrimLogRequest) -> state_pb2.TrimLogResponse:
+        self._write_gate(req)
+        return self.header(await self.engine.trim_log(req))
+
+    async def pop_last(self, req: state_pb2.PopLastRequest) -> state_pb2.PopLastResponse:
+        self._write_gate(req)
+        return self.header(await self.engine.pop_last(req))
+
+    async def touch(self, req: state_pb2.TouchRequest) -> state_pb2.TouchResponse:
+        self._write_gate(req)
+        return self.header(await self.engine.touch(req))
+
+    async def delete_session(self, req: state_pb2.DeleteSessionRequest) -> state_pb2.DeleteSessionResponse:
+        self._write_gate(req)
+        return self.header(await self.engine.delete_session(req))
+
+    # ---- Batch ----
+
+    async def run_op(self, op: state_pb2.BatchOp) -> state_pb2.BatchResult:
+        kind = op.WhichOneof("op")
+        if kind is None:
+            return batch_error(errors.InvalidArgumentError("batch op is empty: set one of its ops"))
+        try:
+            resp = await self.ops[kind](getattr(op, kind))
+        except Exception as e:
+            return batch_error(e)
+        result = state_pb2.BatchResult()
+        getattr(result, kind).CopyFrom(resp)
+        return result
+
+    async def batch(
+        self, req: state_pb2.BatchRequest, out: state_pb2.BatchResponse | None = None
+    ) -> state_pb2.BatchResponse:
+        """Run every op; `out` (e.g. a PipelineResponse's batch) is filled in place."""
+        n = len(req.ops)
+        if n > self.engine.limits.max_batch_ops:
+            raise errors.LimitExceededError.of("max_batch_ops", self.engine.limits.max_batch_ops, n, "ops in one Batch")
+        resp = state_pb2.BatchResponse() if out is None else out
+        if not self.concurrent:
+            for op in req.ops:
+                resp.results.append(await self.run_op(op))
+            return self.header(resp)
+        # Ops of one session stay in request order; different sessions run concurrently.
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, op in enumerate(req.ops):
+            kind = op.WhichOneof("op")
+            inner = getattr(op, kind) if kind else None
+            groups.setdefault((inner.namespace, inner.session_id) if inner else ("", ""), []).append(i)
+        results: list[state_pb2.BatchResult | None] = [None] * n
+
+        async def run_group(idx: list[int]) -> None:
+            for i in idx:
+                results[i] = await self.run_op(req.ops[i])
+
+        await asyncio.gather(*(run_group(idx) for idx in groups.values()))
+        resp.results.extend(r for r in results if r is not None)
+        return self.header(resp)
+
+    # ---- gRPC behaviors ----
+
+    def behaviors(self) -> dict[str, Callable[..., Any]]:
+        def unary(op: Op) -> Callable[[Any, Any], Awaitable[Any]]:
+            async def handler(req: Any, context: Any) -> Any:
+                try:
+                    return await op(req)
+                except Exception as e:
+                    log_unexpected(e)
+                    await errors.abort(context, e)
+
+            return handler
+
+        return {
+            "Get": unary(self.get), "Put": unary(self.put), "Delete": unary(self.delete),
+            "Txn": unary(self.txn), "Increment": unary(self.increment), "Scan": unary(self.scan),
+            "Append": unary(self.append), "ReadLog": unary(self.read_log),
+            "TrimLog": unary(self.trim_log), "PopLast": unary(self.pop_last),
+            "Touch": unary(self.touch), "DeleteSession": unary(self.delete_session),
+            "GetSession": unary(self.get_session), "ListSessions": unary(self.list_sessions),
+            "Batch": unary(self.batch), "Pipeline": pipeline_behavior(self), "Watch": watch_behavior(self),
+        }
+
+    def drain(self) -> None:
+        """Shutdown: long-lived streams finish what they hold and end (UNAVAILABLE)."""
+        self.draining = True
+        for inbox in self.streams:
+            inbox.put_nowait(DRAIN)
+        self.engine.wake_waiters()
+
+
+def log_unexpected(e: BaseException) -> None:
+    if not isinstance(e, errors.ShardstateError):
+        log.error("unexpected error serving a request", exc_info=e)
+
+
+def batch_error(e: Exception) -> state_pb2.BatchResult:
+    log_unexpected(e)
+    err = errors.as_shardstate_error(e)
+    result = state_pb2.BatchResult(code=errors.to_code_int(err), message=err.message)
+    d = err.detail
+    if isinstance(d, types_pb2.WrongShard):
+        result.wrong_shard.CopyFrom(d)
+    elif isinstance(d, types_pb2.NotPrimary):
+        result.not_primary.CopyFrom(d)
+    elif isinstance(d, types_pb2.LimitExceeded):
+        result.limit_exceeded.CopyFrom(d)
+    return result

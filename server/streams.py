@@ -1,0 +1,145 @@
+"""The long-lived streams of the State service: Pipeline (batches tagged with ids, answered
+out of order) and Watch (a session's changes from the change log, resumable by revision).
+
+Both end promptly at shutdown: Pipeline answers what it has read, Watch sends what it has,
+then each ends with UNAVAILABLE so the client reconnects elsewhere or later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from shardstate import errors
+from shardstate.v1 import replication_pb2, state_pb2, types_pb2
+
+from .handlers import Malformed
+
+if TYPE_CHECKING:
+    from .service import StateService
+
+EOF_ = object()  # the client half-closed its stream
+DRAIN = object()  # the server is shutting down
+PROGRESS_S = 0.9  # idle watches get a progress message at least every second
+WATCH_BATCH = 256
+SESSION_EVENTS = (types_pb2.SESSION_DELETE, types_pb2.SESSION_EXPIRE)
+KEY_EVENTS = (types_pb2.PUT, types_pb2.DELETE, types_pb2.KEY_EXPIRE)
+
+
+def _shutting_down() -> errors.UnavailableError:
+    return errors.UnavailableError("shard is shutting down; retry on another node or later")
+
+
+async def _answer(svc: StateService, req: state_pb2.PipelineRequest) -> state_pb2.PipelineResponse:
+    resp = state_pb2.PipelineResponse(id=req.id)
+    try:
+        await svc.batch(req.batch, out=resp.batch)
+    except Exception as e:
+        err = errors.as_shardstate_error(e)
+        resp = state_pb2.PipelineResponse(id=req.id, code=errors.to_code_int(err), message=err.message)
+    return resp
+
+
+async def _read_into(requests: AsyncIterator[Any], inbox: asyncio.Queue[Any]) -> None:
+    try:
+        async for req in requests:
+            inbox.put_nowait(req)
+    except Exception:
+        pass  # the stream broke; the handler ends as if the client half-closed
+    finally:
+        inbox.put_nowait(EOF_)
+
+
+def pipeline_behavior(svc: StateService) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]]:
+    async def pipeline(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        reader = asyncio.create_task(_read_into(requests, inbox))
+        svc.streams.add(inbox)
+        workers: set[asyncio.Task[state_pb2.PipelineResponse]] = set()
+        ending: object | None = None
+
+        def done(task: asyncio.Task[state_pb2.PipelineResponse]) -> None:
+            workers.discard(task)
+            if not task.cancelled():
+                inbox.put_nowait(task.result())
+
+        try:
+            while ending is None or workers:
+                item = await inbox.get()
+                if type(item) is state_pb2.PipelineResponse:
+                    yield item
+                elif type(item) is state_pb2.PipelineRequest:
+                    if ending is not None:
+                        continue  # read after DRAIN: not accepted
+                    if not svc.concurrent:
+                        yield await _answer(svc, item)  # nothing suspends: answer in order
+                    else:
+                        task = asyncio.create_task(_answer(svc, item))
+                        workers.add(task)
+                        task.add_done_callback(done)
+                elif type(item) is Malformed:
+                    await errors.abort(context, item.error())
+                elif ending is None:
+                    ending = item  # EOF_ or DRAIN: answer what is in flight, then end
+            if ending is DRAIN:
+                await errors.abort(context, _shutting_down())
+        finally:
+            svc.streams.discard(inbox)
+            reader.cancel()
+
+    return pipeline
+
+
+def _matches(ev: types_pb2.Event, prefix: str) -> bool:
+    if ev.type in KEY_EVENTS:
+        return ev.record.key.startswith(prefix)
+    return ev.type in SESSION_EVENTS
+
+
+def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any], AsyncIterator[Any]]:
+    async def watch(req: state_pb2.WatchRequest, context: Any) -> AsyncIterator[Any]:
+        engine = svc.engine
+        try:
+            ref = engine.ref(req.namespace, req.session_id)
+            svc.node.check_owner(req.namespace, req.session_id)
+            start = req.from_revision or engine.revision() + 1
+            oldest = engine.oldest_revision()
+            if start < oldest:
+                raise errors.HistoryCompactedError.of(start, oldest)
+        except Exception as e:
+            await errors.abort(context, e)
+            return
+        prefix = req.prefix
+        parse = replication_pb2.ChangeEntry.FromString
+        loop = asyncio.get_running_loop()
+        # First message: the watch is in place; everything from `start` on will follow.
+        yield svc.header(state_pb2.WatchResponse(progress_revision=start - 1))
+        last_sent = loop.time()
+        while not svc.draining:
+            try:
+                batch = engine.changes_since_raw(start, WATCH_BATCH)
+            except errors.HistoryCompactedError as e:  # the watcher fell behind retention
+                await errors.abort(context, e)
+                return
+            resp = state_pb2.WatchResponse()
+            for _, raw in batch:
+                entry = parse(raw)
+                if entry.session_id != ref.sid or entry.namespace != ref.ns:
+                    continue
+                if prefix:
+                    resp.events.extend(ev for ev in entry.events if _matches(ev, prefix))
+                else:
+                    resp.events.extend(entry.events)
+            if batch:
+                start = batch[-1][0] + 1
+            resp.progress_revision = max(start - 1, engine.revision()) if len(batch) < WATCH_BATCH else start - 1
+            now = loop.time()
+            if resp.events or now - last_sent >= PROGRESS_S:
+                yield svc.header(resp)
+                last_sent = now
+            if len(batch) < WATCH_BATCH:
+                await engine.wait_for_change(max(0.0, PROGRESS_S - (loop.time() - last_sent)))
+        await errors.abort(context, _shutting_down())
+
+    return watch
