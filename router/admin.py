@@ -1,0 +1,124 @@
+"""The Admin service on a router: its cluster map, map publication, and cluster-wide Status.
+
+Membership changes, failover and backups are coordinated here in later work; until then those
+RPCs answer UNIMPLEMENTED saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+
+from shardstate import errors
+from shardstate.router.maps import MapHolder, node_addresses, validate_map
+from shardstate.router.nodes import NodePool, describe
+from shardstate.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+
+STATUS_TIMEOUT_S = 2.0
+
+
+class Stats:
+    """Calls the router has served, for the load figure in Status."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.started = time.monotonic()
+        self._mark = (self.started, 0)
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        t0, c0 = self._mark
+        self._mark = (now, self.calls)
+        return (self.calls - c0) / (now - t0) if now > t0 else 0.0
+
+
+async def node_status(nodes: NodePool, address: str, role: int, shard_id: str) -> admin_pb2.NodeStatus:
+    """One node's own status line, or a down line carrying the error."""
+    try:
+        st = await nodes.admin(address).Status(admin_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S)
+    except grpc.RpcError as e:
+        return admin_pb2.NodeStatus(address=address, role=role, shard_id=shard_id, up=False, error=describe(e))  # type: ignore[arg-type]
+    own = next((n for n in st.nodes if n.address == address), st.nodes[0] if st.nodes else None)
+    out = admin_pb2.NodeStatus()
+    if own is not None:
+        out.CopyFrom(own)
+    out.address = address
+    out.up = True
+    if not out.role:
+        out.role = role  # type: ignore[assignment]
+    if not out.shard_id:
+        out.shard_id = shard_id or st.header.shard_id
+    return out
+
+
+class RouterAdmin(admin_pb2_grpc.AdminServicer):
+    def __init__(self, maps: MapHolder, nodes: NodePool, address: str, stats: Stats,
+                 serving: Any = None) -> None:
+        self.maps = maps
+        self.nodes = nodes
+        self.address = address
+        self.stats = stats
+        self.serving = serving or (lambda: True)
+
+    async def GetClusterMap(self, request: admin_pb2.GetClusterMapRequest, context: Any) -> admin_pb2.ClusterMap:
+        return self.maps.view.pb
+
+    async def PublishClusterMap(self, request: admin_pb2.ClusterMap, context: Any) -> admin_pb2.PublishClusterMapResponse:
+        try:
+            validate_map(request)
+        except errors.ShardstateError as e:
+            await errors.abort(context, e)
+        old = self.maps.view.pb
+        adopted = self.maps.adopt(request)
+        if adopted:
+            targets = node_addresses(request) + [a for a in node_addresses(old) if a not in node_addresses(request)]
+            await self.maps.publish(request, targets)
+        return admin_pb2.PublishClusterMapResponse(adopted=adopted, epoch=self.maps.view.epoch)
+
+    async def Status(self, request: admin_pb2.StatusRequest, context: Any) -> admin_pb2.StatusResponse:
+        view = self.maps.view
+        me = admin_pb2.NodeStatus(
+            address=self.address, role=admin_pb2.ROUTER, up=True, epoch=view.epoch,
+            uptime_s=int(time.monotonic() - self.stats.started), serving=bool(self.serving()),
+            load_ops_per_s=self.stats.rate(),
+        )
+        jobs = []
+        for s in view.pb.shards:
+            jobs.append(node_status(self.nodes, s.primary, admin_pb2.PRIMARY, s.id))
+            jobs += [node_status(self.nodes, r, admin_pb2.REPLICA, s.id) for r in s.replicas]
+        others = await asyncio.gather(*jobs)
+        return admin_pb2.StatusResponse(
+            header=types_pb2.ResponseHeader(epoch=view.epoch, node=self.address),
+            cluster_map=view.pb, nodes=[me, *others],
+        )
+
+    async def _later(self, context: Any, what: str) -> Any:
+        await errors.abort(context, errors.UnimplementedError(
+            f"{what} is not built yet on the router (cluster membership changes, failover and "
+            "backups come with rebalancing and replication); the cluster map can be changed with "
+            "PublishClusterMap"
+        ))
+
+    async def AddShard(self, request: Any, context: Any) -> Any:
+        return await self._later(context, "AddShard")
+
+    async def RemoveShard(self, request: Any, context: Any) -> Any:
+        return await self._later(context, "RemoveShard")
+
+    async def SetWeight(self, request: Any, context: Any) -> Any:
+        return await self._later(context, "SetWeight")
+
+    async def Rebalance(self, request: Any, context: Any) -> Any:
+        await self._later(context, "Rebalance")
+
+    async def PromoteReplica(self, request: Any, context: Any) -> Any:
+        return await self._later(context, "PromoteReplica")
+
+    async def Backup(self, request: Any, context: Any) -> Any:
+        await self._later(context, "Backup")
+
+    async def Restore(self, request: Any, context: Any) -> Any:
+        await self._later(context, "Restore")

@@ -1,0 +1,150 @@
+"""Batch across shards: split ops by owner, run the sub-batches concurrently, reassemble in order.
+
+Ops stay encoded. An op whose shard answered WrongShard/NotPrimary is re-split after a map
+refresh and retried (bounded hops); a sub-batch that failed whole gives each of its ops that
+error, so the other shards' results still reach the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from shardstate import errors
+from shardstate.clustermap import ClusterView
+from shardstate.router.forward import Forwarder, Route
+from shardstate.router.shardpipe import ShardLinks, SubBatchError
+from shardstate.router.wire import RawBatchResponse, error_result, op_session, redirect_of
+from shardstate.v1 import types_pb2
+
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+# ---- pure logic ----
+
+
+def split(
+    sessions: Sequence[tuple[str, str] | None], indexes: Sequence[int], owner: Callable[[str, str], str]
+) -> tuple[dict[str, list[int]], list[int]]:
+    """Group op indexes by owning shard id, keeping request order within each group.
+    Returns (groups, indexes of ops with no operation set)."""
+    groups: dict[str, list[int]] = {}
+    empty: list[int] = []
+    for i in indexes:
+        s = sessions[i]
+        if s is None:
+            empty.append(i)
+        else:
+            groups.setdefault(owner(*s), []).append(i)
+    return groups, empty
+
+
+def place(results: list[bytes | None], indexes: Sequence[int], sub_results: Sequence[bytes]) -> list[int]:
+    """Put a sub-batch's results at their ops' positions; return the indexes to retry
+    (redirected ops), leaving those unset."""
+    retry: list[int] = []
+    for i, r in zip(indexes, sub_results, strict=True):
+        if redirect_of(r) is not None:
+            retry.append(i)
+        else:
+            results[i] = r
+    return retry
+
+
+def assemble(header: bytes, results: Sequence[bytes | None]) -> bytes:
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise errors.InternalError(f"batch results missing for ops {missing[:10]}")
+    return bytes(RawBatchResponse(header=header, results=results).SerializeToString())
+
+
+def router_header(view: ClusterView, node: str) -> bytes:
+    return bytes(types_pb2.ResponseHeader(epoch=view.epoch, node=node).SerializeToString())
+
+
+# ---- running a batch ----
+
+
+class BatchRunner:
+    def __init__(self, fwd: Forwarder, links: ShardLinks, max_batch_ops: int, node: str) -> None:
+        self.fwd = fwd
+        self.links = links
+        self.max_batch_ops = max_batch_ops
+        self.node = node
+
+    def check(self, n: int) -> None:
+        if n > self.max_batch_ops:
+            raise errors.LimitExceededError.of("max_batch_ops", self.max_batch_ops, n, "ops in the batch")
+
+    async def run(self, ops: Sequence[bytes], deadline: float) -> bytes:
+        """Encoded BatchResponse for encoded ops."""
+        self.check(len(ops))
+        sessions = [op_session(op) for op in ops]
+        results: list[bytes | None] = [None] * len(ops)
+        pending = list(range(len(ops)))
+        headers: dict[str, bytes] = {}
+        last_redirect = ""
+        for _ in range(self.fwd.max_hops + 1):
+            view = self.fwd.maps.view
+            if not view.pb.shards:
+                raise errors.UnavailableError("the router has no cluster map yet; try again shortly")
+            groups, empty = split(sessions, pending, view.ring.owner)
+            for i in empty:
+                results[i] = error_result(INVALID_ARGUMENT, f"ops[{i}] has no operation set")
+            shard_of = {sid: view.shard(sid) for sid in groups}
+            outcomes = await asyncio.gather(
+                *(self._sub(view, shard_of[sid], [ops[i] for i in idx], deadline) for sid, idx in groups.items())
+            )
+            pending = []
+            redirects: list[tuple[Route, Any]] = []
+            for (sid, idx), outcome in zip(groups.items(), outcomes, strict=True):
+                shard = shard_of[sid]
+                assert shard is not None
+                if isinstance(outcome, SubBatchError):
+                    moved = outcome.code == grpc.StatusCode.UNAVAILABLE and await self.fwd.after_unavailable(Route(view, shard))
+                    if moved:
+                        pending.extend(idx)
+                        continue
+                    msg = outcome.message
+                    if outcome.code == grpc.StatusCode.UNAVAILABLE:
+                        msg = f"shard {shard.id} at {shard.primary} is unavailable: {outcome.message}"
+                    for i in idx:
+                        results[i] = error_result(outcome.code.value[0], msg)
+                    continue
+                header, subs = outcome
+                headers[sid] = header
+                if len(subs) != len(idx):
+                    for i in idx:
+                        results[i] = error_result(UNAVAILABLE, f"shard {sid} answered {len(subs)} results for {len(idx)} ops")
+                    continue
+                retry = place(results, idx, subs)
+                if retry:
+                    redirect = redirect_of(subs[idx.index(retry[0])])
+                    redirects.append((Route(view, shard), redirect))
+                    last_redirect = f"shard {sid}: {str(redirect).strip()}"
+                    pending.extend(retry)
+            if not pending:
+                break
+            for route_, redirect in redirects:
+                await self.fwd.after_redirect(route_, redirect)
+            pending.sort()
+        for i in pending:
+            results[i] = error_result(
+                UNAVAILABLE, f"routing did not settle after {self.fwd.max_hops} redirects (last: {last_redirect})"
+            )
+        header = next(iter(headers.values())) if len(headers) == 1 else router_header(self.fwd.maps.view, self.node)
+        return assemble(header, results)
+
+    async def _sub(self, view: ClusterView, shard: Any, ops: list[bytes], deadline: float) -> tuple[bytes, list[bytes]] | SubBatchError:
+        try:
+            timeout = self.fwd.remaining(deadline)
+        except errors.DeadlineExceededError as e:
+            return SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED, e.message)
+        try:
+            return await self.links.batch(shard.primary, ops, timeout)
+        except SubBatchError as e:
+            return e

@@ -1,0 +1,132 @@
+"""Forwarding one session-scoped call to the owning shard's primary, following redirects.
+
+The request stays encoded bytes; only (namespace, session_id) is read to route it. On
+WrongShard or NotPrimary the map is refreshed and the call re-routed by the new map (never by
+the hint in the error), at most `max_hops` times; callers never see a redirect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from shardstate import errors
+from shardstate.clustermap import ClusterView
+from shardstate.router.logs import fields
+from shardstate.router.maps import MapHolder
+from shardstate.router.nodes import NodePool
+from shardstate.v1 import admin_pb2, types_pb2
+
+log = logging.getLogger("shardstate.router.forward")
+
+
+class Relay(Exception):
+    """A shard's error status to hand back to the caller unchanged (code, message, details)."""
+
+    def __init__(self, err: aio.AioRpcError) -> None:
+        super().__init__(err.details())
+        self.err = err
+
+
+@dataclass
+class Route:
+    view: ClusterView
+    shard: admin_pb2.ShardInfo
+
+
+class Forwarder:
+    """Routes by the current map and turns redirects into map refreshes and retries."""
+
+    def __init__(self, maps: MapHolder, nodes: NodePool, max_hops: int, default_timeout_s: float) -> None:
+        self.maps = maps
+        self.nodes = nodes
+        self.max_hops = max_hops
+        self.default_timeout_s = default_timeout_s
+
+    def route(self, namespace: str, session_id: str) -> Route:
+        view = self.maps.view
+        if not view.pb.shards:
+            raise errors.UnavailableError("the router has no cluster map yet; try again shortly")
+        return Route(view, view.owner(namespace, session_id))
+
+    def deadline(self, context: Any) -> float:
+        """Absolute loop time by which the caller's deadline (or our default) runs out."""
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is None:
+            remaining = self.default_timeout_s
+        return asyncio.get_running_loop().time() + max(0.0, remaining)
+
+    @staticmethod
+    def remaining(deadline: float) -> float:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise errors.DeadlineExceededError("deadline exceeded before the shard answered")
+        return left
+
+    async def after_redirect(self, route: Route, redirect: Any) -> None:
+        """React to a WrongShard/NotPrimary from the shard `route` named."""
+        if isinstance(redirect, types_pb2.WrongShard):
+            if redirect.epoch and redirect.epoch < route.view.epoch:
+                # The shard is behind us: bring it up to date, then the retry lands.
+                await self.maps.push_to(route.shard.primary)
+                return
+            await self.maps.refresh(min_epoch=redirect.epoch + 1 if redirect.epoch > route.view.epoch else 0)
+            return
+        await self.maps.refresh()
+
+    async def after_unavailable(self, route: Route) -> bool:
+        """The shard's primary did not answer: True when a fresher map moved the shard."""
+        view = await self.maps.refresh()
+        now = view.shard(route.shard.id)
+        return view.epoch > route.view.epoch and (now is None or now.primary != route.shard.primary)
+
+    async def unary(self, method: str, request: bytes, namespace: str, session_id: str, context: Any) -> bytes:
+        deadline = self.deadline(context)
+        last = ""
+        for _ in range(self.max_hops + 1):
+            route = self.route(namespace, session_id)
+            address = route.shard.primary
+            try:
+                resp = await self.nodes.unary(address, method)(request, timeout=self.remaining(deadline))
+                return bytes(resp)
+            except aio.AioRpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    exc = errors.from_rpc_error(e)
+                    if isinstance(exc, errors.WrongShardError | errors.NotPrimaryError):
+                        last = f"shard {route.shard.id} at {address}: {exc.message}"
+                        log.info("redirect", extra=fields(method=method, shard=route.shard.id,
+                                                          epoch=route.view.epoch, detail=str(exc.detail).strip()))
+                        await self.after_redirect(route, exc.detail)
+                        continue
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    if await self.after_unavailable(route):
+                        continue
+                    raise unavailable(route.shard, e) from None
+                raise Relay(e) from None
+        raise errors.UnavailableError(
+            f"routing did not settle after {self.max_hops} redirects (last: {last}); the cluster map is changing"
+        )
+
+
+def unavailable(shard: admin_pb2.ShardInfo, err: grpc.RpcError) -> errors.UnavailableError:
+    details = err.details() if hasattr(err, "details") else str(err)
+    return errors.UnavailableError(f"shard {shard.id} at {shard.primary} is unavailable: {details}")
+
+
+async def fail(context: Any, exc: BaseException) -> None:
+    """Abort the incoming call with the status `exc` stands for (raises)."""
+    if isinstance(exc, Relay):
+        md = exc.err.trailing_metadata() or ()
+        keep = tuple((k, v) for k, v in md if k == errors.DETAILS_KEY)
+        await context.abort(exc.err.code(), exc.err.details() or "", trailing_metadata=keep)
+    if isinstance(exc, aio.AioRpcError):
+        await fail(context, Relay(exc))
+    if not isinstance(exc, errors.ShardstateError):
+        log.exception("internal error in the router", exc_info=exc)
+    await errors.abort(context, exc)

@@ -1,0 +1,147 @@
+"""`shardstate router`: the router process (grpc.aio), its wiring, start-up and graceful stop.
+
+Serving order: bind, learn the cluster map (health NOT_SERVING meanwhile), report SERVING and
+write the port file; on SIGTERM/SIGINT report NOT_SERVING, let in-flight calls finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shardstate import config, errors
+from shardstate.router import logs
+from shardstate.router.admin import RouterAdmin, Stats
+from shardstate.router.batching import BatchRunner
+from shardstate.router.forward import Forwarder
+from shardstate.router.listing import Lister
+from shardstate.router.logs import fields
+from shardstate.router.maps import MapHolder
+from shardstate.router.nodes import NodePool
+from shardstate.router.pipeline import PipelineHandler
+from shardstate.router.service import SERVICE, StateService
+from shardstate.router.shardpipe import ShardLinks
+from shardstate.router.watch import WatchProxy
+from shardstate.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger("shardstate.router")
+
+# Room above the request limit so an oversize value reaches the shard, which names the limit.
+RECEIVE_SLACK = 64 * 1024
+
+
+def write_port_file(path: str, port: int) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    Path(tmp).write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+class Router:
+    """Everything one router process holds, wired together."""
+
+    def __init__(self, cfg: config.RouterConfig) -> None:
+        self.cfg = cfg
+        self.nodes = NodePool()
+        seeds = [s.strip() for s in cfg.seeds.split(",") if s.strip()]
+        self.maps = MapHolder(self.nodes, seeds, cfg.cluster, cfg.refresh_interval_s)
+        self.fwd = Forwarder(self.maps, self.nodes, cfg.max_hops, cfg.forward_timeout_s)
+        self.links = ShardLinks(self.nodes, use_pipeline=cfg.shard_pipeline)
+        self.stats = Stats()
+        self.health = health.aio.HealthServicer()
+        self.server = aio.server(options=[
+            ("grpc.max_receive_message_length", cfg.max_request_bytes + RECEIVE_SLACK),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ])
+        self.port = self.server.add_insecure_port(cfg.listen)
+        host = cfg.listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+        self.serving = False
+        runner = BatchRunner(self.fwd, self.links, cfg.max_batch_ops, self.address)
+        self.state = StateService(
+            self.fwd, runner, Lister(self.fwd, self.address), WatchProxy(self.fwd),
+            PipelineHandler(runner), self.stats,
+        )
+        self.admin = RouterAdmin(self.maps, self.nodes, self.address, self.stats, lambda: self.serving)
+        self.server.add_generic_rpc_handlers((self.state.handler(),))
+        admin_pb2_grpc.add_AdminServicer_to_server(self.admin, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE, admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+             health.SERVICE_NAME, reflection.SERVICE_NAME],
+            self.server,
+        )
+
+    async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.set_serving(False)
+        await self.server.start()
+        log.info("router listening", extra=fields(address=self.address))
+        boot = asyncio.ensure_future(self.maps.bootstrap())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({boot, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        periodic = None
+        if boot.done():
+            boot.result()
+            await self.set_serving(True)
+            if self.cfg.port_file:
+                write_port_file(self.cfg.port_file, self.port)
+            log.info("router serving", extra=fields(address=self.address, epoch=self.maps.view.epoch))
+            periodic = asyncio.ensure_future(self.maps.run_periodic())
+            await stopper
+        else:
+            boot.cancel()
+        log.info("router draining", extra=fields(grace_s=self.cfg.grace_s))
+        await self.set_serving(False)
+        if periodic is not None:
+            periodic.cancel()
+        await self.server.stop(self.cfg.grace_s)
+        await self.links.close()
+        await self.nodes.close()
+        log.info("router stopped")
+
+
+async def serve(cfg: config.RouterConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    router = Router(cfg)
+    await router.run(stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardstate router", description="Run one shardstate router.")
+    config.add_arguments(parser, config.RouterConfig)
+    ns = parser.parse_args(argv)
+    cfg = config.from_args(config.RouterConfig, ns)
+    logs.setup("router")
+    try:
+        cfg.validate()
+        asyncio.run(serve(cfg))
+    except errors.ShardstateError as e:
+        log.error("router cannot start", extra=fields(error=e.message))
+        print(f"shardstate router: {e.message}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # grpc raises RuntimeError when the listen address cannot be bound.
+        log.error("router cannot start", extra=fields(error=str(e)))
+        return 2
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    return 0

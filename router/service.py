@@ -1,0 +1,111 @@
+"""The State service on a router: one generic handler whose methods take and return bytes.
+
+Session-scoped unary calls are forwarded whole; Batch, Pipeline, ListSessions and Watch go to
+their own modules. Any failure becomes the caller's status through `forward.fail`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from shardstate import errors
+from shardstate.router.admin import Stats
+from shardstate.router.batching import BatchRunner
+from shardstate.router.forward import Forwarder, fail
+from shardstate.router.listing import Lister
+from shardstate.router.pipeline import PipelineHandler
+from shardstate.router.watch import WatchProxy
+from shardstate.router.wire import RawBatch, session_of
+
+SERVICE = "shardstate.v1.State"
+SESSION_UNARY = (
+    "Get", "Put", "Delete", "Txn", "Increment", "Scan", "Append", "ReadLog", "TrimLog",
+    "PopLast", "Touch", "DeleteSession", "GetSession",
+)
+
+
+def _bad_message(method: str, e: Exception) -> errors.InvalidArgumentError:
+    return errors.InvalidArgumentError(f"{method} request is not a valid shardstate.v1 message: {e}")
+
+
+class StateService:
+    def __init__(self, fwd: Forwarder, runner: BatchRunner, lister: Lister, watch: WatchProxy,
+                 pipeline: PipelineHandler, stats: Stats) -> None:
+        self.fwd = fwd
+        self.runner = runner
+        self.lister = lister
+        self.watcher = watch
+        self.pipeline = pipeline
+        self.stats = stats
+
+    def _session_call(self, method: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        async def handler(request: bytes, context: Any) -> bytes:
+            self.stats.calls += 1
+            try:
+                try:
+                    ns, sid = session_of(request)
+                except DecodeError as e:
+                    raise _bad_message(method, e) from None
+                return await self.fwd.unary(method, request, ns, sid, context)
+            except Exception as e:
+                await fail(context, e)
+                raise  # unreachable: fail() aborts
+
+        return handler
+
+    async def batch(self, request: bytes, context: Any) -> bytes:
+        self.stats.calls += 1
+        try:
+            try:
+                ops = list(RawBatch.FromString(request).ops)
+            except DecodeError as e:
+                raise _bad_message("Batch", e) from None
+            return await self.runner.run(ops, self.fwd.deadline(context))
+        except Exception as e:
+            await fail(context, e)
+            raise
+
+    async def list_sessions(self, request: bytes, context: Any) -> bytes:
+        self.stats.calls += 1
+        try:
+            try:
+                return await self.lister.list(request, context)
+            except DecodeError as e:
+                raise _bad_message("ListSessions", e) from None
+        except Exception as e:
+            await fail(context, e)
+            raise
+
+    async def watch(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        self.stats.calls += 1
+        try:
+            try:
+                session_of(request)
+            except DecodeError as e:
+                raise _bad_message("Watch", e) from None
+            async for resp in self.watcher.watch(request, context):
+                yield resp
+        except Exception as e:
+            await fail(context, e)
+
+    async def pipe(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        self.stats.calls += 1
+        try:
+            async for resp in self.pipeline.serve(requests, context):
+                yield resp
+        except Exception as e:
+            await fail(context, e)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        methods: dict[str, grpc.RpcMethodHandler] = {
+            m: grpc.unary_unary_rpc_method_handler(self._session_call(m)) for m in SESSION_UNARY
+        }
+        methods["Batch"] = grpc.unary_unary_rpc_method_handler(self.batch)
+        methods["ListSessions"] = grpc.unary_unary_rpc_method_handler(self.list_sessions)
+        methods["Watch"] = grpc.unary_stream_rpc_method_handler(self.watch)
+        methods["Pipeline"] = grpc.stream_stream_rpc_method_handler(self.pipe)
+        return grpc.method_handlers_generic_handler(SERVICE, methods)

@@ -1,0 +1,132 @@
+"""Partial views of shardstate.v1 messages, so the router forwards bytes without decoding them.
+
+Each view declares only the fields the router acts on and keeps the rest as unknown fields:
+
+    SessionRef          = namespace(1) session_id(2)   -- every session-scoped request
+    OpRef               = SessionRef at 1..10           -- a BatchOp: which op, which session
+    RawBatch            = ops(1)*: bytes                -- a BatchRequest, each op left encoded
+    RawBatchResponse    = header(1): bytes, results(2)*: bytes
+    ResultRef           = code(1) wrong_shard(13): Opaque not_primary(14): Opaque
+    RawPipelineRequest  = id(1) batch(2): RawBatch
+    RawPipelineResponse = id(1) batch(2): RawBatchResponse code(3) message(4)
+    WatchRef            = events(2)*: {revision(2)} progress_revision(3)
+
+Namespaces and ids are declared `bytes` so a malformed request reaches the shard (which owns
+validation) instead of failing in the router; they are decoded leniently for hashing only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from shardstate.v1 import state_pb2, types_pb2
+
+_F = descriptor_pb2.FieldDescriptorProto
+_PKG = "shardstate.router.wire"
+
+
+def _build() -> dict[str, Any]:
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="shardstate/router/wire.proto", package=_PKG, syntax="proto3"
+    )
+
+    def msg(name: str, *fields: tuple[str, int, int, int, str]) -> None:
+        m = fdp.message_type.add(name=name)
+        for fname, number, typ, label, type_name in fields:
+            f = m.field.add(name=fname, number=number, type=typ, label=label)
+            if type_name:
+                f.type_name = f".{_PKG}.{type_name}"
+
+    one, many = _F.LABEL_OPTIONAL, _F.LABEL_REPEATED
+    msg("Opaque")  # a message kept whole as unknown fields; present or not
+    msg("SessionRef", ("namespace", 1, _F.TYPE_BYTES, one, ""), ("session_id", 2, _F.TYPE_BYTES, one, ""))
+    msg("OpRef", *[(f"op{i}", i, _F.TYPE_MESSAGE, one, "SessionRef") for i in range(1, 11)])
+    msg("RawBatch", ("ops", 1, _F.TYPE_BYTES, many, ""))
+    msg("RawBatchResponse", ("header", 1, _F.TYPE_BYTES, one, ""), ("results", 2, _F.TYPE_BYTES, many, ""))
+    msg(
+        "ResultRef",
+        ("code", 1, _F.TYPE_INT32, one, ""),
+        ("wrong_shard", 13, _F.TYPE_MESSAGE, one, "Opaque"),
+        ("not_primary", 14, _F.TYPE_MESSAGE, one, "Opaque"),
+    )
+    msg("RawPipelineRequest", ("id", 1, _F.TYPE_UINT64, one, ""), ("batch", 2, _F.TYPE_MESSAGE, one, "RawBatch"))
+    msg(
+        "RawPipelineResponse",
+        ("id", 1, _F.TYPE_UINT64, one, ""),
+        ("batch", 2, _F.TYPE_MESSAGE, one, "RawBatchResponse"),
+        ("code", 3, _F.TYPE_INT32, one, ""),
+        ("message", 4, _F.TYPE_STRING, one, ""),
+    )
+    msg("EventRef", ("revision", 2, _F.TYPE_UINT64, one, ""))
+    msg("WatchRef", ("events", 2, _F.TYPE_MESSAGE, many, "EventRef"), ("progress_revision", 3, _F.TYPE_UINT64, one, ""))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return {m.name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PKG}.{m.name}"))
+            for m in fdp.message_type}
+
+
+_CLASSES = _build()
+SessionRef: Any = _CLASSES["SessionRef"]
+OpRef: Any = _CLASSES["OpRef"]
+RawBatch: Any = _CLASSES["RawBatch"]
+RawBatchResponse: Any = _CLASSES["RawBatchResponse"]
+ResultRef: Any = _CLASSES["ResultRef"]
+RawPipelineRequest: Any = _CLASSES["RawPipelineRequest"]
+RawPipelineResponse: Any = _CLASSES["RawPipelineResponse"]
+WatchRef: Any = _CLASSES["WatchRef"]
+
+FAILED_PRECONDITION = 9
+_OP_FIELDS = tuple(f"op{i}" for i in range(1, 11))
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
+
+
+def session_of(request: bytes) -> tuple[str, str]:
+    """(namespace, session_id) of an encoded session-scoped request; namespace "" = default."""
+    ref = SessionRef.FromString(request)
+    return _text(ref.namespace) or "default", _text(ref.session_id)
+
+
+def op_session(op: bytes) -> tuple[str, str] | None:
+    """(namespace, session_id) of an encoded BatchOp, or None when no op is set."""
+    ref = OpRef.FromString(op)
+    for name in _OP_FIELDS:
+        if ref.HasField(name):
+            inner = getattr(ref, name)
+            return _text(inner.namespace) or "default", _text(inner.session_id)
+    return None
+
+
+def redirect_of(result: bytes) -> types_pb2.WrongShard | types_pb2.NotPrimary | None:
+    """The WrongShard/NotPrimary detail of an encoded BatchResult, if it carries one.
+
+    A result with code 0 omits field 1, so it never starts with its tag (0x08): the common
+    case costs one byte comparison.
+    """
+    if result[:1] != b"\x08":
+        return None
+    ref = ResultRef.FromString(result)
+    if ref.code != FAILED_PRECONDITION:
+        return None
+    if ref.HasField("wrong_shard"):
+        return types_pb2.WrongShard.FromString(ref.wrong_shard.SerializeToString())
+    if ref.HasField("not_primary"):
+        return types_pb2.NotPrimary.FromString(ref.not_primary.SerializeToString())
+    return None
+
+
+def error_result(code: int, message: str) -> bytes:
+    return bytes(state_pb2.BatchResult(code=code, message=message).SerializeToString())
+
+
+def watch_position(response: bytes) -> int:
+    """Highest revision a WatchResponse proves delivered (events or progress), 0 if none."""
+    ref = WatchRef.FromString(response)
+    top = int(ref.progress_revision)
+    for ev in ref.events:
+        top = max(top, int(ev.revision))
+    return top
