@@ -36,6 +36,8 @@ log = logging.getLogger("shardstate.shard")
 # Room for the envelope around a max_request_bytes payload; beyond it gRPC itself answers
 # RESOURCE_EXHAUSTED before the message is parsed.
 REQUEST_SLACK_BYTES = 64 * 1024
+SETTLE_QUIET_S = 0.05  # shutdown: no new call for this long means the queue is empty
+SETTLE_QUIET_MAX_S = 1.0  # ... but clients that keep retrying cannot hold shutdown longer
 STATE_SERVICE = state_pb2.DESCRIPTOR.services_by_name["State"]
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
 
@@ -120,6 +122,7 @@ async def _serve(cfg: config.ShardConfig, engine: Engine) -> int:
     node.serving = False
     await health_servicer.enter_graceful_shutdown()
     state.drain()
+    await settle(state, loop.time() + cfg.grace_s)
     await server.stop(cfg.grace_s)
     sweeper.cancel()
     try:
@@ -128,6 +131,22 @@ async def _serve(cfg: config.ShardConfig, engine: Engine) -> int:
         pass
     log.info("stopped", extra={"fields": {"revision": engine.revision()}})
     return 0
+
+
+async def settle(state: StateService, deadline: float) -> None:
+    """Keep serving while draining: in-flight calls finish, and calls gRPC has queued but not
+    yet handed to a handler get UNAVAILABLE (server.stop would cancel them: CANCELLED, which
+    a client cannot safely retry). Bounded by the grace period and SETTLE_QUIET_MAX_S."""
+    loop = asyncio.get_running_loop()
+    quiet_until = min(deadline, loop.time() + SETTLE_QUIET_MAX_S)
+    while loop.time() < deadline:
+        if state.inflight:
+            await asyncio.sleep(0.005)
+            continue
+        seen = state.arrivals
+        await asyncio.sleep(SETTLE_QUIET_S)
+        if (state.arrivals == seen and not state.inflight) or loop.time() >= quiet_until:
+            return
 
 
 def main(argv: list[str]) -> int:

@@ -17,7 +17,7 @@ from shardstate.v1 import state_pb2, types_pb2
 
 from .node import Node
 from .storage.engine import Engine
-from .streams import DRAIN, pipeline_behavior, watch_behavior
+from .streams import DRAIN, pipeline_behavior, shutting_down, watch_behavior
 
 log = logging.getLogger("shardstate.service")
 Op = Callable[[Any], Awaitable[Any]]
@@ -34,6 +34,8 @@ class StateService:
         self.draining = False
         self.streams: set[asyncio.Queue[Any]] = set()  # inboxes of open Pipelines
         self.served = 0  # replies sent (ops in a Batch count one each), for Status load
+        self.inflight = 0  # unary calls being served (shutdown waits for them)
+        self.arrivals = 0  # unary calls that reached a handler, refused ones included
         # With group commit a write waits for its fsync: run a batch's sessions concurrently
         # so their writes share one. Otherwise nothing suspends and plain order is cheapest.
         self.concurrent = engine.store.group_commit
@@ -184,11 +186,17 @@ class StateService:
     def behaviors(self) -> dict[str, Callable[..., Any]]:
         def unary(op: Op) -> Callable[[Any, Any], Awaitable[Any]]:
             async def handler(req: Any, context: Any) -> Any:
+                self.arrivals += 1
+                if self.draining:
+                    await errors.abort(context, shutting_down())
+                self.inflight += 1
                 try:
                     return await op(req)
                 except Exception as e:
                     log_unexpected(e)
                     await errors.abort(context, e)
+                finally:
+                    self.inflight -= 1
 
             return handler
 

@@ -27,7 +27,7 @@ SESSION_EVENTS = (types_pb2.SESSION_DELETE, types_pb2.SESSION_EXPIRE)
 KEY_EVENTS = (types_pb2.PUT, types_pb2.DELETE, types_pb2.KEY_EXPIRE)
 
 
-def _shutting_down() -> errors.UnavailableError:
+def shutting_down() -> errors.UnavailableError:
     return errors.UnavailableError("shard is shutting down; retry on another node or later")
 
 
@@ -53,6 +53,8 @@ async def _read_into(requests: AsyncIterator[Any], inbox: asyncio.Queue[Any]) ->
 
 def pipeline_behavior(svc: StateService) -> Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]]:
     async def pipeline(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        if svc.draining:
+            await errors.abort(context, shutting_down())
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         reader = asyncio.create_task(_read_into(requests, inbox))
         svc.streams.add(inbox)
@@ -83,7 +85,7 @@ def pipeline_behavior(svc: StateService) -> Callable[[AsyncIterator[Any], Any], 
                 elif ending is None:
                     ending = item  # EOF_ or DRAIN: answer what is in flight, then end
             if ending is DRAIN:
-                await errors.abort(context, _shutting_down())
+                await errors.abort(context, shutting_down())
         finally:
             svc.streams.discard(inbox)
             reader.cancel()
@@ -101,6 +103,8 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
     async def watch(req: state_pb2.WatchRequest, context: Any) -> AsyncIterator[Any]:
         engine = svc.engine
         try:
+            if svc.draining:
+                raise shutting_down()
             ref = engine.ref(req.namespace, req.session_id)
             svc.node.check_owner(req.namespace, req.session_id)
             start = req.from_revision or engine.revision() + 1
@@ -140,6 +144,6 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
                 last_sent = now
             if len(batch) < WATCH_BATCH:
                 await engine.wait_for_change(max(0.0, PROGRESS_S - (loop.time() - last_sent)))
-        await errors.abort(context, _shutting_down())
+        await errors.abort(context, shutting_down())
 
     return watch
