@@ -1,0 +1,95 @@
+"""A router facing a dead shard: UNAVAILABLE naming the shard and its address, the other
+shards' work still done, Status showing it down, and service back once the shard returns.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+
+from shardstate import errors
+from shardstate.v1 import admin_pb2, state_pb2
+from tests.procs import Procs
+from tests.test_router_cluster import RouterCluster, T, expect_error, uid, wait_until
+
+
+def test_dead_shard_gives_unavailable_naming_it_and_recovers(procs: Procs) -> None:
+    c = RouterCluster(procs, shards=3, routers=1)
+    try:
+        r = c.stub(c.routers[0])
+        view = r.view()
+        sids = [uid("dead") for _ in range(60)]
+        for s in sids:
+            r.put(s, "k", b"before")
+        victim = c.shards[1]
+        vid = victim.args[1]
+        on_victim = [s for s in sids if view.owner("", s).id == vid]
+        elsewhere = [s for s in sids if view.owner("", s).id != vid]
+        assert on_victim and elsewhere
+        victim.kill()
+
+        exc = expect_error(grpc.StatusCode.UNAVAILABLE, r.get, on_victim[0], "k")
+        assert isinstance(exc, errors.UnavailableError)
+        assert vid in exc.message and victim.address in exc.message
+        exc = expect_error(grpc.StatusCode.UNAVAILABLE, r.put, on_victim[1], "k", b"x")
+        assert vid in exc.message
+        # Sessions elsewhere are unaffected.
+        assert all(r.get(s, "k").record.value == b"before" for s in elsewhere)
+
+        # A Batch still runs the other shards' ops; the victim's ops carry UNAVAILABLE.
+        ops = [state_pb2.BatchOp(get=state_pb2.GetRequest(session_id=s, key="k")) for s in sids]
+        res = r.state.Batch(state_pb2.BatchRequest(ops=ops), timeout=T).results
+        for s, x in zip(sids, res, strict=True):
+            if s in on_victim:
+                assert x.code == grpc.StatusCode.UNAVAILABLE.value[0] and vid in x.message and victim.address in x.message
+            else:
+                assert x.code == 0 and x.get.record.value == b"before"
+
+        exc = expect_error(grpc.StatusCode.UNAVAILABLE, r.state.ListSessions, state_pb2.ListSessionsRequest(), timeout=T)
+        assert vid in exc.message
+
+        st = r.admin.Status(admin_pb2.StatusRequest(), timeout=T)
+        down = [n for n in st.nodes if not n.up]
+        assert [(n.shard_id, n.address) for n in down] == [(vid, victim.address)]
+        assert down[0].error
+        assert sum(1 for n in st.nodes if n.up and n.role == admin_pb2.PRIMARY) == 2
+
+        victim.start()  # same port: the map still names it
+
+        def back() -> bool:
+            try:
+                return r.get(on_victim[0], "k").record.value == b"before"
+            except grpc.RpcError:
+                return False
+
+        wait_until(back)
+        assert r.put(on_victim[1], "k", b"after").applied
+        assert all(x.code == 0 for x in r.state.Batch(state_pb2.BatchRequest(ops=ops), timeout=T).results)
+    finally:
+        c.close()
+
+
+def test_router_waits_for_seeds_before_bootstrapping(procs: Procs) -> None:
+    shards = [procs.shard(f"s{i}", start=False) for i in (1, 2)]
+    shards[0].start()
+    # The second seed is not up: the router must not build a one-shard map without it.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    shards[1].port = free
+    router = procs.router([shards[0].address, f"127.0.0.1:{free}"], start=False)
+    router.start(wait=False)
+    c = RouterCluster.__new__(RouterCluster)
+    c.procs, c.shards, c.routers, c.stubs = procs, shards, [router], {}
+    try:
+        seed0 = c.stub(shards[0])
+        wait_until(lambda: "waiting for the cluster map" in router.log_tail())
+        assert router.alive() and not router.port_file.exists() and seed0.view().epoch == 0
+        shards[1].start()
+        router.wait_ready()
+        view = c.stub(router).view()
+        assert sorted(s.id for s in view.pb.shards) == ["s1", "s2"]
+        assert seed0.view().pb == view.pb
+    finally:
+        c.close()
