@@ -170,7 +170,8 @@ class StateService:
         for i, op in enumerate(req.ops):
             kind = op.WhichOneof("op")
             inner = getattr(op, kind) if kind else None
-            groups.setdefault((inner.namespace, inner.session_id) if inner else ("", ""), []).append(i)
+            key = (inner.namespace or "default", inner.session_id) if inner is not None else ("", "")
+            groups.setdefault(key, []).append(i)
         results: list[state_pb2.BatchResult | None] = [None] * n
 
         async def run_group(idx: list[int]) -> None:

@@ -517,3 +517,11 @@ def test_group_commit_serializes_a_session_and_merges_writers(tmp_path: Path) ->
         assert len(h.e.changes_since(0, 1000)) == 200
     finally:
         h.close()
+
+
+def test_raise_revision_is_persisted(h: Harness) -> None:
+    floor = h.put("a", "k", b"v").version + (10_000 << LOGICAL_BITS)  # ten seconds ahead
+    assert h.run(h.e.raise_revision(floor)) == floor
+    assert h.put("a", "k", b"w").version > floor
+    h.reopen()
+    assert h.put("a", "k", b"x").version > floor

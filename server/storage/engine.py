@@ -42,6 +42,7 @@ from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 
 from . import changelog, expiry, idempotency, keys, logs, sessions, snapshot, txn
 from . import encoding as enc
+from .commit import Pending
 from .context import WriteContext, node_write
 from .locks import SessionLocks
 from .revision import wall_ms
@@ -188,9 +189,11 @@ class Engine:
 
     async def raise_revision(self, floor: int) -> int:
         """Promotion / migration guard rail: every later revision is above `floor`."""
-        self.store.clock.raise_to(floor)
-        self.store.db.put(REVISION_KEY, pack_u64(self.store.clock.last), sync=True)
-        return self.store.clock.last
+        clock = self.store.clock
+        clock.raise_to(floor)
+        # Through the commit path, so a queued group commit cannot persist a lower revision after it.
+        await self.store.commit(Pending(clock.last, [(REVISION_KEY, pack_u64(clock.last))], changes=0))
+        return clock.last
 
     def set_node_meta(self, name: str, value: bytes) -> None:
         self.store.set_node_meta(name, value)
