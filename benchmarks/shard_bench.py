@@ -1,0 +1,330 @@
+"""One-shard benchmark: Get and CAS Put throughput, p50/p99 latency and the shard's CPU per op,
+at several client concurrencies, over loopback with plain grpc.aio stubs (no client library).
+
+    .venv/bin/python benchmarks/shard_bench.py                      # starts its own shard
+    .venv/bin/python benchmarks/shard_bench.py --duration 2 --sessions 2000
+    .venv/bin/python benchmarks/shard_bench.py --address 127.0.0.1:7401 --pid 1234
+
+Each cell runs a short warm-up, then `--duration` seconds of measurement. CPU comes from
+/proc/<pid>/stat (utime + stime) of the shard before and after the measured window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+from shardstate.v1 import state_pb2, state_pb2_grpc
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Cell:
+    op: str
+    concurrency: int
+    ops: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    shard_cpu_us_per_op: float | None
+    client_cpu_us_per_op: float
+    shard_cores: float | None
+    conflicts: int
+    errors: int
+
+    @property
+    def ops_per_s(self) -> float:
+        return self.ops / self.seconds if self.seconds else 0.0
+
+
+# ---- the shard process ----
+
+
+class ShardProc:
+    """A shard on 127.0.0.1:0 in a temporary data directory, stopped with SIGTERM at the end."""
+
+    def __init__(self, extra: list[str]) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="shard-bench-")
+        d = Path(self.tmp.name)
+        self.port_file = d / "port"
+        self.log = open(d / "shard.log", "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [
+            sys.executable,
+            "-m",
+            "shardstate",
+            "shard",
+            "--id",
+            "bench",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(d / "data"),
+            "--port-file",
+            str(self.port_file),
+            *extra,
+        ]
+        self.popen = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.address = ""
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(
+                    f"shard exited with {self.popen.returncode}; log in {self.tmp.name}"
+                )
+            text = self.port_file.read_text().strip() if self.port_file.exists() else ""
+            if text:
+                self.address = f"127.0.0.1:{text}"
+                with grpc.insecure_channel(self.address) as ch:
+                    try:
+                        r = health_pb2_grpc.HealthStub(ch).Check(
+                            health_pb2.HealthCheckRequest(), timeout=2
+                        )
+                        if r.status == health_pb2.HealthCheckResponse.SERVING:
+                            return self.address
+                    except grpc.RpcError:
+                        pass
+            time.sleep(0.05)
+        raise TimeoutError("shard not ready")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(30)
+        self.log.close()
+        self.tmp.cleanup()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, in seconds (None when /proc is not readable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state) of proc(5)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# ---- load and measure ----
+
+
+async def load_sessions(
+    stub: state_pb2_grpc.StateStub, sids: list[str], value: bytes
+) -> dict[str, int]:
+    versions: dict[str, int] = {}
+    for start in range(0, len(sids), 500):
+        chunk = sids[start : start + 500]
+        ops = [
+            state_pb2.BatchOp(put=state_pb2.PutRequest(session_id=s, key="state", value=value))
+            for s in chunk
+        ]
+        resp = await stub.Batch(state_pb2.BatchRequest(ops=ops), timeout=60)
+        for s, r in zip(chunk, resp.results, strict=True):
+            if r.code != 0:
+                raise RuntimeError(f"load failed for {s}: {r.code} {r.message}")
+            versions[s] = r.put.version
+    return versions
+
+
+async def run_cell(
+    stub: state_pb2_grpc.StateStub,
+    op: str,
+    conc: int,
+    sids: list[str],
+    versions: dict[str, int],
+    value: bytes,
+    duration: float,
+    warmup: float,
+    pid: int | None,
+) -> Cell:
+    lat: list[float] = []
+    counters = {"conflicts": 0, "errors": 0}
+    measuring = False
+    stop_at = 0.0
+
+    async def worker(w: int) -> None:
+        rng = random.Random(w)
+        mine = sids[w::conc] or sids  # CAS: each worker is the single writer of its sessions
+        while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                if op == "get":
+                    await stub.Get(
+                        state_pb2.GetRequest(session_id=rng.choice(sids), key="state"), timeout=30
+                    )
+                else:
+                    sid = rng.choice(mine)
+                    r = await stub.Put(
+                        state_pb2.PutRequest(
+                            session_id=sid, key="state", value=value, expected_version=versions[sid]
+                        ),
+                        timeout=30,
+                    )
+                    if r.applied:
+                        versions[sid] = r.version
+                    else:
+                        versions[sid] = r.current.version
+                        if measuring:
+                            counters["conflicts"] += 1
+            except grpc.RpcError:
+                if measuring:
+                    counters["errors"] += 1
+                continue
+            if measuring:
+                lat.append(time.perf_counter() - t0)
+
+    # warm-up then measure, with the same workers running throughout
+    stop_at = float("inf")
+    tasks = [asyncio.create_task(worker(w)) for w in range(conc)]
+    await asyncio.sleep(warmup)
+    cpu0 = cpu_seconds(pid) if pid else None
+    ccpu0 = time.process_time()
+    t0 = time.monotonic()
+    measuring = True
+    await asyncio.sleep(duration)
+    measuring = False
+    elapsed = time.monotonic() - t0
+    cpu1 = cpu_seconds(pid) if pid else None
+    ccpu1 = time.process_time()
+    stop_at = 0.0
+    await asyncio.gather(*tasks)
+
+    n = len(lat)
+    lat.sort()
+
+    def pct(p: float) -> float:
+        return lat[min(n - 1, int(p * n))] * 1000 if n else 0.0
+
+    shard_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    return Cell(
+        op=op,
+        concurrency=conc,
+        ops=n,
+        seconds=elapsed,
+        p50_ms=pct(0.50),
+        p99_ms=pct(0.99),
+        shard_cpu_us_per_op=(shard_cpu / n * 1e6) if shard_cpu is not None and n else None,
+        client_cpu_us_per_op=((ccpu1 - ccpu0) / n * 1e6) if n else 0.0,
+        shard_cores=(shard_cpu / elapsed) if shard_cpu is not None else None,
+        conflicts=counters["conflicts"],
+        errors=counters["errors"],
+    )
+
+
+async def bench(args: argparse.Namespace, address: str, pid: int | None) -> list[Cell]:
+    value = os.urandom(args.value_bytes)
+    sids = [f"bench-{i:06d}" for i in range(args.sessions)]
+    cells: list[Cell] = []
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        versions = await load_sessions(stub, sids, value)
+        for op in args.ops.split(","):
+            for conc in (int(c) for c in args.concurrency.split(",")):
+                cells.append(
+                    await run_cell(
+                        stub, op, conc, sids, versions, value, args.duration, args.warmup, pid
+                    )
+                )
+    return cells
+
+
+def render(cells: list[Cell], args: argparse.Namespace, address: str) -> None:
+    t = Table(
+        title=f"shard {address}: {args.sessions} sessions, {args.value_bytes} B values, "
+        f"{args.duration:g} s per cell, grpc.aio unary stubs"
+    )
+    for col in (
+        "op",
+        "conc",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "shard CPU µs/op",
+        "shard cores",
+        "client CPU µs/op",
+        "ops",
+        "conflicts",
+        "errors",
+    ):
+        t.add_column(col, justify="left" if col == "op" else "right")
+    for c in cells:
+        t.add_row(
+            "Get" if c.op == "get" else "CAS Put",
+            str(c.concurrency),
+            f"{c.ops_per_s:,.0f}",
+            f"{c.p50_ms:.2f}",
+            f"{c.p99_ms:.2f}",
+            f"{c.shard_cpu_us_per_op:.0f}" if c.shard_cpu_us_per_op is not None else "-",
+            f"{c.shard_cores:.2f}" if c.shard_cores is not None else "-",
+            f"{c.client_cpu_us_per_op:.0f}",
+            str(c.ops),
+            str(c.conflicts),
+            str(c.errors),
+        )
+    console = Console()
+    console.width = max(console.width, 150)  # a pipe or CI log is 80 wide: keep one row per cell
+    console.print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--address", default="", help="bench a running shard instead of starting one")
+    ap.add_argument(
+        "--pid", type=int, default=0, help="pid of the shard at --address, for its CPU figures"
+    )
+    ap.add_argument("--sessions", type=int, default=1000)
+    ap.add_argument("--value-bytes", type=int, default=1024)
+    ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
+    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
+    ap.add_argument("--concurrency", default="1,32", help="comma-separated in-flight requests")
+    ap.add_argument("--ops", default="get,cas", help="comma-separated: get, cas")
+    ap.add_argument(
+        "--shard-arg", action="append", default=[], help="extra flag for the started shard"
+    )
+    ap.add_argument("--json", default="", help="also write the cells to this JSON file")
+    args = ap.parse_args(argv)
+
+    proc: ShardProc | None = None
+    try:
+        if args.address:
+            address, pid = args.address, (args.pid or None)
+        else:
+            proc = ShardProc(args.shard_arg)
+            address, pid = proc.wait_ready(), proc.popen.pid
+        cells = asyncio.run(bench(args, address, pid))
+    finally:
+        if proc is not None:
+            proc.stop()
+    render(cells, args, address)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps([asdict(c) | {"ops_per_s": c.ops_per_s} for c in cells], indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
