@@ -1,0 +1,285 @@
+"""`shardstate dev`: a whole cluster on this machine as child processes (shards, replicas, a
+router), started in order, health-checked, and stopped gracefully together.
+
+Layout of the data directory:  DATA/s1 ... (LevelDB per shard), DATA/s1-r1 ... (replicas),
+DATA/logs/<node>.log, DATA/run/<node>.port, DATA/dev.json (pids and addresses while running).
+Ports: router at --port, shard i at --port+i, replica r of shard i at --port+r*N+i, so a
+restart keeps every address; with --port 0 free ports are picked and, on a restart, the map
+the shards persisted is re-published with the new addresses (same shard ids: no data moves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+
+
+@dataclass
+class NodeSpec:
+    """One child process: what it is, where it listens, what extra flags it gets."""
+
+    name: str  # s1, s1-r1, router
+    kind: str  # "shard" or "router"
+    port: int  # 0 = any free port
+    args: list[str] = field(default_factory=list)
+    shard_id: str = ""
+    replica_of: str = ""  # name of the primary's NodeSpec (replicas only)
+
+
+@dataclass
+class Node:
+    spec: NodeSpec
+    popen: subprocess.Popen[bytes]
+    port_file: Path
+    log_path: Path
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def plan(shards: int, replicas: int, port: int, data: Path) -> list[list[NodeSpec]]:
+    """Start stages, in order: primaries, then replicas (they need their primary's address),
+    then the router. Each stage is started together and waited for before the next."""
+    prim = [
+        NodeSpec(f"s{i}", "shard", port + i if port else 0, ["--id", f"s{i}", "--data-dir", str(data / f"s{i}")], f"s{i}")
+        for i in range(1, shards + 1)
+    ]
+    reps = [
+        NodeSpec(f"s{i}-r{r}", "shard", port + r * shards + i if port else 0,
+                 ["--id", f"s{i}", "--data-dir", str(data / f"s{i}-r{r}")], f"s{i}", replica_of=f"s{i}")
+        for r in range(1, replicas + 1) for i in range(1, shards + 1)
+    ]
+    router = NodeSpec("router", "router", port, [])
+    return [stage for stage in (prim, reps, [router]) if stage]
+
+
+def existing_shards(data: Path) -> set[str]:
+    if not data.is_dir():
+        return set()
+    return {p.name for p in data.iterdir() if p.is_dir() and re.fullmatch(r"s\d+", p.name)}
+
+
+class DevCluster:
+    def __init__(self, data: Path, console: Any) -> None:
+        self.data = data
+        self.console = console
+        self.nodes: dict[str, Node] = {}
+        (data / "logs").mkdir(parents=True, exist_ok=True)
+        (data / "run").mkdir(parents=True, exist_ok=True)
+
+    # -- starting --
+
+    def spawn(self, spec: NodeSpec, seeds: Sequence[str] = ()) -> Node:
+        port_file = self.data / "run" / f"{spec.name}.port"
+        port_file.unlink(missing_ok=True)
+        log_path = self.data / "logs" / f"{spec.name}.log"
+        cmd = [sys.executable, "-m", "shardstate", spec.kind, "--listen", f"127.0.0.1:{spec.port}",
+               "--port-file", str(port_file), *spec.args]
+        if spec.replica_of:
+            cmd += ["--replica-of", self.nodes[spec.replica_of].address]
+        if spec.kind == "router":
+            cmd += ["--seeds", ",".join(seeds)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "ab") as log:
+            # Own process group: a terminal's Ctrl-C reaches only dev, which then stops the
+            # router before the shards so in-flight calls drain in order.
+            popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, process_group=0)
+        node = Node(spec, popen, port_file, log_path)
+        self.nodes[spec.name] = node
+        return node
+
+    def wait_ready(self, nodes: Sequence[Node], stop: threading.Event) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        waiting = list(nodes)
+        while waiting:
+            if stop.is_set():
+                raise KeyboardInterrupt
+            for n in list(waiting):
+                if not n.alive():
+                    raise StartError(f"{n.spec.name} exited with code {n.popen.returncode}", n)
+                text = n.port_file.read_text().strip() if n.port_file.exists() else ""
+                if not text:
+                    continue
+                n.port = int(text)
+                with grpc.insecure_channel(n.address) as ch:
+                    try:
+                        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    except grpc.RpcError:
+                        continue
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    waiting.remove(n)
+                    self.console.print(f"  [green]✓[/] {n.spec.name:<8} {n.address}  pid {n.popen.pid}")
+            if time.monotonic() > deadline:
+                raise StartError(f"{waiting[0].spec.name} not healthy after {READY_TIMEOUT_S:.0f}s", waiting[0])
+            time.sleep(0.05)
+
+    def reconcile_map(self) -> None:
+        """After a restart on new ports, the map the shards persisted names old addresses:
+        publish it again with the addresses the same shard ids now have (epoch + 1)."""
+        from shardstate.v1 import admin_pb2, admin_pb2_grpc
+
+        shards = [n for n in self.nodes.values() if n.spec.kind == "shard"]
+        maps = []
+        for n in shards:
+            with grpc.insecure_channel(n.address) as ch:
+                maps.append(admin_pb2_grpc.AdminStub(ch).GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=10))
+        best = max(maps, key=lambda m: m.epoch)
+        if best.epoch == 0:
+            return  # a new cluster: the router bootstraps it
+        primary = {n.spec.shard_id: n.address for n in shards if not n.spec.replica_of}
+        replicas: dict[str, list[str]] = {}
+        for n in shards:
+            if n.spec.replica_of:
+                replicas.setdefault(n.spec.shard_id, []).append(n.address)
+        pb = admin_pb2.ClusterMap()
+        pb.CopyFrom(best)
+        changed = False
+        for s in pb.shards:
+            if s.id in primary and (s.primary != primary[s.id] or list(s.replicas) != replicas.get(s.id, [])):
+                s.primary = primary[s.id]
+                del s.replicas[:]
+                s.replicas.extend(replicas.get(s.id, []))
+                changed = True
+        if not changed:
+            return
+        pb.epoch = best.epoch + 1
+        for n in shards:
+            with grpc.insecure_channel(n.address) as ch:
+                admin_pb2_grpc.AdminStub(ch).PublishClusterMap(pb, timeout=10)
+        self.console.print(f"  [yellow]↻[/] addresses changed: cluster map re-published at epoch {pb.epoch}")
+
+    def write_state(self, router: str) -> None:
+        state = {
+            "pid": os.getpid(), "router": router,
+            "nodes": {n.spec.name: {"pid": n.popen.pid, "address": n.address, "kind": n.spec.kind}
+                      for n in self.nodes.values()},
+        }
+        tmp = self.data / "dev.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.data / "dev.json")
+
+    # -- stopping --
+
+    def stop(self) -> None:
+        """SIGTERM the router first, then everything else; SIGKILL what outlives the grace."""
+        routers = [n for n in self.nodes.values() if n.spec.kind == "router"]
+        others = [n for n in self.nodes.values() if n.spec.kind != "router"]
+        for group in (routers, others):
+            for n in group:
+                if n.alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        n.popen.send_signal(signal.SIGTERM)
+            for n in group:
+                try:
+                    n.popen.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    self.console.print(f"  [red]✗[/] {n.spec.name} did not stop in time; killing it")
+                    n.popen.kill()
+                    n.popen.wait()
+        (self.data / "dev.json").unlink(missing_ok=True)
+
+
+class StartError(Exception):
+    def __init__(self, message: str, node: Node) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="shardstate dev", description="Run a whole shardstate cluster on this machine.")
+    p.add_argument("--port", type=int, default=int(os.environ.get("SHARDSTATE_DEV_PORT", 7400)),
+                   help="router port; shards take the next ports (0 = pick free ports) [default 7400]")
+    p.add_argument("--shards", type=int, default=3, help="number of shards [default 3]")
+    p.add_argument("--replicas", type=int, default=0, help="replicas per shard [default 0]")
+    p.add_argument("--data-dir", default=os.environ.get("SHARDSTATE_DEV_DATA_DIR", ".shardstate"),
+                   help="where the shards keep their data [default .shardstate]")
+    a = p.parse_args(argv)
+    if a.shards < 1 or a.replicas < 0:
+        p.error("--shards must be at least 1 and --replicas not negative")
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    data = Path(a.data_dir).resolve()
+    have = existing_shards(data)
+    want = {f"s{i}" for i in range(1, a.shards + 1)}
+    if have and have != want:
+        console.print(f"[red]{data} holds a cluster of shards {', '.join(sorted(have, key=lambda s: int(s[1:])))}[/]; "
+                      f"start it with --shards {len(have)} (growing a cluster moves data: use shardstate admin)")
+        return 2
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+
+    cluster = DevCluster(data, console)
+    console.print(f"[bold]shardstate dev[/]: {a.shards} shards, {a.replicas} replicas each, data in {data}")
+    try:
+        stages = plan(a.shards, a.replicas, a.port, data)
+        for stage in stages:
+            if stage[0].kind == "router":
+                cluster.reconcile_map()
+                seeds = [n.address for n in cluster.nodes.values() if n.spec.kind == "shard"]
+                started = [cluster.spawn(spec, seeds) for spec in stage]
+            else:
+                started = [cluster.spawn(spec) for spec in stage]
+            with console.status(f"starting {', '.join(s.name for s in stage)} …"):
+                cluster.wait_ready(started, stop)
+    except StartError as e:
+        console.print(f"[red]✗ {e}[/] (log: {e.node.log_path})\n{tail(e.node.log_path)}")
+        cluster.stop()
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted; stopping")
+        cluster.stop()
+        return 130
+    except grpc.RpcError as e:
+        console.print(f"[red]✗ could not read the cluster map: {e}[/]")
+        cluster.stop()
+        return 1
+
+    router = cluster.nodes["router"].address
+    cluster.write_state(router)
+    print(f"router: {router}", flush=True)
+    console.print("Ctrl-C stops the cluster; logs in " + str(data / "logs"))
+    reported: set[str] = set()
+    while not stop.wait(0.5):
+        for n in cluster.nodes.values():
+            if not n.alive() and n.spec.name not in reported:
+                reported.add(n.spec.name)
+                console.print(f"[red]✗ {n.spec.name} exited with code {n.popen.returncode}[/] (log: {n.log_path})")
+    console.print("stopping …")
+    cluster.stop()
+    console.print("stopped")
+    return 0

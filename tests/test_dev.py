@@ -1,0 +1,172 @@
+"""`shardstate dev` as a user runs it: starts a cluster, serves through the printed router
+address, stops every child on SIGTERM, and a restart on the same data directory sees the data.
+The small CLI helpers (put/get/ls, admin status) are exercised against it too."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shardstate.dev import existing_shards, plan
+from shardstate.v1 import state_pb2, state_pb2_grpc
+
+START_TIMEOUT_S = 120.0  # generous: the machine is shared; never asserted
+
+
+class Dev:
+    def __init__(self, data: Path, *extra: str) -> None:
+        self.data = data
+        cmd = [sys.executable, "-m", "shardstate", "dev", "--port", "0", "--data-dir", str(data), *extra]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.err_path = data.parent / f"{data.name}-dev.err"
+        err = open(self.err_path, "ab")  # noqa: SIM115 - owned by the child
+        self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+        err.close()
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.router = self._wait_router()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            self.lines.put(raw.decode())
+        self.lines.put("")
+
+    def _wait_router(self) -> str:
+        while True:
+            try:
+                line = self.lines.get(timeout=START_TIMEOUT_S)
+            except queue.Empty:
+                raise AssertionError(f"dev printed no router address:\n{self.err_path.read_text()}") from None
+            if not line:
+                raise AssertionError(f"dev exited ({self.popen.wait()}):\n{self.err_path.read_text()}")
+            if line.startswith("router: "):
+                return line.split(" ", 1)[1].strip()
+
+    def child_pids(self) -> list[int]:
+        state = json.loads((self.data / "dev.json").read_text())
+        return [n["pid"] for n in state["nodes"].values()]
+
+    def terminate(self) -> int:
+        self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(120)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            pids = self.child_pids() if (self.data / "dev.json").exists() else []
+            self.popen.kill()
+            self.popen.wait()
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie still answers kill(0); it has exited all the same.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shardstate", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def devs() -> list[Dev]:
+    started: list[Dev] = []
+    yield started  # type: ignore[misc]
+    for d in started:
+        d.kill()
+
+
+def test_dev_starts_serves_stops_and_restarts_with_the_data(tmp_path: Path, devs: list[Dev]) -> None:
+    data = tmp_path / "data"
+    dev = Dev(data, "--shards", "3")
+    devs.append(dev)
+    with grpc.insecure_channel(dev.router) as ch:
+        st = state_pb2_grpc.StateStub(ch)
+        for i in range(30):
+            assert st.Put(state_pb2.PutRequest(session_id=f"dev-{i}", key="k", value=b"v%d" % i), timeout=30).applied
+        got = st.Get(state_pb2.GetRequest(session_id="dev-7", key="k"), timeout=30)
+        assert got.found and got.record.value == b"v7"
+        shards_used = {st.Get(state_pb2.GetRequest(session_id=f"dev-{i}", key="k"), timeout=30).header.shard_id
+                       for i in range(30)}
+    assert shards_used == {"s1", "s2", "s3"}
+    assert existing_shards(data) == {"s1", "s2", "s3"}
+
+    # The shell helpers against the same cluster.
+    r = cli("put", "--router", dev.router, "--namespace", "cli", "sess", "greeting", "hello")
+    assert r.returncode == 0, r.stderr
+    version = int(r.stdout.strip())
+    r = cli("get", "--router", dev.router, "--namespace", "cli", "sess", "greeting")
+    assert (r.returncode, r.stdout) == (0, "hello")
+    r = cli("put", "--router", dev.router, "--namespace", "cli", "--expect", str(version + 1), "sess", "greeting", "x")
+    assert r.returncode == 1 and f"current version is {version}" in r.stderr
+    r = cli("get", "--router", dev.router, "--namespace", "cli", "sess", "nope")
+    assert r.returncode == 1 and "not found" in r.stderr
+    r = cli("ls", "--router", dev.router, "--namespace", "cli", "--plain")
+    assert r.stdout.split() == ["sess"]
+    r = cli("ls", "--router", dev.router, "--namespace", "cli", "sess")
+    assert r.stdout.split("\t")[0] == "greeting" and "hello" in r.stdout
+    r = cli("put", "--router", dev.router, "", "k", "v")
+    assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "session_id" in r.stderr
+    r = cli("admin", "--router", dev.router, "status")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("primary") == 3 and "router" in r.stdout
+    r = cli("admin", "--router", dev.router, "map", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["epoch"] == "1"
+
+    pids = dev.child_pids()
+    assert len(pids) == 4
+    assert dev.terminate() == 0
+    assert all(gone(p) for p in pids), [p for p in pids if not gone(p)]
+    assert not (data / "dev.json").exists()
+
+    dev2 = Dev(data, "--shards", "3")
+    devs.append(dev2)
+    with grpc.insecure_channel(dev2.router) as ch:
+        st = state_pb2_grpc.StateStub(ch)
+        for i in range(30):
+            got = st.Get(state_pb2.GetRequest(session_id=f"dev-{i}", key="k"), timeout=30)
+            assert got.found and got.record.value == b"v%d" % i
+    r = cli("get", "--router", dev2.router, "--namespace", "cli", "sess", "greeting")
+    assert r.stdout == "hello"
+    pids = dev2.child_pids()
+    assert dev2.terminate() == 0
+    assert all(gone(p) for p in pids)
+
+
+def test_dev_refuses_a_data_dir_with_other_shards(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for s in ("s1", "s2"):
+        (data / s).mkdir(parents=True)
+    r = cli("dev", "--port", "0", "--data-dir", str(data), "--shards", "3")
+    assert r.returncode == 2 and "--shards 2" in r.stderr
+
+
+def test_plan_gives_fixed_consecutive_ports_and_replica_hooks(tmp_path: Path) -> None:
+    stages = plan(3, 1, 7400, tmp_path)
+    prim, reps, router = stages
+    assert [(s.name, s.port) for s in prim] == [("s1", 7401), ("s2", 7402), ("s3", 7403)]
+    assert [(s.name, s.port, s.replica_of) for s in reps] == [
+        ("s1-r1", 7404, "s1"), ("s2-r1", 7405, "s2"), ("s3-r1", 7406, "s3")]
+    assert [(s.name, s.port) for s in router] == [("router", 7400)]
+    assert all(s.port == 0 for stage in plan(2, 0, 0, tmp_path) for s in stage)
+    assert len(plan(2, 0, 0, tmp_path)) == 2  # no replica stage without replicas
