@@ -54,3 +54,30 @@ class SessionInfo:
             s.key_count, s.bytes, s.max_version,
             {st.name: (st.first_seq, st.last_seq, st.count) for st in s.streams},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change of a session, as `watch()` yields it. `type` is the event name in lower case:
+    put, delete, append, trim, pop, touch, session_delete, session_expire, key_expire, and
+    progress (only with `watch(progress=True)`: everything up to `revision` has been seen)."""
+
+    type: str
+    revision: int
+    key: str = ""
+    value: bytes = b""
+    version: int = 0
+    stream: str = ""
+    entries: tuple[Entry, ...] = ()
+    seq: int = 0
+    expires_at: int = 0
+    record: Record | None = None
+
+    @classmethod
+    def from_pb(cls, ev: types_pb2.Event) -> Change:
+        name = types_pb2.EventType.Name(ev.type).lower() if ev.type else "unspecified"
+        rec = Record.from_pb(ev.record) if ev.HasField("record") else None
+        return cls(
+            name, ev.revision, ev.record.key, ev.record.value, ev.record.version, ev.stream,
+            tuple(Entry.from_pb(e) for e in ev.entries), ev.seq, ev.expires_at_ms, rec,
+        )

@@ -1,0 +1,154 @@
+"""Connections of a client to several node addresses: one long-lived channel per address, calls
+spread round-robin, and an address that failed with UNAVAILABLE skipped for a while.
+
+`AddressPool` is the pure choice logic shared by the sync and asyncio clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from shardstate.errors import InvalidArgumentError
+from shardstate.v1 import state_pb2_grpc
+
+MiB = 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB  # above the server's request limit, so the server names it
+DOWN_FOR_S = 1.0
+
+
+def parse_addresses(addresses: str | Iterable[str]) -> tuple[str, ...]:
+    """"h:p", "h:p,h2:p2" or a list of them -> a tuple of distinct addresses, in order."""
+    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    out: list[str] = []
+    for a in items:
+        if not isinstance(a, str):
+            raise InvalidArgumentError(f"an address must be a str 'host:port', got {type(a).__name__}")
+        a = a.strip()
+        if not a:
+            continue
+        if ":" not in a or a.rsplit(":", 1)[1] == "":
+            raise InvalidArgumentError(f"address {a!r} is not 'host:port'")
+        if a not in out:
+            out.append(a)
+    if not out:
+        raise InvalidArgumentError("at least one address 'host:port' is required")
+    return tuple(out)
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                    extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # gRPC's reconnect backoff grows to 120 s by default; a restarted node must be found
+        # again within about a second, or every retry in between fails fast.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        *extra,
+    ]
+
+
+class AddressPool:
+    """Round-robin over addresses, skipping those marked down until their time is up."""
+
+    def __init__(self, addresses: Sequence[str], down_for: float = DOWN_FOR_S) -> None:
+        self.addresses = tuple(addresses)
+        self.down_for = down_for
+        self._counter = itertools.count()  # next() on a count is atomic under the GIL
+        self._down_until: dict[str, float] = {}
+
+    def pick(self) -> str:
+        n = len(self.addresses)
+        if n == 1:
+            return self.addresses[0]
+        start = next(self._counter)
+        now = time.monotonic()
+        for i in range(n):
+            a = self.addresses[(start + i) % n]
+            if self._down_until.get(a, 0.0) <= now:
+                return a
+        # All down: the one that comes back first.
+        return min(self.addresses, key=lambda a: self._down_until.get(a, 0.0))
+
+    def mark_down(self, address: str) -> None:
+        self._down_until[address] = time.monotonic() + self.down_for
+
+    def mark_up(self, address: str) -> None:
+        if address in self._down_until:
+            self._down_until.pop(address, None)
+
+    def is_up(self, address: str) -> bool:
+        return self._down_until.get(address, 0.0) <= time.monotonic()
+
+    def other_up(self, address: str) -> bool:
+        """Whether another address is up, so a retry can go there without waiting."""
+        return any(a != address and self.is_up(a) for a in self.addresses)
+
+
+class SyncChannels:
+    """One `grpc.Channel` and State stub per address, made on first use."""
+
+    def __init__(self, options: list[tuple[str, Any]],
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self._options = options
+        self._credentials = credentials
+        self._stubs: dict[str, state_pb2_grpc.StateStub] = {}
+        self._channels: list[grpc.Channel] = []
+        self._lock = threading.Lock()
+
+    def stub(self, address: str) -> state_pb2_grpc.StateStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            with self._lock:
+                stub = self._stubs.get(address)
+                if stub is None:
+                    if self._credentials is not None:
+                        ch = grpc.secure_channel(address, self._credentials, options=self._options)
+                    else:
+                        ch = grpc.insecure_channel(address, options=self._options)
+                    self._channels.append(ch)
+                    stub = self._stubs[address] = state_pb2_grpc.StateStub(ch)
+        return stub
+
+    def close(self) -> None:
+        with self._lock:
+            for ch in self._channels:
+                ch.close()
+            self._channels.clear()
+            self._stubs.clear()
+
+
+class AsyncChannels:
+    """One `grpc.aio.Channel` and State stub per address, made on first use (inside the loop)."""
+
+    def __init__(self, options: list[tuple[str, Any]],
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self._options = options
+        self._credentials = credentials
+        self._stubs: dict[str, state_pb2_grpc.StateStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def stub(self, address: str) -> state_pb2_grpc.StateStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            if self._credentials is not None:
+                ch = grpc.aio.secure_channel(address, self._credentials, options=self._options)
+            else:
+                ch = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels.append(ch)
+            stub = self._stubs[address] = state_pb2_grpc.StateStub(ch)  # type: ignore[arg-type]
+        return stub
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, []
+        self._stubs.clear()
+        for ch in channels:
+            await ch.close()

@@ -1,0 +1,512 @@
+"""Every client operation written once, as a generator that yields what it needs done (an
+RPC, a sleep, a stream read) and receives the answer; Client and AsyncClient only drive them.
+
+So the CAS loop, the version cache, paging, retries with one request_id and watch resumption
+exist in one place for both surfaces. Drivers send results in and throw ShardstateErrors in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+from shardstate import codec
+from shardstate.channels import AddressPool
+from shardstate.errors import (
+    ConflictError,
+    HistoryCompactedError,
+    InvalidArgumentError,
+    NotFoundError,
+    ShardstateError,
+    UnavailableError,
+)
+from shardstate.records import Change, Entry, Record, SessionInfo
+from shardstate.retry import Retry
+from shardstate.v1 import state_pb2
+from shardstate.versions import UNKNOWN, VersionCache
+
+T = TypeVar("T")
+
+
+# ---- instructions a protocol generator yields to its driver ----
+
+
+@dataclass(slots=True)
+class Call:
+    """One logical RPC; the driver retries it (same request, same request_id) per policy."""
+
+    method: str  # State RPC name: "Put"
+    request: Any
+    timeout: float | None = None  # None: the client's default
+    batch_field: str | None = None  # BatchOp oneof name when the op may ride in a Batch
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of a Call at one address; raises the ShardstateError it met."""
+
+    call: Call
+    address: str
+
+
+@dataclass(slots=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(slots=True)
+class OpenStream:
+    """Open a server stream at an address; answers with a handle for NextMessage."""
+
+    method: str
+    request: Any
+    address: str
+
+
+@dataclass(slots=True)
+class NextMessage:
+    """The next message of an open stream, or None when the server ended it."""
+
+    handle: Any
+
+
+@dataclass(slots=True)
+class Emit:
+    """A value for the caller of an iterating operation (list_sessions, watch)."""
+
+    value: Any
+
+
+Instruction: TypeAlias = Call | Attempt | Sleep | OpenStream | NextMessage | Emit
+Op: TypeAlias = Generator[Instruction, Any, T]
+
+
+def resume(gen: Op[T], value: Any = None, exc: BaseException | None = None) -> Op[T]:
+    """Continue `gen` from a result (or an error) obtained elsewhere, passing its further
+    instructions through; `yield from resume(...)` returns its final value."""
+    while True:
+        try:
+            instr = gen.throw(exc) if exc is not None else gen.send(value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        exc = None
+        try:
+            value = yield instr
+        except ShardstateError as e:
+            value, exc = None, e
+
+
+# ---- what both clients share: addresses, retry policy, defaults, revision seen ----
+
+
+class ClientCore:
+    def __init__(self, pool: AddressPool, retry: Retry, namespace: str, timeout: float | None,
+                 cache_size: int) -> None:
+        self.pool = pool
+        self.retry = retry
+        self.namespace = codec.namespace(namespace)
+        self.timeout = codec.timeout(timeout)
+        self.cache_size = cache_size
+        self.revision = 0
+
+    def seen(self, resp: Any) -> None:
+        rev = codec.revision_of(resp)
+        if isinstance(resp, state_pb2.BatchResponse):
+            for r in resp.results:
+                kind = r.WhichOneof("result")
+                if kind:
+                    rev = max(rev, codec.revision_of(getattr(r, kind)))
+        if rev > self.revision:
+            self.revision = rev
+
+    def retrying(self, call: Call) -> Op[Any]:
+        """Attempts of one call: round-robin addresses; after UNAVAILABLE the address is
+        skipped for a while and the next attempt goes to another one at once."""
+        failures = 0
+        while True:
+            address = self.pool.pick()
+            try:
+                resp = yield Attempt(call, address)
+            except ShardstateError as exc:
+                if isinstance(exc, UnavailableError):
+                    self.pool.mark_down(address)
+                failures += 1
+                delay = self.retry.delay(exc, failures)
+                if delay is None:
+                    raise
+                if delay > 0 and not (isinstance(exc, UnavailableError) and self.pool.other_up(address)):
+                    yield Sleep(delay)
+                continue
+            self.pool.mark_up(address)
+            self.seen(resp)
+            return resp
+
+    # ---- client-level operations ----
+
+    def list_sessions(self, prefix: str, page_size: int, namespace: str | None,
+                      timeout: float | None) -> Op[None]:
+        ns = codec.namespace(namespace) if namespace is not None else self.namespace
+        prefix = codec.prefix(prefix)
+        size = codec.count(page_size, "page_size") or 100
+        token = ""
+        while True:
+            req = state_pb2.ListSessionsRequest(namespace=ns, prefix=prefix, limit=size, page_token=token)
+            resp = yield Call("ListSessions", req, codec.timeout(timeout))
+            for s in resp.sessions:
+                yield Emit(SessionInfo.from_pb(s))
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def batch(self, ops: Sequence[tuple[Op[Any], Call]], raise_on_error: bool,
+              timeout: float | None, max_ops: int = 1000) -> Op[list[Any]]:
+        """Run started single-call operations (each with the Call it yielded first) as unary
+        Batch calls of up to max_ops, decoding each result with the operation's own code.
+        Failed ops give their exception in place, or the first one is raised."""
+        out: list[Any] = []
+        for start in range(0, len(ops), max_ops):
+            chunk = [gen for gen, _ in ops[start:start + max_ops]]
+            calls = [call for _, call in ops[start:start + max_ops]]
+            req = state_pb2.BatchRequest(
+                ops=[state_pb2.BatchOp(**{str(c.batch_field): c.request}) for c in calls]
+            )
+            resp = yield Call("Batch", req, codec.timeout(timeout))
+            if len(resp.results) != len(calls):
+                raise ShardstateError(f"batch of {len(calls)} ops got {len(resp.results)} results")
+            for gen, call, result in zip(chunk, calls, resp.results, strict=True):
+                try:
+                    assert call.batch_field is not None
+                    try:
+                        value, exc = codec.batch_response(result, call.batch_field), None
+                    except ShardstateError as e:
+                        value, exc = None, e
+                    out.append((yield from resume(gen, value, exc)))
+                except ShardstateError as e:
+                    out.append(e)
+        if raise_on_error:
+            for v in out:
+                if isinstance(v, ShardstateError):
+                    raise v
+        return out
+
+
+# ---- one session's operations ----
+
+
+UpdateFn = Callable[[Record | None], Any]
+
+
+class SessionCore:
+    """The operations of one session handle; the version cache lives here."""
+
+    def __init__(self, client: ClientCore, session_id: str, ttl: Any = None,
+                 namespace: str | None = None) -> None:
+        self.client = client
+        self.session_id = codec.session_id(session_id)
+        self.namespace = codec.namespace(namespace) if namespace is not None else client.namespace
+        self.ttl_ms = codec.ms(ttl, "ttl")
+        self.cache = VersionCache(client.cache_size)
+        self.revision = 0
+
+    def _ids(self) -> dict[str, str]:
+        return {"namespace": self.namespace, "session_id": self.session_id}
+
+    def _rpc(self, method: str, request: Any, timeout: Any, batch_field: str | None = None) -> Op[Any]:
+        resp = yield Call(method, request, codec.timeout(timeout), batch_field)
+        rev = codec.revision_of(resp)
+        if rev > self.revision:
+            self.revision = rev
+        return resp
+
+    # ---- keys ----
+
+    def get(self, key: str, consistency: Any = None, min_revision: int = 0,
+            timeout: Any = None) -> Op[Record | None]:
+        key = codec.key(key)
+        req = state_pb2.GetRequest(
+            **self._ids(), key=key, consistency=codec.consistency(consistency),
+            min_revision=codec.count(min_revision, "min_revision"),
+        )
+        resp = yield from self._rpc("Get", req, timeout, "get")
+        rec = codec.record(resp.record) if resp.found else None
+        if rec is not None:
+            self.cache.remember_if_newer(key, rec, rec.version)
+        else:
+            self.cache.remember(key, None)
+        return rec
+
+    def put(self, key: str, value: Any, expect: int | None = None, ttl: Any = None,
+            timeout: Any = None) -> Op[int]:
+        rec = yield from self._put(key, value, expect, ttl, timeout, "put")
+        return rec.version
+
+    def _put(self, key: str, value: Any, expect: int | None, ttl: Any, timeout: Any,
+             what: str) -> Op[Record]:
+        key = codec.key(key)
+        data = codec.to_bytes(value)
+        ttl_ms = codec.ms(ttl, "ttl")
+        expected = None if expect is None else codec.version(expect)
+        req = state_pb2.PutRequest(
+            **self._ids(), key=key, value=data, expected_version=expected, ttl_ms=ttl_ms,
+            request_id=codec.new_request_id(), session_ttl_ms=self.ttl_ms,
+        )
+        old = self.cache.lookup(key)
+        resp = yield from self._rpc("Put", req, timeout, "put")
+        if not resp.applied:
+            current = codec.record(resp.current)
+            self.cache.remember(key, current)
+            raise codec.conflict(what, key, expected or 0, current)
+        if expected == 0:
+            create = resp.version
+        elif expected and isinstance(old, Record) and old.version == expected:
+            create = old.create_version
+        else:
+            create = 0  # not known whether this write created the key
+        rec = codec.written(key, data, resp.version, create, ttl_ms)
+        self.cache.remember_if_newer(key, rec, rec.version)
+        return rec
+
+    def delete(self, key: str, expect: int | None = None, timeout: Any = None) -> Op[bool]:
+        key = codec.key(key)
+        expected = None if expect is None else codec.version(expect)
+        req = state_pb2.DeleteRequest(
+            **self._ids(), key=key, expected_version=expected, request_id=codec.new_request_id()
+        )
+        resp = yield from self._rpc("Delete", req, timeout, "delete")
+        if not resp.applied:
+            current = codec.record(resp.current)
+            self.cache.remember(key, current)
+            raise codec.conflict("delete", key, expected or 0, current)
+        self.cache.remember(key, None)
+        return bool(resp.existed)
+
+    def incr(self, key: str, delta: int = 1, ttl: Any = None, timeout: Any = None) -> Op[int]:
+        key = codec.key(key)
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise InvalidArgumentError(f"delta must be an int, got {type(delta).__name__}")
+        ttl_ms = codec.ms(ttl, "ttl")
+        req = state_pb2.IncrementRequest(
+            **self._ids(), key=key, delta=delta, request_id=codec.new_request_id(),
+            ttl_ms=ttl_ms, session_ttl_ms=self.ttl_ms,
+        )
+        old = self.cache.lookup(key)
+        resp = yield from self._rpc("Increment", req, timeout, "increment")
+        create = old.create_version if isinstance(old, Record) else 0
+        rec = codec.written(key, str(resp.value).encode(), resp.version, create, ttl_ms)
+        self.cache.remember_if_newer(key, rec, rec.version)
+        return int(resp.value)
+
+    def update(self, key: str, fn: UpdateFn, ttl: Any = None, attempts: int = 100,
+               timeout: Any = None) -> Op[Record | None]:
+        """Read-modify-write with compare-and-swap, retried on conflict. `fn(old)` gets the
+        current Record (or None) and returns the new value (bytes or str), or None to write
+        nothing. Starts from the cached record when there is one: a single writer pays one
+        CAS; a conflict answers with the current record, so a retry needs no read."""
+        key = codec.key(key)
+        if not callable(fn):
+            raise InvalidArgumentError(f"update() needs a function old -> new value, got {type(fn).__name__}")
+        cached = self.cache.lookup(key)
+        if cached is UNKNOWN:
+            old: Record | None = yield from self.get(key, timeout=timeout)
+        else:
+            old = cached  # type: ignore[assignment]
+        for n in range(max(1, attempts)):
+            new = fn(old)
+            if new is None:
+                return old
+            try:
+                return (yield from self._put(key, new, old.version if old else 0, ttl, timeout, "update"))
+            except ConflictError as e:
+                old = e.current
+                if n >= 2:  # heavy contention: spread the writers out a little
+                    yield Sleep(random.random() * 0.001 * min(n, 20))
+        raise ConflictError(f"update of key {key!r} gave up after {attempts} conflicting attempts", current=old)
+
+    def scan(self, prefix: str = "", limit: int | None = 100, start_after: str = "",
+             keys_only: bool = False, consistency: Any = None, min_revision: int = 0,
+             timeout: Any = None) -> Op[list[Record]]:
+        """Keys of the session in order, up to `limit` (None: all), following pages."""
+        want = None if limit is None else codec.count(limit, "limit")
+        base = dict(
+            **self._ids(), prefix=codec.prefix(prefix), start_after=codec.prefix(start_after, "start_after"),
+            keys_only=bool(keys_only), consistency=codec.consistency(consistency),
+            min_revision=codec.count(min_revision, "min_revision"),
+        )
+        out: list[Record] = []
+        token = ""
+        while want is None or len(out) < want:
+            page = 1000 if want is None else min(1000, want - len(out))
+            req = state_pb2.ScanRequest(**base, limit=page, page_token=token)
+            resp = yield from self._rpc("Scan", req, timeout, "scan")
+            out.extend(Record.from_pb(r) for r in resp.records)
+            token = resp.next_page_token
+            if not token or not resp.records:
+                break
+        return out
+
+    def put_json(self, key: str, obj: Any, expect: int | None = None, ttl: Any = None,
+                 timeout: Any = None) -> Op[int]:
+        return (yield from self.put(key, codec.json_bytes(obj), expect, ttl, timeout))
+
+    def get_json(self, key: str, default: Any = None, **kw: Any) -> Op[Any]:
+        rec = yield from self.get(key, **kw)
+        return default if rec is None else codec.json_value(rec.value, rec.key)
+
+    def update_json(self, key: str, fn: Callable[[Any], Any], ttl: Any = None,
+                    attempts: int = 100, timeout: Any = None) -> Op[Any]:
+        """update() on JSON: `fn(old object or None)` -> new object (None: write nothing).
+        Returns the object stored at the end."""
+        if not callable(fn):
+            raise InvalidArgumentError(f"update_json() needs a function old -> new object, got {type(fn).__name__}")
+
+        def step(old: Record | None) -> bytes | None:
+            new = fn(None if old is None else codec.json_value(old.value, old.key))
+            return None if new is None else codec.json_bytes(new)
+
+        rec = yield from self.update(key, step, ttl=ttl, attempts=attempts, timeout=timeout)
+        return None if rec is None else codec.json_value(rec.value, rec.key)
+
+    # ---- logs ----
+
+    def append(self, stream: str, values: Any, timeout: Any = None) -> Op[list[int]]:
+        req = state_pb2.AppendRequest(
+            **self._ids(), stream=codec.stream(stream), entries=codec.entries(values),
+            request_id=codec.new_request_id(), session_ttl_ms=self.ttl_ms,
+        )
+        resp = yield from self._rpc("Append", req, timeout, "append")
+        return list(resp.seqs)
+
+    def read(self, stream: str, last: int = 0, from_seq: int = 0, to_seq: int = 0,
+             after_seq: int = 0, limit: int | None = None, consistency: Any = None,
+             min_revision: int = 0, timeout: Any = None) -> Op[list[Entry]]:
+        """Entries oldest first. `last=N`: the newest N. Without `limit`, every page of the
+        range is read. A stream that does not exist reads as []."""
+        base = dict(
+            **self._ids(), stream=codec.stream(stream), from_seq=codec.count(from_seq, "from_seq"),
+            to_seq=codec.count(to_seq, "to_seq"), last=codec.count(last, "last"),
+            consistency=codec.consistency(consistency),
+            min_revision=codec.count(min_revision, "min_revision"),
+        )
+        after = codec.count(after_seq, "after_seq")
+        page_limit = codec.count(limit, "limit") if limit is not None else 0
+        out: list[Entry] = []
+        while True:
+            req = state_pb2.ReadLogRequest(**base, after_seq=after, limit=page_limit)
+            try:
+                resp = yield from self._rpc("ReadLog", req, timeout, "read_log")
+            except NotFoundError:
+                return out
+            out.extend(codec.entry_list(resp.entries))
+            if limit is not None or base["last"] or not resp.more or not resp.entries:
+                return out
+            after = out[-1].seq
+
+    def pop(self, stream: str, timeout: Any = None) -> Op[Entry | None]:
+        req = state_pb2.PopLastRequest(**self._ids(), stream=codec.stream(stream),
+                                       request_id=codec.new_request_id())
+        try:
+            resp = yield from self._rpc("PopLast", req, timeout)
+        except NotFoundError:
+            return None
+        return Entry.from_pb(resp.entry) if resp.found else None
+
+    def trim(self, stream: str, before_seq: int = 0, keep_last: int = 0,
+             timeout: Any = None) -> Op[int]:
+        if not before_seq and not keep_last:
+            raise InvalidArgumentError("trim() needs before_seq= or keep_last=")
+        req = state_pb2.TrimLogRequest(
+            **self._ids(), stream=codec.stream(stream), before_seq=codec.count(before_seq, "before_seq"),
+            keep_last=codec.count(keep_last, "keep_last"), request_id=codec.new_request_id(),
+        )
+        try:
+            resp = yield from self._rpc("TrimLog", req, timeout)
+        except NotFoundError:
+            return 0
+        return int(resp.removed)
+
+    # ---- the session ----
+
+    def touch(self, ttl: Any = None, timeout: Any = None) -> Op[int]:
+        """Set the session TTL from now (None: the handle's ttl; 0 removes it); returns
+        expires_at in ms since the epoch (0 = never)."""
+        if ttl is None and not self.ttl_ms:
+            raise InvalidArgumentError("touch() needs ttl= (seconds; 0 removes the TTL) or a session ttl")
+        ttl_ms = self.ttl_ms if ttl is None else codec.ms(ttl, "ttl")
+        req = state_pb2.TouchRequest(**self._ids(), ttl_ms=ttl_ms, request_id=codec.new_request_id())
+        resp = yield from self._rpc("Touch", req, timeout, "touch")
+        return int(resp.expires_at_ms)
+
+    def drop(self, timeout: Any = None) -> Op[bool]:
+        req = state_pb2.DeleteSessionRequest(**self._ids(), request_id=codec.new_request_id())
+        self.cache.clear()
+        resp = yield from self._rpc("DeleteSession", req, timeout)
+        self.cache.clear()
+        return bool(resp.existed)
+
+    def info(self, consistency: Any = None, min_revision: int = 0,
+             timeout: Any = None) -> Op[SessionInfo | None]:
+        req = state_pb2.GetSessionRequest(
+            **self._ids(), consistency=codec.consistency(consistency),
+            min_revision=codec.count(min_revision, "min_revision"),
+        )
+        try:
+            resp = yield from self._rpc("GetSession", req, timeout, "get_session")
+        except NotFoundError:
+            return None
+        return SessionInfo.from_pb(resp.session)
+
+    def txn(self, request: state_pb2.TxnRequest, touched: set[str],
+            timeout: Any = None) -> Op[tuple[bool, list[Any], int]]:
+        request.namespace, request.session_id = self.namespace, self.session_id
+        request.request_id = codec.new_request_id()
+        request.session_ttl_ms = self.ttl_ms
+        for k in touched:  # whichever branch runs, these may change
+            self.cache.forget(k)
+        resp = yield from self._rpc("Txn", request, timeout, "txn")
+        return bool(resp.succeeded), [codec.txn_result(r) for r in resp.results], int(resp.revision)
+
+    # ---- watch ----
+
+    def watch(self, from_revision: int = 0, prefix: str = "", progress: bool = False) -> Op[None]:
+        """Changes from `from_revision` on (0: from now), resumed after UNAVAILABLE from the
+        last revision seen; HistoryCompactedError reaches the caller."""
+        pool, policy = self.client.pool, self.client.retry
+        next_rev = codec.count(from_revision, "from_revision")
+        prefix = codec.prefix(prefix)
+        failures = 0
+        while True:
+            address = pool.pick()
+            req = state_pb2.WatchRequest(**self._ids(), from_revision=next_rev, prefix=prefix)
+            exc: ShardstateError
+            try:
+                handle = yield OpenStream("Watch", req, address)
+                while True:
+                    msg = yield NextMessage(handle)
+                    if msg is None:
+                        break
+                    failures = 0
+                    top = 0
+                    for ev in msg.events:
+                        yield Emit(Change.from_pb(ev))
+                        top = max(top, ev.revision)
+                    if msg.progress_revision:
+                        top = max(top, msg.progress_revision)
+                        if progress and not msg.events:
+                            yield Emit(Change("progress", msg.progress_revision))
+                    if top and top + 1 > next_rev:
+                        next_rev = top + 1
+                exc = UnavailableError("watch stream ended by the server")
+            except HistoryCompactedError:
+                raise
+            except ShardstateError as e:
+                exc = e
+            if isinstance(exc, UnavailableError):
+                pool.mark_down(address)
+            failures += 1
+            delay = policy.delay(exc, failures)
+            if delay is None:
+                raise exc
+            if delay > 0 and not pool.other_up(address):
+                yield Sleep(delay)

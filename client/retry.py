@@ -1,0 +1,89 @@
+"""Retry policy of the client library: which errors to retry, how many attempts, what backoff.
+
+An injected policy object (as in redis-py): `Client(addrs, retry=Retry(attempts=8))`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shardstate.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+
+
+class Backoff(Protocol):
+    def compute(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failed attempt (1-based)."""
+        ...
+
+
+@dataclass(frozen=True)
+class NoBackoff:
+    def compute(self, failures: int) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class ConstantBackoff:
+    delay: float = 0.1
+
+    def compute(self, failures: int) -> float:
+        return self.delay
+
+
+@dataclass(frozen=True)
+class ExponentialBackoff:
+    """base * factor**(failures-1), capped; `jitter` is the fraction taken off at random, so
+    many clients failing together do not come back in lockstep."""
+
+    base: float = 0.1
+    cap: float = 2.0
+    factor: float = 2.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.base < 0 or self.cap < 0 or self.factor < 1 or not 0 <= self.jitter <= 1:
+            raise InvalidArgumentError(
+                "ExponentialBackoff needs base >= 0, cap >= 0, factor >= 1 and 0 <= jitter <= 1"
+            )
+
+    def compute(self, failures: int) -> float:
+        exp = min(max(failures - 1, 0), 64)  # bounded so factor**exp stays a float
+        delay = min(self.cap, self.base * self.factor**exp)
+        return delay * (1.0 - self.jitter * random.random())
+
+
+def _default_retry_on() -> tuple[type[BaseException], ...]:
+    return (UnavailableError, DeadlineExceededError)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """`attempts` counts every try, the first included (1 = never retry).
+
+    Retrying is safe for every call the library makes: reads are idempotent and every
+    mutation carries one request_id for all its attempts, so the shard applies it once."""
+
+    attempts: int = 6
+    backoff: Backoff = field(default_factory=ExponentialBackoff)
+    retry_on: Sequence[type[BaseException]] = field(default_factory=_default_retry_on)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise InvalidArgumentError(f"Retry(attempts=) must be at least 1, got {self.attempts}")
+        object.__setattr__(self, "retry_on", tuple(self.retry_on))
+
+    def retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, tuple(self.retry_on))
+
+    def delay(self, exc: BaseException, failures: int) -> float | None:
+        """Seconds to wait before the next attempt after `failures` failed ones, or None
+        when `exc` must reach the caller (not retryable, or attempts used up)."""
+        if not self.retryable(exc) or failures >= self.attempts:
+            return None
+        return max(0.0, self.backoff.compute(failures))
+
+
+NO_RETRY = Retry(attempts=1, backoff=NoBackoff())
