@@ -3,24 +3,48 @@
 `Client("router:port").session("agent-42")` is the whole entry point; see README.md.
 """
 
+from shardstate.aio import AsyncClient, AsyncSession
+from shardstate.batch import Batch
+from shardstate.client import Client, Session
 from shardstate.errors import (
     ConflictError,
+    DeadlineExceededError,
+    HistoryCompactedError,
     InvalidArgumentError,
     LimitExceededError,
     NotFoundError,
     ShardstateError,
+    TransientError,
     UnavailableError,
 )
-from shardstate.records import Entry, Record, SessionInfo
+from shardstate.records import Change, Entry, Record, SessionInfo
+from shardstate.retry import NO_RETRY, ConstantBackoff, ExponentialBackoff, NoBackoff, Retry
+from shardstate.txn import Txn, TxnResult
 
 __all__ = [
+    "NO_RETRY",
+    "AsyncClient",
+    "AsyncSession",
+    "Batch",
+    "Change",
+    "Client",
     "ConflictError",
+    "ConstantBackoff",
+    "DeadlineExceededError",
     "Entry",
+    "ExponentialBackoff",
+    "HistoryCompactedError",
     "InvalidArgumentError",
     "LimitExceededError",
+    "NoBackoff",
     "NotFoundError",
     "Record",
+    "Retry",
+    "Session",
     "SessionInfo",
     "ShardstateError",
+    "TransientError",
+    "Txn",
+    "TxnResult",
     "UnavailableError",
 ]

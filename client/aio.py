@@ -1,0 +1,298 @@
+"""The asyncio client: `AsyncClient` and its `AsyncSession` handles, the same surface as the
+sync Client with async/await, driving the same operation generators (shardstate.protocol).
+
+With `batching=True` (the default) concurrent single ops are coalesced per event-loop tick and
+multiplexed over one Pipeline stream per address (shardstate.pipeline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from shardstate import errors
+from shardstate.batch import Batch
+from shardstate.channels import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    AddressPool,
+    AsyncChannels,
+    channel_options,
+    parse_addresses,
+)
+from shardstate.client import DEFAULT_TIMEOUT_S
+from shardstate.errors import ShardstateError, UnimplementedError
+from shardstate.pipeline import Mux
+from shardstate.protocol import (
+    Attempt,
+    Call,
+    ClientCore,
+    Emit,
+    NextMessage,
+    Op,
+    OpenStream,
+    SessionCore,
+    Sleep,
+)
+from shardstate.records import Change, Entry, Record, SessionInfo
+from shardstate.retry import Retry
+from shardstate.txn import Txn, TxnResult
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """asyncio connection to one or more routers (or shards); use from one event loop.
+
+    Keywords as Client, plus `batching` (coalesce concurrent ops into Pipeline batches) and
+    `max_batch_ops` (largest batch sent)."""
+
+    def __init__(
+        self,
+        addresses: str | Iterable[str] = "127.0.0.1:7400",
+        *,
+        namespace: str = "default",
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        retry: Retry | None = None,
+        batching: bool = True,
+        max_batch_ops: int = 1000,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        version_cache: int = 256,
+    ) -> None:
+        pool = AddressPool(parse_addresses(addresses))
+        self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache)
+        self._channels = AsyncChannels(channel_options(max_message_bytes, options), credentials)
+        self._max_batch_ops = max_batch_ops
+        self._mux = Mux(self._channels.stub, max_batch_ops, self._core.timeout) if batching else None
+
+    # ---- public surface ----
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self._core.pool.addresses
+
+    @property
+    def namespace(self) -> str:
+        return self._core.namespace
+
+    @property
+    def revision(self) -> int:
+        """The highest header revision any response carried (for min_revision=)."""
+        return self._core.revision
+
+    @property
+    def batching(self) -> bool:
+        return self._mux is not None
+
+    def session(self, session_id: str, *, ttl: Any = None, namespace: str | None = None) -> AsyncSession:
+        return AsyncSession(self, SessionCore(self._core, session_id, ttl, namespace))
+
+    def list_sessions(self, prefix: str = "", *, page_size: int = 100, namespace: str | None = None,
+                      timeout: float | None = None) -> AsyncIterator[SessionInfo]:
+        """`async for info in c.list_sessions(prefix)`: every match, sorted, all pages."""
+        return self._iterate(self._core.list_sessions(prefix, page_size, namespace, timeout))
+
+    def batch(self) -> Batch[Awaitable[list[Any]]]:
+        return Batch(self._core, self._run, self._max_batch_ops)
+
+    async def multi_get(self, keys: Iterable[tuple[str, str]], *, consistency: Any = None,
+                        timeout: float | None = None) -> list[Record | None]:
+        b = self.batch()
+        for sid, key in keys:
+            b.get(sid, key, consistency=consistency)
+        return await b.execute(timeout=timeout)
+
+    async def close(self) -> None:
+        if self._mux is not None:
+            self._mux.close()
+        await self._channels.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # ---- the driver ----
+
+    async def _attempt(self, instr: Attempt) -> Any:
+        call, address = instr.call, instr.address
+        timeout = call.timeout if call.timeout is not None else self._core.timeout
+        mux = self._mux
+        if mux is not None and call.batch_field is not None and mux.accepts(address):
+            try:
+                return await mux.op(address, call.batch_field, call.request, timeout)
+            except UnimplementedError:
+                if mux.accepts(address):
+                    raise
+                # the server has neither Pipeline nor Batch: the unary call below
+        try:
+            return await getattr(self._channels.stub(address), call.method)(call.request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from e
+
+    async def _perform(self, instr: Any) -> Any:
+        if isinstance(instr, Attempt):
+            return await self._attempt(instr)
+        if isinstance(instr, Call):
+            return await self._run(self._core.retrying(instr))
+        if isinstance(instr, Sleep):
+            await asyncio.sleep(instr.seconds)
+            return None
+        raise errors.InternalError(f"the asyncio driver cannot perform {instr!r} here")
+
+    async def _run(self, gen: Generator[Any, Any, T]) -> T:
+        value: Any = None
+        exc: ShardstateError | None = None
+        while True:
+            try:
+                instr = gen.throw(exc) if exc is not None else gen.send(value)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            try:
+                value, exc = await self._perform(instr), None
+            except ShardstateError as e:
+                value, exc = None, e
+
+    async def _iterate(self, gen: Op[Any]) -> AsyncIterator[Any]:
+        value: Any = None
+        exc: ShardstateError | None = None
+        stream: Any = None
+        try:
+            while True:
+                try:
+                    instr = gen.throw(exc) if exc is not None else gen.send(value)
+                except StopIteration:
+                    return
+                value, exc = None, None
+                try:
+                    if isinstance(instr, Emit):
+                        yield instr.value
+                    elif isinstance(instr, OpenStream):
+                        if stream is not None:
+                            stream.cancel()
+                        stub = self._channels.stub(instr.address)
+                        stream = value = getattr(stub, instr.method)(instr.request)
+                    elif isinstance(instr, NextMessage):
+                        try:
+                            msg = await instr.handle.read()
+                        except grpc.RpcError as e:
+                            raise errors.from_rpc_error(e) from e
+                        value = None if msg is grpc.aio.EOF else msg
+                    else:
+                        value = await self._perform(instr)
+                except ShardstateError as e:
+                    value, exc = None, e
+        finally:
+            if stream is not None:
+                stream.cancel()
+            gen.close()
+
+
+class AsyncSession:
+    """One session of an AsyncClient; the same methods as Session, awaited."""
+
+    def __init__(self, client: AsyncClient, core: SessionCore) -> None:
+        self.client = client
+        self._core = core
+        self._run = client._run
+
+    def __repr__(self) -> str:
+        return f"AsyncSession({self._core.session_id!r}, namespace={self._core.namespace!r})"
+
+    @property
+    def session_id(self) -> str:
+        return self._core.session_id
+
+    @property
+    def namespace(self) -> str:
+        return self._core.namespace
+
+    @property
+    def revision(self) -> int:
+        return self._core.revision
+
+    # ---- keys ----
+
+    async def get(self, key: str, *, consistency: str | None = None, min_revision: int = 0,
+                  timeout: float | None = None) -> Record | None:
+        return await self._run(self._core.get(key, consistency, min_revision, timeout))
+
+    async def put(self, key: str, value: bytes | str, *, expect: int | None = None, ttl: Any = None,
+                  timeout: float | None = None) -> int:
+        return await self._run(self._core.put(key, value, expect, ttl, timeout))
+
+    async def update(self, key: str, fn: Callable[[Record | None], bytes | str | None], *,
+                     ttl: Any = None, attempts: int = 100, timeout: float | None = None) -> Record | None:
+        return await self._run(self._core.update(key, fn, ttl, attempts, timeout))
+
+    async def delete(self, key: str, *, expect: int | None = None, timeout: float | None = None) -> bool:
+        return await self._run(self._core.delete(key, expect, timeout))
+
+    async def incr(self, key: str, delta: int = 1, *, ttl: Any = None,
+                   timeout: float | None = None) -> int:
+        return await self._run(self._core.incr(key, delta, ttl, timeout))
+
+    async def scan(self, prefix: str = "", *, limit: int | None = 100, start_after: str = "",
+                   keys_only: bool = False, consistency: str | None = None, min_revision: int = 0,
+                   timeout: float | None = None) -> list[Record]:
+        return await self._run(self._core.scan(prefix, limit, start_after, keys_only, consistency,
+                                               min_revision, timeout))
+
+    async def put_json(self, key: str, obj: Any, *, expect: int | None = None, ttl: Any = None,
+                       timeout: float | None = None) -> int:
+        return await self._run(self._core.put_json(key, obj, expect, ttl, timeout))
+
+    async def get_json(self, key: str, default: Any = None, *, consistency: str | None = None,
+                       min_revision: int = 0, timeout: float | None = None) -> Any:
+        return await self._run(self._core.get_json(key, default, consistency=consistency,
+                                                   min_revision=min_revision, timeout=timeout))
+
+    async def update_json(self, key: str, fn: Callable[[Any], Any], *, ttl: Any = None,
+                          attempts: int = 100, timeout: float | None = None) -> Any:
+        return await self._run(self._core.update_json(key, fn, ttl, attempts, timeout))
+
+    # ---- logs ----
+
+    async def append(self, stream: str, entries: Any, *, timeout: float | None = None) -> list[int]:
+        return await self._run(self._core.append(stream, entries, timeout))
+
+    async def read(self, stream: str, *, last: int = 0, from_seq: int = 0, to_seq: int = 0,
+                   after_seq: int = 0, limit: int | None = None, consistency: str | None = None,
+                   min_revision: int = 0, timeout: float | None = None) -> list[Entry]:
+        return await self._run(self._core.read(stream, last, from_seq, to_seq, after_seq, limit,
+                                               consistency, min_revision, timeout))
+
+    async def pop(self, stream: str, *, timeout: float | None = None) -> Entry | None:
+        return await self._run(self._core.pop(stream, timeout))
+
+    async def trim(self, stream: str, *, before_seq: int = 0, keep_last: int = 0,
+                   timeout: float | None = None) -> int:
+        return await self._run(self._core.trim(stream, before_seq, keep_last, timeout))
+
+    # ---- the session ----
+
+    def txn(self) -> Txn[Awaitable[TxnResult]]:
+        return Txn(self._core, self._run)
+
+    async def touch(self, ttl: Any = None, *, timeout: float | None = None) -> int:
+        return await self._run(self._core.touch(ttl, timeout))
+
+    async def drop(self, *, timeout: float | None = None) -> bool:
+        return await self._run(self._core.drop(timeout))
+
+    async def info(self, *, consistency: str | None = None, min_revision: int = 0,
+                   timeout: float | None = None) -> SessionInfo | None:
+        return await self._run(self._core.info(consistency, min_revision, timeout))
+
+    def watch(self, from_revision: int = 0, *, prefix: str = "",
+              progress: bool = False) -> AsyncIterator[Change]:
+        """`async for change in s.watch(...)`."""
+        return self.client._iterate(self._core.watch(from_revision, prefix, progress))
