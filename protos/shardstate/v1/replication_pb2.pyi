@@ -97,6 +97,8 @@ class FollowHello(_message.Message):
     SHARD_ID_FIELD_NUMBER: _builtins.int
     FILTER_OWNER_FIELD_NUMBER: _builtins.int
     FILTER_MAP_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    RESYNC_FIELD_NUMBER: _builtins.int
     follower_id: _builtins.str
     """address of the follower"""
     from_revision: _builtins.int
@@ -108,6 +110,12 @@ class FollowHello(_message.Message):
     """
     filter_map: _builtins.bytes
     """serialized ClusterMap"""
+    term: _builtins.str
+    """Id of the last primary term the follower's data belongs to ("" = none yet): with the
+    leader's Timeline it tells whether the follower holds writes the leader never received.
+    """
+    resync: _builtins.bool
+    """send a full snapshot whatever from_revision says"""
     def __init__(
         self,
         *,
@@ -116,10 +124,12 @@ class FollowHello(_message.Message):
         shard_id: _builtins.str = ...,
         filter_owner: _builtins.str = ...,
         filter_map: _builtins.bytes = ...,
+        term: _builtins.str = ...,
+        resync: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_map", b"filter_map", "filter_owner", b"filter_owner", "follower_id", b"follower_id", "from_revision", b"from_revision", "shard_id", b"shard_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_map", b"filter_map", "filter_owner", b"filter_owner", "follower_id", b"follower_id", "from_revision", b"from_revision", "resync", b"resync", "shard_id", b"shard_id", "term", b"term"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -171,6 +181,54 @@ class FollowerMessage(_message.Message):
 Global___FollowerMessage: _TypeAlias = FollowerMessage  # noqa: Y015
 
 @_typing.final
+class Term(_message.Message):
+    """One primary tenure. Entries above start_revision, up to the next term's start, were
+    written by the primary of this term (a promotion starts a new term at its applied revision).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    START_REVISION_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    start_revision: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        start_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "start_revision", b"start_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Term: _TypeAlias = Term  # noqa: Y015
+
+@_typing.final
+class Timeline(_message.Message):
+    """The history of primary terms behind a leader's data, oldest first; sent first on Follow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TERMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def terms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Term]: ...
+    def __init__(
+        self,
+        *,
+        terms: _abc.Iterable[Global___Term] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["terms", b"terms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Timeline: _TypeAlias = Timeline  # noqa: Y015
+
+@_typing.final
 class SnapshotChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -210,8 +268,11 @@ class ChangeBatch(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     LEADER_REVISION_FIELD_NUMBER: _builtins.int
     LEADER_TS_MS_FIELD_NUMBER: _builtins.int
+    BACKLOG_FIELD_NUMBER: _builtins.int
     leader_revision: _builtins.int
     leader_ts_ms: _builtins.int
+    backlog: _builtins.int
+    """change entries the leader held beyond this batch when sending it (capped)"""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChangeEntry]: ...
     def __init__(
@@ -220,10 +281,11 @@ class ChangeBatch(_message.Message):
         entries: _abc.Iterable[Global___ChangeEntry] | None = ...,
         leader_revision: _builtins.int = ...,
         leader_ts_ms: _builtins.int = ...,
+        backlog: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "leader_revision", b"leader_revision", "leader_ts_ms", b"leader_ts_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "entries", b"entries", "leader_revision", b"leader_revision", "leader_ts_ms", b"leader_ts_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -236,6 +298,7 @@ class LeaderMessage(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     CHANGES_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     @_builtins.property
@@ -246,19 +309,24 @@ class LeaderMessage(_message.Message):
     def heartbeat(self) -> Global___ChangeBatch:
         """entries empty; carries the leader's revision"""
 
+    @_builtins.property
+    def timeline(self) -> Global___Timeline:
+        """first message of every Follow stream"""
+
     def __init__(
         self,
         *,
         snapshot: Global___SnapshotChunk | None = ...,
         changes: Global___ChangeBatch | None = ...,
         heartbeat: Global___ChangeBatch | None = ...,
+        timeline: Global___Timeline | None = ...,
         epoch: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "heartbeat", b"heartbeat", "msg", b"msg", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "heartbeat", b"heartbeat", "msg", b"msg", "snapshot", b"snapshot", "timeline", b"timeline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "epoch", b"epoch", "heartbeat", b"heartbeat", "msg", b"msg", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "epoch", b"epoch", "heartbeat", b"heartbeat", "msg", b"msg", "snapshot", b"snapshot", "timeline", b"timeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["snapshot", "changes", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["snapshot", "changes", "heartbeat", "timeline"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
