@@ -57,6 +57,7 @@ class ShardConfig(Limits):
     data_dir: str = opt("./shard-data", "LevelDB directory; everything the shard knows lives here")
     replica_of: str = opt("", "address of the primary to follow (makes this shard a replica)")
     min_replica_acks: int = opt(0, "replicas that must persist a write before it is acknowledged (0 = asynchronous)")
+    replica_ack_timeout_s: float = opt(5.0, "with --min-replica-acks: how long a write waits for replica acks before the caller gets UNAVAILABLE (the write stays durable on the primary)")
     fsync: bool = opt(False, "sync every write to disk (survives power loss; writes are group-committed). Off: a killed process loses nothing, a power cut may")
     changelog_retention: int = opt(100_000, "change-log entries kept for replicas, watches and migration")
     changelog_retention_s: int = opt(3600, "oldest change-log entry age kept, seconds")
