@@ -141,10 +141,10 @@ class BatchRunner:
 
     async def _sub(self, view: ClusterView, shard: Any, ops: list[bytes], deadline: float) -> tuple[bytes, list[bytes]] | SubBatchError:
         try:
-            timeout = self.fwd.remaining(deadline)
+            self.fwd.remaining(deadline)
         except errors.DeadlineExceededError as e:
             return SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED, e.message)
         try:
-            return await self.links.batch(shard.primary, ops, timeout)
+            return await self.links.batch(shard.primary, ops, deadline)
         except SubBatchError as e:
             return e

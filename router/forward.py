@@ -1,6 +1,9 @@
 """Forwarding one session-scoped call to the owning shard's primary, following redirects.
 
-The request stays encoded bytes; only (namespace, session_id) is read to route it. On
+The request stays encoded bytes; only (namespace, session_id) is read to route it. Calls that
+are also BatchOps (Get, Put, Txn ...) are framed as one-op batches on the shard's coalescing
+Pipeline link: one stream message carries many callers' ops, far cheaper than a unary call per
+op. The cost: the caller's deadline bounds the wait, but is not sent to the shard. On
 WrongShard or NotPrimary the map is refreshed and the call re-routed by the new map (never by
 the hint in the error), at most `max_hops` times; callers never see a redirect.
 """
@@ -20,6 +23,8 @@ from shardstate.clustermap import ClusterView
 from shardstate.router.logs import fields
 from shardstate.router.maps import MapHolder
 from shardstate.router.nodes import NodePool
+from shardstate.router.shardpipe import ShardLinks, SubBatchError
+from shardstate.router.wire import BATCH_FIELD, as_batch_op, unpack_result
 from shardstate.v1 import admin_pb2, types_pb2
 
 log = logging.getLogger("shardstate.router.forward")
@@ -42,9 +47,12 @@ class Route:
 class Forwarder:
     """Routes by the current map and turns redirects into map refreshes and retries."""
 
-    def __init__(self, maps: MapHolder, nodes: NodePool, max_hops: int, default_timeout_s: float) -> None:
+    def __init__(self, maps: MapHolder, nodes: NodePool, max_hops: int, default_timeout_s: float,
+                 links: ShardLinks | None = None) -> None:
         self.maps = maps
         self.nodes = nodes
+        # When set, unary calls that are also BatchOps ride the shard's coalesced Pipeline.
+        self.links = links
         self.max_hops = max_hops
         self.default_timeout_s = default_timeout_s
 
@@ -87,35 +95,59 @@ class Forwarder:
 
     async def unary(self, method: str, request: bytes, namespace: str, session_id: str, context: Any) -> bytes:
         deadline = self.deadline(context)
+        batched = self.links is not None and method in BATCH_FIELD
         last = ""
         for _ in range(self.max_hops + 1):
             route = self.route(namespace, session_id)
             address = route.shard.primary
             try:
+                if batched:
+                    return await self._as_batch_op(method, request, address, deadline)
                 resp = await self.nodes.unary(address, method)(request, timeout=self.remaining(deadline))
                 return bytes(resp)
             except aio.AioRpcError as e:
-                code = e.code()
-                if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    exc = errors.from_rpc_error(e)
-                    if isinstance(exc, errors.WrongShardError | errors.NotPrimaryError):
-                        last = f"shard {route.shard.id} at {address}: {exc.message}"
-                        log.info("redirect", extra=fields(method=method, shard=route.shard.id,
-                                                          epoch=route.view.epoch, detail=str(exc.detail).strip()))
-                        await self.after_redirect(route, exc.detail)
-                        continue
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    if await self.after_unavailable(route):
-                        continue
-                    raise unavailable(route.shard, e) from None
-                raise Relay(e) from None
+                exc: errors.ShardstateError = errors.from_rpc_error(e)
+                if not isinstance(exc, errors.WrongShardError | errors.NotPrimaryError | errors.UnavailableError):
+                    raise Relay(e) from None
+            except errors.ShardstateError as e:
+                exc = e
+            if isinstance(exc, errors.WrongShardError | errors.NotPrimaryError):
+                last = f"shard {route.shard.id} at {address}: {exc.message}"
+                log.info("redirect", extra=fields(method=method, shard=route.shard.id,
+                                                  epoch=route.view.epoch, detail=str(exc.detail).strip()))
+                await self.after_redirect(route, exc.detail)
+                continue
+            if isinstance(exc, errors.UnavailableError):
+                if await self.after_unavailable(route):
+                    continue
+                raise unavailable(route.shard, exc.message) from None
+            raise exc
         raise errors.UnavailableError(
             f"routing did not settle after {self.max_hops} redirects (last: {last}); the cluster map is changing"
         )
 
+    async def _as_batch_op(self, method: str, request: bytes, address: str, deadline: float) -> bytes:
+        """The call as a one-op batch on the shard's coalescing link; errors come back as the
+        exceptions the unary call would have raised."""
+        assert self.links is not None
+        self.remaining(deadline)
+        try:
+            _, results = await self.links.batch(address, [as_batch_op(method, request)], deadline)
+        except SubBatchError as e:
+            if e.rpc_error is not None:
+                raise errors.from_rpc_error(e.rpc_error) from None
+            raise errors.from_status(e.code, e.message) from None
+        body, code, message, details = unpack_result(results[0], method)
+        if code:
+            raise errors.from_status(code, message, details)
+        return body
 
-def unavailable(shard: admin_pb2.ShardInfo, err: grpc.RpcError) -> errors.UnavailableError:
-    details = err.details() if hasattr(err, "details") else str(err)
+
+def unavailable(shard: admin_pb2.ShardInfo, err: grpc.RpcError | str) -> errors.UnavailableError:
+    if isinstance(err, str):
+        details = err
+    else:
+        details = err.details() if hasattr(err, "details") else str(err)
     return errors.UnavailableError(f"shard {shard.id} at {shard.primary} is unavailable: {details}")
 
 

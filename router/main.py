@@ -54,8 +54,10 @@ class Router:
         self.nodes = NodePool()
         seeds = [s.strip() for s in cfg.seeds.split(",") if s.strip()]
         self.maps = MapHolder(self.nodes, seeds, cfg.cluster, cfg.refresh_interval_s)
-        self.fwd = Forwarder(self.maps, self.nodes, cfg.max_hops, cfg.forward_timeout_s)
-        self.links = ShardLinks(self.nodes, use_pipeline=cfg.shard_pipeline)
+        self.links = ShardLinks(self.nodes, use_pipeline=cfg.shard_pipeline,
+                                max_ops=cfg.max_batch_ops, max_bytes=cfg.max_request_bytes)
+        self.fwd = Forwarder(self.maps, self.nodes, cfg.max_hops, cfg.forward_timeout_s,
+                             links=self.links if cfg.shard_pipeline else None)
         self.stats = Stats()
         self.health = health.aio.HealthServicer()
         self.server = aio.server(options=[
@@ -113,7 +115,9 @@ class Router:
         await self.server.stop(self.cfg.grace_s)
         await self.links.close()
         await self.nodes.close()
-        log.info("router stopped")
+        log.info("router stopped", extra=fields(
+            calls=self.stats.calls, shard_units=self.links.units, shard_batches=self.links.shard_batches,
+        ))
 
 
 async def serve(cfg: config.RouterConfig) -> None:

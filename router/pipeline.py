@@ -15,29 +15,17 @@ from typing import Any
 
 from shardstate import errors
 from shardstate.router.batching import BatchRunner
-from shardstate.router.wire import RawPipelineRequest, RawPipelineResponse
+from shardstate.router.wire import RawPipelineRequest, RawPipelineResponse, length_delimited, varint
 
 log = logging.getLogger("shardstate.router.pipeline")
 
 MAX_IN_FLIGHT = 256
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def response_bytes(rid: int, batch_response: bytes) -> bytes:
     """PipelineResponse{id, batch} around an already encoded BatchResponse (no re-encoding)."""
     head = b"\x08" + varint(rid) if rid else b""
-    return head + b"\x12" + varint(len(batch_response)) + batch_response
+    return head + length_delimited(2, batch_response)
 
 
 class PipelineHandler:

@@ -1,4 +1,5 @@
-"""Sub-batches to one shard: over a long-lived Pipeline stream when the shard has one, else unary Batch.
+"""Sub-batches to one shard: coalesced while the previous write is in flight, over a long-lived Pipeline stream when
+the shard has one, else unary Batch.
 
 Each shard address gets one bidi stream; requests carry router-chosen ids and answers are
 matched back to their waiting futures. A broken stream fails what is in flight with
@@ -12,6 +13,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -48,7 +51,6 @@ class _Stream:
         self.address = address
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.ids = itertools.count(1)
-        self.write_lock = asyncio.Lock()
         self.closed = False
         self.reader = asyncio.ensure_future(self._read())
 
@@ -74,28 +76,23 @@ class _Stream:
                     fut.set_exception(err or SubBatchError(grpc.StatusCode.UNAVAILABLE, "stream closed"))
             self.pending.clear()
 
-    async def send(self, ops: list[bytes], timeout: float) -> Any:
+    async def submit(self, ops: list[bytes]) -> asyncio.Future[Any]:
+        """Write one batch on the stream; the future resolves to its RawPipelineResponse."""
         rid = next(self.ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        payload = RawPipelineRequest(id=rid, batch=RawBatch(ops=ops)).SerializeToString()
+        if self.closed:
+            raise SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} closed")
         self.pending[rid] = fut
         try:
-            payload = RawPipelineRequest(id=rid, batch=RawBatch(ops=ops)).SerializeToString()
-            async with self.write_lock:
-                if self.closed:
-                    raise SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} closed")
-                await self.call.write(payload)
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"shard at {self.address} did not answer within the deadline") from None
+            await self.call.write(payload)
         except aio.AioRpcError as e:
+            self.pending.pop(rid, None)
             raise SubBatchError(e.code(), e.details() or "", e) from None
         except (aio.UsageError, grpc.RpcError, RuntimeError) as e:
-            if not fut.done():
-                fut.cancel()
-            raise SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} broke: {e}") from None
-        finally:
             self.pending.pop(rid, None)
+            raise SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} broke: {e}") from None
+        return fut
 
     async def close(self) -> None:
         self.closed = True
@@ -105,15 +102,36 @@ class _Stream:
             await self.reader
 
 
-class ShardLinks:
-    """Per shard address: the Pipeline stream (or the knowledge that there is none)."""
+@dataclass
+class _Unit:
+    """One caller's sub-batch waiting to be coalesced; never split across shard batches, so
+    its ops on one session keep their order."""
 
-    def __init__(self, nodes: NodePool, use_pipeline: bool = True) -> None:
+    ops: list[bytes]
+    size: int
+    deadline: float
+    fut: asyncio.Future[tuple[bytes, list[bytes]]]
+
+
+class ShardLinks:
+    """Per shard address: coalesces the sub-batches (and single ops) that queue up while the
+    previous write is in flight into one shard batch, sent over the Pipeline stream (or unary
+    Batch when the shard has no Pipeline or it is switched off)."""
+
+    def __init__(self, nodes: NodePool, use_pipeline: bool = True, max_ops: int = 1000,
+                 max_bytes: int = 4 * 1024 * 1024) -> None:
         self.nodes = nodes
         self.use_pipeline = use_pipeline
+        self.max_ops = max_ops
+        self.max_bytes = max_bytes
         self._streams: dict[str, _Stream] = {}
         self._no_pipeline: set[str] = set()
         self._opening: dict[str, asyncio.Lock] = {}
+        self._queued: dict[str, list[_Unit]] = {}
+        self._writers: dict[str, asyncio.Future[None]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+        self.shard_batches = 0  # batches sent to shards (for figures)
+        self.units = 0
 
     async def _stream(self, address: str) -> _Stream:
         s = self._streams.get(address)
@@ -128,30 +146,120 @@ class ShardLinks:
                 self._streams[address] = s
             return s
 
-    async def batch(self, address: str, ops: list[bytes], timeout: float) -> tuple[bytes, list[bytes]]:
-        """Run a sub-batch on the shard: (encoded header, encoded results in op order).
-        Raises SubBatchError when the whole sub-batch failed."""
+    async def batch(self, address: str, ops: list[bytes], deadline: float) -> tuple[bytes, list[bytes]]:
+        """Run ops on the shard at `address` by loop-time `deadline`: (encoded header, encoded
+        results in op order). Raises SubBatchError when the shard batch failed whole."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[bytes, list[bytes]]] = loop.create_future()
+        self._queued.setdefault(address, []).append(_Unit(ops, sum(len(o) for o in ops), deadline, fut))
+        self.units += 1
+        if address not in self._writers:
+            self._writers[address] = asyncio.ensure_future(self._write_loop(address))
+        try:
+            return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"shard at {address} did not answer within the deadline") from None
+
+    async def _write_loop(self, address: str) -> None:
+        """One writer per shard: what queues up while a write is in progress goes out together
+        in the next one (Nagle without a timer: an idle link sends at once)."""
+        try:
+            while units := self._queued.pop(address, None):
+                for chunk in self._chunks(units):
+                    await self._dispatch(address, chunk)
+        finally:
+            # No await between the empty pop and here: a unit queued later starts a new writer.
+            self._writers.pop(address, None)
+
+    def _chunks(self, units: list[_Unit]) -> list[list[_Unit]]:
+        out: list[list[_Unit]] = []
+        chunk: list[_Unit] = []
+        n = size = 0
+        for u in units:
+            if u.fut.done():
+                continue  # its caller gave up before it was sent
+            if chunk and (n + len(u.ops) > self.max_ops or size + u.size > self.max_bytes):
+                out.append(chunk)
+                chunk, n, size = [], 0, 0
+            chunk.append(u)
+            n += len(u.ops)
+            size += u.size
+        if chunk:
+            out.append(chunk)
+        return out
+
+    async def _dispatch(self, address: str, chunk: list[_Unit]) -> None:
+        ops = chunk[0].ops if len(chunk) == 1 else [op for u in chunk for op in u.ops]
+        timeout = max(0.001, max(u.deadline for u in chunk) - asyncio.get_running_loop().time())
+        self.shard_batches += 1
         if self.use_pipeline and address not in self._no_pipeline:
-            stream = await self._stream(address)
             try:
-                resp = await stream.send(ops, timeout)
+                stream = await self._stream(address)
+                answer = await stream.submit(ops)
             except SubBatchError as e:
                 if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
+                    self._fail(chunk, e)
+                    return
                 log.info("shard has no Pipeline; using unary Batch", extra=fields(address=address))
                 self._no_pipeline.add(address)
             else:
-                if resp.code:
-                    raise SubBatchError(errors.code_from_int(resp.code), resp.message)
-                return bytes(resp.batch.header), [bytes(r) for r in resp.batch.results]
+                self._spawn(self._complete(address, chunk, len(ops), self._from_stream(answer, timeout)))
+                return
+        self._spawn(self._complete(address, chunk, len(ops), self._unary(address, ops, timeout)))
+
+    async def _from_stream(self, answer: asyncio.Future[Any], timeout: float) -> tuple[bytes, list[bytes]]:
+        try:
+            resp = await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            raise SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED, "shard did not answer within the deadline") from None
+        if resp.code:
+            raise SubBatchError(errors.code_from_int(resp.code), resp.message)
+        return bytes(resp.batch.header), list(resp.batch.results)
+
+    async def _unary(self, address: str, ops: list[bytes], timeout: float) -> tuple[bytes, list[bytes]]:
         try:
             raw = await self.nodes.unary(address, "Batch")(RawBatch(ops=ops).SerializeToString(), timeout=timeout)
         except aio.AioRpcError as e:
             raise SubBatchError(e.code(), e.details() or "", e) from None
         resp = RawBatchResponse.FromString(raw)
-        return bytes(resp.header), [bytes(r) for r in resp.results]
+        return bytes(resp.header), list(resp.results)
+
+    async def _complete(self, address: str, chunk: list[_Unit], n: int,
+                        answer: Coroutine[Any, Any, tuple[bytes, list[bytes]]]) -> None:
+        try:
+            header, results = await answer
+            if len(results) != n:
+                raise SubBatchError(grpc.StatusCode.INTERNAL,
+                                    f"shard at {address} answered {len(results)} results for {n} ops")
+        except SubBatchError as e:
+            self._fail(chunk, e)
+            return
+        except Exception as e:  # a bug must not leave callers waiting forever
+            log.exception("a shard batch failed in the router", extra=fields(address=address))
+            self._fail(chunk, SubBatchError(grpc.StatusCode.INTERNAL, f"router error: {e}"))
+            return
+        i = 0
+        for u in chunk:
+            j = i + len(u.ops)
+            if not u.fut.done():
+                u.fut.set_result((header, results[i:j]))
+            i = j
+
+    @staticmethod
+    def _fail(chunk: list[_Unit], e: SubBatchError) -> None:
+        for u in chunk:
+            if not u.fut.done():
+                u.fut.set_exception(e)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._sending.add(t)
+        t.add_done_callback(self._sending.discard)
 
     async def close(self) -> None:
+        for t in list(self._sending):
+            t.cancel()
         streams = list(self._streams.values())
         self._streams.clear()
         for s in streams:

@@ -10,6 +10,7 @@ Each view declares only the fields the router acts on and keeps the rest as unkn
     RawPipelineRequest  = id(1) batch(2): RawBatch
     RawPipelineResponse = id(1) batch(2): RawBatchResponse code(3) message(4)
     WatchRef            = events(2)*: {revision(2)} progress_revision(3)
+    ResultBody          = code(1) message(2) r3..r12: bytes (the response) details(13..15): Opaque
 
 Namespaces and ids are declared `bytes` so a malformed request reaches the shard (which owns
 validation) instead of failing in the router; they are decoded leniently for hashing only.
@@ -59,6 +60,15 @@ def _build() -> dict[str, Any]:
         ("code", 3, _F.TYPE_INT32, one, ""),
         ("message", 4, _F.TYPE_STRING, one, ""),
     )
+    msg(
+        "ResultBody",
+        ("code", 1, _F.TYPE_INT32, one, ""),
+        ("message", 2, _F.TYPE_BYTES, one, ""),
+        *[(f"r{i}", i, _F.TYPE_BYTES, one, "") for i in range(3, 13)],
+        ("wrong_shard", 13, _F.TYPE_MESSAGE, one, "Opaque"),
+        ("not_primary", 14, _F.TYPE_MESSAGE, one, "Opaque"),
+        ("limit_exceeded", 15, _F.TYPE_MESSAGE, one, "Opaque"),
+    )
     msg("EventRef", ("revision", 2, _F.TYPE_UINT64, one, ""))
     msg("WatchRef", ("events", 2, _F.TYPE_MESSAGE, many, "EventRef"), ("progress_revision", 3, _F.TYPE_UINT64, one, ""))
     pool = descriptor_pool.DescriptorPool()
@@ -76,6 +86,14 @@ ResultRef: Any = _CLASSES["ResultRef"]
 RawPipelineRequest: Any = _CLASSES["RawPipelineRequest"]
 RawPipelineResponse: Any = _CLASSES["RawPipelineResponse"]
 WatchRef: Any = _CLASSES["WatchRef"]
+ResultBody: Any = _CLASSES["ResultBody"]
+
+# A unary State call that is also a BatchOp, and the field its request and response take in
+# BatchOp / BatchResult (the response field is the request field + 2).
+BATCH_FIELD = {
+    "Get": 1, "Put": 2, "Delete": 3, "Increment": 4, "Append": 5, "ReadLog": 6, "Txn": 7,
+    "Scan": 8, "Touch": 9, "GetSession": 10,
+}
 
 FAILED_PRECONDITION = 9
 _OP_FIELDS = tuple(f"op{i}" for i in range(1, 11))
@@ -130,3 +148,38 @@ def watch_position(response: bytes) -> int:
     for ev in ref.events:
         top = max(top, int(ev.revision))
     return top
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def length_delimited(field: int, payload: bytes) -> bytes:
+    """One length-delimited field (a sub-message already encoded) of a message."""
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
+def as_batch_op(method: str, request: bytes) -> bytes:
+    """An encoded unary request as the encoded BatchOp carrying it."""
+    return length_delimited(BATCH_FIELD[method], request)
+
+
+def unpack_result(result: bytes, method: str) -> tuple[bytes, int, str, list[Any]]:
+    """(encoded response, code, message, typed details) of the BatchResult of a `method` op."""
+    body = ResultBody.FromString(result)
+    if not body.code:
+        return getattr(body, f"r{BATCH_FIELD[method] + 2}"), 0, "", []
+    details: list[Any] = []
+    for name, cls in (("wrong_shard", types_pb2.WrongShard), ("not_primary", types_pb2.NotPrimary),
+                      ("limit_exceeded", types_pb2.LimitExceeded)):
+        if body.HasField(name):
+            details.append(cls.FromString(getattr(body, name).SerializeToString()))
+    return b"", int(body.code), _text(body.message), details
