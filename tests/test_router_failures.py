@@ -4,6 +4,7 @@ shards' work still done, Status showing it down, and service back once the shard
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import grpc
@@ -91,5 +92,31 @@ def test_router_waits_for_seeds_before_bootstrapping(procs: Procs) -> None:
         view = c.stub(router).view()
         assert sorted(s.id for s in view.pb.shards) == ["s1", "s2"]
         assert seed0.view().pb == view.pb
+    finally:
+        c.close()
+
+
+def test_hung_shard_gives_the_caller_deadline_exceeded_and_others_carry_on(procs: Procs) -> None:
+    c = RouterCluster(procs, shards=3, routers=1)
+    hung = c.shards[0]
+    try:
+        r = c.stub(c.routers[0])
+        view = r.view()
+        sids = [uid("hang") for _ in range(30)]
+        on_hung = [s for s in sids if view.owner("", s).id == hung.args[1]]
+        elsewhere = [s for s in sids if view.owner("", s).id != hung.args[1]]
+        assert hung.popen is not None
+        hung.popen.send_signal(signal.SIGSTOP)
+        try:
+            # Get rides the coalesced shard link; PopLast is forwarded as a unary call.
+            expect_error(grpc.StatusCode.DEADLINE_EXCEEDED, r.state.Get,
+                         state_pb2.GetRequest(session_id=on_hung[0], key="k"), timeout=1.5)
+            expect_error(grpc.StatusCode.DEADLINE_EXCEEDED, r.state.PopLast,
+                         state_pb2.PopLastRequest(session_id=on_hung[0], stream="m"), timeout=1.5)
+            assert all(not r.get(s, "k").found for s in elsewhere)
+        finally:
+            hung.popen.send_signal(signal.SIGCONT)
+        assert r.put(on_hung[0], "k", b"v").applied  # the backlog cleared, the link still works
+        assert r.get(on_hung[0], "k").record.value == b"v"
     finally:
         c.close()
