@@ -90,6 +90,10 @@ class AsyncClient:
     def batching(self) -> bool:
         return self._mux is not None
 
+    def batching_stats(self) -> dict[str, dict[str, Any]]:
+        """Per address: the batching mode in use (pipeline, batch, unary), batches and ops sent."""
+        return self._mux.stats() if self._mux is not None else {}
+
     def session(self, session_id: str, *, ttl: Any = None, namespace: str | None = None) -> AsyncSession:
         return AsyncSession(self, SessionCore(self._core, session_id, ttl, namespace))
 

@@ -114,6 +114,8 @@ class _Conn:
         self._scheduled = False
         self._stream: _Stream | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0  # batches sent, ops in them: how well calls coalesce
+        self.ops = 0
 
     def submit(self, field: str, request: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -134,6 +136,8 @@ class _Conn:
             self._send(batch, [fut for _, _, fut in chunk])
 
     def _send(self, batch: state_pb2.BatchRequest, futs: Futures) -> None:
+        self.batches += 1
+        self.ops += len(futs)
         if self.mode == PIPELINE:
             if self._stream is None or self._stream.broken:
                 self._stream = _Stream(self.stub, self._fall_back)
@@ -196,6 +200,10 @@ class Mux:
 
     def mode(self, address: str) -> str:
         return self._conn(address).mode
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per address: mode, batches sent, ops sent (resends after a fallback included)."""
+        return {a: {"mode": c.mode, "batches": c.batches, "ops": c.ops} for a, c in self._conns.items()}
 
     async def op(self, address: str, field: str, request: Any, timeout: float | None) -> Any:
         """One op through the next batch to address: its response message, or its error."""
