@@ -110,6 +110,7 @@ class Router:
             boot.cancel()
         log.info("router draining", extra=fields(grace_s=self.cfg.grace_s))
         await self.set_serving(False)
+        self.state.drain()
         if periodic is not None:
             periodic.cancel()
         await self.server.stop(self.cfg.grace_s)

@@ -13,6 +13,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from shardstate import errors
 from shardstate.router.batching import BatchRunner
 from shardstate.router.wire import RawPipelineRequest, RawPipelineResponse, length_delimited, varint
@@ -31,52 +33,78 @@ def response_bytes(rid: int, batch_response: bytes) -> bytes:
 class PipelineHandler:
     def __init__(self, runner: BatchRunner) -> None:
         self.runner = runner
+        self.draining = False
+        self._readers: set[asyncio.Task[None]] = set()
 
-    async def one(self, raw: bytes) -> bytes:
-        req = RawPipelineRequest.FromString(raw)
+    def drain(self) -> None:
+        """Shutdown: every stream stops reading, answers what it holds, then ends UNAVAILABLE
+        so its caller re-sends elsewhere what it had not yet sent."""
+        self.draining = True
+        for r in list(self._readers):
+            r.cancel()
+
+    async def one(self, req: Any) -> bytes:
         deadline = asyncio.get_running_loop().time() + self.runner.fwd.default_timeout_s
         try:
             body = await self.runner.run(list(req.batch.ops), deadline)
-        except errors.ShardstateError as e:
-            return bytes(RawPipelineResponse(id=req.id, code=errors.to_code_int(e), message=e.message).SerializeToString())
         except Exception as e:
-            log.exception("pipeline batch failed")
             err = errors.as_shardstate_error(e)
+            if not isinstance(e, errors.ShardstateError):
+                log.exception("pipeline batch failed")
             return bytes(RawPipelineResponse(id=req.id, code=errors.to_code_int(err), message=err.message).SerializeToString())
         return response_bytes(req.id, body)
 
     async def serve(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        if self.draining:
+            raise errors.UnavailableError("the router is shutting down; use another router")
         out: asyncio.Queue[bytes | None] = asyncio.Queue()
         slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
+        ending: list[errors.ShardstateError] = []
 
-        async def run(raw: bytes) -> None:
+        async def run(req: Any) -> None:
             try:
-                out.put_nowait(await self.one(raw))
+                out.put_nowait(await self.one(req))
             finally:
                 slots.release()
 
         async def read() -> None:
             try:
                 async for raw in requests:
+                    try:
+                        req = RawPipelineRequest.FromString(raw)
+                    except DecodeError as e:
+                        ending.append(errors.InvalidArgumentError(f"PipelineRequest is not a valid message: {e}"))
+                        break
                     await slots.acquire()
-                    t = asyncio.ensure_future(run(raw))
+                    t = asyncio.ensure_future(run(req))
                     running.add(t)
                     t.add_done_callback(running.discard)
+                self._readers.discard(reader)  # done reading: a drain no longer interrupts it
+            except asyncio.CancelledError:
+                if not self.draining:
+                    raise
+                ending.append(errors.UnavailableError("the router is shutting down; resend unanswered batches to another router"))
+            try:
                 if running:
                     await asyncio.gather(*list(running), return_exceptions=True)
             finally:
                 out.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
+        self._readers.add(reader)
         try:
             while True:
                 item = await out.get()
                 if item is None:
                     break
                 yield item
+            self._readers.discard(reader)
             await reader  # surfaces a broken incoming stream
+            if ending:
+                raise ending[0]
         finally:
+            self._readers.discard(reader)
             reader.cancel()
             for t in list(running):
                 t.cancel()

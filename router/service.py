@@ -42,6 +42,11 @@ class StateService:
         self.pipeline = pipeline
         self.stats = stats
 
+    def drain(self) -> None:
+        """Shutdown: long-lived streams end (UNAVAILABLE) once what they hold is answered."""
+        self.pipeline.drain()
+        self.watcher.drain()
+
     def _session_call(self, method: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
         async def handler(request: bytes, context: Any) -> bytes:
             self.stats.calls += 1

@@ -27,22 +27,42 @@ RESTART_BACKOFF_S = (0.1, 0.2, 0.4, 0.8, 1.5, 2.0, 2.0, 2.0, 3.0, 3.0)
 class WatchProxy:
     def __init__(self, fwd: Forwarder) -> None:
         self.fwd = fwd
+        self.draining = False
+        self._calls: set[Any] = set()
+
+    def drain(self) -> None:
+        """Shutdown: end every watch with UNAVAILABLE; callers resume through another router."""
+        self.draining = True
+        for call in list(self._calls):
+            call.cancel()
+
+    def _shutting_down(self) -> errors.UnavailableError:
+        return errors.UnavailableError("the router is shutting down; resume the watch through another router")
 
     async def watch(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
         ns, sid = session_of(request)
         delivered = 0  # highest revision the caller has been shown (events or progress)
         redirects = outage = 0
         while True:
+            if self.draining:
+                raise self._shutting_down()
             route = self.fwd.route(ns, sid)
             remaining = context.time_remaining() if context is not None else None
             call = self.fwd.nodes.server_stream(route.shard.primary, "Watch")(request, timeout=remaining)
+            self._calls.add(call)
             try:
                 async for resp in call:
                     delivered = max(delivered, watch_position(resp))
                     redirects = outage = 0
                     yield bytes(resp)
                 return
+            except asyncio.CancelledError:
+                if self.draining:
+                    raise self._shutting_down() from None
+                raise
             except aio.AioRpcError as e:
+                if self.draining:
+                    raise self._shutting_down() from None
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     exc = errors.from_rpc_error(e)
                     if not isinstance(exc, errors.WrongShardError | errors.NotPrimaryError):
@@ -67,6 +87,7 @@ class WatchProxy:
                     ) from None
                 request = self._resume(request, delivered)
             finally:
+                self._calls.discard(call)
                 call.cancel()
 
     @staticmethod

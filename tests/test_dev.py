@@ -98,7 +98,7 @@ def devs() -> list[Dev]:
 
 def test_dev_starts_serves_stops_and_restarts_with_the_data(tmp_path: Path, devs: list[Dev]) -> None:
     data = tmp_path / "data"
-    dev = Dev(data, "--shards", "3")
+    dev = Dev(data, "--shards", "3", "--replicas", "0")
     devs.append(dev)
     with grpc.insecure_channel(dev.router) as ch:
         st = state_pb2_grpc.StateStub(ch)
@@ -139,7 +139,7 @@ def test_dev_starts_serves_stops_and_restarts_with_the_data(tmp_path: Path, devs
     assert all(gone(p) for p in pids), [p for p in pids if not gone(p)]
     assert not (data / "dev.json").exists()
 
-    dev2 = Dev(data, "--shards", "3")
+    dev2 = Dev(data, "--shards", "3", "--replicas", "0")
     devs.append(dev2)
     with grpc.insecure_channel(dev2.router) as ch:
         st = state_pb2_grpc.StateStub(ch)

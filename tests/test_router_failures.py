@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
+from collections.abc import Iterator
 
 import grpc
+import pytest
 
 from shardstate import errors
 from shardstate.v1 import admin_pb2, state_pb2
@@ -118,5 +121,45 @@ def test_hung_shard_gives_the_caller_deadline_exceeded_and_others_carry_on(procs
             hung.popen.send_signal(signal.SIGCONT)
         assert r.put(on_hung[0], "k", b"v").applied  # the backlog cleared, the link still works
         assert r.get(on_hung[0], "k").record.value == b"v"
+    finally:
+        c.close()
+
+
+def test_router_sigterm_answers_in_flight_then_ends_streams_unavailable(procs: Procs) -> None:
+    c = RouterCluster(procs, shards=2, routers=1)
+    try:
+        router = c.routers[0]
+        r = c.stub(router)
+        sid = uid("drain")
+        watch = r.state.Watch(state_pb2.WatchRequest(session_id=sid), timeout=120)
+        watch_it = iter(watch)
+        next(watch_it)  # in place
+        sent = threading.Event()
+        release = threading.Event()
+
+        def requests() -> Iterator[state_pb2.PipelineRequest]:
+            for n in range(1, 4):
+                op = state_pb2.BatchOp(increment=state_pb2.IncrementRequest(session_id=sid, key="n", delta=1))
+                yield state_pb2.PipelineRequest(id=n, batch=state_pb2.BatchRequest(ops=[op]))
+            sent.set()
+            release.wait(60)  # keep our side open, as a long-lived client does
+
+        answers: list[int] = []
+        with pytest.raises(grpc.RpcError) as info:
+            for resp in r.state.Pipeline(requests(), timeout=120):
+                assert resp.code == 0 and resp.batch.results[0].code == 0
+                answers.append(resp.id)
+                if len(answers) == 3:
+                    assert router.popen is not None
+                    router.popen.send_signal(signal.SIGTERM)
+        release.set()
+        assert sorted(answers) == [1, 2, 3]
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as winfo:
+            for _ in watch_it:
+                pass
+        assert winfo.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert "shutting down" in winfo.value.details()  # type: ignore[attr-defined]
+        assert router.popen is not None and router.popen.wait(60) == 0
     finally:
         c.close()
