@@ -1,0 +1,119 @@
+"""The shard's side of cluster-map traffic for replication: learning a newer map from its
+peers (at start-up, so a returning old primary sees it was replaced), and changing the map
+(registering a replica) with an epoch bump published to every node.
+
+Concurrent map changes at the same epoch are possible (another primary registering its
+replica, a router promoting): a change that finds another map at its epoch rebuilds on top
+of that map at the next epoch, so neither change is lost and every node converges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterable
+
+import grpc
+from grpc import aio
+
+from shardstate.v1 import admin_pb2, admin_pb2_grpc
+
+from ..node import Node
+
+log = logging.getLogger("shardstate.replication.maps")
+
+TIMEOUT_S = 2.0
+CHANGE_ATTEMPTS = 8
+
+
+def map_addresses(pb: admin_pb2.ClusterMap) -> list[str]:
+    out: list[str] = []
+    for s in pb.shards:
+        for a in [s.primary, *s.replicas]:
+            if a and a not in out:
+                out.append(a)
+    return out
+
+
+class MapSync:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._channels: dict[str, aio.Channel] = {}
+
+    def _stub(self, address: str) -> admin_pb2_grpc.AdminStub:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = aio.insecure_channel(address)
+        return admin_pb2_grpc.AdminStub(ch)
+
+    def peers(self, extra: Iterable[str] = ()) -> list[str]:
+        me = self.node.address
+        out = [a for a in map_addresses(self.node.view.pb) if a != me]
+        return out + [a for a in extra if a and a != me and a not in out]
+
+    async def fetch(self, addresses: list[str]) -> list[admin_pb2.ClusterMap]:
+        async def one(a: str) -> admin_pb2.ClusterMap | None:
+            try:
+                return await self._stub(a).GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=TIMEOUT_S)
+            except grpc.RpcError:
+                return None
+
+        got = await asyncio.gather(*(one(a) for a in addresses))
+        return [m for m in got if m is not None and m.epoch]
+
+    async def refresh(self, extra: Iterable[str] = ()) -> bool:
+        """Adopt the highest map any peer holds; True when it was newer than ours."""
+        maps = await self.fetch(self.peers(extra))
+        best = max(maps, key=lambda m: m.epoch, default=None)
+        return best is not None and self.node.adopt(best)
+
+    async def status(self, address: str) -> admin_pb2.NodeStatus | None:
+        """The node's own Status line, None when it does not answer."""
+        try:
+            st = await self._stub(address).Status(admin_pb2.StatusRequest(), timeout=TIMEOUT_S)
+        except grpc.RpcError:
+            return None
+        return st.nodes[0] if st.nodes else None
+
+    async def publish(self, pb: admin_pb2.ClusterMap, addresses: list[str]) -> list[admin_pb2.PublishClusterMapResponse]:
+        async def one(a: str) -> admin_pb2.PublishClusterMapResponse | None:
+            try:
+                return await self._stub(a).PublishClusterMap(pb, timeout=TIMEOUT_S)
+            except grpc.RpcError:
+                return None
+
+        got = await asyncio.gather(*(one(a) for a in addresses))
+        return [r for r in got if r is not None]
+
+    async def change(self, mutate: Callable[[admin_pb2.ClusterMap], bool], why: str) -> admin_pb2.ClusterMap | None:
+        """Apply `mutate` to the newest map at the next epoch and publish it everywhere.
+        `mutate` returns False when there is nothing (left) to do."""
+        base: admin_pb2.ClusterMap | None = None
+        for _ in range(CHANGE_ATTEMPTS):
+            await self.refresh()
+            mine = self.node.view.pb
+            if base is None or mine.epoch > base.epoch:
+                base = mine  # else: the other map that took our epoch, which ours must include
+            new = admin_pb2.ClusterMap()
+            new.CopyFrom(base)
+            if not mutate(new):
+                return None
+            new.epoch = max(base.epoch, self.node.epoch) + 1
+            self.node.adopt(new)
+            targets = [a for a in map_addresses(new) if a != self.node.address]
+            answers = await self.publish(new, targets)
+            if all(r.adopted or r.epoch < new.epoch for r in answers):
+                log.info("cluster map changed", extra={"fields": {"epoch": new.epoch, "why": why}})
+                return new
+            # Another map took this epoch (or a newer one exists): rebuild on top of it.
+            others = [m for m in await self.fetch(targets) if m.epoch >= new.epoch and m != new]
+            base = max(others, key=lambda m: m.epoch, default=None)
+            await asyncio.sleep(random.uniform(0.02, 0.2))
+        log.warning("cluster map change did not settle", extra={"fields": {"why": why}})
+        return None
+
+    async def close(self) -> None:
+        chans, self._channels = list(self._channels.values()), {}
+        for ch in chans:
+            await ch.close()

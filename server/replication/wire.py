@@ -1,0 +1,53 @@
+"""Leader messages built from the change log's stored bytes, without parsing the entries.
+
+Grammar (protobuf wire format, replication.proto field numbers):
+
+    LeaderMessage(changes|heartbeat) = tag(2|3, LEN) len ChangeBatch  [tag(4, VARINT) epoch]
+    ChangeBatch = ( tag(1, LEN) len ChangeEntry-bytes )* [tag(2) leader_revision]
+                  [tag(3) leader_ts_ms] [tag(4) backlog]
+
+Zero-valued scalars are omitted, as protobuf itself does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+_LEN = 2
+_VARINT = 0
+CHANGES = 2
+HEARTBEAT = 3
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _tag(field: int, wire: int) -> bytes:
+    return varint((field << 3) | wire)
+
+
+def _scalar(field: int, n: int) -> bytes:
+    return _tag(field, _VARINT) + varint(n) if n else b""
+
+
+def change_batch(entries: Sequence[bytes], leader_revision: int, leader_ts_ms: int, backlog: int = 0) -> bytes:
+    e1 = _tag(1, _LEN)
+    parts = [b"".join((e1, varint(len(e)), e)) for e in entries]
+    parts.append(_scalar(2, leader_revision))
+    parts.append(_scalar(3, leader_ts_ms))
+    parts.append(_scalar(4, backlog))
+    return b"".join(parts)
+
+
+def leader_message(kind: int, batch: bytes, epoch: int) -> bytes:
+    """kind = CHANGES or HEARTBEAT."""
+    return b"".join((_tag(kind, _LEN), varint(len(batch)), batch, _scalar(4, epoch)))

@@ -1,0 +1,350 @@
+"""Replication with real processes: a replica converges on its primary under concurrent writes
+to 500 sessions, catches up after kill -9 from its own revision and, started empty after the
+primary trimmed its log, through a snapshot; refuses writes; serves EVENTUAL / min_revision
+reads through a router; registers itself in the map; semi-sync writes time out clearly.
+
+Also home of the helpers test_failover.py uses (workload, dumps, waits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import plyvel
+import pytest
+
+from shardstate import errors
+from shardstate.server.storage import encoding as enc
+from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
+from tests.procs import Proc, Procs
+
+T = 30.0  # per-call timeout: generous, the machine is shared; never asserted
+WAIT_S = 90.0  # how long a test waits for a condition before failing; never asserted
+SESSIONS = 500
+EVENTUAL = types_pb2.EVENTUAL
+
+
+# ---- helpers (shared with test_failover.py) ----
+
+
+def wait_for(cond: Any, what: str, timeout: float = WAIT_S, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+        except grpc.RpcError as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what} (last: {last})")
+
+
+def status(address: str) -> admin_pb2.NodeStatus:
+    """A node's own Status line."""
+    with grpc.insecure_channel(address) as ch:
+        return admin_pb2_grpc.AdminStub(ch).Status(admin_pb2.StatusRequest(), timeout=T).nodes[0]
+
+
+def cluster_map(address: str) -> admin_pb2.ClusterMap:
+    with grpc.insecure_channel(address) as ch:
+        return admin_pb2_grpc.AdminStub(ch).GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=T)
+
+
+def wait_converged(primary: str, replica: str) -> int:
+    """Waits until the replica applied the primary's revision; returns it."""
+    def same() -> int:
+        want = status(primary).revision
+        return want if status(replica).revision == want else 0
+
+    return int(wait_for(same, f"{replica} to catch up with {primary}"))
+
+
+def session_ids(n: int = SESSIONS) -> list[str]:
+    return [f"agent-{i:03d}" for i in range(n)]
+
+
+async def _one_op(stub: state_pb2_grpc.StateStub, rng: random.Random, sid: str) -> None:
+    key = f"k{rng.randrange(8)}"
+    r = rng.random()
+    if r < 0.35:
+        await stub.Put(state_pb2.PutRequest(session_id=sid, key=key, value=rng.randbytes(rng.randrange(1, 200)),
+                                            request_id=uuid.uuid4().hex if rng.random() < 0.3 else ""), timeout=T)
+    elif r < 0.5:
+        got = await stub.Get(state_pb2.GetRequest(session_id=sid, key=key), timeout=T)
+        await stub.Put(state_pb2.PutRequest(session_id=sid, key=key, value=b"cas-%d" % rng.randrange(1000),
+                                            expected_version=got.record.version if got.found else 0), timeout=T)
+    elif r < 0.65:
+        await stub.Increment(state_pb2.IncrementRequest(session_id=sid, key="counter", delta=rng.randrange(1, 5)), timeout=T)
+    elif r < 0.85:
+        await stub.Append(state_pb2.AppendRequest(session_id=sid, stream="events",
+                                                  entries=[b"e%d" % i for i in range(rng.randrange(1, 4))]), timeout=T)
+    elif r < 0.92:
+        await stub.Delete(state_pb2.DeleteRequest(session_id=sid, key=key), timeout=T)
+    elif r < 0.96:
+        try:
+            await stub.TrimLog(state_pb2.TrimLogRequest(session_id=sid, stream="events", keep_last=3), timeout=T)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+    elif r < 0.98:
+        await stub.Touch(state_pb2.TouchRequest(session_id=sid, ttl_ms=3_600_000), timeout=T)
+    else:
+        await stub.DeleteSession(state_pb2.DeleteSessionRequest(session_id=sid), timeout=T)
+
+
+async def workload(address: str, ops: int, seed: int, concurrency: int = 16,
+                   sessions: list[str] | None = None) -> int:
+    """`ops` mixed writes (put, CAS, increment, append, delete, trim, touch, drop) from
+    `concurrency` concurrent callers over the sessions; returns how many ran."""
+    sids = sessions or session_ids()
+    done = 0
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+
+        async def caller(i: int) -> None:
+            nonlocal done
+            rng = random.Random(seed * 1000 + i)
+            for _ in range(ops // concurrency):
+                sid = rng.choice(sids)
+                try:
+                    await _one_op(stub, rng, sid)
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.NOT_FOUND:  # Touch of a dropped session
+                        raise
+                done += 1
+
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    return done
+
+
+def _strip(msg: Any) -> Any:
+    msg.ClearField("header")
+    return msg.SerializeToString(deterministic=True)
+
+
+async def _dump_async(address: str, sessions: list[str], consistency: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        sem = asyncio.Semaphore(32)
+
+        async def one(sid: str) -> None:
+            async with sem:
+                recs: list[bytes] = []
+                token = ""
+                while True:
+                    page = await stub.Scan(state_pb2.ScanRequest(session_id=sid, limit=1000, page_token=token,
+                                                                  consistency=consistency), timeout=T)  # type: ignore[arg-type]
+                    recs += [r.SerializeToString(deterministic=True) for r in page.records]
+                    token = page.next_page_token
+                    if not token:
+                        break
+                try:
+                    log = _strip(await stub.ReadLog(state_pb2.ReadLogRequest(
+                        session_id=sid, stream="events", consistency=consistency), timeout=T))  # type: ignore[arg-type]
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    log = None
+                try:
+                    meta = _strip(await stub.GetSession(state_pb2.GetSessionRequest(
+                        session_id=sid, consistency=consistency), timeout=T))  # type: ignore[arg-type]
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    meta = None
+                out[sid] = (recs, log, meta)
+
+        await asyncio.gather(*(one(s) for s in sessions))
+    return out
+
+
+def dump(address: str, sessions: list[str] | None = None, consistency: int = types_pb2.STRONG) -> dict[str, Any]:
+    """Every key (value, versions, expiry), the events log and the session meta of each session,
+    read through the State API."""
+    return asyncio.run(_dump_async(address, sessions or session_ids(), consistency))
+
+
+def raw_dump(data_dir: Path) -> tuple[dict[bytes, bytes], bytes | None]:
+    """All data keys of a stopped shard's LevelDB (no change log, no node meta) and its
+    `_|revision`."""
+    db = plyvel.DB(str(data_dir))
+    try:
+        data = {k: v for k, v in db.iterator() if k[:1] not in (b"c", b"_")}
+        return data, db.get(enc.node_key("revision"))
+    finally:
+        db.close()
+
+
+def log_has(p: Proc, text: str) -> bool:
+    return text in p.log_path.read_text(errors="replace")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shardstate", *args], capture_output=True, text=True, timeout=120)
+
+
+# ---- tests ----
+
+
+def test_replica_converges_under_concurrent_writes(procs: Procs) -> None:
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    ran = asyncio.run(workload(primary.address, 2400, seed=1))
+    assert ran == 2400
+    rev = wait_converged(primary.address, replica.address)
+    assert rev > 0
+    # Reads: the replica serves EVENTUAL reads with exactly the primary's data.
+    want = dump(primary.address)
+    assert sum(1 for v in want.values() if v[0]) > SESSIONS // 2  # the workload reached most sessions
+    assert dump(replica.address, consistency=EVENTUAL) == want
+    # Bytes: after both stop, every data key, value and the revision are identical.
+    assert primary.terminate() == 0 and replica.terminate() == 0
+    p_data, p_rev = raw_dump(primary.data_dir)  # type: ignore[attr-defined]
+    r_data, r_rev = raw_dump(replica.data_dir)  # type: ignore[attr-defined]
+    assert p_data == r_data
+    assert p_rev == r_rev and p_rev is not None
+
+
+def test_replica_kill9_restart_catches_up_from_its_revision(procs: Procs) -> None:
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+
+    async def writes_around_a_kill() -> None:
+        first = asyncio.create_task(workload(primary.address, 800, seed=2))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(replica.kill)  # kill -9 mid-stream
+        await first
+        await workload(primary.address, 400, seed=3)
+
+    asyncio.run(writes_around_a_kill())
+    behind = status(primary.address).revision
+    replica.start()  # same data dir and port
+    asyncio.run(workload(primary.address, 400, seed=4))
+    assert wait_converged(primary.address, replica.address) > behind
+    assert dump(replica.address, consistency=EVENTUAL) == dump(primary.address)
+    # It resumed from its own revision: the primary never had to send it a snapshot.
+    assert not log_has(replica, "installing a snapshot")
+    assert log_has(primary, "follower connected")
+
+
+def test_empty_replica_after_log_trim_catches_up_through_a_snapshot(procs: Procs) -> None:
+    primary = procs.shard("s1", "--changelog-retention", "50", "--sweep-interval-s", "0.1")
+    asyncio.run(workload(primary.address, 600, seed=5))
+
+    def trimmed() -> bool:
+        with grpc.insecure_channel(primary.address) as ch:
+            call = state_pb2_grpc.StateStub(ch).Watch(
+                state_pb2.WatchRequest(session_id=session_ids()[0], from_revision=1), timeout=5)
+            try:
+                next(iter(call))
+            except grpc.RpcError as e:
+                return bool(e.code() == grpc.StatusCode.OUT_OF_RANGE)
+            finally:
+                call.cancel()
+        return False
+
+    wait_for(trimmed, "the primary to trim its change log")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    assert log_has(replica, "installing a snapshot")
+    asyncio.run(workload(primary.address, 300, seed=6))  # and the log after the snapshot
+    wait_converged(primary.address, replica.address)
+    assert dump(replica.address, consistency=EVENTUAL) == dump(primary.address)
+    assert primary.terminate() == 0 and replica.terminate() == 0
+    assert raw_dump(primary.data_dir) == raw_dump(replica.data_dir)  # type: ignore[attr-defined]
+
+
+def test_replica_refuses_writes_router_routes_reads_and_lag_shows(procs: Procs) -> None:
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    router = procs.router([primary.address, replica.address], "--refresh-interval-s", "0.3")
+    m = cluster_map(router.address)
+    assert [(s.id, s.primary, list(s.replicas)) for s in m.shards] == [("s1", primary.address, [replica.address])]
+
+    # A replica answering a write: NotPrimary naming the primary; nothing written.
+    with grpc.insecure_channel(replica.address) as ch, pytest.raises(grpc.RpcError) as ei:
+        state_pb2_grpc.StateStub(ch).Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v"), timeout=T)
+    err = errors.from_rpc_error(ei.value)
+    assert isinstance(err, errors.NotPrimaryError) and err.detail.primary == primary.address
+    with grpc.insecure_channel(replica.address) as ch, pytest.raises(grpc.RpcError) as ei:
+        state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(session_id="a", key="k"), timeout=T)
+    assert isinstance(errors.from_rpc_error(ei.value), errors.NotPrimaryError)
+
+    with grpc.insecure_channel(router.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        put = stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v1"), timeout=T)  # no error
+        assert put.applied and put.header.node == primary.address
+        # Read-your-writes on a replica: served there once it applied the write.
+        got = stub.Get(state_pb2.GetRequest(session_id="a", key="k", min_revision=put.version), timeout=T)
+        assert got.record.value == b"v1" and got.record.version == put.version
+        assert got.header.node == replica.address
+        ev = stub.Get(state_pb2.GetRequest(session_id="a", key="k", consistency=EVENTUAL), timeout=T)
+        assert ev.header.node == replica.address and ev.record.version == put.version
+        strong = stub.Get(state_pb2.GetRequest(session_id="a", key="k"), timeout=T)
+        assert strong.header.node == primary.address
+
+    wait_converged(primary.address, replica.address)
+    st = router_status(router.address)
+    line = st[replica.address]
+    assert line.role == admin_pb2.REPLICA and line.primary == primary.address
+    assert line.lag_revisions == 0 and line.lag_ms == 0 and line.up and line.serving
+    cli = run_cli("admin", "--router", router.address, "status")
+    assert cli.returncode == 0, cli.stderr
+    assert "replica" in cli.stdout and "0 writes / 0 ms" in cli.stdout
+
+    # A replica started later registers itself: the primary records it in the map.
+    late = procs.shard("s1", "--replica-of", primary.address)
+    wait_for(lambda: late.address in cluster_map(router.address).shards[0].replicas,
+             "the late replica in the router's map")
+    assert cluster_map(router.address).epoch > m.epoch
+    assert late.address in cluster_map(replica.address).shards[0].replicas
+
+    # The replica goes away: relaxed reads fall back to the primary, no error.
+    replica.kill()
+    late.kill()
+    with grpc.insecure_channel(router.address) as ch:
+        ev = state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(session_id="a", key="k", consistency=EVENTUAL), timeout=T)
+        assert ev.record.value == b"v1" and ev.header.node == primary.address
+
+
+def router_status(router: str) -> dict[str, admin_pb2.NodeStatus]:
+    with grpc.insecure_channel(router) as ch:
+        resp = admin_pb2_grpc.AdminStub(ch).Status(admin_pb2.StatusRequest(), timeout=T)
+    return {n.address: n for n in resp.nodes}
+
+
+def test_semi_sync_write_without_replica_times_out_clearly_and_stays_durable(procs: Procs) -> None:
+    primary = procs.shard("s1", "--min-replica-acks", "1", "--replica-ack-timeout-s", "0.5")
+    with grpc.insecure_channel(primary.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v1", request_id="r1"), timeout=T)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "durable on the primary" in (ei.value.details() or "")
+        got = stub.Get(state_pb2.GetRequest(session_id="a", key="k"), timeout=T)
+        assert got.record.value == b"v1"  # committed, not rolled back
+        read = stub.Get(state_pb2.GetRequest(session_id="a", key="k"), timeout=T)  # reads never wait
+        assert read.found
+
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    with grpc.insecure_channel(primary.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        # The retry of the timed-out write: replayed, and acknowledged now that a replica has it.
+        again = stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v1", request_id="r1"), timeout=T)
+        assert again.header.replayed and again.version == got.record.version
+        put = stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v2"), timeout=T)
+    # Acknowledged means the replica has it already.
+    with grpc.insecure_channel(replica.address) as ch:
+        ev = state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(session_id="a", key="k", consistency=EVENTUAL), timeout=T)
+        assert ev.record.version == put.version and ev.record.value == b"v2"
