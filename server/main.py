@@ -29,6 +29,7 @@ from shardstate.v1 import admin_pb2, state_pb2
 from . import handlers, logs
 from .admin import AdminService
 from .node import Node
+from .replication import Replication
 from .service import StateService
 from .storage.engine import Engine
 
@@ -95,26 +96,37 @@ async def _serve(cfg: config.ShardConfig, engine: Engine) -> int:
     node.address = advertised(cfg.listen, port)
     state = StateService(engine, node)
     handlers.register(server, STATE_SERVICE, state.behaviors())
-    handlers.register(server, ADMIN_SERVICE, AdminService(node, state).behaviors())
+    repl = Replication(cfg, node, engine, state)
+    repl.register(server)
+    admin = AdminService(node, state).behaviors()
+    repl.wire_admin(admin)
+    handlers.register(server, ADMIN_SERVICE, admin)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (STATE_SERVICE.full_name, ADMIN_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    await server.start()
-    for name in ("", STATE_SERVICE.full_name):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    node.serving = True
-    if cfg.port_file:
-        write_port_file(cfg.port_file, port)
-    sweeper = asyncio.create_task(engine.run_sweeper())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    for name in ("", STATE_SERVICE.full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    # A replica serves once it has caught up with its primary (Admin answers meanwhile).
+    await repl.start()
+    await asyncio.wait([asyncio.ensure_future(repl.ready()), asyncio.ensure_future(stop.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
+    for name in ("", STATE_SERVICE.full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    node.serving = True
+    if cfg.port_file and not stop.is_set():
+        write_port_file(cfg.port_file, port)
+    sweeper = asyncio.create_task(engine.run_sweeper())
     log.info("serving", extra={"fields": {
         "shard_id": cfg.id, "address": node.address, "port": port, "data_dir": cfg.data_dir,
         "revision": engine.revision(), "epoch": node.epoch, "fsync": cfg.fsync,
+        "role": "replica" if node.is_replica else "primary", "primary": node.primary,
     }})
     await stop.wait()
 
@@ -123,6 +135,7 @@ async def _serve(cfg: config.ShardConfig, engine: Engine) -> int:
     await health_servicer.enter_graceful_shutdown()
     state.drain()
     await settle(state, loop.time() + cfg.grace_s)
+    await repl.stop()
     await server.stop(cfg.grace_s)
     sweeper.cancel()
     try:

@@ -29,6 +29,7 @@ class Node:
         self.view: ClusterView = empty_view()
         self.started = time.monotonic()
         self.serving = False
+        self.readable = True  # replication: False while a replica's data is not yet the primary's
         raw = engine.node_meta(MAP_KEY)
         if raw:
             self.view = ClusterView.of(admin_pb2.ClusterMap.FromString(raw))

@@ -39,6 +39,9 @@ class StateService:
         # With group commit a write waits for its fsync: run a batch's sessions concurrently
         # so their writes share one. Otherwise nothing suspends and plain order is cheapest.
         self.concurrent = engine.store.group_commit
+        # Semi-synchronous replication (set by shardstate.server.replication with
+        # --min-replica-acks): awaited with the revision a call wrote before it is answered.
+        self.ack_barrier: Callable[[int], Awaitable[None]] | None = None
         self.ops: dict[str, Op] = {
             "get": self.get, "put": self.put, "delete": self.delete, "increment": self.increment,
             "append": self.append, "read_log": self.read_log, "txn": self.txn, "scan": self.scan,
@@ -75,7 +78,7 @@ class StateService:
         strong = req.consistency == types_pb2.STRONG or (
             req.consistency == types_pb2.CONSISTENCY_UNSPECIFIED and not req.min_revision
         )
-        if strong:
+        if strong or not node.readable:
             raise errors.NotPrimaryError.of(node.primary, node.shard_id)
         if req.min_revision and not await self.engine.wait_for_revision(req.min_revision, REPLICA_READ_WAIT_S):
             raise errors.NotPrimaryError.of(node.primary, node.shard_id)
@@ -153,6 +156,13 @@ class StateService:
         getattr(result, kind).CopyFrom(resp)
         return result
 
+    async def replicated(self, before: int, replayed: bool = False) -> None:
+        """With --min-replica-acks: a call that wrote (the revision moved past `before`, or a
+        replayed write) waits until enough replicas applied everything up to now."""
+        barrier = self.ack_barrier
+        if barrier is not None and (self.engine.store.committed > before or replayed):
+            await barrier(self.engine.store.committed)
+
     async def batch(
         self, req: state_pb2.BatchRequest, out: state_pb2.BatchResponse | None = None
     ) -> state_pb2.BatchResponse:
@@ -161,9 +171,11 @@ class StateService:
         if n > self.engine.limits.max_batch_ops:
             raise errors.LimitExceededError.of("max_batch_ops", self.engine.limits.max_batch_ops, n, "ops in one Batch")
         resp = state_pb2.BatchResponse() if out is None else out
+        before = self.engine.store.committed
         if not self.concurrent:
             for op in req.ops:
                 resp.results.append(await self.run_op(op))
+            await self.replicated(before)
             return self.header(resp)
         # Ops of one session stay in request order; different sessions run concurrently.
         groups: dict[tuple[str, str], list[int]] = {}
@@ -180,6 +192,7 @@ class StateService:
 
         await asyncio.gather(*(run_group(idx) for idx in groups.values()))
         resp.results.extend(r for r in results if r is not None)
+        await self.replicated(before)
         return self.header(resp)
 
     # ---- gRPC behaviors ----
@@ -192,7 +205,10 @@ class StateService:
                     await errors.abort(context, shutting_down())
                 self.inflight += 1
                 try:
-                    return await op(req)
+                    before = self.engine.store.committed
+                    resp = await op(req)
+                    await self.replicated(before, resp.header.replayed)
+                    return resp
                 except Exception as e:
                     log_unexpected(e)
                     await errors.abort(context, e)
