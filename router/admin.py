@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from shardstate import errors
+from shardstate.router.failover import promote
 from shardstate.router.maps import MapHolder, node_addresses, validate_map
 from shardstate.router.nodes import NodePool, describe
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, types_pb2
@@ -114,8 +115,11 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
     async def Rebalance(self, request: Any, context: Any) -> Any:
         await self._later(context, "Rebalance")
 
-    async def PromoteReplica(self, request: Any, context: Any) -> Any:
-        return await self._later(context, "PromoteReplica")
+    async def PromoteReplica(self, request: admin_pb2.PromoteReplicaRequest, context: Any) -> Any:
+        try:
+            return await promote(self.maps, self.nodes, request)
+        except Exception as e:
+            await errors.abort(context, e)
 
     async def Backup(self, request: Any, context: Any) -> Any:
         await self._later(context, "Backup")

@@ -23,6 +23,7 @@ from shardstate.clustermap import ClusterView
 from shardstate.router.logs import fields
 from shardstate.router.maps import MapHolder
 from shardstate.router.nodes import NodePool
+from shardstate.router.replicas import ReplicaPicker, relaxed_read
 from shardstate.router.shardpipe import ShardLinks, SubBatchError
 from shardstate.router.wire import BATCH_FIELD, as_batch_op, unpack_result
 from shardstate.v1 import admin_pb2, types_pb2
@@ -55,6 +56,7 @@ class Forwarder:
         self.links = links
         self.max_hops = max_hops
         self.default_timeout_s = default_timeout_s
+        self.replicas = ReplicaPicker()  # EVENTUAL / min_revision reads (router/replicas.py)
 
     def route(self, namespace: str, session_id: str) -> Route:
         view = self.maps.view
@@ -96,9 +98,17 @@ class Forwarder:
     async def unary(self, method: str, request: bytes, namespace: str, session_id: str, context: Any) -> bytes:
         deadline = self.deadline(context)
         batched = self.links is not None and method in BATCH_FIELD
+        relaxed: bool | None = None
         last = ""
         for _ in range(self.max_hops + 1):
             route = self.route(namespace, session_id)
+            if route.shard.replicas:
+                if relaxed is None:
+                    relaxed = relaxed_read(method, request)
+                if relaxed:
+                    got = await self._from_replica(route, method, request, batched, deadline)
+                    if got is not None:
+                        return got
             address = route.shard.primary
             try:
                 if batched:
@@ -125,6 +135,27 @@ class Forwarder:
         raise errors.UnavailableError(
             f"routing did not settle after {self.max_hops} redirects (last: {last}); the cluster map is changing"
         )
+
+    async def _from_replica(self, route: Route, method: str, request: bytes, batched: bool,
+                            deadline: float) -> bytes | None:
+        """A relaxed read from one of the shard's replicas; None = ask the primary instead
+        (no replica up, or it is behind / resyncing / not the owner any more)."""
+        address = self.replicas.pick(route.shard)
+        if address is None:
+            return None
+        try:
+            if batched:
+                return await self._as_batch_op(method, request, address, deadline)
+            return bytes(await self.nodes.unary(address, method)(request, timeout=self.remaining(deadline)))
+        except aio.AioRpcError as e:
+            exc: errors.ShardstateError = errors.from_rpc_error(e)
+        except errors.ShardstateError as e:
+            exc = e
+        if isinstance(exc, errors.UnavailableError):
+            self.replicas.failed(address)
+        elif not isinstance(exc, errors.WrongShardError | errors.NotPrimaryError | errors.DeadlineExceededError):
+            raise exc
+        return None
 
     async def _as_batch_op(self, method: str, request: bytes, address: str, deadline: float) -> bytes:
         """The call as a one-op batch on the shard's coalescing link; errors come back as the
