@@ -41,6 +41,25 @@ def console() -> Any:
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
+def replica_lag(n: admin_pb2.NodeStatus) -> str:
+    """Replicas: writes behind / ms behind their primary; any node: writes set aside after a failover."""
+    out = f"{n.lag_revisions} writes / {n.lag_ms} ms" if n.role == admin_pb2.REPLICA and n.up else ""
+    if n.diverged_writes:
+        out += f"{' · ' if out else ''}[yellow]{n.diverged_writes} set aside[/]"
+    return out
+
+
+def promote_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    resp = stub.PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id=args.shard, replica=args.replica),
+                               timeout=TIMEOUT_S)
+    if args.json:
+        print(json_format.MessageToJson(resp))
+        return 0
+    print(f"shard {args.shard}: {resp.new_primary} is the primary now "
+          f"(cluster map epoch {resp.cluster_map.epoch}, revisions continue above {resp.revision})")
+    return 0
+
+
 def status_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     resp = stub.Status(admin_pb2.StatusRequest(), timeout=TIMEOUT_S)
     if args.json:
@@ -49,13 +68,13 @@ def status_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"cluster {resp.cluster_map.cluster_id or '-'} · map epoch {resp.cluster_map.epoch}")
-    for col in ("node", "role", "shard", "up", "epoch", "revision", "sessions", "keys", "bytes", "ops/s", "uptime", "error"):
+    for col in ("node", "role", "shard", "up", "epoch", "revision", "lag", "sessions", "keys", "bytes", "ops/s", "uptime", "error"):
         table.add_column(col, justify="right" if col in ("sessions", "keys", "bytes", "ops/s", "epoch") else "left")
     for n in resp.nodes:
         up = "[green]up[/]" if n.up else "[red]DOWN[/]"
         table.add_row(
             n.address, ROLE.get(n.role, "?"), n.shard_id or "-", up, str(n.epoch) if n.up else "",
-            str(n.revision) if n.revision else "", str(n.sessions) if n.role != admin_pb2.ROUTER else "",
+            str(n.revision) if n.revision else "", replica_lag(n), str(n.sessions) if n.role != admin_pb2.ROUTER else "",
             str(n.keys) if n.role != admin_pb2.ROUTER else "", human_bytes(n.bytes) if n.bytes else "",
             f"{n.load_ops_per_s:.0f}" if n.up else "", f"{n.uptime_s}s" if n.up else "", n.error,
         )
@@ -85,6 +104,7 @@ def map_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int], str]] = {
     "status": (status_cmd, "the router and every node: role, up/down, revision, sessions, sizes"),
     "map": (map_cmd, "the cluster map the router holds"),
+    "promote": (promote_cmd, "make a replica the primary of its shard (failover): promote SHARD [--replica ADDR]"),
 }
 
 
@@ -96,6 +116,9 @@ def main(argv: list[str]) -> int:
     for name, (_, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--json", action="store_true", help="print the raw answer as JSON")
+        if name == "promote":
+            sp.add_argument("shard", help="shard id")
+            sp.add_argument("--replica", default="", help="replica address to promote (default: the most caught-up)")
     args = p.parse_args(argv)
     fn = COMMANDS[args.command][0]
     with grpc.insecure_channel(args.router) as ch:

@@ -222,7 +222,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=int(os.environ.get("SHARDSTATE_DEV_PORT", 7400)),
                    help="router port; shards take the next ports (0 = pick free ports) [default 7400]")
     p.add_argument("--shards", type=int, default=3, help="number of shards [default 3]")
-    p.add_argument("--replicas", type=int, default=0, help="replicas per shard [default 0]")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per shard [default 1]")
     p.add_argument("--data-dir", default=os.environ.get("SHARDSTATE_DEV_DATA_DIR", ".shardstate"),
                    help="where the shards keep their data [default .shardstate]")
     a = p.parse_args(argv)
