@@ -43,7 +43,9 @@ def promoted_map(pb: admin_pb2.ClusterMap, shard_id: str, new_primary: str) -> a
 
 async def _own_status(nodes: NodePool, address: str) -> admin_pb2.NodeStatus | str:
     try:
-        st = await nodes.admin(address).Status(admin_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S)
+        # wait_for_ready: a replica just restarted may find the channel still backing off.
+        st = await nodes.admin(address).Status(admin_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S,
+                                               wait_for_ready=True)
     except grpc.RpcError as e:
         return describe(e)
     if not st.nodes:
@@ -98,7 +100,8 @@ async def promote(maps: MapHolder, nodes: NodePool, req: admin_pb2.PromoteReplic
     old_primary = shard.primary
     try:
         done = await nodes.admin(chosen).PromoteReplica(
-            admin_pb2.PromoteReplicaRequest(shard_id=shard.id, replica=chosen), timeout=PROMOTE_TIMEOUT_S)
+            admin_pb2.PromoteReplicaRequest(shard_id=shard.id, replica=chosen), timeout=PROMOTE_TIMEOUT_S,
+            wait_for_ready=True)
     except grpc.RpcError as e:
         raise errors.from_rpc_error(e) from None
     log.warning("promoted replica", extra=fields(shard=shard.id, new_primary=chosen, old_primary=old_primary,

@@ -228,5 +228,5 @@ class Follower:
         engine.install_snapshot_chunk(ops, chunk.first, chunk.revision if chunk.last else None)
         if chunk.last:
             engine.set_node_meta(RESYNC_META, b"")
-            self.leader_revision = max(self.leader_revision, chunk.revision)
             log.info("snapshot installed", extra={"fields": {"revision": chunk.revision}})
+            self._heard(replication_pb2.ChangeBatch(leader_revision=chunk.revision))

@@ -1,0 +1,256 @@
+"""Failover with real processes: kill -9 of a primary while several clients write through a
+router, then `promote`. Semi-synchronous: every acknowledged write survives with its version.
+Asynchronous: only the unreplicated tail is lost, and every lost acknowledged write is in the
+old primary's audit file when it returns as a replica. Versions never repeat after a promotion;
+bad admin input changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
+from tests.procs import Procs
+from tests.test_replication import (
+    T,
+    cluster_map,
+    dump,
+    run_cli,
+    status,
+    wait_converged,
+    wait_for,
+)
+
+SIDS = [f"fo-{i:02d}" for i in range(50)]
+
+
+@dataclass
+class Acked:
+    """What the writers were told: (session, key) -> (version, value) of the last acked write,
+    and keys whose last write failed (it may or may not have landed)."""
+
+    writes: dict[tuple[str, str], tuple[int, bytes]] = field(default_factory=dict)
+    uncertain: set[tuple[str, str]] = field(default_factory=set)
+    all_versions: set[int] = field(default_factory=set)
+    count: int = 0
+
+
+class Writers:
+    """Several clients (one channel each) writing through a router on a background thread:
+    new keys, and CAS overwrites of their own earlier keys."""
+
+    def __init__(self, router: str, clients: int = 4) -> None:
+        self.router = router
+        self.clients = clients
+        self.acked = Acked()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.thread.start()
+
+    async def _client(self, n: int) -> None:
+        rng = random.Random(n)
+        mine: list[tuple[str, str]] = []
+        i = 0
+        async with grpc.aio.insecure_channel(self.router) as ch:
+            stub = state_pb2_grpc.StateStub(ch)
+            while not self.stop.is_set():
+                i += 1
+                if mine and rng.random() < 0.3:
+                    sk = rng.choice(mine)
+                    if sk in self.acked.uncertain:
+                        continue
+                    req = state_pb2.PutRequest(session_id=sk[0], key=sk[1], value=b"c%d-%d" % (n, i),
+                                               expected_version=self.acked.writes[sk][0])
+                else:
+                    sk = (rng.choice(SIDS), f"w{n}-{i}")
+                    req = state_pb2.PutRequest(session_id=sk[0], key=sk[1], value=b"n%d-%d" % (n, i))
+                try:
+                    resp = await stub.Put(req, timeout=5)
+                except grpc.RpcError:
+                    self.acked.uncertain.add(sk)
+                    await asyncio.sleep(0.05)
+                    continue
+                assert resp.applied, resp
+                self.acked.writes[sk] = (resp.version, req.value)
+                self.acked.all_versions.add(resp.version)
+                self.acked.count += 1
+                if sk not in mine:
+                    mine.append(sk)
+
+    async def _main(self) -> None:
+        await asyncio.gather(*(self._client(n) for n in range(self.clients)))
+
+    def wait_acked(self, n: int) -> None:
+        wait_for(lambda: self.acked.count >= n, f"{n} acknowledged writes")
+
+    def finish(self) -> Acked:
+        self.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+        return self.acked
+
+
+def get(address: str, sid: str, key: str) -> state_pb2.GetResponse:
+    with grpc.insecure_channel(address) as ch:
+        return state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(session_id=sid, key=key), timeout=T)
+
+
+def primary_of(address: str, shard: str = "s1") -> str:
+    return next(s.primary for s in cluster_map(address).shards if s.id == shard)
+
+
+def test_semi_sync_failover_keeps_every_acknowledged_write(procs: Procs) -> None:
+    primary = procs.shard("s1", "--min-replica-acks", "1")
+    r1 = procs.shard("s1", "--replica-of", primary.address)
+    r2 = procs.shard("s1", "--replica-of", primary.address)
+    router = procs.router([primary.address, r1.address, r2.address], "--refresh-interval-s", "0.5")
+    writers = Writers(router.address)
+    writers.wait_acked(300)
+    primary.kill()  # kill -9 while the clients write
+    time.sleep(0.3)
+    acked = writers.finish()
+
+    cli = run_cli("admin", "--router", router.address, "promote", "s1")
+    assert cli.returncode == 0, cli.stderr
+    new = primary_of(router.address)
+    assert new in (r1.address, r2.address) and new in cli.stdout
+    other = r2 if new == r1.address else r1
+
+    # Every acknowledged write is on the new primary, with the version it was acknowledged with.
+    missing = []
+    for (sid, key), (version, value) in acked.writes.items():
+        if (sid, key) in acked.uncertain:
+            continue
+        got = get(new, sid, key)
+        if not (got.found and got.record.version == version and got.record.value == value):
+            missing.append((sid, key, version, got.record.version))
+    assert not missing, missing[:5]
+
+    # Writes continue through the router; CAS on the acknowledged versions still matches, and
+    # the new versions are above everything the old primary handed out.
+    top = max(acked.all_versions)
+    with grpc.insecure_channel(router.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        checked = 0
+        for (sid, key), (version, _) in list(acked.writes.items())[:50]:
+            if (sid, key) in acked.uncertain:
+                continue
+            resp = stub.Put(state_pb2.PutRequest(session_id=sid, key=key, value=b"after", expected_version=version), timeout=T)
+            assert resp.applied and resp.version > top and resp.version not in acked.all_versions
+            checked += 1
+        assert checked > 0
+        fresh = stub.Put(state_pb2.PutRequest(session_id="after-failover", key="k", value=b"v"), timeout=T)
+        assert fresh.applied and fresh.header.node == new
+
+    # The other replica follows the new primary.
+    wait_for(lambda: status(other.address).primary == new, "the other replica to follow the new primary")
+    wait_converged(new, other.address)
+    with grpc.insecure_channel(other.address) as ch:
+        ev = state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(
+            session_id="after-failover", key="k", consistency=types_pb2.EVENTUAL), timeout=T)
+    assert ev.record.version == fresh.version
+
+
+def test_async_failover_loses_only_the_tail_and_audits_it(procs: Procs) -> None:
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    router = procs.router([primary.address, replica.address], "--refresh-interval-s", "0.5")
+    writers = Writers(router.address, clients=3)
+    writers.wait_acked(150)
+    replica.kill()  # from here on, acknowledged writes exist only on the primary
+    n = writers.acked.count
+    writers.wait_acked(n + 100)
+    primary.kill()
+    time.sleep(0.2)
+    acked = writers.finish()
+
+    replica.start(wait=False)  # same port and data; cannot reach its primary, so not serving
+    fork = wait_for(lambda: status(replica.address).revision, "the replica's Admin to answer")
+    with grpc.insecure_channel(router.address) as ch:
+        resp = admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s1"), timeout=60)
+    assert resp.new_primary == replica.address and resp.revision > fork
+    replica.wait_ready()  # a primary now: serving
+
+    lost: dict[tuple[str, str], int] = {}
+    for (sid, key), (version, value) in acked.writes.items():
+        got = get(replica.address, sid, key)
+        if not (got.found and got.record.version == version and got.record.value == value):
+            lost[(sid, key)] = version
+    assert len(lost) >= 50  # the writes acknowledged while the replica was down
+    # At most the unreplicated tail: every lost write came after what the replica had applied.
+    assert set(lost) == {sk for sk, (v, _) in acked.writes.items() if v > fork}
+
+    # Versions never repeat: rewriting every lost key on the new primary gives new versions
+    # above everything the old primary acknowledged.
+    top = max(acked.all_versions)
+    with grpc.insecure_channel(router.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        for sid, key in lost:
+            put = stub.Put(state_pb2.PutRequest(session_id=sid, key=key, value=b"rewritten"), timeout=T)
+            assert put.applied and put.version > top and put.version not in acked.all_versions
+
+    # The old primary returns: it sees the newer map, sets aside what the new primary never
+    # received, resyncs, and follows.
+    primary.start()
+    st = wait_for(lambda: (s := status(primary.address)).role == admin_pb2.REPLICA and s, "the old primary to rejoin")
+    assert st.primary == replica.address
+    audit = primary.data_dir / "diverged-writes.jsonl"  # type: ignore[attr-defined]
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    writes = [x for x in lines if "session" in x]
+    in_audit = {(x["session"], x["revision"]): x for x in writes}
+    for (sid, key), version in lost.items():
+        line = in_audit.get((sid, version))
+        assert line is not None, (sid, key, version)
+        assert any(ev.get("record", {}).get("key") == key for ev in line["events"])
+    assert status(primary.address).diverged_writes == len(writes) >= len(lost)
+    wait_converged(replica.address, primary.address)
+    sids = sorted({sid for sid, _ in lost})
+    assert dump(primary.address, sids, consistency=types_pb2.EVENTUAL) == dump(replica.address, sids)
+    # ... and the new primary records it as its replica; the router sees it.
+    wait_for(lambda: primary.address in cluster_map(router.address).shards[0].replicas,
+             "the returned node in the map as a replica")
+
+
+def test_bad_promote_input_gets_a_clear_error_and_changes_nothing(procs: Procs) -> None:
+    p1 = procs.shard("s1")
+    r1 = procs.shard("s1", "--replica-of", p1.address)
+    p2 = procs.shard("s2")
+    router = procs.router([p1.address, r1.address, p2.address])
+    before = cluster_map(router.address)
+
+    def promote(shard: str, replica: str = "") -> grpc.RpcError:
+        with grpc.insecure_channel(router.address) as ch, pytest.raises(grpc.RpcError) as ei:
+            admin_pb2_grpc.AdminStub(ch).PromoteReplica(
+                admin_pb2.PromoteReplicaRequest(shard_id=shard, replica=replica), timeout=T)
+        return ei.value
+
+    e = promote("nope")
+    assert e.code() == grpc.StatusCode.NOT_FOUND and "nope" in (e.details() or "")
+    e = promote("s1", p2.address)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a replica of shard s1" in (e.details() or "")
+    e = promote("s1", p1.address)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "already the primary" in (e.details() or "")
+    e = promote("s2")
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "no replica" in (e.details() or "")
+    e = promote("")
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A shard told to promote for another shard refuses too.
+    with grpc.insecure_channel(r1.address) as ch, pytest.raises(grpc.RpcError) as ei:
+        admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s2"), timeout=T)
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    cli = run_cli("admin", "--router", router.address, "promote", "s9")
+    assert cli.returncode == 1 and "NOT_FOUND" in cli.stderr and "s9" in cli.stderr
+
+    assert cluster_map(router.address) == before
+    assert cluster_map(p1.address) == before
+    assert status(p1.address).role == admin_pb2.PRIMARY
+    assert status(r1.address).role == admin_pb2.REPLICA
