@@ -1,0 +1,129 @@
+"""Pure logic of replication: the divergence check on timelines, the hand-built leader
+messages, semi-sync ack waiting, the promoted map, and which router reads a replica may serve."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shardstate import errors
+from shardstate.router.failover import promoted_map
+from shardstate.router.replicas import ReplicaPicker, relaxed_read
+from shardstate.server.replication import timeline, wire
+from shardstate.server.replication.acks import AckTracker
+from shardstate.v1 import admin_pb2, replication_pb2, state_pb2, types_pb2
+
+
+def tl(*terms: tuple[str, int]) -> replication_pb2.Timeline:
+    return replication_pb2.Timeline(terms=[replication_pb2.Term(id=i, start_revision=s) for i, s in terms])
+
+
+def test_fork_point() -> None:
+    leader = tl(("t0", 0), ("t1", 100), ("t2", 250))
+    assert timeline.fork_point(leader, "t2", 300) is None  # same term as the leader
+    assert timeline.fork_point(leader, "t0", 90) is None  # a prefix of t0, which ended at 100
+    assert timeline.fork_point(leader, "t0", 100) is None
+    assert timeline.fork_point(leader, "t0", 120) == 100  # old primary kept writing after 100
+    assert timeline.fork_point(leader, "t1", 260) == 250
+    assert timeline.fork_point(leader, "t9", 5) == 0  # unknown history: nothing is trusted
+    assert timeline.fork_point(leader, "", 50) is None  # no history claimed (fresh follower)
+    assert timeline.fork_point(leader, "t0", 0) is None  # nothing held
+
+
+def test_new_term_appends() -> None:
+    t = timeline.new_term(tl(("t0", 0)), epoch=3, start_revision=42)
+    assert [x.start_revision for x in t.terms] == [0, 42]
+    assert t.terms[1].id.startswith("e3-") and timeline.tail(t) == t.terms[1].id
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 2**35, 2**63 + 5])
+def test_varint_matches_protobuf(n: int) -> None:
+    assert replication_pb2.FollowAck.FromString(b"\x08" + wire.varint(n)).applied_revision == n
+
+
+def test_hand_built_leader_messages_parse() -> None:
+    e1 = replication_pb2.ChangeEntry(revision=7, namespace="default", session_id="a", ts_ms=5,
+                                     ops=[replication_pb2.RawOp(key=b"k", value=b"v")])
+    e2 = replication_pb2.ChangeEntry(revision=9, ops=[replication_pb2.RawOp(key=b"x", delete=True)])
+    body = wire.change_batch([e1.SerializeToString(), e2.SerializeToString()], 9, 1234, backlog=3)
+    msg = replication_pb2.LeaderMessage.FromString(wire.leader_message(wire.CHANGES, body, epoch=4))
+    assert msg.WhichOneof("msg") == "changes" and msg.epoch == 4
+    assert list(msg.changes.entries) == [e1, e2]
+    assert (msg.changes.leader_revision, msg.changes.leader_ts_ms, msg.changes.backlog) == (9, 1234, 3)
+    hb = replication_pb2.LeaderMessage.FromString(
+        wire.leader_message(wire.HEARTBEAT, wire.change_batch((), 11, 0), epoch=0))
+    assert hb.WhichOneof("msg") == "heartbeat" and hb.heartbeat.leader_revision == 11 and not hb.heartbeat.entries
+
+
+def test_acks_release_waiters_in_revision_order() -> None:
+    async def run() -> None:
+        acks = AckTracker(need=2, timeout_s=5)
+        w10 = asyncio.create_task(acks.wait(10))
+        w20 = asyncio.create_task(acks.wait(20))
+        await asyncio.sleep(0)
+        acks.ack("r1", 25)
+        await asyncio.sleep(0.05)
+        assert not w10.done()  # one replica is not two
+        acks.ack("r2", 15)
+        await asyncio.wait_for(w10, 1)
+        await asyncio.sleep(0.05)
+        assert not w20.done()
+        acks.ack("r2", 20)
+        await asyncio.wait_for(w20, 1)
+        acks.ack("r2", 5)  # acks never go back
+        assert acks.satisfied() == 20
+        await acks.wait(20)  # already there: no wait
+
+    asyncio.run(run())
+
+
+def test_acks_time_out_and_fail_clearly() -> None:
+    async def run() -> None:
+        acks = AckTracker(need=1, timeout_s=0.05)
+        with pytest.raises(errors.UnavailableError, match="durable on the primary"):
+            await acks.wait(3)
+        acks2 = AckTracker(need=1, timeout_s=5)
+        w = asyncio.create_task(acks2.wait(3))
+        await asyncio.sleep(0)
+        acks2.fail_all("demoted")
+        with pytest.raises(errors.UnavailableError, match="demoted"):
+            await w
+        await AckTracker(need=0, timeout_s=0).wait(99)  # asynchronous mode never waits
+
+    asyncio.run(run())
+
+
+def test_promoted_map() -> None:
+    pb = admin_pb2.ClusterMap(epoch=4, cluster_id="c")
+    pb.shards.add(id="s1", primary="a:1", replicas=["b:1", "c:1"], weight=1)
+    pb.shards.add(id="s2", primary="d:1", replicas=["e:1"], weight=2)
+    out = promoted_map(pb, "s1", "c:1")
+    assert out.epoch == 5 and out.cluster_id == "c"
+    assert (out.shards[0].primary, list(out.shards[0].replicas)) == ("c:1", ["b:1"])
+    assert out.shards[1] == pb.shards[1]
+    assert pb.epoch == 4 and pb.shards[0].primary == "a:1"  # the input is untouched
+
+
+def test_relaxed_reads_and_replica_choice() -> None:
+    get = state_pb2.GetRequest(session_id="a", key="k")
+    assert not relaxed_read("Get", get.SerializeToString())
+    get.consistency = types_pb2.EVENTUAL
+    assert relaxed_read("Get", get.SerializeToString())
+    get.consistency = types_pb2.STRONG
+    get.min_revision = 5
+    assert not relaxed_read("Get", get.SerializeToString())  # STRONG wins
+    get.consistency = types_pb2.CONSISTENCY_UNSPECIFIED
+    assert relaxed_read("Get", get.SerializeToString())
+    assert relaxed_read("Scan", state_pb2.ScanRequest(session_id="a", min_revision=1).SerializeToString())
+    assert not relaxed_read("Put", state_pb2.PutRequest(session_id="a").SerializeToString())
+    assert not relaxed_read("Get", b"\xff\xff")
+
+    shard = admin_pb2.ShardInfo(id="s1", primary="p", replicas=["r1", "r2"])
+    picker = ReplicaPicker()
+    assert {picker.pick(shard) for _ in range(4)} == {"r1", "r2"}
+    picker.failed("r1")
+    assert {picker.pick(shard) for _ in range(4)} == {"r2"}
+    picker.failed("r2")
+    assert picker.pick(shard) is None
+    assert picker.pick(admin_pb2.ShardInfo(id="s2", primary="p")) is None
