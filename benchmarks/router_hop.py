@@ -7,7 +7,9 @@ owning shard, with plain grpc.aio stubs, and the CPU each process spends per op.
 Modes: `direct` (the caller computes the owner with the shared ring, as a smart client does),
 `router` (unary calls through the router), `router-batch` (each caller's step as one Batch of
 Get, then one Batch of Put — the unary-Batch path a client's auto-batching uses), and
-`router-pipeline` (steps of all callers multiplexed over one Pipeline stream). CPU is
+`router-pipeline` (steps of all callers multiplexed over one Pipeline stream, one op per
+batch), and `client-lib` (the AsyncClient, which coalesces concurrent ops into Pipeline
+batches, through the router). CPU is
 utime+stime from /proc/<pid>/stat over the measured window.
 """
 
@@ -29,9 +31,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shardstate.clustermap import ClusterView  # noqa: E402
-from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc  # noqa: E402
-from tests.procs import Procs  # noqa: E402
+from shardstate.clustermap import ClusterView
+from shardstate.errors import ConflictError
+from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc
+from tests.procs import Procs
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 VALUE = b"x" * 1024
@@ -76,6 +79,11 @@ async def run_mode(mode: str, router: str, view: ClusterView, sessions: list[str
 
     rstub = stub(router)
     pipe = Pipe(rstub) if mode == "router-pipeline" else None
+    lib = None
+    if mode == "client-lib":
+        from shardstate import AsyncClient
+
+        lib = AsyncClient(router, timeout=30)
     versions: dict[str, int] = {}
     steps = 0
     lat: list[float] = []
@@ -83,6 +91,14 @@ async def run_mode(mode: str, router: str, view: ClusterView, sessions: list[str
     measuring = False
 
     async def step(sid: str) -> None:
+        if lib is not None:
+            s = lib.session(sid)
+            rec = await s.get("state")
+            try:
+                await s.put("state", VALUE, expect=rec.version if rec else 0)
+            except ConflictError:
+                pass
+            return
         target = stub(view.owner("", sid).primary) if mode == "direct" else rstub
         get = state_pb2.GetRequest(session_id=sid, key="state")
         if mode in ("direct", "router"):
@@ -119,6 +135,8 @@ async def run_mode(mode: str, router: str, view: ClusterView, sessions: list[str
     del versions
     if pipe is not None:
         await pipe.call.done_writing()
+    if lib is not None:
+        await lib.close()
     for ch in channels.values():
         await ch.close()
     lat.sort()
@@ -152,7 +170,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--modes", default="direct,router,router-batch,router-pipeline")
+    p.add_argument("--modes", default="direct,router,router-batch,router-pipeline,client-lib")
     p.add_argument("--router-args", default="", help="extra flags for the router, e.g. '--no-shard-pipeline'")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
