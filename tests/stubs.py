@@ -160,6 +160,7 @@ class WriteLoad:
         ] = {}  # thread -> (acked value, version, next value)
         self.seqs: dict[tuple[str, str], dict[int, bytes]] = {}  # (sid, stream) -> seq -> data
         self.errors: list[grpc.RpcError] = []
+        self.unacked: list[tuple[str, str, str, list[bytes]]] = []  # writes that got an error
         self.unexpected: list[BaseException] = []
         self.ack_count = 0
         self.acks_after_mark = 0  # acknowledgements received after mark() (e.g. after SIGTERM)
@@ -182,6 +183,10 @@ class WriteLoad:
         for t in self._threads:
             t.join(60)
 
+    def busy(self, acks: int = 100) -> bool:
+        """True once `acks` writes were acknowledged, or a thread stopped on an error."""
+        return self.ack_count >= acks or bool(self.errors or self.unexpected)
+
     def all_stopped(self) -> bool:
         return not any(t.is_alive() for t in self._threads)
 
@@ -195,10 +200,13 @@ class WriteLoad:
         ch = grpc.insecure_channel(self.address)
         stub = state_pb2_grpc.StateStub(ch)
         stream = f"t{i}"
+        # the write on the wire when the thread stopped: (kind, sid, key or stream, values)
+        pending: tuple[str, str, str, list[bytes]] | None = None
         try:
             j = 0
             while not self.stop.is_set():
                 key, value = f"t{i}/k{j}", f"v{i}-{j}".encode()
+                pending = ("put", sid, key, [value])
                 p = stub.Put(
                     state_pb2.PutRequest(session_id=sid, key=key, value=value),
                     timeout=CALL_TIMEOUT_S,
@@ -210,6 +218,7 @@ class WriteLoad:
                 nxt = f"last-{j}".encode()
                 with self.lock:
                     self.last[i] = (prev[0], prev[1], nxt) if prev else (b"", 0, nxt)
+                pending = ("put", sid, f"t{i}/last", [nxt])
                 p = stub.Put(
                     state_pb2.PutRequest(session_id=sid, key=f"t{i}/last", value=nxt),
                     timeout=CALL_TIMEOUT_S,
@@ -219,6 +228,7 @@ class WriteLoad:
                     self._ack()
                 if j % 3 == 0:
                     data = f"e{j}".encode()
+                    pending = ("append", sid, stream, [data])
                     a = stub.Append(
                         state_pb2.AppendRequest(session_id=sid, stream=stream, entries=[data]),
                         timeout=CALL_TIMEOUT_S,
@@ -227,29 +237,54 @@ class WriteLoad:
                         self.seqs.setdefault((sid, stream), {})[a.seqs[0]] = data
                         self._ack()
                 if self.batch_puts:
+                    bkeys = [f"t{i}/b{j}/{n}" for n in range(self.batch_puts)]
                     ops = [
                         state_pb2.BatchOp(
-                            put=state_pb2.PutRequest(
-                                session_id=sid, key=f"t{i}/b{j}/{n}", value=b"b"
-                            )
+                            put=state_pb2.PutRequest(session_id=sid, key=k, value=b"b")
                         )
-                        for n in range(self.batch_puts)
+                        for k in bkeys
                     ]
+                    pending = ("batch", sid, "", [k.encode() for k in bkeys])
                     b = stub.Batch(state_pb2.BatchRequest(ops=ops), timeout=CALL_TIMEOUT_S)
                     with self.lock:
-                        for n, r in enumerate(b.results):
+                        for k, r in zip(bkeys, b.results, strict=True):
                             if r.code == 0:
-                                self.acked[(sid, f"t{i}/b{j}/{n}")] = (b"b", r.put.version)
+                                self.acked[(sid, k)] = (b"b", r.put.version)
                         self._ack()
+                pending = None
                 j += 1
         except grpc.RpcError as e:
             with self.lock:
                 self.errors.append(e)
+                if pending is not None:
+                    self.unacked.append(pending)
         except BaseException as e:
             with self.lock:
                 self.unexpected.append(e)
         finally:
             ch.close()
+
+    def verify_unacked_absent(self, conn: Conn) -> int:
+        """After a graceful shutdown: the writes that got an error were refused, not applied
+        (applied <=> acknowledged). Returns how many refused writes were checked."""
+        for kind, sid, name, values in self.unacked:
+            if kind == "put":
+                g = conn.get(sid, name)
+                assert not (g.found and g.record.value == values[0]), (
+                    f"refused put applied: {sid}/{name}"
+                )
+            elif kind == "append":
+                data = [e.data for e in conn.read_log(sid, name, limit=1000).entries]
+                assert values[0] not in data, f"refused append applied: {sid}/{name} {values[0]!r}"
+            else:
+                ops = [
+                    state_pb2.BatchOp(get=state_pb2.GetRequest(session_id=sid, key=k.decode()))
+                    for k in values
+                ]
+                resp = conn.state.Batch(state_pb2.BatchRequest(ops=ops), timeout=CALL_TIMEOUT_S)
+                landed = [k for k, r in zip(values, resp.results, strict=True) if r.get.found]
+                assert not landed, f"refused batch applied {len(landed)} of {len(values)} puts"
+        return len(self.unacked)
 
     def max_version(self) -> int:
         versions = [v for _, v in self.acked.values()] + [v for _, v, _ in self.last.values()]

@@ -28,7 +28,7 @@ def test_kill9_under_load_keeps_every_acknowledged_write(procs: Procs) -> None:
     ]  # type: ignore[attr-defined]
     old_max = load.max_version()
 
-    shard.start()
+    shard.start(listen="127.0.0.1:0")  # a fresh port: the old one may be taken meanwhile
     conn = Conn(shard)
     try:
         checked = load.verify(conn)
@@ -71,7 +71,7 @@ def test_version_never_repeats_across_kill9_restarts(procs: Procs) -> None:
         finally:
             conn.close()
         shard.kill()
-        shard.start()
+        shard.start(listen="127.0.0.1:0")  # a fresh port: the old one may be taken meanwhile
     conn = Conn(shard)
     try:
         g = conn.get(sid, "k")
@@ -81,3 +81,44 @@ def test_version_never_repeats_across_kill9_restarts(procs: Procs) -> None:
     finally:
         conn.close()
     assert seen == sorted(seen) and len(set(seen)) == len(seen), seen
+
+
+def test_request_id_replay_and_history_survive_kill9(procs: Procs) -> None:
+    shard = procs.shard("s1")
+    sid = uid()
+    conn = Conn(shard)
+    append = state_pb2.AppendRequest(
+        session_id=sid, stream="m", entries=[b"once"], request_id="r-1"
+    )
+    inc = state_pb2.IncrementRequest(session_id=sid, key="n", delta=3, request_id="r-2")
+    try:
+        first_append = conn.state.Append(append, timeout=30)
+        first_inc = conn.state.Increment(inc, timeout=30)
+    finally:
+        conn.close()
+    # the reply was "lost": the process dies, the caller retries against the restarted shard
+    shard.kill()
+    shard.start(listen="127.0.0.1:0")  # a fresh port: the old one may be taken meanwhile
+    conn = Conn(shard)
+    try:
+        again = conn.state.Append(append, timeout=30)
+        assert again.header.replayed and list(again.seqs) == list(first_append.seqs) == [1]
+        inc_again = conn.state.Increment(inc, timeout=30)
+        assert inc_again.header.replayed and inc_again.value == first_inc.value == 3
+        assert [e.data for e in conn.read_log(sid, "m").entries] == [b"once"]
+        assert conn.get(sid, "n").record.value == b"3"
+        # the change log survived too: a watch resumes from before the crash
+        call = conn.state.Watch(
+            state_pb2.WatchRequest(session_id=sid, from_revision=first_append.revision), timeout=30
+        )
+        revisions: list[int] = []
+        try:
+            for resp in call:
+                revisions += [e.revision for e in resp.events]
+                if len(revisions) >= 2:
+                    break
+        finally:
+            call.cancel()
+        assert revisions == [first_append.revision, first_inc.version]
+    finally:
+        conn.close()

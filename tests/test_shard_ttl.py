@@ -27,6 +27,10 @@ lazy = shard_fixture("s1", "--sweep-interval-s", "3600")
 swept = shard_fixture("s2", "--sweep-interval-s", "0.2")
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def scan_keys(shard: Conn, sid: str, ns: str = "") -> list[str]:
     resp = shard.state.Scan(state_pb2.ScanRequest(namespace=ns, session_id=sid), timeout=T)
     return [r.key for r in resp.records]
@@ -44,9 +48,8 @@ def test_key_ttl_expiry_hides_the_key_and_recreate_gets_a_new_version(lazy: Conn
     shard = lazy
     shard.put(sid, "keep", b"k")
     p = shard.put(sid, "k", b"v", ttl_ms=400)
-    r = shard.get(sid, "k").record
-    assert r.expires_at_ms > 0
-    sleep_until_ms(r.expires_at_ms)
+    # same machine, same clock: the server's expiry is at most now + ttl
+    sleep_until_ms(now_ms() + 400)
     assert not shard.get(sid, "k").found
     assert scan_keys(shard, sid) == ["keep"]
     # an expired key is absent: create-only succeeds, with a version above the expired one
@@ -70,12 +73,10 @@ def test_session_ttl_hides_every_key_and_log_at_once_before_the_sweeper(lazy: Co
     for k in keys:
         shard.put(sid, k, k.encode(), ns=ns)
     shard.append(sid, "messages", b"m1", b"m2", ns=ns)
-    last = shard.put(sid, "last", b"x", ns=ns, session_ttl_ms=1000)
     info = shard.get_session(sid, ns=ns).session
-    assert info.expires_at_ms > 0 and info.key_count == 11
-    # still there just before (the TTL is long enough for these reads on a busy machine)
-    assert shard.get(sid, "k0", ns=ns).found
-    sleep_until_ms(info.expires_at_ms)
+    assert info.expires_at_ms == 0 and info.key_count == 10
+    last = shard.put(sid, "last", b"x", ns=ns, session_ttl_ms=1000)
+    sleep_until_ms(now_ms() + 1000)  # the server's expiry is at most now + ttl
 
     for k in [*keys, "last"]:
         assert not shard.get(sid, k, ns=ns).found, k
@@ -105,7 +106,7 @@ def test_session_ttl_hides_every_key_and_log_at_once_before_the_sweeper(lazy: Co
     assert [e.data for e in shard.read_log(sid, "messages", ns=ns).entries] == [b"fresh"]
     info2 = shard.get_session(sid, ns=ns).session
     assert info2.key_count == 1 and info2.expires_at_ms == 0
-    assert info2.max_version > info.max_version
+    assert info2.max_version > last.version
     assert shard.get("bystander", "k", ns=ns).record.value == b"stays"
 
 
@@ -125,9 +126,11 @@ def test_session_ttl_slides_with_each_write(lazy: Conn) -> None:
 def test_touch_extends_then_shortens_the_session_ttl(lazy: Conn) -> None:
     shard = lazy
     sid = uid()
-    shard.put(sid, "k", b"v", session_ttl_ms=1500)
+    shard.put(sid, "k", b"v")
     shard.append(sid, "s", b"e")
-    first = shard.get_session(sid).session.expires_at_ms
+    first = shard.state.Touch(
+        state_pb2.TouchRequest(session_id=sid, ttl_ms=1500), timeout=T
+    ).expires_at_ms
     t = shard.state.Touch(state_pb2.TouchRequest(session_id=sid, ttl_ms=5000), timeout=T)
     assert t.expires_at_ms > first
     sleep_until_ms(first, margin_ms=200)  # past the original expiry: still alive
@@ -186,13 +189,14 @@ def test_sweeper_reclaims_expired_keys(swept: Conn) -> None:
     sid = uid()
     shard.put(sid, "keep", b"k")
     before = shard.node_status()
-    expiries = [shard.put(sid, f"t{i}", b"x", ttl_ms=400).version for i in range(10)]
-    assert len(expiries) == 10
+    for i in range(10):
+        shard.put(sid, f"t{i}", b"x", ttl_ms=1500)
+    last_write = now_ms()
+    # long enough a TTL for these reads to come first even on a busy machine
     assert shard.get_session(sid).session.key_count == 11
     loaded = shard.node_status()
     assert loaded.keys >= before.keys + 10
-    exp = shard.get(sid, "t9").record.expires_at_ms
-    sleep_until_ms(exp or int(time.time() * 1000))
+    sleep_until_ms(last_write + 1500)
     assert scan_keys(shard, sid) == ["keep"]
     wait_until(lambda: shard.node_status().keys <= loaded.keys - 10)
     assert shard.get_session(sid).session.key_count == 1
