@@ -148,16 +148,39 @@ class Follower:
                 await channel.close()
 
     async def _read(self, call: aio.StreamStreamCall) -> replication_pb2.LeaderMessage | None:
-        msg = await asyncio.wait_for(call.read(), DEAD_AFTER_S)
+        msg = await call.read()
         if msg is aio.EOF:
             return None
         self.last_contact_ms = wall_ms()
         return msg  # type: ignore[no-any-return]
 
+    async def _watchdog(self, call: aio.StreamStreamCall) -> None:
+        """Heartbeats come every 0.5 s: a silent stream is a dead primary (or network)."""
+        while True:
+            await asyncio.sleep(DEAD_AFTER_S / 3)
+            if wall_ms() - self.last_contact_ms > DEAD_AFTER_S * 1000:
+                call.cancel()
+                return
+
+    async def _acker(self, call: aio.StreamStreamCall, wanted: asyncio.Event) -> None:
+        """Sends the applied revision whenever it moved; while one ack is on the wire, later
+        batches fold into the next one (a busy follower acks less often, never later)."""
+        engine = self.engine
+        sent = 0
+        while True:
+            await wanted.wait()
+            wanted.clear()
+            rev = engine.revision()
+            if rev != sent or not rev:
+                await call.write(replication_pb2.FollowerMessage(ack=replication_pb2.FollowAck(applied_revision=rev)))
+                sent = rev
+
     async def _stream(self, channel: aio.Channel) -> None:
         engine, node = self.engine, self.node
         stub = replication_pb2_grpc.ReplicationStub(channel)
         call = stub.Follow()
+        self.last_contact_ms = wall_ms()
+        helpers: list[asyncio.Task[None]] = [asyncio.create_task(self._watchdog(call))]
         try:
             resync = engine.node_meta(RESYNC_META) == b"1"
             mine = timeline.load(engine)
@@ -185,7 +208,13 @@ class Follower:
             self._heard(hb.heartbeat)
             log.info("following", extra={"fields": {"primary": self.target, "applied": applied,
                                                     "leader_revision": hb.heartbeat.leader_revision, "resync": resync}})
+            ack = asyncio.Event()
+            acker = asyncio.create_task(self._acker(call, ack))
+            helpers.append(acker)
             while True:
+                if acker.done():
+                    acker.result()  # the ack stream broke: raise why
+
                 msg = await self._read(call)
                 if msg is None:
                     raise RuntimeError("the primary ended the stream")
@@ -204,9 +233,10 @@ class Follower:
                         continue
                 else:
                     continue
-                await call.write(replication_pb2.FollowerMessage(
-                    ack=replication_pb2.FollowAck(applied_revision=engine.revision())))
+                ack.set()
         finally:
+            for t in helpers:
+                t.cancel()
             call.cancel()
 
     def _heard(self, b: replication_pb2.ChangeBatch) -> None:

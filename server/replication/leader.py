@@ -50,6 +50,8 @@ class FollowerInfo:
     last_seen: float = 0.0  # monotonic
     hold_from: int = 0  # while a snapshot streams: its revision + 1
     caught_up: bool = False
+    batches: int = 0  # change batches sent on the current stream
+    entries: int = 0
 
 
 def _take(it: Iterator[tuple[bytes, bytes]]) -> tuple[replication_pb2.SnapshotChunk, bool]:
@@ -182,8 +184,9 @@ class Leader:
                     if gen != self.generation:
                         break
                 start = snap_rev[0] + 1
+            info.batches = info.entries = 0
             try:
-                async for msg in self._changes(start, gen):
+                async for msg in self._changes(start, gen, info):
                     yield msg
             except errors.HistoryCompactedError as e:  # fell behind retention: reconnect for a snapshot
                 await errors.abort(context, e)
@@ -196,7 +199,8 @@ class Leader:
                 info.connected = False
                 info.hold_from = 0
                 info.last_seen = time.monotonic()
-            log.info("follower disconnected", extra={"fields": {"follower": info.id, "acked": info.acked}})
+            log.info("follower disconnected", extra={"fields": {
+                "follower": info.id, "acked": info.acked, "batches": info.batches, "entries": info.entries}})
 
     def _check_hello(self, hello: replication_pb2.FollowHello) -> None:
         node = self.node
@@ -259,7 +263,7 @@ class Leader:
         finally:
             snap.close()
 
-    async def _changes(self, start: int, gen: int) -> AsyncIterator[bytes]:
+    async def _changes(self, start: int, gen: int, info: FollowerInfo) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         engine = self.engine
         last_sent = loop.time()
@@ -277,6 +281,8 @@ class Leader:
                     backlog = max(0, backlog - len(batch))
                 body = wire.change_batch([raw for _, raw in batch], leader_rev, wall_ms(), backlog)
                 yield wire.leader_message(wire.CHANGES, body, self.node.epoch)
+                info.batches += 1
+                info.entries += len(batch)
                 start = batch[-1][0] + 1
                 last_sent = loop.time()
                 continue  # read again before waiting: commits during the send must not be missed
