@@ -355,7 +355,7 @@ def test_retries_survive_kill_9_without_double_applying(procs: Procs) -> None:
     finally:
         stop.set()
         t.join(120)
-    assert not failures, failures
+    assert not failures, f"{failures!r}; shard alive={shard.alive()}; log:\n{shard.log_tail()}"
     assert len(acked) >= 150  # the writer went on through both crashes
     with Client(shard.address, timeout=30) as c:
         s = c.session("crashy")
