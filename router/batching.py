@@ -16,6 +16,7 @@ import grpc
 from shardstate import errors
 from shardstate.clustermap import ClusterView
 from shardstate.router.forward import Forwarder, Route
+from shardstate.router.replicas import from_replicas, replica_reads
 from shardstate.router.shardpipe import ShardLinks, SubBatchError
 from shardstate.router.wire import RawBatchResponse, error_result, op_session, redirect_of
 from shardstate.v1 import types_pb2
@@ -80,12 +81,16 @@ class BatchRunner:
         if n > self.max_batch_ops:
             raise errors.LimitExceededError.of("max_batch_ops", self.max_batch_ops, n, "ops in the batch")
 
-    async def run(self, ops: Sequence[bytes], deadline: float) -> bytes:
+    async def run(self, ops: Sequence[bytes], deadline: float, replicas: bool = True) -> bytes:
         """Encoded BatchResponse for encoded ops."""
         self.check(len(ops))
         sessions = [op_session(op) for op in ops]
         results: list[bytes | None] = [None] * len(ops)
-        pending = list(range(len(ops)))
+        # EVENTUAL / min_revision reads go to replicas meanwhile (router/replicas.py).
+        view0 = self.fwd.maps.view
+        relaxed = replica_reads(view0, ops, self.fwd.replicas) if replicas and any(s.replicas for s in view0.pb.shards) else {}
+        on_replicas = asyncio.ensure_future(from_replicas(self.links, self.fwd.replicas, ops, relaxed, deadline)) if relaxed else None
+        pending = [i for i in range(len(ops)) if i not in relaxed]
         headers: dict[str, bytes] = {}
         last_redirect = ""
         for _ in range(self.fwd.max_hops + 1):
@@ -136,6 +141,14 @@ class BatchRunner:
             results[i] = error_result(
                 UNAVAILABLE, f"routing did not settle after {self.fwd.max_hops} redirects (last: {last_redirect})"
             )
+        if on_replicas is not None:
+            served, leftover = await on_replicas
+            for i, r in served.items():
+                results[i] = r
+            if leftover:  # the primary answers what the replicas could not
+                sub = RawBatchResponse.FromString(await self.run([ops[i] for i in leftover], deadline, replicas=False))
+                for i, r in zip(leftover, sub.results, strict=True):
+                    results[i] = r
         header = next(iter(headers.values())) if len(headers) == 1 else router_header(self.fwd.maps.view, self.node)
         return assemble(header, results)
 

@@ -293,6 +293,21 @@ def test_replica_refuses_writes_router_routes_reads_and_lag_shows(procs: Procs) 
         assert ev.header.node == replica.address and ev.record.version == put.version
         strong = stub.Get(state_pb2.GetRequest(session_id="a", key="k"), timeout=T)
         assert strong.header.node == primary.address
+        # In a Batch too: relaxed reads to the replica, the rest to the primary, in order.
+        batch = stub.Batch(state_pb2.BatchRequest(ops=[
+            state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="a", key="k", consistency=EVENTUAL)),
+            state_pb2.BatchOp(put=state_pb2.PutRequest(session_id="b", key="k", value=b"b1")),
+            state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="a", key="k", min_revision=put.version)),
+            state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="a", key="k")),
+            state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="zz", key="k", consistency=EVENTUAL)),
+        ]), timeout=T)
+        r = batch.results
+        assert [x.code for x in r] == [0] * 5
+        assert r[0].get.record.value == b"v1" and r[0].get.header.node == replica.address
+        assert r[1].put.applied and r[1].put.header.node == primary.address
+        assert r[2].get.record.version == put.version and r[2].get.header.node == replica.address
+        assert r[3].get.header.node == primary.address
+        assert not r[4].get.found and r[4].get.header.node == replica.address
 
     wait_converged(primary.address, replica.address)
     st = router_status(router.address)
@@ -316,6 +331,9 @@ def test_replica_refuses_writes_router_routes_reads_and_lag_shows(procs: Procs) 
     with grpc.insecure_channel(router.address) as ch:
         ev = state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(session_id="a", key="k", consistency=EVENTUAL), timeout=T)
         assert ev.record.value == b"v1" and ev.header.node == primary.address
+        b = state_pb2_grpc.StateStub(ch).Batch(state_pb2.BatchRequest(ops=[state_pb2.BatchOp(
+            get=state_pb2.GetRequest(session_id="a", key="k", consistency=EVENTUAL))]), timeout=T)
+        assert b.results[0].get.record.value == b"v1" and b.results[0].get.header.node == primary.address
 
 
 def router_status(router: str) -> dict[str, admin_pb2.NodeStatus]:
