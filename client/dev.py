@@ -107,7 +107,7 @@ class DevCluster:
             # router before the shards so in-flight calls drain in order.
             popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, process_group=0)
-        node = Node(spec, popen, port_file, log_path)
+        node = Node(spec, popen, port_file, log_path, port=spec.port)  # fixed ports: address known now
         self.nodes[spec.name] = node
         return node
 
@@ -151,6 +151,9 @@ class DevCluster:
         best = max(maps, key=lambda m: m.epoch)
         if best.epoch == 0:
             return  # a new cluster: the router bootstraps it
+        named = {a for s in best.shards for a in (s.primary, *s.replicas)}
+        if named <= {n.address for n in shards}:
+            return  # same addresses: the map's roles stand (a promoted replica stays primary)
         primary = {n.spec.shard_id: n.address for n in shards if not n.spec.replica_of}
         replicas: dict[str, list[str]] = {}
         for n in shards:
@@ -247,6 +250,10 @@ def main(argv: list[str]) -> int:
     console.print(f"[bold]shardstate dev[/]: {a.shards} shards, {a.replicas} replicas each, data in {data}")
     try:
         stages = plan(a.shards, a.replicas, a.port, data)
+        if a.port:
+            # Fixed ports: start every shard at once. After a failover the map, not the plan,
+            # says which node is primary, and a node waits for the primary it must follow.
+            stages = [[spec for stage in stages[:-1] for spec in stage], stages[-1]]
         for stage in stages:
             if stage[0].kind == "router":
                 cluster.reconcile_map()
