@@ -4,6 +4,7 @@ at several client concurrencies, over loopback with plain grpc.aio stubs (no cli
     .venv/bin/python benchmarks/shard_bench.py                      # starts its own shard
     .venv/bin/python benchmarks/shard_bench.py --duration 2 --sessions 2000
     .venv/bin/python benchmarks/shard_bench.py --address 127.0.0.1:7401 --pid 1234
+    .venv/bin/python benchmarks/shard_bench.py --baseline   # also a no-op grpc.aio server
 
 Each cell runs a short warm-up, then `--duration` seconds of measurement. CPU comes from
 /proc/<pid>/stat (utime + stime) of the shard before and after the measured window.
@@ -36,6 +37,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 @dataclass
 class Cell:
+    server: str  # "shard", or "no-op" for the bare grpc.aio floor
     op: str
     concurrency: int
     ops: int
@@ -59,26 +61,30 @@ class Cell:
 class ShardProc:
     """A shard on 127.0.0.1:0 in a temporary data directory, stopped with SIGTERM at the end."""
 
-    def __init__(self, extra: list[str]) -> None:
+    def __init__(self, extra: list[str], noop: bool = False) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="shard-bench-")
         d = Path(self.tmp.name)
         self.port_file = d / "port"
         self.log = open(d / "shard.log", "wb")  # noqa: SIM115 - closed in stop()
-        cmd = [
-            sys.executable,
-            "-m",
-            "shardstate",
-            "shard",
-            "--id",
-            "bench",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(d / "data"),
-            "--port-file",
-            str(self.port_file),
-            *extra,
-        ]
+        cmd = (
+            [sys.executable, __file__, "--serve-noop", str(self.port_file)]
+            if noop
+            else [
+                sys.executable,
+                "-m",
+                "shardstate",
+                "shard",
+                "--id",
+                "bench",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(d / "data"),
+                "--port-file",
+                str(self.port_file),
+                *extra,
+            ]
+        )
         self.popen = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.address = ""
 
@@ -114,6 +120,40 @@ class ShardProc:
                 self.popen.wait(30)
         self.log.close()
         self.tmp.cleanup()
+
+
+async def serve_noop(port_file: str) -> None:
+    """The floor: a grpc.aio State server answering Get/Put/Batch with canned replies and no
+    storage, so the shard's figures can be read as gRPC cost + shard cost."""
+    from grpc_health.v1 import health
+
+    class Noop(state_pb2_grpc.StateServicer):
+        async def Get(self, req: state_pb2.GetRequest, ctx: object) -> state_pb2.GetResponse:
+            rec = {"key": req.key, "value": NOOP_VALUE, "version": 1}
+            return state_pb2.GetResponse(found=True, record=rec)
+
+        async def Put(self, req: state_pb2.PutRequest, ctx: object) -> state_pb2.PutResponse:
+            return state_pb2.PutResponse(applied=True, version=req.expected_version + 1)
+
+        async def Batch(self, req: state_pb2.BatchRequest, ctx: object) -> state_pb2.BatchResponse:
+            put = state_pb2.PutResponse(applied=True, version=1)
+            return state_pb2.BatchResponse(
+                results=[state_pb2.BatchResult(put=put) for _ in req.ops]
+            )
+
+    server = grpc.aio.server()
+    state_pb2_grpc.add_StateServicer_to_server(Noop(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    Path(port_file).write_text(str(port))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+NOOP_VALUE = b"x" * 1024
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -218,6 +258,7 @@ async def run_cell(
 
     shard_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
     return Cell(
+        server="shard",
         op=op,
         concurrency=conc,
         ops=n,
@@ -255,21 +296,23 @@ def render(cells: list[Cell], args: argparse.Namespace, address: str) -> None:
         f"{args.duration:g} s per cell, grpc.aio unary stubs"
     )
     for col in (
+        "server",
         "op",
         "conc",
         "ops/s",
         "p50 ms",
         "p99 ms",
-        "shard CPU µs/op",
-        "shard cores",
+        "server CPU µs/op",
+        "server cores",
         "client CPU µs/op",
         "ops",
         "conflicts",
         "errors",
     ):
-        t.add_column(col, justify="left" if col == "op" else "right")
+        t.add_column(col, justify="left" if col in ("server", "op") else "right")
     for c in cells:
         t.add_row(
+            c.server,
             "Get" if c.op == "get" else "CAS Put",
             str(c.concurrency),
             f"{c.ops_per_s:,.0f}",
@@ -305,7 +348,16 @@ def main(argv: list[str] | None = None) -> int:
         "--shard-arg", action="append", default=[], help="extra flag for the started shard"
     )
     ap.add_argument("--json", default="", help="also write the cells to this JSON file")
+    ap.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run the cells against a no-op grpc.aio server (the floor of a unary call)",
+    )
+    ap.add_argument("--serve-noop", default="", help=argparse.SUPPRESS)  # internal: the floor
     args = ap.parse_args(argv)
+    if args.serve_noop:
+        asyncio.run(serve_noop(args.serve_noop))
+        return 0
 
     proc: ShardProc | None = None
     try:
@@ -318,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if proc is not None:
             proc.stop()
+    if args.baseline:
+        noop = ShardProc([], noop=True)
+        try:
+            floor = asyncio.run(bench(args, noop.wait_ready(), noop.popen.pid))
+        finally:
+            noop.stop()
+        for c in floor:
+            c.server = "no-op"
+        cells += floor
     render(cells, args, address)
     if args.json:
         Path(args.json).write_text(
