@@ -113,7 +113,7 @@ class Leader:
         committed = self.engine.revision()
         now = wall_ms()
         for f in sorted(self.followers.values(), key=lambda f: f.id):
-            lag = self.count_after(f.acked, 100_000) if f.acked < committed else 0
+            lag = self.count_after(f.acked) if f.acked < committed else 0
             lag_ms = 0
             if lag:
                 nxt = self.engine.store.db.iterator(start=enc.change_key(f.acked + 1), stop=CHANGE_END)

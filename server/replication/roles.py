@@ -6,6 +6,13 @@ registration in the cluster map; plus the hooks into the State and Admin service
 The cluster map decides: the shard's entry names its primary. Without a map entry,
 `--replica-of ADDR` makes a replica. A map naming another primary turns a primary into a
 replica of it (checked at start-up against the peers' maps and on every adopted map).
+
+Replica registration: the primary records its replicas in the map. When a follower has caught
+up, a primary whose map (epoch > 0) places its shard but does not list that follower publishes
+the map at the next epoch with it added to `ShardInfo.replicas`, to every node the map names
+(mapsync.py rebuilds on top of any map that took the same epoch meanwhile); routers pick it up
+on their next map refresh. A router bootstrapping from seeds that include replicas lists them
+from the start (their Status says REPLICA), which is what `shardstate dev` relies on.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class Replication:
         self._lock = asyncio.Lock()  # one role transition at a time
         self._tasks: set[asyncio.Task[Any]] = set()
         self._registering: set[str] = set()
+        self._register_lock = asyncio.Lock()  # one map change of ours at a time
         # Promoted while holding a map of this epoch: until a newer map arrives, the map's
         # stale primary entry must not turn this node back into a replica.
         self._promoted_epoch = -1
@@ -256,7 +264,8 @@ class Replication:
 
         self._registering.update(ids)
         try:
-            await self.maps.change(mutate, f"replica {', '.join(ids)} of shard {node.shard_id} joined")
+            async with self._register_lock:
+                await self.maps.change(mutate, f"replica {', '.join(ids)} of shard {node.shard_id} joined")
         except Exception:
             log.exception("registering replicas in the cluster map failed")
         finally:
