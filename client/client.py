@@ -218,7 +218,8 @@ class Session:
     def update(self, key: str, fn: Callable[[Record | None], bytes | str | None], *, ttl: Any = None,
                attempts: int = 100, timeout: float | None = None) -> Record | None:
         """Compare-and-swap loop: `fn(old Record or None)` -> new value (None: no write).
-        Returns the record written (or the current one when fn returned None)."""
+        Returns the record written (or the current one when fn returned None); its updated_at
+        and expires_at come from the version's HLC time, within a few ms of the server's."""
         return self._run(self._core.update(key, fn, ttl, attempts, timeout))
 
     def delete(self, key: str, *, expect: int | None = None, timeout: float | None = None) -> bool:

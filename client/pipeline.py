@@ -41,9 +41,19 @@ def _deliver(futs: Futures, results: Any) -> None:
             f.set_exception(errors.InternalError(f"batch of {len(futs)} ops got {len(results)} results"))
 
 
-def _expire(fut: asyncio.Future[Any], timeout: float) -> None:
-    if not fut.done():
-        fut.set_exception(DeadlineExceededError(f"no answer within the deadline of {timeout} s (batched)"))
+# Whole-stream failures that say something about the ops themselves; any other (UNAVAILABLE,
+# CANCELLED by the peer, INTERNAL "Internal error from Core" when the peer dies mid-write...)
+# says the transport broke, and the ops - unanswered, each with its request_id - may be retried.
+_OP_ERRORS = (errors.UnimplementedError, errors.LimitExceededError, errors.InvalidArgumentError,
+              errors.UnauthenticatedError, errors.PermissionDeniedError)
+
+
+def _stream_error(exc: ShardstateError) -> ShardstateError:
+    if isinstance(exc, (*_OP_ERRORS, errors.TransientError)):
+        return exc
+    out = errors.UnavailableError(f"the pipeline stream broke: {exc.message}")
+    out.__cause__ = exc
+    return out
 
 
 class _Stream:
@@ -55,6 +65,7 @@ class _Stream:
         self._next_id = 1
         self._on_unimplemented = on_unimplemented
         self.broken = False
+        self.last_heard = asyncio.get_running_loop().time()
         self._call = stub.Pipeline(self._requests())
         self._reader = asyncio.ensure_future(self._read())
 
@@ -75,6 +86,7 @@ class _Stream:
         exc: ShardstateError = errors.UnavailableError("the pipeline stream was ended by the server")
         try:
             async for resp in self._call:
+                self.last_heard = asyncio.get_running_loop().time()
                 entry = self._waiting.pop(resp.id, None)
                 if entry is None:
                     continue
@@ -83,7 +95,7 @@ class _Stream:
                 else:
                     _deliver(entry[1], resp.batch.results)
         except grpc.RpcError as e:
-            exc = errors.from_rpc_error(e)
+            exc = _stream_error(errors.from_rpc_error(e))
         except asyncio.CancelledError:
             exc = errors.CancelledError("the client was closed")
         finally:
@@ -95,6 +107,19 @@ class _Stream:
             else:
                 for _, futs in waiting:
                     _fail(futs, exc)
+
+    def silent_for(self, now: float) -> float:
+        """How long the stream has owed answers without giving any (0 when it owes none)."""
+        return now - self.last_heard if self._waiting and not self.broken else 0.0
+
+    def abandon(self, exc: ShardstateError) -> None:
+        """Give up on a stream that stopped answering (say a half-open connection): fail what
+        it owes with a retryable error, so the retries go over a new stream."""
+        self.broken = True
+        waiting, self._waiting = list(self._waiting.values()), {}
+        for _, futs in waiting:
+            _fail(futs, exc)
+        self.close()
 
     def close(self) -> None:
         self._queue.put_nowait(None)
@@ -146,6 +171,15 @@ class _Conn:
             self._spawn(self._unary_batch(batch, futs))
         else:
             _fail(futs, UnimplementedError("the server implements neither Pipeline nor Batch"))
+
+    def expire(self, fut: asyncio.Future[Any], timeout: float) -> None:
+        """An op's deadline passed: fail it, and drop the stream if it has gone silent."""
+        if fut.done():
+            return
+        fut.set_exception(DeadlineExceededError(f"no answer within the deadline of {timeout} s (batched)"))
+        stream = self._stream
+        if stream is not None and stream.silent_for(asyncio.get_running_loop().time()) >= timeout:
+            stream.abandon(errors.UnavailableError(f"the pipeline stream gave no answer for {timeout} s"))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -207,12 +241,13 @@ class Mux:
 
     async def op(self, address: str, field: str, request: Any, timeout: float | None) -> Any:
         """One op through the next batch to address: its response message, or its error."""
-        fut = self._conn(address).submit(field, request)
+        conn = self._conn(address)
+        fut = conn.submit(field, request)
         if timeout is None:
             result = await fut
         else:
             # cheaper than asyncio.wait_for, which wraps every op in another future
-            timer = asyncio.get_running_loop().call_later(timeout, _expire, fut, timeout)
+            timer = asyncio.get_running_loop().call_later(timeout, conn.expire, fut, timeout)
             try:
                 result = await fut
             finally:

@@ -28,7 +28,7 @@ from shardstate import (
     SessionInfo,
     UnavailableError,
 )
-from shardstate.v1 import state_pb2_grpc
+from shardstate.v1 import state_pb2, state_pb2_grpc
 from tests.procs import Procs
 from tests.test_client_sync import dead_address, uid
 
@@ -343,3 +343,45 @@ def test_retries_survive_kill_9_without_double_applying(procs: Procs, batching: 
 
     acked, _ = run(main())
     assert len(acked) >= 300
+
+
+class _StallFirstPipeline(state_pb2_grpc.StateServicer):
+    """A real gRPC server whose first Pipeline stream swallows requests and never answers (a
+    half-open connection, as far as the client can tell); later streams run each batch as a
+    Batch on the shard."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = state_pb2_grpc.StateStub(self.channel)
+        self.streams = 0
+
+    async def Pipeline(self, request_iterator: Any, context: Any) -> Any:
+        self.streams += 1
+        stall = self.streams == 1
+        async for req in request_iterator:
+            if stall:
+                continue
+            resp = await self.stub.Batch(req.batch)
+            yield state_pb2.PipelineResponse(id=req.id, batch=resp)
+
+
+def test_silent_pipeline_stream_is_abandoned_and_retried(shard: str) -> None:
+    async def main() -> None:
+        fwd = _StallFirstPipeline(shard)
+        server = grpc.aio.server()
+        state_pb2_grpc.add_StateServicer_to_server(fwd, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        addr = f"127.0.0.1:{port}"
+        try:
+            retry = Retry(attempts=3, backoff=ConstantBackoff(0.01))
+            async with AsyncClient(addr, retry=retry, timeout=1.0) as c:
+                s = c.session(uid())
+                assert await asyncio.gather(*(s.incr("n") for _ in range(5))) is not None
+                assert (await s.get("n")).value == b"5"  # applied once each, after the reopen
+                assert fwd.streams == 2
+        finally:
+            await fwd.channel.close()
+            await server.stop(None)
+
+    run(main())
