@@ -254,3 +254,27 @@ def test_bad_promote_input_gets_a_clear_error_and_changes_nothing(procs: Procs) 
     assert cluster_map(p1.address) == before
     assert status(p1.address).role == admin_pb2.PRIMARY
     assert status(r1.address).role == admin_pb2.REPLICA
+
+
+def test_router_with_a_stale_map_follows_not_primary_after_a_switchover(procs: Procs) -> None:
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    a = procs.router([primary.address, replica.address])
+    b = procs.router([primary.address, replica.address], "--refresh-interval-s", "600")
+    with grpc.insecure_channel(b.address) as ch:
+        first = state_pb2_grpc.StateStub(ch).Put(state_pb2.PutRequest(session_id="x", key="k", value=b"1"), timeout=T)
+    wait_converged(primary.address, replica.address)
+    # Planned switchover through router a, the old primary alive: it becomes a replica.
+    with grpc.insecure_channel(a.address) as ch:
+        admin_pb2_grpc.AdminStub(ch).PromoteReplica(
+            admin_pb2.PromoteReplicaRequest(shard_id="s1", replica=replica.address), timeout=60)
+    wait_for(lambda: status(primary.address).role == admin_pb2.REPLICA, "the old primary to follow")
+    assert primary_of(b.address) == primary.address  # b still holds the old map
+    # b sends the write to the old primary, gets NotPrimary, refreshes, and retries: no error.
+    with grpc.insecure_channel(b.address) as ch:
+        put = state_pb2_grpc.StateStub(ch).Put(
+            state_pb2.PutRequest(session_id="x", key="k", value=b"2", expected_version=first.version), timeout=T)
+    assert put.applied and put.header.node == replica.address and put.version > first.version
+    assert primary_of(b.address) == replica.address
+    wait_converged(replica.address, primary.address)
+    assert status(primary.address).diverged_writes == 0  # nothing was written past the fork
