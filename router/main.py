@@ -99,7 +99,10 @@ class Router:
         await asyncio.wait({boot, stopper}, return_when=asyncio.FIRST_COMPLETED)
         periodic = None
         if boot.done():
-            boot.result()
+            if boot.exception() is not None:
+                await self.server.stop(0)
+                await self.nodes.close()
+                boot.result()  # raises: e.g. an unreadable cluster file
             await self.set_serving(True)
             if self.cfg.port_file:
                 write_port_file(self.cfg.port_file, self.port)
