@@ -86,12 +86,15 @@ class RouterCluster:
         self.stubs.clear()
 
 
-def cluster_fixture(scope: str = "module", **kw: Any) -> Any:
-    @pytest.fixture(scope=scope)  # type: ignore[call-overload]
-    def _fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterCluster]:
+def cluster_fixture(scope: str = "module", router_variants: Sequence[Sequence[str]] = ((),), **kw: Any) -> Any:
+    """A cluster shared by `scope`; one per router flag set in `router_variants`."""
+
+    @pytest.fixture(scope=scope, params=list(router_variants),  # type: ignore[call-overload]
+                    ids=lambda v: " ".join(v) or "defaults")
+    def _fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterCluster]:
         procs = Procs(tmp_path_factory.mktemp("cluster"))
         try:
-            c = RouterCluster(procs, **kw)
+            c = RouterCluster(procs, router_args=request.param, **kw)
             yield c
             c.close()
         finally:
@@ -143,7 +146,9 @@ def owners_by_reading_shards(c: RouterCluster, sids: Sequence[str], key: str, ns
     return found
 
 
-cluster = cluster_fixture()
+# Every test runs against routers with the coalesced Pipeline links to the shards (the default)
+# and against routers forwarding unary calls and unary Batch (--no-shard-pipeline).
+cluster = cluster_fixture(router_variants=((), ("--no-shard-pipeline",)))
 
 
 # ---- placement ----
