@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -89,9 +90,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def devs() -> list[Dev]:
+def devs() -> Iterator[list[Dev]]:
     started: list[Dev] = []
-    yield started  # type: ignore[misc]
+    yield started
     for d in started:
         d.kill()
 
