@@ -114,7 +114,10 @@ class Replication:
             f = self.follower
             if f is None or f.synced.is_set():
                 return
-            await asyncio.wait([asyncio.ensure_future(f.synced.wait())], timeout=0.5)
+            try:
+                await asyncio.wait_for(f.synced.wait(), 0.5)  # re-check: a promotion ends the wait
+            except TimeoutError:
+                pass
 
     async def stop(self) -> None:
         self.leader.closing = True
