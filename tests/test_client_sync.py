@@ -19,6 +19,7 @@ from shardstate import (
     Client,
     ConflictError,
     ConstantBackoff,
+    DeadlineExceededError,
     Entry,
     InvalidArgumentError,
     LimitExceededError,
@@ -368,3 +369,24 @@ def test_retries_survive_kill_9_without_double_applying(procs: Procs) -> None:
         assert [e.data for e in entries] == [f"e{i}".encode() for i in range(len(acked))]
         assert counts == list(range(1, len(counts) + 1))
         assert s.get("n").value == str(len(counts)).encode()
+
+
+def test_namespaces_are_apart(shard: str) -> None:
+    sid = uid()
+    with Client(shard, namespace="tenant-a", timeout=30) as a, Client(shard, timeout=30) as d:
+        a.session(sid).put("k", b"a")
+        d.session(sid).put("k", b"default")
+        d.session(sid, namespace="tenant-b").put("k", b"b")
+        assert a.session(sid).get("k").value == b"a"
+        assert d.session(sid).get("k").value == b"default"
+        assert a.session(sid, namespace="tenant-b").get("k").value == b"b"
+        assert [i.namespace for i in a.list_sessions(sid)] == ["tenant-a"]
+        assert [i.namespace for i in d.list_sessions(sid, namespace="tenant-b")] == ["tenant-b"]
+
+
+def test_per_call_deadline(shard: str) -> None:
+    with Client(shard, retry=Retry(attempts=1), timeout=30) as c:
+        s = c.session(uid())
+        with pytest.raises(DeadlineExceededError):
+            s.get("k", timeout=1e-6)
+        assert s.get("k") is None
