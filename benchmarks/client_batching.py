@@ -103,7 +103,7 @@ def main() -> None:
         if not address:
             proc, address = start_shard(Path(tmp))
         try:
-            print(f"one shard at {address}; {args.sessions} sessions, {args.concurrency} concurrent, "
+            print(f"{'one shard at ' if proc else 'target '}{address}; {args.sessions} sessions, {args.concurrency} concurrent, "
                   f"{args.value_size} B values, {args.duration:.0f} s per variant; {os.cpu_count()} cores")
             print(f"{'variant':<10} {'steps/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'client µs/step':>15} {'ops/batch':>10} {'conflicts':>10}")
             for variant in args.variants.split(","):
