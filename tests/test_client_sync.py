@@ -10,8 +10,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from shardstate import (
@@ -28,6 +31,7 @@ from shardstate import (
     SessionInfo,
     UnavailableError,
 )
+from shardstate.v1 import state_pb2, state_pb2_grpc
 from tests.procs import Procs
 
 
@@ -384,9 +388,33 @@ def test_namespaces_are_apart(shard: str) -> None:
         assert [i.namespace for i in d.list_sessions(sid, namespace="tenant-b")] == ["tenant-b"]
 
 
-def test_per_call_deadline(shard: str) -> None:
-    with Client(shard, retry=Retry(attempts=1), timeout=30) as c:
-        s = c.session(uid())
-        with pytest.raises(DeadlineExceededError):
-            s.get("k", timeout=1e-6)
-        assert s.get("k") is None
+class _Slow(state_pb2_grpc.StateServicer):
+    """A real gRPC server whose Get answers only when released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def Get(self, request: Any, context: Any) -> Any:
+        self.release.wait(30)
+        return state_pb2.GetResponse()
+
+
+def test_per_call_deadline() -> None:
+    slow = _Slow()
+    server = grpc.server(ThreadPoolExecutor(4))
+    state_pb2_grpc.add_StateServicer_to_server(slow, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", retry=Retry(attempts=1), timeout=30) as c:
+            s = c.session(uid())
+            with pytest.raises(DeadlineExceededError):
+                s.get("k", timeout=0.2)
+        with Client(f"127.0.0.1:{port}", retry=Retry(attempts=1), timeout=0.2) as c:
+            with pytest.raises(DeadlineExceededError):
+                c.session(uid()).get("k")  # the client's default deadline
+            slow.release.set()
+            assert c.session(uid()).get("k", timeout=30) is None
+    finally:
+        slow.release.set()
+        server.stop(None)
