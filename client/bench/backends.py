@@ -1,0 +1,63 @@
+"""The one interface every store is benchmarked through, and how a target address picks a backend.
+
+The harness (workloads, timing, reports) is the same code for shardstate, Redis and etcd; only
+these five calls differ. A step's compare-and-swap that loses returns False: a conflict, not an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+STATE_KEY = "state"  # the key holding a session's state in every store
+LOG_STREAM = "events"  # the log stream the append workload writes
+LOAD_PARALLELISM = 64  # concurrent writes while loading sessions before the run
+
+
+class Backend(Protocol):
+    """One store under test. Every method is a coroutine except `describe`."""
+
+    name: str
+
+    async def setup(self, session_ids: Sequence[str], value: bytes,
+                    progress: Callable[[int], None]) -> None:
+        """Connect, and write every session's initial state (reporting each written count)."""
+
+    async def step(self, session_id: str, value: bytes) -> bool:
+        """Read the session's state, then compare-and-swap `value` in; False = the CAS lost."""
+
+    async def read(self, session_id: str) -> bool:
+        """Read the session's state; True when it was there."""
+
+    async def append(self, session_id: str, entry: bytes, last: int) -> int:
+        """Append one entry to the session's log, then read its newest `last`; returns how many."""
+
+    async def close(self) -> None:
+        """Release connections (the store keeps running)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What a report should say about how this store was driven (client, call pattern)."""
+
+
+def make_backend(kind: str, address: str, concurrency: int) -> Backend:
+    """`kind` is shardstate, redis or etcd; `address` is host:port of the router / server."""
+    if kind == "shardstate":
+        from shardstate.bench.shardstate_backend import ShardstateBackend
+
+        return ShardstateBackend(address)
+    if kind == "redis":
+        from shardstate.bench.redis_backend import RedisBackend
+
+        return RedisBackend(address, concurrency)
+    if kind == "etcd":
+        from shardstate.bench.etcd_backend import EtcdBackend
+
+        return EtcdBackend(address)
+    raise ValueError(f"unknown backend {kind!r} (shardstate, redis or etcd)")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,283 @@
+"""Servers the benchmarks start for themselves: Redis, etcd, a `shardstate dev` cluster, one shard.
+
+Each runs in its own process group on free 127.0.0.1 ports with a temp data dir, dies with the
+benchmark (PR_SET_PDEATHSIG) and is stopped by `stop()` (SIGTERM to its group, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+READY_TIMEOUT_S = 90.0
+STOP_GRACE_S = 15.0
+PR_SET_PDEATHSIG = 1
+
+REDIS_PERSISTENCE = {
+    "appendonly": "yes",
+    "appendfsync": "everysec",
+    "save": "",  # no RDB snapshots: the AOF is the durability, and no fork lands mid-run
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: own process group, and SIGTERM when the benchmark process dies."""
+    os.setsid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class Server:
+    """One started server process (and its process group)."""
+
+    def __init__(self, name: str, cmd: Sequence[str], workdir: Path, env: dict[str, str] | None = None,
+                 capture_stdout: bool = False) -> None:
+        self.name = name
+        self.cmd = list(cmd)
+        self.workdir = workdir
+        self.log_path = workdir / f"{name}.log"
+        self.address = ""
+        self.data_dir: Path | None = None
+        self.lines: list[str] = []
+        self._line_event = threading.Event()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.popen = subprocess.Popen(
+            self.cmd, stdout=subprocess.PIPE if capture_stdout else log, stderr=log,
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env, cwd=str(workdir),
+        )
+        log.close()
+        if capture_stdout:
+            threading.Thread(target=self._pump, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _pump(self) -> None:
+        """Copy stdout to the log (so the pipe never fills) and keep the lines for parsing."""
+        assert self.popen.stdout is not None
+        with open(self.log_path, "ab") as log:
+            for raw in self.popen.stdout:
+                log.write(raw)
+                log.flush()
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._line_event.set()
+
+    def wait_line(self, pattern: str, timeout: float = READY_TIMEOUT_S) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            while seen < len(self.lines):
+                m = rx.search(self.lines[seen])
+                seen += 1
+                if m:
+                    return m
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
+            self._line_event.wait(0.2)
+            self._line_event.clear()
+        raise TimeoutError(f"{self.name}: no line matching {pattern!r} in {timeout:.0f}s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM the process group, wait, then SIGKILL what is left. Safe to call twice."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        # The group may hold children (a dev cluster's shards) even when the leader has exited.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
+        return self.popen.returncode
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def _wait_until(check: Any, server: Server, what: str, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"{server.name} exited with {server.popen.returncode}:\n{server.log_tail()}")
+        try:
+            if check():
+                return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.1)
+    raise TimeoutError(f"{server.name}: {what} not ready after {timeout:.0f}s ({last}):\n{server.log_tail()}")
+
+
+def redis_version() -> str:
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False).stdout
+    m = re.search(r"v=(\S+)", out)
+    return m.group(1) if m else out.strip()
+
+
+def etcd_version() -> str:
+    out = subprocess.run(["etcd", "--version"], capture_output=True, text=True, check=False).stdout
+    m = re.search(r"etcd Version:\s*(\S+)", out)
+    return m.group(1) if m else out.strip()
+
+
+def start_redis(workdir: Path, maxmemory: str = "") -> Server:
+    data = workdir / "redis-data"
+    data.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+            "--daemonize", "no", "--logfile", ""]
+    for k, v in REDIS_PERSISTENCE.items():
+        args += [f"--{k}", v]
+    if maxmemory:
+        args += ["--maxmemory", maxmemory]
+    srv = Server("redis", args, workdir)
+    srv.address, srv.data_dir = f"127.0.0.1:{port}", data
+
+    def ping() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    try:
+        _wait_until(ping, srv, "redis PING")
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+def start_etcd(workdir: Path) -> Server:
+    data = workdir / "etcd-data"
+    client, peer = free_port(), free_port()
+    curl, purl = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    args = ["etcd", "--name", "bench", "--data-dir", str(data),
+            "--listen-client-urls", curl, "--advertise-client-urls", curl,
+            "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
+            "--initial-cluster", f"bench={purl}", "--initial-cluster-state", "new"]
+    srv = Server("etcd", args, workdir)
+    srv.address, srv.data_dir = f"127.0.0.1:{client}", data
+
+    from shardstate.bench.etcd_pb import rpc_pb2, rpc_pb2_grpc
+
+    def ready() -> bool:
+        with grpc.insecure_channel(srv.address) as ch:
+            rpc_pb2_grpc.KVStub(ch).Range(rpc_pb2.RangeRequest(key=b"ready"), timeout=2)
+        return True
+
+    try:
+        _wait_until(ready, srv, "etcd Range")
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+def shardstate_cmd() -> list[str]:
+    return [sys.executable, "-m", "shardstate"]
+
+
+def healthy(address: str) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def start_dev(workdir: Path, extra: Sequence[str] = ()) -> Server:
+    """`shardstate dev --port 0 --data-dir DIR` with its default topology; parses `router: ADDR`."""
+    data = workdir / "dev-data"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    srv = Server("shardstate-dev", [*shardstate_cmd(), "dev", "--port", "0", "--data-dir", str(data), *extra],
+                 workdir, env=env, capture_stdout=True)
+    srv.data_dir = data
+    try:
+        m = srv.wait_line(r"router:\s*(\S+)")
+        srv.address = m.group(1)
+        _wait_until(lambda: healthy(srv.address), srv, "router health")
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+def start_shard(workdir: Path, shard_id: str = "s1", extra: Sequence[str] = ()) -> Server:
+    """One shard process, no router: clients talk to it directly (it serves every session)."""
+    data = workdir / f"shard-{shard_id}-data"
+    port_file = workdir / f"shard-{shard_id}.port"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    srv = Server(f"shard-{shard_id}", [*shardstate_cmd(), "shard", "--id", shard_id, "--listen", "127.0.0.1:0",
+                                       "--data-dir", str(data), "--port-file", str(port_file), *extra],
+                 workdir, env=env)
+    srv.data_dir = data
+
+    def ready() -> bool:
+        text = port_file.read_text().strip()
+        srv.address = f"127.0.0.1:{int(text)}"
+        return healthy(srv.address)
+
+    try:
+        _wait_until(ready, srv, "shard health")
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+@contextlib.contextmanager
+def stopping(servers: list[Server]) -> Iterator[list[Server]]:
+    """Stops every server appended to the list, on any exit (error, Ctrl-C, SIGTERM via SystemExit)."""
+    try:
+        yield servers
+    finally:
+        for s in reversed(servers):
+            s.stop()
+
+
+def term_as_exit() -> None:
+    """Make SIGTERM/SIGHUP raise SystemExit in the main thread so `finally` blocks clean up."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):
+            signal.signal(sig, handler)
+
+
+def have(binary: str) -> bool:
+    return shutil.which(binary) is not None
