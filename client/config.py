@@ -64,7 +64,6 @@ class ShardConfig(Limits):
     idempotency_window_s: int = opt(600, "how long a request_id's response is kept for retries")
     sweep_interval_s: float = opt(1.0, "how often the expiry sweeper runs")
     grace_s: float = opt(10.0, "graceful shutdown: time in-flight requests get to finish")
-    metrics_port: int = opt(0, "Prometheus metrics port (0 = off)")
     port_file: str = opt("", "write the bound port to this file once serving (for tests and dev)")
     cluster: str = opt("", "cluster file (TOML) to adopt at start")
 
@@ -92,7 +91,6 @@ class RouterConfig:
     forward_timeout_s: float = opt(10.0, "deadline for a forwarded call when the caller set none")
     max_request_bytes: int = opt(4 * MiB, "largest request message")
     grace_s: float = opt(10.0, "graceful shutdown: time in-flight requests get to finish")
-    metrics_port: int = opt(0, "Prometheus metrics port (0 = off)")
     port_file: str = opt("", "write the bound port to this file once serving")
 
     def validate(self) -> None:
