@@ -29,6 +29,10 @@ class AckTracker:
         vals = sorted(self.acked.values(), reverse=True)
         return vals[self.need - 1] if len(vals) >= self.need else 0
 
+    def waiting(self) -> bool:
+        """True while a writer waits for acknowledgements (followers should not dawdle)."""
+        return bool(self._waiters)
+
     def ack(self, follower: str, revision: int) -> None:
         if revision <= self.acked.get(follower, 0):
             return

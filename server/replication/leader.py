@@ -32,6 +32,10 @@ CHANGE_END = enc.prefix_end(enc.CHANGE)
 SERVICE = "shardstate.v1.Replication"
 BATCH = 256  # entries per ChangeBatch
 HEARTBEAT_S = 0.5
+# Without semi-sync (--min-replica-acks 0), batches to a follower go out at most this often: what commits
+# meanwhile rides in the next one, so a busy primary sends (and its follower applies and acks)
+# a few large batches instead of one per commit. Lag grows by at most this much.
+COALESCE_S = 0.01
 HELLO_TIMEOUT_S = 10.0
 SNAPSHOT_CHUNK_OPS = 2000
 SNAPSHOT_CHUNK_BYTES = 1 << 20
@@ -285,6 +289,8 @@ class Leader:
                 info.entries += len(batch)
                 start = batch[-1][0] + 1
                 last_sent = loop.time()
+                if len(batch) < BATCH and self.acks.need <= 0 and not self.acks.waiting():
+                    await asyncio.sleep(COALESCE_S)
                 continue  # read again before waiting: commits during the send must not be missed
             if now - last_sent >= HEARTBEAT_S:
                 body = wire.change_batch((), leader_rev, wall_ms())

@@ -1,0 +1,157 @@
+"""The `step` workload against `shardstate dev` (3 shards x 1 replica + router by default), with
+CPU per step of every process: the measuring stick for performance work on the whole path.
+
+A step is `await handle.update("state", fn)` on one long-lived AsyncSession handle per session
+(one CAS when the handle's version cache is current), 1 KiB values, random sessions.
+
+    .venv/bin/python -m benchmarks.step_bench --duration 10            # from the repository root
+    .venv/bin/python -m benchmarks.step_bench --address 127.0.0.1:7400  # an already running cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from shardstate import AsyncClient
+
+VALUE = b"x" * 1024
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / TICK
+
+
+def start_dev(port: int, data: Path, shards: int, replicas: int) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    proc = subprocess.Popen([sys.executable, "-m", "shardstate", "dev", "--port", str(port), "--data-dir", str(data),
+                             "--shards", str(shards), "--replicas", str(replicas)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    info = data / "dev.json"
+    while time.time() < deadline:
+        if info.exists():
+            try:
+                d = json.loads(info.read_text())
+            except ValueError:
+                d = None
+            if d:
+                nodes = d.get("nodes", d)
+                pids = _pids(nodes)
+                if len(pids) == shards * (1 + replicas) + 1:
+                    time.sleep(1.0)
+                    return proc, pids
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("dev cluster did not start")
+
+
+def _pids(nodes: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    items = nodes.items() if isinstance(nodes, dict) else ((n.get("name"), n) for n in nodes)
+    for name, n in items:
+        if isinstance(n, dict) and n.get("pid"):
+            out[str(name)] = int(n["pid"])
+    return out
+
+
+async def run(address: str, pids: dict[str, int], args: argparse.Namespace) -> None:
+    client = AsyncClient(address)
+    sessions = [f"step-{i}" for i in range(args.sessions)]
+    handles = {sid: client.session(sid) for sid in sessions}
+    it = iter(sessions)
+
+    async def loader() -> None:
+        for sid in it:
+            await handles[sid].put("state", VALUE)
+
+    await asyncio.gather(*(loader() for _ in range(64)))
+    lat: list[float] = []
+    done = 0
+    stop = False
+
+    def new(_old: Any) -> bytes:
+        return VALUE
+
+    async def caller() -> None:
+        nonlocal done
+        rnd = random.Random()
+        while not stop:
+            h = handles[sessions[rnd.randrange(len(sessions))]]
+            t0 = time.perf_counter()
+            await h.update("state", new)
+            lat.append(time.perf_counter() - t0)
+            done += 1
+
+    tasks = [asyncio.ensure_future(caller()) for _ in range(args.concurrency)]
+    await asyncio.sleep(args.warmup)
+    lat.clear()
+    done0 = done
+    me = os.getpid()
+    c0 = {name: cpu_s(pid) for name, pid in pids.items()}
+    s0 = cpu_s(me)
+    t0 = time.perf_counter()
+    await asyncio.sleep(args.duration)
+    el = time.perf_counter() - t0
+    n = done - done0
+    c1 = {name: cpu_s(pid) for name, pid in pids.items()}
+    s1 = cpu_s(me)
+    stop = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    lat.sort()
+
+    def p(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000
+
+    print(f"load {os.getloadavg()[0]:.2f}  steps/s {n / el:,.0f}  p50 {p(0.5):.2f} ms  p99 {p(0.99):.2f} ms  "
+          f"stats {client.batching_stats()}")
+    per = {name: (c1[name] - c0[name]) / n * 1e6 for name in pids}
+    per["client"] = (s1 - s0) / n * 1e6
+    total = sum(per.values())
+    print("CPU us/step: " + "  ".join(f"{k} {v:.0f}" for k, v in sorted(per.items())) + f"  total {total:.0f}")
+    await client.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default="", help="an already running router (CPU of the client only)")
+    p.add_argument("--port", type=int, default=17400)
+    p.add_argument("--shards", type=int, default=3)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--sessions", type=int, default=10_000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--hold", type=float, default=0.0, help="keep the cluster this many seconds after (profiling)")
+    args = p.parse_args()
+    if args.address:
+        asyncio.run(run(args.address, {}, args))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, pids = start_dev(args.port, Path(tmp), args.shards, args.replicas)
+        try:
+            print("pids", pids, flush=True)
+            asyncio.run(run(f"127.0.0.1:{args.port}", pids, args))
+            time.sleep(args.hold)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
