@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.devcluster import Dev
 from tests.procs import Procs
 
 
@@ -17,3 +18,12 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture
+def devs() -> Iterator[list[Dev]]:
+    """`shardstate dev` clusters a test starts (append to the list); killed at teardown."""
+    started: list[Dev] = []
+    yield started
+    for d in started:
+        d.kill()

@@ -6,71 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 
 from shardstate.dev import existing_shards, plan
 from shardstate.v1 import state_pb2, state_pb2_grpc
-
-START_TIMEOUT_S = 120.0  # generous: the machine is shared; never asserted
-
-
-class Dev:
-    def __init__(self, data: Path, *extra: str) -> None:
-        self.data = data
-        cmd = [sys.executable, "-m", "shardstate", "dev", "--port", "0", "--data-dir", str(data), *extra]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.err_path = data.parent / f"{data.name}-dev.err"
-        err = open(self.err_path, "ab")  # noqa: SIM115 - owned by the child
-        self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
-        err.close()
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.router = self._wait_router()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for raw in self.popen.stdout:
-            self.lines.put(raw.decode())
-        self.lines.put("")
-
-    def _wait_router(self) -> str:
-        while True:
-            try:
-                line = self.lines.get(timeout=START_TIMEOUT_S)
-            except queue.Empty:
-                raise AssertionError(f"dev printed no router address:\n{self.err_path.read_text()}") from None
-            if not line:
-                raise AssertionError(f"dev exited ({self.popen.wait()}):\n{self.err_path.read_text()}")
-            if line.startswith("router: "):
-                return line.split(" ", 1)[1].strip()
-
-    def child_pids(self) -> list[int]:
-        state = json.loads((self.data / "dev.json").read_text())
-        return [n["pid"] for n in state["nodes"].values()]
-
-    def terminate(self) -> int:
-        self.popen.send_signal(signal.SIGTERM)
-        return self.popen.wait(120)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            pids = self.child_pids() if (self.data / "dev.json").exists() else []
-            self.popen.kill()
-            self.popen.wait()
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+from tests.devcluster import Dev
 
 
 def gone(pid: int) -> bool:
@@ -87,14 +31,6 @@ def gone(pid: int) -> bool:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "shardstate", *args], capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture
-def devs() -> Iterator[list[Dev]]:
-    started: list[Dev] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def test_dev_starts_serves_stops_and_restarts_with_the_data(tmp_path: Path, devs: list[Dev]) -> None:
