@@ -1,7 +1,7 @@
-"""The one interface every store is benchmarked through, and how a target address picks a backend.
+"""The one interface every store is benchmarked through, and how a target picks a backend.
 
 The harness (workloads, timing, reports) is the same code for shardstate, Redis and etcd; only
-these five calls differ. A step's compare-and-swap that loses returns False: a conflict, not an error.
+these calls differ. A step's compare-and-swap that loses returns False: a conflict, not an error.
 """
 
 from __future__ import annotations
@@ -12,6 +12,24 @@ from typing import Any, Protocol
 STATE_KEY = "state"  # the key holding a session's state in every store
 LOG_STREAM = "events"  # the log stream the append workload writes
 LOAD_PARALLELISM = 64  # concurrent writes while loading sessions before the run
+BACKENDS = ("shardstate", "redis", "etcd")
+
+# How a step reads before its compare-and-swap:
+#   read-cas: read the state from the store, then CAS on the version read (two round trips);
+#   cached:   CAS on the version this client saw last for the session (its own last write or
+#             the current version a lost CAS returned); it reads only when it has seen nothing.
+#             A CAS still fails when anyone else wrote in between, so the guarantee is the same.
+#   auto:     cached for shardstate (session handles' update(), the documented way to do a step),
+#             read-cas for Redis and etcd (their usual optimistic-locking pattern).
+STEP_IMPLS = ("auto", "cached", "read-cas")
+
+
+def resolve_step_impl(backend: str, step_impl: str) -> str:
+    if step_impl not in STEP_IMPLS:
+        raise ValueError(f"unknown step implementation {step_impl!r}; one of {', '.join(STEP_IMPLS)}")
+    if step_impl == "auto":
+        return "cached" if backend == "shardstate" else "read-cas"
+    return step_impl
 
 
 class Backend(Protocol):
@@ -21,7 +39,8 @@ class Backend(Protocol):
 
     async def setup(self, session_ids: Sequence[str], value: bytes,
                     progress: Callable[[int], None]) -> None:
-        """Connect, and write every session's initial state (reporting each written count)."""
+        """Connect, and write every session's initial state (reporting each written count);
+        with no session ids, only connect (the sessions are there from an earlier run)."""
 
     async def step(self, session_id: str, value: bytes) -> bool:
         """Read the session's state, then compare-and-swap `value` in; False = the CAS lost."""
@@ -39,21 +58,22 @@ class Backend(Protocol):
         """What a report should say about how this store was driven (client, call pattern)."""
 
 
-def make_backend(kind: str, address: str, concurrency: int) -> Backend:
+def make_backend(kind: str, address: str, concurrency: int, step_impl: str = "auto") -> Backend:
     """`kind` is shardstate, redis or etcd; `address` is host:port of the router / server."""
+    impl = resolve_step_impl(kind, step_impl)
     if kind == "shardstate":
         from shardstate.bench.shardstate_backend import ShardstateBackend
 
-        return ShardstateBackend(address)
+        return ShardstateBackend(address, impl)
     if kind == "redis":
         from shardstate.bench.redis_backend import RedisBackend
 
-        return RedisBackend(address, concurrency)
+        return RedisBackend(address, concurrency, impl)
     if kind == "etcd":
         from shardstate.bench.etcd_backend import EtcdBackend
 
-        return EtcdBackend(address)
-    raise ValueError(f"unknown backend {kind!r} (shardstate, redis or etcd)")
+        return EtcdBackend(address, impl)
+    raise ValueError(f"unknown backend {kind!r} ({', '.join(BACKENDS)})")
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -13,6 +13,7 @@ import sys
 from rich.console import Console
 
 from shardstate.bench import report
+from shardstate.bench.backends import STEP_IMPLS
 from shardstate.bench.runner import RunConfig, result_ok, run
 from shardstate.bench.workloads import MIXED, WORKLOADS
 
@@ -40,6 +41,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--value-size", type=int, default=1024, help="bytes of session state (default 1024)")
     p.add_argument("--zipf", type=float, default=0.0,
                    help="Zipf exponent of session popularity; 0 = uniform (default 0)")
+    p.add_argument("--step-impl", choices=STEP_IMPLS, default="auto",
+                   help="how a step reads before its CAS: read-cas = read from the store, then CAS "
+                        "on the version read; cached = CAS on the version this client last saw "
+                        "(shardstate: session handle update(); a CAS still fails if anyone else "
+                        "wrote in between); auto = cached for shardstate, read-cas for Redis and "
+                        "etcd (default auto; the JSON says which ran)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--no-load", action="store_true",
                    help="do not write the sessions' initial state first (they exist already)")
@@ -68,7 +75,8 @@ def config_from(ns: argparse.Namespace) -> RunConfig:
     return RunConfig(
         backend="shardstate" if kind == "router" else kind, address=addr, workload=ns.workload,
         sessions=ns.sessions, concurrency=ns.concurrency, duration=ns.duration, warmup=ns.warmup,
-        value_size=ns.value_size, zipf=ns.zipf, seed=ns.seed, load=not ns.no_load, cpu_pids=pids,
+        value_size=ns.value_size, zipf=ns.zipf, seed=ns.seed, step_impl=ns.step_impl,
+        load=not ns.no_load, cpu_pids=pids,
     )
 
 
@@ -81,17 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("bench: interrupted")
         return 130
-    report.print_table([result])
+    except Exception as e:  # cannot connect / load: say what, not a traceback
+        err.print(f"bench: {cfg.backend} at {cfg.address}: {type(e).__name__}: {e}")
+        return 2
+    report.print_table([result], console=report.wide_console())
     if result["errors"]:
         err.print(f"errors by kind: {result['error_kinds']}; first: {result['error_samples'][:1]}")
     if ns.json:
         report.write_json(result, ns.json)
+        err.print(f"bench: wrote {ns.json}")
     if ns.plot:
         try:
-            report.plot([result], ns.plot, title=f"{cfg.backend} {cfg.workload}")
-        except RuntimeError as e:
-            err.print(f"bench: no plot: {e}")
-            return 1
+            report.plot([result], ns.plot, title=f"{cfg.backend} {cfg.workload} ({result['step_impl']} step)"
+                        if cfg.workload in ("step", "mixed") else f"{cfg.backend} {cfg.workload}")
+            err.print(f"bench: wrote {ns.plot}")
+        except report.NoPlot as e:
+            # matplotlib is optional: the run still counts, only the picture is missing.
+            err.print(f"bench: no plot written: {e}")
     return 0 if result_ok(result) else 1
 
 

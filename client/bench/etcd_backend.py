@@ -1,8 +1,10 @@
 """The etcd backend: etcd v3 KV over grpc.aio stubs (shardstate.bench.etcd_pb), one channel.
 
-A step is Range of the session's key, then Txn(compare mod_revision == seen, success Put); a Txn
-that does not succeed is a conflict. etcd has no lists, so a log entry is a key under
-log/<session>/ named by time and a counter, and "read the last N" is a descending range with a limit.
+A step (read-cas) is Range of the session's key, then Txn(compare mod_revision == seen, success
+Put); a Txn that does not succeed is a conflict. Step "cached" skips the Range and CASes on the
+mod_revision this client saw last (the Txn's failure branch reads the current one). etcd has no
+lists, so a log entry is a key under log/<session>/ named by time and a counter, and "read the
+last N" is a descending range with a limit.
 """
 
 from __future__ import annotations
@@ -35,11 +37,17 @@ def prefix_end(prefix: bytes) -> bytes:
 class EtcdBackend:
     name = "etcd"
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, step_impl: str = "read-cas") -> None:
         self.address = address
+        self.step_impl = step_impl
         self.channel = grpc.aio.insecure_channel(address)
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self._seq = itertools.count()
+        self._seen: dict[str, int] = {}  # cached mode: session -> mod_revision last seen
+        if step_impl == "cached":
+            self.step = self._step_cached  # type: ignore[method-assign]
+        elif step_impl != "read-cas":
+            raise ValueError(f"etcd: unknown step implementation {step_impl!r}")
 
     @staticmethod
     def _key(session_id: str) -> bytes:
@@ -52,19 +60,43 @@ class EtcdBackend:
 
         async def loader() -> None:
             for sid in it:
-                await self.kv.Put(pb.PutRequest(key=self._key(sid), value=value), timeout=CALL_TIMEOUT_S)
+                resp = await self.kv.Put(pb.PutRequest(key=self._key(sid), value=value),
+                                         timeout=CALL_TIMEOUT_S)
+                self._seen[sid] = resp.header.revision  # the revision of this put = mod_revision
                 progress(1)
 
         await asyncio.gather(*(loader() for _ in range(LOAD_PARALLELISM)))
+        if self.step_impl != "cached":
+            self._seen.clear()
+
+    def _cas(self, key: bytes, seen: int, value: bytes, read_on_failure: bool) -> pb.TxnRequest:
+        return pb.TxnRequest(
+            # mod_revision 0 = absent: create only
+            compare=[pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.MOD, key=key, mod_revision=seen)],
+            success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=value))],
+            failure=[pb.RequestOp(request_range=pb.RangeRequest(key=key, keys_only=True))]
+            if read_on_failure else [],
+        )
 
     async def step(self, session_id: str, value: bytes) -> bool:
         key = self._key(session_id)
         got = await self.kv.Range(pb.RangeRequest(key=key), timeout=CALL_TIMEOUT_S)
-        seen = got.kvs[0].mod_revision if got.kvs else 0  # 0 = absent: create only
-        txn = await self.kv.Txn(pb.TxnRequest(
-            compare=[pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.MOD, key=key, mod_revision=seen)],
-            success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=value))],
-        ), timeout=CALL_TIMEOUT_S)
+        seen = got.kvs[0].mod_revision if got.kvs else 0
+        txn = await self.kv.Txn(self._cas(key, seen, value, False), timeout=CALL_TIMEOUT_S)
+        return bool(txn.succeeded)
+
+    async def _step_cached(self, session_id: str, value: bytes) -> bool:
+        key = self._key(session_id)
+        seen = self._seen.get(session_id)
+        if seen is None:
+            got = await self.kv.Range(pb.RangeRequest(key=key, keys_only=True), timeout=CALL_TIMEOUT_S)
+            seen = got.kvs[0].mod_revision if got.kvs else 0
+        txn = await self.kv.Txn(self._cas(key, seen, value, True), timeout=CALL_TIMEOUT_S)
+        if txn.succeeded:
+            self._seen[session_id] = txn.header.revision
+        else:
+            kvs = txn.responses[0].response_range.kvs if txn.responses else []
+            self._seen[session_id] = kvs[0].mod_revision if kvs else 0
         return bool(txn.succeeded)
 
     async def read(self, session_id: str) -> bool:
@@ -85,8 +117,14 @@ class EtcdBackend:
         await self.channel.close()
 
     def describe(self) -> dict[str, Any]:
+        step = {
+            "read-cas": "Range (linearizable); then Txn(compare mod_revision == seen, success Put)",
+            "cached": "Txn(compare mod_revision == last seen, success Put, failure Range keys_only)",
+        }[self.step_impl]
         return {
             "client": f"grpcio {grpc.__version__} aio, one channel, stubs generated from a minimal rpc.proto",
-            "step": "Range (linearizable); then Txn(compare mod_revision == seen, success Put)",
+            "step_impl": self.step_impl,
+            "step": step,
+            "read": "Range (linearizable)",
             "append": "Put log/<session>/events/<time>-<n>; then Range of the prefix, DESCEND, limit 10",
         }

@@ -188,7 +188,8 @@ def start_etcd(workdir: Path) -> Server:
     args = ["etcd", "--name", "bench", "--data-dir", str(data),
             "--listen-client-urls", curl, "--advertise-client-urls", curl,
             "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
-            "--initial-cluster", f"bench={purl}", "--initial-cluster-state", "new"]
+            "--initial-cluster", f"bench={purl}", "--initial-cluster-state", "new",
+            "--logger", "zap", "--log-level", "warn"]
     srv = Server("etcd", args, workdir)
     srv.address, srv.data_dir = f"127.0.0.1:{client}", data
 

@@ -14,12 +14,25 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds the process has used so far (not its children's)."""
+    """user + system CPU seconds the process has used so far, plus those of its children that
+    exited and were waited for (Redis's AOF-rewrite forks); running children are not included."""
     text = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     fields = text[text.rindex(")") + 2:].split()
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    return (utime + stime) / CLK_TCK
+    # fields 14-17 of proc(5): utime, stime, cutime, cstime
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent not idle since boot (from /proc/stat), so a window's
+    delta minus the benchmark's own processes is what everything else on the machine used."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return 0.0
+    # cpu user nice system idle iowait irq softirq steal guest guest_nice
+    vals = [int(v) for v in first[1:9]]
+    return (sum(vals) - vals[3] - vals[4]) / CLK_TCK
 
 
 def rss_bytes(pid: int) -> int:
@@ -27,6 +40,20 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def process_name(pid: int) -> str:
+    """A short role name for a process of ours from its command line: router, s1 (a shard's
+    primary), s1-r1 (its replica, named after its data dir), redis-server, etcd, or the binary."""
+    argv = cmdline(pid)
+    if "router" in argv:
+        return "router"
+    if "shard" in argv:
+        if "--data-dir" in argv and argv.index("--data-dir") + 1 < len(argv):
+            return Path(argv[argv.index("--data-dir") + 1]).name
+        if "--id" in argv and argv.index("--id") + 1 < len(argv):
+            return argv[argv.index("--id") + 1]
+    return Path(argv[0]).name if argv else str(pid)
 
 
 def cmdline(pid: int) -> list[str]:

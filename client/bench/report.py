@@ -14,6 +14,16 @@ from rich.console import Console
 from rich.table import Table
 
 LAT_KEYS = ("p50", "p95", "p99", "max")
+WIDE = 160  # columns when the output is not a terminal (files, CI logs): never truncate figures
+
+
+class NoPlot(RuntimeError):
+    """matplotlib is not installed (it is an optional extra)."""
+
+
+def wide_console(stderr: bool = False) -> Console:
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=WIDE)
 
 
 def table(results: Sequence[dict[str, Any]], title: str = "", ratio_to: str | None = None) -> Table:
@@ -32,13 +42,19 @@ def table(results: Sequence[dict[str, Any]], title: str = "", ratio_to: str | No
         t.add_column(f"p99 vs {ratio_to}", justify="right")
     for r in results:
         lat = r["latency_ms"]
-        row = [r["store"], r["workload"], f"{r['throughput_ops_s']:,.0f}",
+        row = [r["store"], workload_label(r), f"{r['throughput_ops_s']:,.0f}",
                *(f"{lat[k]:.2f}" for k in LAT_KEYS),
                *(f"{r[k]:,}" for k in ("completed", "successes", "conflicts", "errors"))]
         if ratio_to:
             row += list(ratios(r, base))
         t.add_row(*row, style="red" if r["errors"] else None)
     return t
+
+
+def workload_label(r: dict[str, Any]) -> str:
+    """"step (cached)": the workload, and for steps which implementation ran."""
+    impl = r.get("step_impl")
+    return f"{r['workload']} ({impl})" if impl and r["workload"] in ("step", "mixed") else r["workload"]
 
 
 def ratios(r: dict[str, Any], base: dict[str, Any] | None) -> tuple[str, str]:
@@ -71,7 +87,7 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise RuntimeError("plots need matplotlib: pip install 'shardstate[plot]'") from e
+        raise NoPlot("plots need matplotlib: pip install 'shardstate[plot]'") from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(12, 4.5))

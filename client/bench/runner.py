@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from shardstate.bench import procstat
-from shardstate.bench.backends import make_backend
+from shardstate.bench.backends import make_backend, resolve_step_impl
 from shardstate.bench.stats import CONFLICT, ERROR, Recorder
 from shardstate.bench.workloads import SessionPicker, Values, make_op, session_ids
 
@@ -41,6 +41,7 @@ class RunConfig:
     value_size: int = 1024
     zipf: float = 0.0
     seed: int = 1
+    step_impl: str = "auto"  # see backends.STEP_IMPLS
     load: bool = True
     cpu_pids: dict[str, int] = field(default_factory=dict)  # name -> pid, CPU sampled over the window
 
@@ -58,7 +59,7 @@ async def run(cfg: RunConfig, console: Console | None = None, live: bool = True)
     ids = session_ids(cfg.sessions)
     picker = SessionPicker(ids, cfg.zipf, rng)
     values = Values(cfg.value_size, rng)
-    backend = make_backend(cfg.backend, cfg.address, cfg.concurrency)
+    backend = make_backend(cfg.backend, cfg.address, cfg.concurrency, cfg.step_impl)
     op = make_op(cfg.workload, backend, values, rng)
     rec = Recorder()
     phase = Phase()
@@ -67,6 +68,7 @@ async def run(cfg: RunConfig, console: Console | None = None, live: bool = True)
     pids = dict(cfg.cpu_pids)
     pids["client"] = os.getpid()
     cpu: dict[str, float] = {}
+    machine_busy: list[float] = []  # all cores' non-idle CPU seconds over the measured window
 
     display = _Display(console, cfg, rec, phase) if live and console.is_terminal else None
     try:
@@ -110,11 +112,12 @@ async def run(cfg: RunConfig, console: Console | None = None, live: bool = True)
             async def sampler() -> None:
                 await asyncio.sleep(max(0.0, rec.measure_start - time.perf_counter()))
                 phase.name = "measuring"
-                before = _sample(pids)
+                before, busy0 = _sample(pids), procstat.machine_busy_seconds()
                 await asyncio.sleep(max(0.0, rec.measure_end - time.perf_counter()))
                 phase.name = "draining"
-                after = _sample(pids)
+                after, busy1 = _sample(pids), procstat.machine_busy_seconds()
                 cpu.update({k: round(after[k] - before[k], 3) for k in before if k in after})
+                machine_busy.append(round(busy1 - busy0, 3))
 
             tasks = [asyncio.create_task(worker()) for _ in range(cfg.concurrency)]
             await sampler()
@@ -135,12 +138,15 @@ async def run(cfg: RunConfig, console: Console | None = None, live: bool = True)
         "store": cfg.backend,
         "target": cfg.address,
         "workload": cfg.workload,
+        "step_impl": resolve_step_impl(cfg.backend, cfg.step_impl),
         "started_at": started_at,
         "config": config,
         "load_s": round(load_s, 3),
         **summary,
         "cpu_s": cpu,
         "cpu_s_per_1000_ops": per_1000,
+        # Everything the machine ran in the window (compare subtracts the processes it knows).
+        "machine_busy_cpu_s": machine_busy[0] if machine_busy else None,
         "backend": backend.describe(),
         "machine": env,
     }

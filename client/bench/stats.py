@@ -79,6 +79,9 @@ class Recorder:
         sec.latencies.append(ended - started)
 
     def summary(self, window_s: float) -> dict[str, Any]:
+        # Seconds in which nothing finished (a stalled server) still belong on the timeline.
+        while len(self.seconds) < math.ceil(window_s):
+            self.seconds.append(Second())
         ok = sum(s.ok for s in self.seconds)
         conflicts = sum(s.conflicts for s in self.seconds)
         errors = sum(s.errors for s in self.seconds)

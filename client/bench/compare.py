@@ -1,0 +1,421 @@
+"""`benchmarks/compare`: the same workload, same harness, against Redis, etcd and shardstate in
+one invocation, one store after another; a table with ratios to shardstate and a report folder.
+
+Each store is started here on free ports in a temp dir, loaded by a `shardstate bench` child
+process (so every store gets a fresh load generator), measured, and stopped before the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from shardstate.bench import peers, procstat, report
+from shardstate.bench.backends import BACKENDS, STEP_IMPLS
+from shardstate.bench.workloads import WORKLOADS
+
+REPO = Path(__file__).resolve().parent.parent.parent  # only meaningful in a source checkout
+INSTALL_PEERS = REPO / "benchmarks" / "install-peers.sh"
+BASELINE = "shardstate"
+BINARIES = {"redis": "redis-server", "etcd": "etcd"}
+# The figures issue 5 asks shardstate to reach against the peers in one run (step workload).
+TARGETS = (
+    ("redis", "throughput", 1.0, "steps/s >= Redis"),
+    ("etcd", "throughput", 2.0, "steps/s >= 2 x etcd"),
+    ("redis", "p99", 1.5, "p99 <= 1.5 x Redis"),
+)
+BENCH_EXTRA_S = 300.0  # loading + drain allowance on top of warm-up + duration per store
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/compare",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Run one workload with the same harness (shardstate bench) against Redis, etcd and "
+            "shardstate, one after another, with the same value size, sessions, concurrency and "
+            "duration; print a table with ratios to shardstate and write a report folder "
+            "(report.md, compare.png, results.json, one JSON per store).\n\n"
+            "Servers (each on free 127.0.0.1 ports with a temp data dir, stopped afterwards, also on "
+            "Ctrl-C or error):\n"
+            "  redis       Debian's redis-server, appendonly yes + appendfsync everysec; driven by\n"
+            "              redis-py asyncio; step = HMGET {value, version}, then EVALSHA of a Lua CAS\n"
+            "              on the version field\n"
+            "  etcd        Debian's etcd-server (single member); driven over grpc.aio stubs; step =\n"
+            "              Range, then Txn(mod_revision == seen -> Put)\n"
+            "  shardstate  `shardstate dev --port 0` with its defaults (3 shards x 1 replica, 1 router);\n"
+            "              step = session-handle update() (one CAS from the version the handle saw)\n\n"
+            "What it installs: when redis-server or etcd is missing it runs\n"
+            "benchmarks/install-peers.sh (apt-get install redis-server etcd-server; needs root or\n"
+            "passwordless sudo; --no-install turns that off). The launcher script installs the\n"
+            "Python side (this project with its [bench] extra: redis-py, matplotlib) into .venv\n"
+            "when it is missing. Without matplotlib there is no PNG and the report says so."
+        ),
+    )
+    p.add_argument("--workload", choices=WORKLOADS, default="step", help="workload (default step)")
+    p.add_argument("--value-size", type=int, default=1024, help="bytes of session state (default 1024)")
+    p.add_argument("--sessions", type=int, default=10_000, help="distinct sessions (default 10000)")
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent callers (default 32)")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per store (default 20)")
+    p.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per store (default 3)")
+    p.add_argument("--zipf", type=float, default=0.0, help="Zipf exponent of session popularity (default 0)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--step-impl", choices=STEP_IMPLS, default="auto",
+                   help="auto (default): shardstate steps CAS from the session handle's cached "
+                        "version, Redis and etcd read then CAS; read-cas or cached: every store "
+                        "the same way")
+    p.add_argument("--stores", default=",".join(("redis", "etcd", BASELINE)),
+                   help="comma-separated stores in run order (default redis,etcd,shardstate)")
+    p.add_argument("--out", metavar="DIR",
+                   help="report folder (default bench-reports/<UTC timestamp>/)")
+    p.add_argument("--dev-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for `shardstate dev` (repeatable, e.g. --dev-arg=--replicas=0)")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not run benchmarks/install-peers.sh when redis-server or etcd is missing")
+    p.add_argument("--keep-data", action="store_true", help="keep the servers' temp dirs")
+    p.add_argument("--quiet", action="store_true", help="no live progress from the load generator")
+    return p
+
+
+def ensure_peers(stores: Sequence[str], allow_install: bool, console: Console) -> None:
+    missing = [BINARIES[s] for s in stores if s in BINARIES and not peers.have(BINARIES[s])]
+    if not missing:
+        return
+    if not allow_install:
+        raise SystemExit(f"compare: {', '.join(missing)} not installed; run benchmarks/install-peers.sh")
+    if not INSTALL_PEERS.exists():
+        raise SystemExit(f"compare: {', '.join(missing)} not installed and {INSTALL_PEERS} not found; "
+                         "install Debian's redis-server and etcd-server")
+    console.print(f"compare: {', '.join(missing)} missing; running {INSTALL_PEERS}")
+    subprocess.run(["bash", str(INSTALL_PEERS)], check=True)
+    still = [b for b in missing if not peers.have(b)]
+    if still:
+        raise SystemExit(f"compare: {', '.join(still)} still missing after install-peers.sh")
+
+
+def start_store(store: str, workdir: Path, dev_args: Sequence[str]) -> tuple[peers.Server, dict[str, int], str]:
+    """Start one store; returns its server, the pids whose CPU to record, and its version."""
+    if store == "redis":
+        srv = peers.start_redis(workdir)
+        return srv, {"redis-server": srv.pid}, f"Redis {peers.redis_version()}"
+    if store == "etcd":
+        srv = peers.start_etcd(workdir)
+        return srv, {"etcd": srv.pid}, f"etcd {peers.etcd_version()}"
+    srv = peers.start_dev(workdir, dev_args)
+    pids = {"dev-supervisor": srv.pid}
+    for pid in procstat.children(srv.pid):
+        name = procstat.process_name(pid)
+        base, n = name, 2
+        while name in pids:
+            name, n = f"{base}-{n}", n + 1
+        pids[name] = pid
+    return srv, pids, "shardstate (this checkout)"
+
+
+def bench_cmd(store: str, address: str, ns: argparse.Namespace, pids: dict[str, int], json_path: Path) -> list[str]:
+    flag = "--router" if store == BASELINE else f"--{store}"
+    cmd = [*peers.shardstate_cmd(), "bench", flag, address,
+           "--workload", ns.workload, "--sessions", str(ns.sessions), "--concurrency", str(ns.concurrency),
+           "--duration", str(ns.duration), "--warmup", str(ns.warmup), "--value-size", str(ns.value_size),
+           "--zipf", str(ns.zipf), "--seed", str(ns.seed), "--step-impl", ns.step_impl,
+           "--json", str(json_path)]
+    for name, pid in pids.items():
+        cmd += ["--cpu-pid", f"{name}={pid}"]
+    if ns.quiet:
+        cmd.append("--quiet")
+    return cmd
+
+
+def run_store(store: str, ns: argparse.Namespace, workdir: Path, out: Path, console: Console) -> dict[str, Any]:
+    """Start the store, run the bench child against it, stop the store; the child's JSON result
+    (plus server facts), or {"store", "error"} when something failed."""
+    console.rule(f"[bold]{store}")
+    busy_before = idle_check()
+    srv: peers.Server | None = None
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        t0 = time.monotonic()
+        (workdir / store).mkdir(parents=True, exist_ok=True)
+        srv, pids, version = start_store(store, workdir / store, ns.dev_arg)
+        console.print(f"compare: {version} at {srv.address} ({len(pids)} process(es), "
+                      f"started in {time.monotonic() - t0:.1f} s)")
+        json_path = out / f"{store}.json"
+        cmd = bench_cmd(store, srv.address, ns, pids, json_path)
+        with open(out / f"{store}.txt", "wb") as table_out:
+            child = subprocess.Popen(cmd, stdout=table_out, stdin=subprocess.DEVNULL)
+            rc = child.wait(timeout=ns.warmup + ns.duration + BENCH_EXTRA_S)
+        if not json_path.exists():
+            raise RuntimeError(f"the load generator exited with {rc} and wrote no result "
+                               f"(its output: {out / f'{store}.txt'})")
+        result: dict[str, Any] = json.loads(json_path.read_text())
+        result["server"] = {"version": version, "address": srv.address,
+                            "pids": {k: procstat.cmdline(v) for k, v in pids.items()},
+                            "data_bytes": procstat.dir_bytes(srv.data_dir) if srv.data_dir else None}
+        result["machine_busy_before_pct"] = busy_before
+        if rc != 0:
+            result["bench_exit_code"] = rc
+        return result
+    except (Exception, subprocess.TimeoutExpired) as e:
+        console.print(f"[red]compare: {store} failed: {e}[/]")
+        if srv is not None:
+            console.print(srv.log_tail(20))
+        return {"store": store, "error": f"{type(e).__name__}: {e}"}
+    finally:
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if srv is not None:
+            srv.stop()
+
+
+def idle_check(seconds: float = 1.0) -> float:
+    """% of all cores busy over `seconds` before a store starts: something else running on the
+    machine makes that store's figures worse, so the report records it."""
+    b0, t0 = procstat.machine_busy_seconds(), time.monotonic()
+    time.sleep(seconds)
+    b1, t1 = procstat.machine_busy_seconds(), time.monotonic()
+    cores = os.cpu_count() or 1
+    return round(100.0 * (b1 - b0) / ((t1 - t0) * cores), 1)
+
+
+# ---- the report ----
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ratios to shardstate, the issue-5 targets, and per-process CPU per 1000 ops."""
+    ok = {r["store"]: r for r in results if "error" not in r}
+    base = ok.get(BASELINE)
+    ratios: dict[str, Any] = {}
+    for store, r in ok.items():
+        if base:
+            ratios[store] = {
+                "throughput_vs_shardstate": ratio(r["throughput_ops_s"], base["throughput_ops_s"]),
+                "p99_vs_shardstate": ratio(r["latency_ms"]["p99"], base["latency_ms"]["p99"]),
+            }
+    targets = []
+    if base:
+        for peer, what, factor, label in TARGETS:
+            if peer not in ok:
+                continue
+            if what == "throughput":
+                need = factor * ok[peer]["throughput_ops_s"]
+                have, met = base["throughput_ops_s"], base["throughput_ops_s"] >= need
+            else:
+                need = factor * ok[peer]["latency_ms"]["p99"]
+                have, met = base["latency_ms"]["p99"], base["latency_ms"]["p99"] <= need
+            targets.append({"target": label, "shardstate": round(have, 3), "needed": round(need, 3), "met": met})
+    return {"ratios": ratios, "targets": targets}
+
+
+def other_load(r: dict[str, Any]) -> float | None:
+    """CPU seconds the machine spent in the window on processes the run did not account for."""
+    busy = r.get("machine_busy_cpu_s")
+    if busy is None:
+        return None
+    return round(busy - sum(v for v in r.get("cpu_s", {}).values()), 2)
+
+
+def ratio_table(results: list[dict[str, Any]], title: str) -> Table:
+    ok = [r for r in results if "error" not in r]
+    base = next((r for r in ok if r["store"] == BASELINE), None)
+    t = Table(title=title)
+    for col, just in (("store", "left"), ("workload", "left"), ("ops/s", "right"), ("success/s", "right"),
+                      ("p50 ms", "right"), ("p95 ms", "right"), ("p99 ms", "right"), ("max ms", "right"),
+                      ("completed", "right"), ("conflicts", "right"), ("errors", "right"),
+                      ("ops/s ÷ shardstate", "right"), ("p99 ÷ shardstate", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in results:
+        if "error" in r:
+            t.add_row(r["store"], "-", *["-"] * 11, style="red")
+            continue
+        lat = r["latency_ms"]
+        tp, p99 = report.ratios(r, base)
+        t.add_row(r["store"], report.workload_label(r), f"{r['throughput_ops_s']:,.0f}",
+                  f"{r['success_ops_s']:,.0f}", f"{lat['p50']:.2f}", f"{lat['p95']:.2f}",
+                  f"{lat['p99']:.2f}", f"{lat['max']:.2f}", f"{r['completed']:,}", f"{r['conflicts']:,}",
+                  f"{r['errors']:,}", tp, p99, style="red" if r["errors"] else None)
+    return t
+
+
+def cpu_table(results: list[dict[str, Any]]) -> Table:
+    t = Table(title="CPU seconds per 1,000 ops (measured window)")
+    t.add_column("store")
+    t.add_column("process")
+    t.add_column("CPU s", justify="right")
+    t.add_column("CPU s / 1000 ops", justify="right")
+    for r in results:
+        if "error" in r:
+            continue
+        per = r.get("cpu_s_per_1000_ops", {})
+        for name, sec in r.get("cpu_s", {}).items():
+            t.add_row(r["store"], name, f"{sec:.2f}", f"{per.get(name) or 0:.4f}")
+        total = sum(r.get("cpu_s", {}).values())
+        t.add_row(r["store"], "[b]all of the above[/]", f"{total:.2f}",
+                  f"{total / r['completed'] * 1000:.4f}" if r["completed"] else "-")
+        other = other_load(r)
+        if other is not None:
+            t.add_row(r["store"], "[dim]anything else on the machine[/]", f"{other:.2f}", "")
+    return t
+
+
+def markdown(doc: dict[str, Any], png: str | None) -> str:
+    cfg, results = doc["config"], doc["results"]
+    ok = [r for r in results if "error" not in r]
+    base = next((r for r in ok if r["store"] == BASELINE), None)
+    m = doc["machine"]
+    lines = [
+        f"# benchmarks/compare: {cfg['workload']} workload",
+        "",
+        f"- date: {doc['date']}",
+        f"- command: `{doc['command']}`",
+        f"- machine: {m['cores']} cores ({m['cpu_model'] or 'unknown CPU'}), "
+        f"{m['memory_bytes'] / 2**30:.1f} GiB RAM, {m['os']}, Python {m['python']}; "
+        f"load average at start {m['loadavg_at_start']}",
+        f"- same for every store: value {cfg['value_size']} B, {cfg['sessions']:,} sessions, "
+        f"{cfg['concurrency']} concurrent callers, {cfg['warmup']:g} s warm-up, "
+        f"{cfg['duration']:g} s measured, zipf {cfg['zipf']:g}",
+        "",
+        "| store | workload | ops/s | success/s | p50 ms | p95 ms | p99 ms | max ms | completed | "
+        "conflicts | errors | ops/s ÷ shardstate | p99 ÷ shardstate |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['store']} | failed: {r['error']} |" + " |" * 11)
+            continue
+        lat = r["latency_ms"]
+        tp, p99 = report.ratios(r, base)
+        lines.append(
+            f"| {r['store']} | {report.workload_label(r)} | {r['throughput_ops_s']:,.0f} | "
+            f"{r['success_ops_s']:,.0f} | {lat['p50']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | "
+            f"{lat['max']:.2f} | {r['completed']:,} | {r['conflicts']:,} | {r['errors']:,} | {tp} | {p99} |")
+    if doc["summary"]["targets"]:
+        lines += ["", "Issue 5 targets (step workload, this run):", ""]
+        for t in doc["summary"]["targets"]:
+            lines.append(f"- {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} "
+                         f"-> **{'met' if t['met'] else 'NOT met'}**")
+    lines += ["", "## CPU seconds per 1,000 ops", "",
+              "| store | process | CPU s | CPU s / 1000 ops |", "|---|---|--:|--:|"]
+    for r in ok:
+        for name, sec in r.get("cpu_s", {}).items():
+            lines.append(f"| {r['store']} | {name} | {sec:.2f} | {(r['cpu_s_per_1000_ops'].get(name) or 0):.4f} |")
+        total = sum(r.get("cpu_s", {}).values())
+        per = f"{total / r['completed'] * 1000:.4f}" if r["completed"] else "-"
+        lines.append(f"| {r['store']} | **all** | {total:.2f} | {per} |")
+        other = other_load(r)
+        if other is not None:
+            lines.append(f"| {r['store']} | anything else on the machine | {other:.2f} | |")
+    lines += ["", "`client` is the load generator (one Python process, asyncio). CPU includes user + "
+              "system time, and reaped children (Redis's AOF rewrites).", "", "## How each store was driven", ""]
+    for r in ok:
+        d = r.get("backend", {})
+        lines.append(f"- **{r['store']}** ({r['server']['version']}): {d.get('client', '')}; "
+                     f"step: {d.get('step', '')}")
+        if r.get("machine_busy_before_pct", 0) > 10:
+            lines.append(f"  - note: the machine was {r['machine_busy_before_pct']}% busy just before "
+                         "this store started")
+    lines.append("")
+    if png:
+        lines += [f"![latency percentiles and throughput over time]({png})", ""]
+    else:
+        lines += [f"No plot: {doc.get('plot_note', 'matplotlib is not installed')}.", ""]
+    return "\n".join(lines)
+
+
+def default_out() -> Path:
+    return Path("bench-reports") / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = parser().parse_args(argv)
+    console = report.wide_console()
+    stores = [s.strip() for s in ns.stores.split(",") if s.strip()]
+    bad = [s for s in stores if s not in BACKENDS]
+    if bad or not stores:
+        raise SystemExit(f"compare: unknown store(s) {bad}; choose from {', '.join(BACKENDS)}")
+    if ns.sessions < 1 or ns.concurrency < 1 or ns.value_size < 1 or ns.duration <= 0 or ns.warmup < 0:
+        raise SystemExit("compare: --sessions, --concurrency, --value-size must be >= 1, --duration > 0")
+    ensure_peers(stores, not ns.no_install, console)
+    out = Path(ns.out) if ns.out else default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    peers.term_as_exit()  # SIGTERM/SIGHUP -> SystemExit, so the finally below stops everything
+    workdir = Path(tempfile.mkdtemp(prefix="shardstate-compare-"))
+    command = " ".join(shlex.quote(a) for a in [os.environ.get("SHARDSTATE_COMPARE_ARGV0", "benchmarks/compare"), *argv])
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    machine = procstat.machine()
+    console.print(f"compare: {', '.join(stores)}; {ns.workload}, {ns.value_size} B, {ns.sessions:,} sessions, "
+                  f"{ns.concurrency} concurrent, {ns.warmup:g} s warm-up + {ns.duration:g} s each; "
+                  f"{machine['cores']} cores ({machine['cpu_model']}); report in {out}")
+    results: list[dict[str, Any]] = []
+    try:
+        for store in stores:
+            results.append(run_store(store, ns, workdir, out, console))
+    except KeyboardInterrupt:
+        console.print("[yellow]compare: interrupted; servers stopped[/]")
+        return 130
+    finally:
+        if ns.keep_data:
+            console.print(f"compare: data and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    doc: dict[str, Any] = {
+        "date": date, "command": command, "machine": machine,
+        "config": {k: getattr(ns, k) for k in ("workload", "value_size", "sessions", "concurrency",
+                                                "duration", "warmup", "zipf", "seed", "step_impl")},
+        "stores": stores, "results": results, "summary": summarize(results),
+    }
+    png: str | None = "compare.png"
+    ok = [r for r in results if "error" not in r]
+    try:
+        if ok:
+            report.plot(ok, out / "compare.png", title=f"{ns.workload}: {', '.join(r['store'] for r in ok)}")
+        else:
+            png = None
+            doc["plot_note"] = "no store produced a result"
+    except report.NoPlot as e:
+        png, doc["plot_note"] = None, str(e)
+    report.write_json(doc, out / "results.json")
+    (out / "report.md").write_text(markdown(doc, png))
+
+    console.print(ratio_table(results, f"{ns.workload}: {ns.value_size} B, {ns.sessions:,} sessions, "
+                                       f"{ns.concurrency} concurrent, {ns.duration:g} s"))
+    for t in doc["summary"]["targets"]:
+        mark = "[green]met[/]" if t["met"] else "[red]NOT met[/]"
+        console.print(f"  target {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} -> {mark}")
+    console.print(cpu_table(results))
+    console.print(f"machine: {machine['cores']} cores, {machine['cpu_model']}; date {date}")
+    console.print(f"command: {command}")
+    console.print(f"report: {out / 'report.md'}" + ("" if png else f" (no PNG: {doc.get('plot_note')})"))
+    failed = [r["store"] for r in results if "error" in r or r.get("bench_exit_code")]
+    if failed:
+        console.print(f"[red]compare: failed: {', '.join(failed)}[/]")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
