@@ -14,7 +14,7 @@ import logging
 import grpc
 
 from shardstate import errors
-from shardstate.router.logs import fields
+from shardstate.jsonlog import fields
 from shardstate.router.maps import MapHolder, node_addresses
 from shardstate.router.nodes import NodePool, describe
 from shardstate.v1 import admin_pb2

@@ -20,7 +20,7 @@ from grpc import aio
 
 from shardstate import errors
 from shardstate.clustermap import ClusterView
-from shardstate.router.logs import fields
+from shardstate.jsonlog import fields
 from shardstate.router.maps import MapHolder
 from shardstate.router.nodes import NodePool
 from shardstate.router.replicas import ReplicaPicker, relaxed_read

@@ -19,13 +19,12 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate import config, errors
-from shardstate.router import logs
+from shardstate import config, errors, jsonlog
+from shardstate.jsonlog import fields
 from shardstate.router.admin import RouterAdmin, Stats
 from shardstate.router.batching import BatchRunner
 from shardstate.router.forward import Forwarder
 from shardstate.router.listing import Lister
-from shardstate.router.logs import fields
 from shardstate.router.maps import MapHolder
 from shardstate.router.nodes import NodePool
 from shardstate.router.pipeline import PipelineHandler
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     config.add_arguments(parser, config.RouterConfig)
     ns = parser.parse_args(argv)
     cfg = config.from_args(config.RouterConfig, ns)
-    logs.setup("router")
+    jsonlog.setup(component="router")
     try:
         cfg.validate()
         asyncio.run(serve(cfg))

@@ -16,7 +16,7 @@ import grpc
 
 from shardstate.clustermap import ClusterView, empty_view, load_cluster_file
 from shardstate.errors import InvalidArgumentError
-from shardstate.router.logs import fields
+from shardstate.jsonlog import fields
 from shardstate.router.nodes import NodePool, describe
 from shardstate.v1 import admin_pb2
 

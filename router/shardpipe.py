@@ -21,7 +21,7 @@ import grpc
 from grpc import aio
 
 from shardstate import errors
-from shardstate.router.logs import fields
+from shardstate.jsonlog import fields
 from shardstate.router.nodes import NodePool
 from shardstate.router.wire import (
     RawBatch,

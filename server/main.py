@@ -21,12 +21,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate import config
+from shardstate import config, jsonlog
 from shardstate.clustermap import load_cluster_file
 from shardstate.errors import InvalidArgumentError
 from shardstate.v1 import admin_pb2, state_pb2
 
-from . import handlers, logs
+from . import handlers
 from .admin import AdminService
 from .node import Node
 from .replication import Replication
@@ -171,7 +171,7 @@ def main(argv: list[str]) -> int:
     except InvalidArgumentError as e:
         print(f"shardstate shard: {e.message}", file=sys.stderr)
         return 2
-    logs.setup(shard_id=cfg.id)
+    jsonlog.setup(component="shard", shard_id=cfg.id)
     try:
         return asyncio.run(serve(cfg))
     except (StartupError, InvalidArgumentError) as e:

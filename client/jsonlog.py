@@ -1,5 +1,7 @@
-"""JSON-lines logging on stderr for server processes: one object per line with ts, level,
-logger, msg, and the `fields` dict a call passes as `extra={"fields": {...}}`.
+"""JSON-lines logging on stderr for every shardstate process: one object per line with ts,
+level, logger, msg, the process's static fields, and the `fields` a call passes.
+
+`log.info("msg", extra=fields(key=value))` adds the fields to the line.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             **self.static,
         }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            out.update(fields)
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            out.update(extra)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
@@ -39,3 +41,8 @@ def setup(level: int = logging.INFO, **static: Any) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def fields(**kw: object) -> dict[str, dict[str, object]]:
+    """The `extra=` argument carrying structured fields."""
+    return {"fields": kw}
