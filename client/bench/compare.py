@@ -118,12 +118,16 @@ def start_store(store: str, workdir: Path, dev_args: Sequence[str]) -> tuple[pee
         return srv, {"etcd": srv.pid}, f"etcd {peers.etcd_version()}"
     srv = peers.start_dev(workdir, dev_args)
     pids = {"dev-supervisor": srv.pid}
-    for pid in procstat.children(srv.pid):
-        name = procstat.process_name(pid)
-        base, n = name, 2
-        while name in pids:
-            name, n = f"{base}-{n}", n + 1
-        pids[name] = pid
+    state = srv.data_dir / "dev.json" if srv.data_dir else None
+    if state is not None and state.exists():  # dev's own record: node name -> pid
+        pids.update({name: int(n["pid"]) for name, n in json.loads(state.read_text())["nodes"].items()})
+    else:
+        for pid in procstat.children(srv.pid):
+            name = procstat.process_name(pid)
+            base, n = name, 2
+            while name in pids:
+                name, n = f"{base}-{n}", n + 1
+            pids[name] = pid
     return srv, pids, "shardstate (this checkout)"
 
 
@@ -164,7 +168,7 @@ def run_store(store: str, ns: argparse.Namespace, workdir: Path, out: Path, cons
                                f"(its output: {out / f'{store}.txt'})")
         result: dict[str, Any] = json.loads(json_path.read_text())
         result["server"] = {"version": version, "address": srv.address,
-                            "pids": {k: procstat.cmdline(v) for k, v in pids.items()},
+                            "pids": pids, "cmdlines": {k: procstat.cmdline(v) for k, v in pids.items()},
                             "data_bytes": procstat.dir_bytes(srv.data_dir) if srv.data_dir else None}
         result["machine_busy_before_pct"] = busy_before
         if rc != 0:

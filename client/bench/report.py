@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 LAT_KEYS = ("p50", "p95", "p99", "max")
-WIDE = 160  # columns when the output is not a terminal (files, CI logs): never truncate figures
+WIDE = 200  # columns when the output is not a terminal (files, CI logs): never truncate figures
 
 
 class NoPlot(RuntimeError):

@@ -1,0 +1,157 @@
+"""The load harness runs end to end against real servers: `shardstate bench` against a dev
+cluster, and `benchmarks/compare` against Redis, etcd and shardstate. Asserts that the reports
+are complete and their counts consistent (completed = successes + conflicts + errors), never speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shardstate.bench import procstat
+from shardstate.bench.stats import CONFLICT, ERROR, OK, Recorder
+from shardstate.bench.workloads import SessionPicker
+from tests.devcluster import Dev
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--sessions", "50", "--concurrency", "4", "--duration", "2", "--warmup", "0.5", "--value-size", "64"]
+
+
+def check_result(r: dict[str, Any], store: str, workload: str) -> None:
+    """Every field a reader relies on is there and the counts add up."""
+    assert r["store"] == store and r["workload"] == workload
+    assert r["completed"] == r["successes"] + r["conflicts"] + r["errors"]
+    assert r["completed"] > 0, r
+    assert r["errors"] == 0, (r["error_kinds"], r["error_samples"])
+    assert set(r["latency_ms"]) >= {"p50", "p95", "p99", "max"}
+    assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"] <= r["latency_ms"]["max"]
+    assert r["throughput_ops_s"] > 0
+    assert len(r["timeline"]) >= 2
+    assert sum(s["ops"] for s in r["timeline"]) == r["completed"]
+    assert sum(s["conflicts"] for s in r["timeline"]) == r["conflicts"]
+    assert r["step_impl"] in ("cached", "read-cas")
+    assert r["cpu_s"].get("client") is not None and r["machine"]["cores"] >= 1
+    for key in ("config", "started_at", "backend", "warmup_ops", "late_ops", "cpu_s_per_1000_ops"):
+        assert key in r
+
+
+def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shardstate", "bench", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_recorder_counts_each_op_once() -> None:
+    rec = Recorder(measure_start=10.0, measure_end=12.0)
+    rec.record(9.0, 9.5, OK)  # warm-up
+    rec.record(9.9, 10.1, OK)
+    rec.record(10.2, 10.3, CONFLICT)
+    rec.record(10.5, 11.2, ERROR, RuntimeError("boom"))
+    rec.record(11.9, 12.1, OK)  # late
+    s = rec.summary(2.0)
+    assert (s["completed"], s["successes"], s["conflicts"], s["errors"]) == (3, 1, 1, 1)
+    assert (s["warmup_ops"], s["late_ops"]) == (1, 1)
+    assert [t["ops"] for t in s["timeline"]] == [2, 1]
+    assert s["error_kinds"] == {"RuntimeError": 1}
+
+
+def test_zipf_picker_prefers_a_few_sessions() -> None:
+    import random
+
+    ids = [f"s{i}" for i in range(1000)]
+    picker = SessionPicker(ids, 1.2, random.Random(3))
+    picks = [picker.pick() for _ in range(5000)]
+    top = max(picks.count(p) for p in set(picks))
+    assert top > 5000 / 1000 * 20  # the hottest session gets far more than a uniform share
+    assert set(picks) <= set(ids)
+
+
+@pytest.mark.bench
+def test_shardstate_bench_against_a_dev_cluster(tmp_path: Path, devs: list[Dev]) -> None:
+    dev = Dev(tmp_path / "data")
+    devs.append(dev)
+    for workload, extra in (("step", []), ("mixed", ["--zipf", "1.1", "--step-impl", "read-cas"])):
+        out = tmp_path / f"{workload}.json"
+        done = bench("--router", dev.router, "--workload", workload, *TINY, *extra,
+                     "--json", str(out), "--plot", str(tmp_path / f"{workload}.png"))
+        assert done.returncode == 0, done.stdout + done.stderr
+        r = json.loads(out.read_text())
+        check_result(r, "shardstate", workload)
+        assert r["step_impl"] == ("cached" if workload == "step" else "read-cas")
+        assert "p99 ms" in done.stdout and "conflicts" in done.stdout
+        assert (tmp_path / f"{workload}.png").stat().st_size > 0
+
+
+@pytest.mark.bench
+def test_shardstate_bench_append_and_read(tmp_path: Path, devs: list[Dev]) -> None:
+    dev = Dev(tmp_path / "data", "--replicas", "0")
+    devs.append(dev)
+    for workload in ("append", "read"):
+        out = tmp_path / f"{workload}.json"
+        done = bench("--router", dev.router, "--workload", workload, *TINY, "--json", str(out))
+        assert done.returncode == 0, done.stdout + done.stderr
+        check_result(json.loads(out.read_text()), "shardstate", workload)
+
+
+def test_bench_says_what_is_wrong_when_nothing_listens(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = bench("--router", f"127.0.0.1:{port}", "--sessions", "5", "--duration", "1", timeout=180)
+    assert done.returncode == 2
+    assert f"127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
+def require_peers() -> None:
+    missing = [b for b in ("redis-server", "etcd") if shutil.which(b) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: run benchmarks/install-peers.sh "
+                    "(tests/run.sh does) to install Debian's redis-server and etcd-server")
+
+
+@pytest.mark.bench
+def test_compare_runs_all_three_stores(tmp_path: Path) -> None:
+    require_peers()
+    out = tmp_path / "report"
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = subprocess.run([str(ROOT / "benchmarks" / "compare"), *TINY, "--out", str(out), "--quiet", "--no-install"],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["store"] for r in doc["results"]] == ["redis", "etcd", "shardstate"]
+    for r in doc["results"]:
+        check_result(r, r["store"], "step")
+        assert r["cpu_s"], r["store"]
+    shard = doc["results"][2]
+    assert {"router", "s1", "s2", "s3", "s1-r1", "client"} <= set(shard["cpu_s"])
+    assert doc["results"][0]["cpu_s"].get("redis-server") is not None
+    assert doc["results"][1]["cpu_s"].get("etcd") is not None
+    assert set(doc["summary"]["ratios"]) == {"redis", "etcd", "shardstate"}
+    assert doc["summary"]["ratios"]["shardstate"]["throughput_vs_shardstate"] == 1.0
+    assert len(doc["summary"]["targets"]) == 3
+    assert doc["machine"]["cores"] >= 1 and doc["command"].startswith("benchmarks/compare")
+    md = (out / "report.md").read_text()
+    for word in ("redis", "etcd", "shardstate", "CPU s / 1000 ops", "benchmarks/compare", "cores"):
+        assert word in md
+    assert (out / "compare.png").stat().st_size > 0
+    assert "1.00x" in done.stdout and "target" in done.stdout
+    # Every server process it started is gone (a pid still alive runs something else).
+    for r in doc["results"]:
+        for name, pid in r["server"]["pids"].items():
+            assert r["server"]["cmdlines"][name], name  # recorded while it ran
+            assert procstat.cmdline(pid) != r["server"]["cmdlines"][name], f"{r['store']} {name} still runs"
+
+
+def test_compare_help_says_what_it_installs() -> None:
+    done = subprocess.run([str(ROOT / "benchmarks" / "compare"), "--help"], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHON=sys.executable))
+    assert done.returncode == 0
+    assert "install-peers.sh" in done.stdout and "appendfsync everysec" in done.stdout
