@@ -63,6 +63,7 @@ class Server:
         self.data_dir: Path | None = None
         self.lines: list[str] = []
         self._line_event = threading.Event()
+        workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.popen = subprocess.Popen(
             self.cmd, stdout=subprocess.PIPE if capture_stdout else log, stderr=log,
