@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -181,7 +180,7 @@ def run_store(store: str, ns: argparse.Namespace, workdir: Path, out: Path, cons
         return {"store": store, "error": f"{type(e).__name__}: {e}"}
     finally:
         if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGINT)
+            child.terminate()  # a client only: nothing to flush
             try:
                 child.wait(10)
             except subprocess.TimeoutExpired:

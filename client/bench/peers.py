@@ -272,13 +272,16 @@ def stopping(servers: list[Server]) -> Iterator[list[Server]]:
 
 
 def term_as_exit() -> None:
-    """Make SIGTERM/SIGHUP raise SystemExit in the main thread so `finally` blocks clean up."""
+    """Make SIGTERM/SIGHUP raise SystemExit and SIGINT KeyboardInterrupt in the main thread (even
+    when started in the background, where the shell ignores SIGINT), so `finally` blocks clean up."""
     def handler(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(ValueError):
             signal.signal(sig, handler)
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def have(binary: str) -> bool:

@@ -90,7 +90,7 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -
         raise NoPlot("plots need matplotlib: pip install 'shardstate[plot]'") from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_lat, ax_tp, ax_p99) = plt.subplots(1, 3, figsize=(16, 4.5))
     n = max(len(results), 1)
     width = 0.8 / n
     for i, r in enumerate(results):
@@ -98,16 +98,22 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -
         ax_lat.bar(xs, [max(r["latency_ms"][k], 1e-3) for k in LAT_KEYS], width, label=r["store"])
         seconds = [p["second"] + 1 for p in r["timeline"]]
         ax_tp.plot(seconds, [p["ops"] for p in r["timeline"]], marker=".", label=r["store"])
+        ax_p99.plot(seconds, [p["p99_ms"] for p in r["timeline"]], marker=".", label=r["store"])
     ax_lat.set_xticks(range(len(LAT_KEYS)), list(LAT_KEYS))
     ax_lat.set_yscale("log")
     ax_lat.set_ylabel("latency (ms, log scale)")
-    ax_lat.set_title("latency percentiles")
+    ax_lat.set_title("latency percentiles (measured window)")
     ax_lat.legend()
     ax_tp.set_xlabel("second of the measured window")
     ax_tp.set_ylabel("ops completed per second")
     ax_tp.set_title("throughput over time")
     ax_tp.set_ylim(bottom=0)
     ax_tp.legend()
+    ax_p99.set_xlabel("second of the measured window")
+    ax_p99.set_ylabel("p99 latency of the ops ending in that second (ms)")
+    ax_p99.set_title("p99 over time")
+    ax_p99.set_ylim(bottom=0)
+    ax_p99.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
