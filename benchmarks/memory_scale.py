@@ -173,8 +173,8 @@ def run_shard(ns: argparse.Namespace, workdir: Path, values: Values, console: Co
     try:
         rss0 = procstat.rss_bytes(srv.pid)
         took = asyncio.run(load_shard(srv.address, ns, values, console))
-        console.print(f"shard: loaded {ns.sessions:,} sessions in {took:.1f} s; settling {SETTLE_S:g} s")
-        time.sleep(SETTLE_S)
+        console.print(f"shard: loaded {ns.sessions:,} sessions in {took:.1f} s; settling {ns.settle:g} s")
+        time.sleep(ns.settle)
         assert srv.data_dir is not None
         return {"store": "shardstate shard" + (" (raw Batch)" if ns.raw else ""), "sessions": ns.sessions, "load_s": round(took, 1),
                 "load_rate": round(ns.sessions / took), "rss_before_bytes": rss0,
@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true",
                    help="load the shard with plain State.Batch stubs and no request ids (the client "
                         "library's puts each leave a 10-minute idempotency record, which this leaves out)")
+    p.add_argument("--settle", type=float, default=SETTLE_S,
+                   help=f"seconds to wait after loading the shard before reading sizes (default {SETTLE_S:g})")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ns = p.parse_args(argv)
     if ns.sessions < 1 or ns.batch < 1 or ns.inflight < 1 or not 1 <= ns.value_size <= 1 << 20:

@@ -98,6 +98,18 @@ def test_shardstate_bench_append_and_read(tmp_path: Path, devs: list[Dev]) -> No
         assert done.returncode == 0, done.stdout + done.stderr
         check_result(json.loads(out.read_text()), "shardstate", workload)
 
+    # Without matplotlib (an optional extra) the run still succeeds; only the PNG is missing.
+    out, png = tmp_path / "noplot.json", tmp_path / "noplot.png"
+    code = ("import sys; sys.modules['matplotlib'] = None; from shardstate.bench.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "--router", dev.router, "--workload", "read", *TINY,
+                           "--no-load", "--json", str(out), "--plot", str(png)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no plot written" in done.stderr and "matplotlib" in done.stderr
+    assert not png.exists()
+    check_result(json.loads(out.read_text()), "shardstate", "read")
+
 
 def test_bench_says_what_is_wrong_when_nothing_listens(tmp_path: Path) -> None:
     import socket
@@ -148,6 +160,34 @@ def test_compare_runs_all_three_stores(tmp_path: Path) -> None:
         for name, pid in r["server"]["pids"].items():
             assert r["server"]["cmdlines"][name], name  # recorded while it ran
             assert procstat.cmdline(pid) != r["server"]["cmdlines"][name], f"{r['store']} {name} still runs"
+
+
+    # The cost model reads that same result and projects from it.
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cost_model.py"), "--from",
+                           str(out / "results.json"), "--out", str(tmp_path / "cost")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    model = json.loads((tmp_path / "cost" / "cost-model.json").read_text())
+    assert model["costs"]["shards"] == 3 and model["costs"]["replicas_per_shard"] == 1
+    assert model["costs"]["router"] > 0 and model["costs"]["primary"] > 0
+    assert [r["cores"] for r in model["model"]["by_cores"]][:2] == [2, 4]
+    assert "Assumptions" in (tmp_path / "cost" / "cost-model.md").read_text()
+
+
+@pytest.mark.bench
+def test_memory_scale_loads_a_shard_and_redis(tmp_path: Path) -> None:
+    require_peers()
+    out = tmp_path / "mem.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_scale.py"), "--sessions", "3000",
+                           "--batch", "200", "--settle", "0.5", "--json", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(out.read_text())
+    shard, redis = doc["results"]
+    assert shard["sessions"] == redis["sessions"] == 3000
+    assert shard["rss_bytes"] > 0 and shard["disk_bytes"] > 3000 * 1024
+    assert redis["keys"] == 3000 and redis["used_memory"] > 3000 * 1024
+    assert "used_memory" in done.stdout
 
 
 def test_compare_help_says_what_it_installs() -> None:
