@@ -57,6 +57,8 @@ class Node:
         view = self.view
         if not view.epoch or not view.ring:
             return
+        if view.ring.owner(namespace, session_id) == self.shard_id:
+            return
         owner = view.owner(namespace, session_id)
         if owner.id != self.shard_id:
             raise WrongShardError.of(view.epoch, owner.id, owner.primary)

@@ -144,15 +144,18 @@ class StateService:
 
     # ---- Batch ----
 
-    async def run_op(self, op: state_pb2.BatchOp) -> state_pb2.BatchResult:
+    async def run_op(self, op: state_pb2.BatchOp, out: state_pb2.BatchResult | None = None) -> state_pb2.BatchResult:
+        """One op's result, filled into `out` when given (saves a copy of the response)."""
+        result = state_pb2.BatchResult() if out is None else out
         kind = op.WhichOneof("op")
         if kind is None:
-            return batch_error(errors.InvalidArgumentError("batch op is empty: set one of its ops"))
+            result.CopyFrom(batch_error(errors.InvalidArgumentError("batch op is empty: set one of its ops")))
+            return result
         try:
             resp = await self.ops[kind](getattr(op, kind))
         except Exception as e:
-            return batch_error(e)
-        result = state_pb2.BatchResult()
+            result.CopyFrom(batch_error(e))
+            return result
         getattr(result, kind).CopyFrom(resp)
         return result
 
@@ -173,8 +176,7 @@ class StateService:
         resp = state_pb2.BatchResponse() if out is None else out
         before = self.engine.store.committed
         if not self.concurrent:
-            for op in req.ops:
-                resp.results.append(await self.run_op(op))
+            await self._run_grouped(req, resp)
             await self.replicated(before)
             return self.header(resp)
         # Ops of one session stay in request order; different sessions run concurrently.
@@ -194,6 +196,51 @@ class StateService:
         resp.results.extend(r for r in results if r is not None)
         await self.replicated(before)
         return self.header(resp)
+
+    async def _run_grouped(self, req: state_pb2.BatchRequest, resp: state_pb2.BatchResponse) -> None:
+        """Ops in order; the writes of a run of ops on distinct sessions go to LevelDB as one
+        WriteBatch (each op keeps its own revision, change-log entry and idempotency record).
+        An op on a session already in the run closes the run first, so it sees those writes.
+        Nothing here yields to the event loop (no --fsync), so no other caller sees the run
+        half-written; answers leave only after the run is written."""
+        store = self.engine.store
+        results = resp.results
+        seen: set[tuple[str, str]] = set()
+        first = 0
+        # A replica's reads may wait for a revision (yielding): it writes nothing here anyway.
+        grouped = not self.node.is_replica and store.begin_group()
+        try:
+            for op in req.ops:
+                if grouped:
+                    kind = op.WhichOneof("op")
+                    inner = getattr(op, kind) if kind else None
+                    key = (inner.namespace or "default", inner.session_id) if inner is not None else ("", "")
+                    if key in seen:
+                        self._end_group(results, first)
+                        first = len(results)
+                        seen.clear()
+                        grouped = store.begin_group()
+                    seen.add(key)
+                await self.run_op(op, results.add())
+        finally:
+            if grouped:
+                self._end_group(results, first)
+
+    def _end_group(self, results: Any, first: int) -> None:
+        """Write the held run; its answers' headers then name the revision that includes it."""
+        try:
+            self.engine.store.end_group()
+        except Exception as e:
+            log.error("writing a batch to LevelDB failed", exc_info=e)
+            for i in range(first, len(results)):
+                results[i].CopyFrom(batch_error(errors.UnavailableError(f"the shard could not write: {e}")))
+            return
+        rev = self.engine.store.committed
+        for i in range(first, len(results)):
+            r = results[i]
+            kind = r.WhichOneof("result")
+            if kind:
+                getattr(r, kind).header.revision = rev
 
     # ---- gRPC behaviors ----
 

@@ -138,7 +138,7 @@ class Engine:
             extra = idempotency.record(ref, ridb, resp, now, self._window_ms) if ridb and ctx.writes else None
             pending = ctx.finish(extra)
             if pending is not None:
-                await self.store.commit(pending)
+                await self.store.commit(pending, hold=True)
             return resp
         finally:
             if locks is not None:

@@ -46,6 +46,7 @@ class Store:
         self._meta: dict[bytes, types_pb2.SessionInfo | None] = {}
         self._changed = asyncio.Event()
         self._committer = GroupCommitter(self.db, self.written) if fsync else None
+        self._group: list[Pending] | None = None  # begin_group() .. end_group(): writes held
         self.closed = False
 
     # ---- session meta (read-only objects: writers copy before changing) ----
@@ -78,25 +79,52 @@ class Store:
 
     # ---- commit ----
 
-    async def commit(self, pending: Pending) -> None:
+    async def commit(self, pending: Pending, hold: bool = False) -> None:
+        """Write `pending`; `hold` (request handlers): join the open group, if any."""
         if self._committer is None:
+            if hold and self._group is not None:
+                self._group.append(pending)  # lands at end_group(), before anyone is answered
+                return
             # Unsynced writes return once LevelDB's log has the batch (a kill -9 loses nothing).
             write_batch(self.db, [pending], False)
             self.written(pending)
         else:
             await self._committer.commit(pending)
 
+    def begin_group(self) -> bool:
+        """Hold the unsynced request writes (commit(hold=True)) that follow until end_group() and write them as one
+        WriteBatch (one log write instead of one per op). Only for a run of writes that never
+        yields to the event loop and never reads what an earlier write of the run wrote (the
+        caller keeps each session to one op per group): the writes are not visible - in
+        LevelDB, the meta cache or `committed` - until end_group(). False (nothing held) with
+        --fsync, where the group committer batches already."""
+        if self._committer is not None or self._group is not None:
+            return False
+        self._group = []
+        return True
+
+    def end_group(self) -> None:
+        """Write what begin_group() held (raises what LevelDB raised; then nothing landed)."""
+        group, self._group = self._group, None
+        if not group:
+            return
+        write_batch(self.db, group, False)
+        for p in group:
+            self.written(p, wake=False)
+        self.wake()
+
     @property
     def group_commit(self) -> bool:
         return self._committer is not None
 
-    def written(self, p: Pending) -> None:
+    def written(self, p: Pending, wake: bool = True) -> None:
         for mkey, meta in p.metas.items():
             self._meta[mkey] = meta
         self.change_count += p.changes
         if p.revision > self.committed:
             self.committed = p.revision
-        self.wake()
+        if wake:
+            self.wake()
 
     def wake(self) -> None:
         ev, self._changed = self._changed, asyncio.Event()
