@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shardstate import AsyncClient
+from shardstate import AsyncClient, eventloop
 
 VALUE = b"x" * 1024
 TICK = os.sysconf("SC_CLK_TCK")
@@ -137,13 +137,13 @@ def main() -> None:
     p.add_argument("--hold", type=float, default=0.0, help="keep the cluster this many seconds after (profiling)")
     args = p.parse_args()
     if args.address:
-        asyncio.run(run(args.address, {}, args))
+        eventloop.run(run(args.address, {}, args))
         return
     with tempfile.TemporaryDirectory() as tmp:
         proc, pids = start_dev(args.port, Path(tmp), args.shards, args.replicas)
         try:
             print("pids", pids, flush=True)
-            asyncio.run(run(f"127.0.0.1:{args.port}", pids, args))
+            eventloop.run(run(f"127.0.0.1:{args.port}", pids, args))
             time.sleep(args.hold)
         finally:
             proc.send_signal(signal.SIGINT)

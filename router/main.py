@@ -19,7 +19,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate import config, errors, jsonlog
+from shardstate import config, errors, eventloop, jsonlog
 from shardstate.jsonlog import fields
 from shardstate.router.admin import RouterAdmin, Stats
 from shardstate.router.batching import BatchRunner
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     jsonlog.setup(component="router")
     try:
         cfg.validate()
-        asyncio.run(serve(cfg))
+        eventloop.run(serve(cfg))
     except errors.ShardstateError as e:
         log.error("router cannot start", extra=fields(error=e.message))
         print(f"shardstate router: {e.message}", file=sys.stderr)

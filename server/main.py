@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate import config, jsonlog
+from shardstate import config, eventloop, jsonlog
 from shardstate.clustermap import load_cluster_file
 from shardstate.errors import InvalidArgumentError
 from shardstate.v1 import admin_pb2, state_pb2
@@ -173,7 +173,7 @@ def main(argv: list[str]) -> int:
         return 2
     jsonlog.setup(component="shard", shard_id=cfg.id)
     try:
-        return asyncio.run(serve(cfg))
+        return eventloop.run(serve(cfg))
     except (StartupError, InvalidArgumentError) as e:
         log.error("cannot start", extra={"fields": {"error": str(e)}})
         print(f"shardstate shard: {e}", file=sys.stderr)

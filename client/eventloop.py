@@ -1,0 +1,34 @@
+"""The event loop shardstate processes run on: uvloop when it is installed (less CPU per
+callback, future and socket event than asyncio's own loop), else asyncio's.
+
+SHARDSTATE_UVLOOP=0 forces asyncio's loop (for comparisons and debugging).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def uvloop_wanted() -> bool:
+    if os.environ.get("SHARDSTATE_UVLOOP", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main) on uvloop when available."""
+    if uvloop_wanted():
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
