@@ -38,6 +38,7 @@ TARGETS = (
     ("etcd", "throughput", 2.0, "steps/s >= 2 x etcd"),
     ("redis", "p99", 1.5, "p99 <= 1.5 x Redis"),
 )
+IDLE_PCT = 10.0  # --wait-idle: "quiet" = under this share of all cores busy
 BENCH_EXTRA_S = 300.0  # loading + drain allowance on top of warm-up + duration per store
 
 
@@ -88,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
                    help="do not run benchmarks/install-peers.sh when redis-server or etcd is missing")
     p.add_argument("--keep-data", action="store_true", help="keep the servers' temp dirs")
     p.add_argument("--quiet", action="store_true", help="no live progress from the load generator")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="on a shared machine: before each store, wait up to S seconds for the machine "
+                        f"to be under {IDLE_PCT:g}%% busy (default 0: start at once; the report records "
+                        "the load either way)")
     return p
 
 
@@ -149,6 +154,13 @@ def run_store(store: str, ns: argparse.Namespace, workdir: Path, out: Path, cons
     (plus server facts), or {"store", "error"} when something failed."""
     console.rule(f"[bold]{store}")
     busy_before = idle_check()
+    waited = 0.0
+    while busy_before > IDLE_PCT and waited < ns.wait_idle:
+        if waited == 0:
+            console.print(f"compare: the machine is {busy_before}% busy; waiting up to {ns.wait_idle:g} s "
+                          f"for it to drop under {IDLE_PCT}%")
+        busy_before = idle_check(2.0)
+        waited += 2.0
     srv: peers.Server | None = None
     child: subprocess.Popen[bytes] | None = None
     try:
@@ -170,6 +182,7 @@ def run_store(store: str, ns: argparse.Namespace, workdir: Path, out: Path, cons
                             "pids": pids, "cmdlines": {k: procstat.cmdline(v) for k, v in pids.items()},
                             "data_bytes": procstat.dir_bytes(srv.data_dir) if srv.data_dir else None}
         result["machine_busy_before_pct"] = busy_before
+        result["waited_for_idle_s"] = waited
         if rc != 0:
             result["bench_exit_code"] = rc
         return result
@@ -336,7 +349,12 @@ def markdown(doc: dict[str, Any], png: str | None) -> str:
         d = r.get("backend", {})
         lines.append(f"- **{r['store']}** ({r['server']['version']}): {d.get('client', '')}; "
                      f"step: {d.get('step', '')}")
-        if r.get("machine_busy_before_pct", 0) > 10:
+        other = other_load(r)
+        if other is not None and other > 0.05 * r["window_s"] * (m["cores"] or 1):
+            lines.append(f"  - note: other processes on the machine used {other:.1f} CPU-s during its "
+                         f"{r['window_s']:g} s window ({100 * other / (r['window_s'] * (m['cores'] or 1)):.0f}% "
+                         "of all cores): its figures are pessimistic")
+        if r.get("machine_busy_before_pct", 0) > IDLE_PCT:
             lines.append(f"  - note: the machine was {r['machine_busy_before_pct']}% busy just before "
                          "this store started")
     lines.append("")
@@ -410,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         mark = "[green]met[/]" if t["met"] else "[red]NOT met[/]"
         console.print(f"  target {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} -> {mark}")
     console.print(cpu_table(results))
+    for r in ok:
+        other = other_load(r)
+        if other is not None and other > 0.05 * r["window_s"] * (machine["cores"] or 1):
+            console.print(f"[yellow]note: during the {r['store']} window other processes used {other:.1f} CPU-s "
+                          f"({100 * other / (r['window_s'] * (machine['cores'] or 1)):.0f}% of the machine)[/]")
     console.print(f"machine: {machine['cores']} cores, {machine['cpu_model']}; date {date}")
     console.print(f"command: {command}")
     console.print(f"report: {out / 'report.md'}" + ("" if png else f" (no PNG: {doc.get('plot_note')})"))
