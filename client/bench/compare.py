@@ -89,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
                    help="do not run benchmarks/install-peers.sh when redis-server or etcd is missing")
     p.add_argument("--keep-data", action="store_true", help="keep the servers' temp dirs")
     p.add_argument("--quiet", action="store_true", help="no live progress from the load generator")
+    p.add_argument("--rerun-if-busy", type=int, default=0, metavar="N",
+                   help=f"run a store again (up to N times) when other processes used more than "
+                        f"{IDLE_PCT:g}%% of the machine during its window; the least disturbed run is kept")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="on a shared machine: before each store, wait up to S seconds for the machine "
                         f"to be under {IDLE_PCT:g}%% busy (default 0: start at once; the report records "
@@ -201,6 +204,34 @@ def run_store(store: str, ns: argparse.Namespace, workdir: Path, out: Path, cons
                 child.wait()
         if srv is not None:
             srv.stop()
+
+
+def busy_share(r: dict[str, Any]) -> float:
+    """Share of all cores other processes used during a result's window (0 when unknown)."""
+    other = other_load(r)
+    cores = r.get("machine", {}).get("cores") or os.cpu_count() or 1
+    return max(0.0, other / (r["window_s"] * cores)) if other is not None and r.get("window_s") else 0.0
+
+
+def run_with_reruns(store: str, ns: argparse.Namespace, workdir: Path, out: Path, console: Console) -> dict[str, Any]:
+    """run_store, again (up to --rerun-if-busy times) when other processes took more than
+    IDLE_PCT of the machine during the window; keeps the least disturbed run."""
+    runs: list[dict[str, Any]] = []
+    for attempt in range(1 + max(0, ns.rerun_if_busy)):
+        r = run_store(store, ns, workdir / f"run{attempt}", out, console)
+        if "error" in r:
+            return r
+        runs.append(r)
+        share = busy_share(r)
+        if share * 100 <= IDLE_PCT:
+            break
+        if attempt < ns.rerun_if_busy:
+            console.print(f"[yellow]compare: other processes used {share:.0%} of the machine during the "
+                          f"{store} window; running {store} again[/]")
+    best = min(runs, key=busy_share)
+    best["attempts"] = len(runs)
+    report.write_json(best, out / f"{store}.json")
+    return best
 
 
 def idle_check(seconds: float = 1.0) -> float:
@@ -393,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     try:
         for store in stores:
-            results.append(run_store(store, ns, workdir, out, console))
+            results.append(run_with_reruns(store, ns, workdir, out, console))
     except KeyboardInterrupt:
         console.print("[yellow]compare: interrupted; servers stopped[/]")
         return 130
