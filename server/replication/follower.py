@@ -30,6 +30,8 @@ RESYNC_META = "resync"
 DEAD_AFTER_S = 3.0  # no message (heartbeats come every 0.5 s) for this long: the stream is dead
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
+# When the leader says it waits for no ack (ChangeBatch.ack_lazily), ack at most this often.
+LAZY_ACK_S = 0.1
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
@@ -62,6 +64,7 @@ class Follower:
         self.applied_ts_ms = 0  # leader write time of the last applied entry
         self.last_contact_ms = 0
         self.error = ""
+        self._ack_lazily = False  # the leader's last ChangeBatch.ack_lazily
         self._task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----
@@ -174,6 +177,8 @@ class Follower:
             if rev != sent or not rev:
                 await call.write(replication_pb2.FollowerMessage(ack=replication_pb2.FollowAck(applied_revision=rev)))
                 sent = rev
+                if self._ack_lazily:
+                    await asyncio.sleep(LAZY_ACK_S)  # what arrives meanwhile folds into the next ack
 
     async def _stream(self, channel: aio.Channel) -> None:
         engine, node = self.engine, self.node
@@ -209,6 +214,7 @@ class Follower:
             log.info("following", extra={"fields": {"primary": self.target, "applied": applied,
                                                     "leader_revision": hb.heartbeat.leader_revision, "resync": resync}})
             ack = asyncio.Event()
+            self._ack_lazily = False
             acker = asyncio.create_task(self._acker(call, ack))
             helpers.append(acker)
             while True:
@@ -221,6 +227,7 @@ class Follower:
                 kind = msg.WhichOneof("msg")
                 if kind == "changes":
                     b = msg.changes
+                    self._ack_lazily = b.ack_lazily
                     if b.entries:
                         await engine.apply_changes(b.entries)
                         self.applied_ts_ms = b.entries[-1].ts_ms

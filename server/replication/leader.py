@@ -283,7 +283,8 @@ class Leader:
                     backlog, backlog_at = self.count_after(batch[-1][0]), now
                 else:
                     backlog = max(0, backlog - len(batch))
-                body = wire.change_batch([raw for _, raw in batch], leader_rev, wall_ms(), backlog)
+                lazy = self.acks.need <= 0 and info.caught_up and not info.hold_from
+                body = wire.change_batch([raw for _, raw in batch], leader_rev, wall_ms(), backlog, lazy)
                 yield wire.leader_message(wire.CHANGES, body, self.node.epoch)
                 info.batches += 1
                 info.entries += len(batch)

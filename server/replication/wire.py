@@ -39,12 +39,14 @@ def _scalar(field: int, n: int) -> bytes:
     return _tag(field, _VARINT) + varint(n) if n else b""
 
 
-def change_batch(entries: Sequence[bytes], leader_revision: int, leader_ts_ms: int, backlog: int = 0) -> bytes:
+def change_batch(entries: Sequence[bytes], leader_revision: int, leader_ts_ms: int, backlog: int = 0,
+                 ack_lazily: bool = False) -> bytes:
     e1 = _tag(1, _LEN)
     parts = [b"".join((e1, varint(len(e)), e)) for e in entries]
     parts.append(_scalar(2, leader_revision))
     parts.append(_scalar(3, leader_ts_ms))
     parts.append(_scalar(4, backlog))
+    parts.append(_scalar(5, int(ack_lazily)))
     return b"".join(parts)
 
 

@@ -269,10 +269,15 @@ class ChangeBatch(_message.Message):
     LEADER_REVISION_FIELD_NUMBER: _builtins.int
     LEADER_TS_MS_FIELD_NUMBER: _builtins.int
     BACKLOG_FIELD_NUMBER: _builtins.int
+    ACK_LAZILY_FIELD_NUMBER: _builtins.int
     leader_revision: _builtins.int
     leader_ts_ms: _builtins.int
     backlog: _builtins.int
     """change entries the leader held beyond this batch when sending it (capped)"""
+    ack_lazily: _builtins.bool
+    """The leader waits for no ack (no semi-sync, follower caught up): the follower may fold
+    its acks over a short interval instead of acking every batch (fewer messages).
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChangeEntry]: ...
     def __init__(
@@ -282,10 +287,11 @@ class ChangeBatch(_message.Message):
         leader_revision: _builtins.int = ...,
         leader_ts_ms: _builtins.int = ...,
         backlog: _builtins.int = ...,
+        ack_lazily: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "entries", b"entries", "leader_revision", b"leader_revision", "leader_ts_ms", b"leader_ts_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_lazily", b"ack_lazily", "backlog", b"backlog", "entries", b"entries", "leader_revision", b"leader_revision", "leader_ts_ms", b"leader_ts_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
