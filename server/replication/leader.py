@@ -35,7 +35,7 @@ HEARTBEAT_S = 0.5
 # Without semi-sync (--min-replica-acks 0), batches to a follower go out at most this often: what commits
 # meanwhile rides in the next one, so a busy primary sends (and its follower applies and acks)
 # a few large batches instead of one per commit. Lag grows by at most this much.
-COALESCE_S = 0.01
+COALESCE_S = 0.025
 HELLO_TIMEOUT_S = 10.0
 SNAPSHOT_CHUNK_OPS = 2000
 SNAPSHOT_CHUNK_BYTES = 1 << 20
