@@ -23,7 +23,7 @@ _MISSING = object()
 
 class WriteContext:
     __slots__ = (
-        "base", "db", "deleted", "dprefix", "events", "expired", "limits", "meta", "now",
+        "base", "db", "deleted", "dprefix", "events", "expired", "got", "limits", "meta", "now",
         "pending", "ref", "rev", "session_ttl_ms", "store",
     )
 
@@ -34,6 +34,7 @@ class WriteContext:
         self.ref = ref
         self.now = now
         self.pending: dict[bytes, bytes | None] = {}
+        self.got: dict[bytes, bytes | None] = {}  # LevelDB reads of this write
         self.events: list[types_pb2.Event] = []
         self.rev = 0
         self.session_ttl_ms = 0
@@ -56,8 +57,12 @@ class WriteContext:
     def read(self, key: bytes) -> bytes | None:
         v = self.pending.get(key, _MISSING)
         if v is _MISSING:
-            raw: bytes | None = self.db.get(key)
-            return raw
+            # Nothing else writes the session meanwhile: a key read twice (a CAS checks the
+            # record, then the write reads it again for sizes) needs one LevelDB get.
+            got = self.got
+            v = got.get(key, _MISSING)
+            if v is _MISSING:
+                v = got[key] = self.db.get(key)
         return v  # type: ignore[return-value]
 
     def put(self, key: bytes, value: bytes) -> None:

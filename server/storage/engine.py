@@ -53,6 +53,7 @@ from .values import pack_u64
 log = logging.getLogger("shardstate.engine")
 R = TypeVar("R")
 SWEEP_BATCH = 500
+REF_CACHE_SIZE = 100_000
 
 
 class Engine:
@@ -64,6 +65,7 @@ class Engine:
         self._locks = SessionLocks() if self.store.group_commit else None
         self._window_ms = int(config.idempotency_window_s * 1000)
         self.retention_hold: Callable[[], int] | None = None
+        self._refs: dict[tuple[str, str], SessionRef] = {}
         self.sweeping = True
 
     @classmethod
@@ -71,7 +73,15 @@ class Engine:
         return cls(config)
 
     def ref(self, namespace: str, session_id: str) -> SessionRef:
-        return session_ref(namespace, session_id, self.limits)
+        # Validating and encoding the names costs more than the lookup: remember recent ones.
+        refs = self._refs
+        ref = refs.get((namespace, session_id))
+        if ref is None:
+            ref = session_ref(namespace, session_id, self.limits)
+            if len(refs) >= REF_CACHE_SIZE:
+                refs.clear()
+            refs[(namespace, session_id)] = ref
+        return ref
 
     # ---- reads: no locks, one DB read plus the (cached) session meta ----
 
