@@ -7,11 +7,11 @@ against those stores (benchmarks/compare uses that).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from rich.console import Console
 
+from shardstate import eventloop
 from shardstate.bench import report
 from shardstate.bench.backends import STEP_IMPLS
 from shardstate.bench.runner import RunConfig, result_ok, run
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from(ns)
     err = Console(stderr=True)
     try:
-        result = asyncio.run(run(cfg, console=err, live=not ns.quiet))
+        # The same loop for every store's client: uvloop when installed (SHARDSTATE_UVLOOP=0: asyncio's).
+        result = eventloop.run(run(cfg, console=err, live=not ns.quiet))
     except KeyboardInterrupt:
         err.print("bench: interrupted")
         return 130

@@ -342,7 +342,8 @@ def markdown(doc: dict[str, Any], png: str | None) -> str:
         f"load average at start {m['loadavg_at_start']}",
         f"- same for every store: value {cfg['value_size']} B, {cfg['sessions']:,} sessions, "
         f"{cfg['concurrency']} concurrent callers, {cfg['warmup']:g} s warm-up, "
-        f"{cfg['duration']:g} s measured, zipf {cfg['zipf']:g}",
+        f"{cfg['duration']:g} s measured, zipf {cfg['zipf']:g}; load generator: a fresh `shardstate bench` "
+        f"process per store, on the {ok[0].get('event_loop', 'asyncio') if ok else 'asyncio'} event loop",
         "",
         "| store | workload | ops/s | success/s | p50 ms | p95 ms | p99 ms | max ms | completed | "
         "conflicts | errors | ops/s ÷ shardstate | p99 ÷ shardstate |",

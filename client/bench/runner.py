@@ -148,6 +148,7 @@ async def run(cfg: RunConfig, console: Console | None = None, live: bool = True)
         # Everything the machine ran in the window (compare subtracts the processes it knows).
         "machine_busy_cpu_s": machine_busy[0] if machine_busy else None,
         "backend": backend.describe(),
+        "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop | asyncio
         "machine": env,
     }
 
