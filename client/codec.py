@@ -7,7 +7,7 @@ Validation raises InvalidArgumentError naming the field before any RPC is made.
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -26,7 +26,8 @@ Seconds = int | float | timedelta
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as 32 hex digits (what uuid4().hex gave, without building a UUID)."""
+    return os.urandom(16).hex()
 
 
 def _name(value: Any, what: str, max_bytes: int) -> str:
