@@ -68,7 +68,7 @@ def _pids(nodes: Any) -> dict[str, int]:
 
 
 async def run(address: str, pids: dict[str, int], args: argparse.Namespace) -> None:
-    client = AsyncClient(address)
+    client = AsyncClient(address, max_batch_ops=args.max_batch_ops)
     sessions = [f"step-{i}" for i in range(args.sessions)]
     handles = {sid: client.session(sid) for sid in sessions}
     it = iter(sessions)
@@ -100,6 +100,7 @@ async def run(address: str, pids: dict[str, int], args: argparse.Namespace) -> N
     lat.clear()
     done0 = done
     me = os.getpid()
+    b0 = {a: (st["batches"], st["ops"]) for a, st in client.batching_stats().items()}
     c0 = {name: cpu_s(pid) for name, pid in pids.items()}
     s0 = cpu_s(me)
     t0 = time.perf_counter()
@@ -115,8 +116,10 @@ async def run(address: str, pids: dict[str, int], args: argparse.Namespace) -> N
     def p(q: float) -> float:
         return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000
 
+    b1 = {a: (st["batches"], st["ops"]) for a, st in client.batching_stats().items()}
+    per_batch = {a: round((b1[a][1] - b0.get(a, (0, 0))[1]) / max(1, b1[a][0] - b0.get(a, (0, 0))[0]), 1) for a in b1}
     print(f"load {os.getloadavg()[0]:.2f}  steps/s {n / el:,.0f}  p50 {p(0.5):.2f} ms  p99 {p(0.99):.2f} ms  "
-          f"stats {client.batching_stats()}")
+          f"ops per client batch {per_batch}")
     per = {name: (c1[name] - c0[name]) / n * 1e6 for name in pids}
     per["client"] = (s1 - s0) / n * 1e6
     total = sum(per.values())
@@ -133,6 +136,7 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--max-batch-ops", type=int, default=1000, help="the client's largest batch (a full one leaves at once)")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--hold", type=float, default=0.0, help="keep the cluster this many seconds after (profiling)")
     args = p.parse_args()

@@ -145,8 +145,13 @@ class _Conn:
     def submit(self, field: str, request: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((field, request, fut))
-        if not self._scheduled:
+        pending = self._pending
+        pending.append((field, request, fut))
+        if len(pending) >= self.max_ops:
+            # A full batch leaves now: the server starts on it while later callers still run.
+            self._pending = []
+            self._send_ops(pending)
+        elif not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)  # after every task already runnable in this tick
         return fut
@@ -154,6 +159,10 @@ class _Conn:
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
+        if pending:
+            self._send_ops(pending)
+
+    def _send_ops(self, pending: list[tuple[str, Any, asyncio.Future[Any]]]) -> None:
         live = [p for p in pending if not p[2].done()]
         for i in range(0, len(live), self.max_ops):
             chunk = live[i:i + self.max_ops]
