@@ -83,6 +83,22 @@ def progress_bar(console: Console) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console)
 
 
+def advancer(bar: Progress, task: Any, t0: float, console: Console) -> Callable[[int], None]:
+    """Moves the bar; when stderr is not a terminal (a log file), prints a line every 10 s instead."""
+    last = [t0]
+
+    def advance(k: int) -> None:
+        done = bar.tasks[0].completed + k
+        now = time.monotonic()
+        rate = done / max(now - t0, 1e-9)
+        bar.update(task, advance=k, rate=f"{rate:,.0f}/s")
+        if not console.is_terminal and now - last[0] >= 10:
+            last[0] = now
+            console.print(f"{bar.tasks[0].description}: {done:,.0f}/{bar.tasks[0].total:,.0f} ({rate:,.0f}/s)")
+
+    return advance
+
+
 async def load_shard(address: str, ns: argparse.Namespace, values: Values, console: Console) -> float:
     if ns.raw:
         return await load_shard_raw(address, ns, values, console)
@@ -97,9 +113,7 @@ async def load_shard(address: str, ns: argparse.Namespace, values: Values, conso
                     b.put(session_id(i), STATE_KEY, values.get(i))
                 await b.execute()
 
-            def advance(k: int) -> None:
-                done = bar.tasks[0].completed + k
-                bar.update(task, advance=k, rate=f"{done / max(time.monotonic() - t0, 1e-9):,.0f}/s")
+            advance = advancer(bar, task, t0, console)
 
             await load_chunks(ns.sessions, ns.batch, ns.inflight, put_chunk, advance)
             return time.monotonic() - t0
@@ -129,9 +143,7 @@ async def load_shard_raw(address: str, ns: argparse.Namespace, values: Values, c
                 if bad:
                     raise RuntimeError(f"{len(bad)} puts failed, first: {bad[0].code} {bad[0].message}")
 
-            def advance(k: int) -> None:
-                done = bar.tasks[0].completed + k
-                bar.update(task, advance=k, rate=f"{done / max(time.monotonic() - t0, 1e-9):,.0f}/s")
+            advance = advancer(bar, task, t0, console)
 
             await load_chunks(ns.sessions, ns.batch, ns.inflight, put_chunk, advance)
             return time.monotonic() - t0
@@ -153,9 +165,7 @@ async def load_redis(address: str, ns: argparse.Namespace, values: Values, conso
                     pipe.hset(f"s:{session_id(i)}", mapping={"value": values.get(i), "version": 1})
                 await pipe.execute()
 
-            def advance(k: int) -> None:
-                done = bar.tasks[0].completed + k
-                bar.update(task, advance=k, rate=f"{done / max(time.monotonic() - t0, 1e-9):,.0f}/s")
+            advance = advancer(bar, task, t0, console)
 
             await load_chunks(ns.sessions, ns.batch, ns.inflight, put_chunk, advance)
             took = time.monotonic() - t0

@@ -51,7 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-load", action="store_true",
                    help="do not write the sessions' initial state first (they exist already)")
     p.add_argument("--json", metavar="FILE", help="write the full result (incl. timeline) as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a PNG of latency percentiles and throughput")
+    p.add_argument("--plot", metavar="FILE",
+                   help="write a PNG of latency percentiles, throughput and p99 over time (needs "
+                        "matplotlib, the [plot] extra; without it the run completes and says so)")
     p.add_argument("--quiet", action="store_true", help="no live progress display")
     p.add_argument("--cpu-pid", action="append", default=[], metavar="NAME=PID",
                    help="also report this process's CPU seconds over the window (repeatable)")
