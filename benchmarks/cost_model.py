@@ -110,6 +110,22 @@ def best_layout(c: dict[str, Any], cores: int) -> tuple[int, int, float, str]:
     return best
 
 
+def calibration(c: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The model applied to the measured run itself (its layout, its cores, the load generator on
+    the same machine): how far the model is from what was measured."""
+    cores = result["machine"]["cores"] or 1
+    per_op = c["router"] + c["primary"] + c["replica_all"] + c["client"]
+    limits = [c["routers"] / c["router"], c["shards"] / c["primary"], cores / per_op]
+    if c["replica_one"]:
+        limits.append(c["shards"] / c["replica_one"])
+    projected = min(limits)
+    busy = result.get("machine_busy_cpu_s")
+    idle = 1 - busy / (result["window_s"] * cores) if busy is not None else None
+    return {"cores": cores, "projected_ops_s": round(projected), "measured_ops_s": round(result["throughput_ops_s"]),
+            "measured_over_projected": round(result["throughput_ops_s"] / projected, 2),
+            "machine_idle_share": round(idle, 2) if idle is not None else None}
+
+
 def model(c: dict[str, Any]) -> dict[str, Any]:
     by_cores = []
     for k in CORES:
@@ -184,6 +200,11 @@ def markdown(result: dict[str, Any], c: dict[str, Any], m: dict[str, Any], sourc
     for name, key in (("router", "router"), ("shard primary", "primary"), ("one replica", "replica_one"),
                       ("client", "client")):
         lines.append(f"| {name} | {c[key] * 1e6:,.0f} |")
+    cal = m.get("calibration")
+    if cal:
+        lines += ["", f"Model check on the measured run ({cal['cores']} cores, load generator included): projected "
+                      f"{cal['projected_ops_s']:,} ops/s, measured {cal['measured_ops_s']:,} "
+                      f"({cal['measured_over_projected']:.2f}x)."]
     lines += ["", "Projection, one machine with N cores (best layout):", "",
               "| cores | shards | routers | ops/s | bound by | client cores needed |", "|--:|--:|--:|--:|---|--:|"]
     for r in m["by_cores"]:
@@ -243,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     m = model(c)
     console.print(measured_table(result))
     console.print(cost_table(c))
+    cal = calibration(c, result)
+    m["calibration"] = cal
+    console.print(f"model check on the measured run ({cal['cores']} cores, load generator included): projected "
+                  f"{cal['projected_ops_s']:,} ops/s, measured {cal['measured_ops_s']:,} "
+                  f"({cal['measured_over_projected']:.2f}x)" + (
+                      f"; the cores were idle {cal['machine_idle_share']:.0%} of the window (a closed loop "
+                      "of callers leaves gaps)" if cal["machine_idle_share"] is not None else ""))
     for t in projection_tables(m):
         console.print(t)
     console.print(ASSUMPTIONS)
