@@ -38,6 +38,7 @@ TARGETS = (
     ("etcd", "throughput", 2.0, "steps/s >= 2 x etcd"),
     ("redis", "p99", 1.5, "p99 <= 1.5 x Redis"),
 )
+CLIENT_BOUND = 0.9  # a load generator above this share of a core limits the figure itself
 IDLE_PCT = 10.0  # --wait-idle: "quiet" = under this share of all cores busy
 BENCH_EXTRA_S = 300.0  # loading + drain allowance on top of warm-up + duration per store
 
@@ -381,6 +382,10 @@ def markdown(doc: dict[str, Any], png: str | None) -> str:
         d = r.get("backend", {})
         lines.append(f"- **{r['store']}** ({r['server']['version']}): {d.get('client', '')}; "
                      f"step: {d.get('step', '')}")
+        client = r.get("cpu_s", {}).get("client")
+        if client is not None and client > CLIENT_BOUND * r["window_s"]:
+            lines.append(f"  - note: the load generator (one Python process) used {client / r['window_s']:.0%} of a "
+                         "core: this store's throughput is bounded by the client side, not the server")
         other = other_load(r)
         if other is not None and other > 0.05 * r["window_s"] * (m["cores"] or 1):
             lines.append(f"  - note: other processes on the machine used {other:.1f} CPU-s during its "
@@ -461,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"  target {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} -> {mark}")
     console.print(cpu_table(results))
     for r in ok:
+        client = r.get("cpu_s", {}).get("client")
+        if client is not None and client > CLIENT_BOUND * r["window_s"]:
+            console.print(f"[yellow]note: the {r['store']} load generator used {client / r['window_s']:.0%} of a core: "
+                          "that figure is bounded by the (single-process Python) client[/]")
         other = other_load(r)
         if other is not None and other > 0.05 * r["window_s"] * (machine["cores"] or 1):
             console.print(f"[yellow]note: during the {r['store']} window other processes used {other:.1f} CPU-s "
