@@ -67,8 +67,14 @@ def ratios(r: dict[str, Any], base: dict[str, Any] | None) -> tuple[str, str]:
             f"{r['latency_ms']['p99'] / p99:.2f}x" if p99 else "-")
 
 
+def stdout_console() -> Console:
+    """A console for the final table; wide when not a terminal so logs keep whole columns."""
+    c = Console()
+    return c if c.is_terminal else Console(width=200)
+
+
 def print_table(results: Sequence[dict[str, Any]], console: Console | None = None, **kw: Any) -> None:
-    (console or Console()).print(table(results, **kw))
+    (console or stdout_console()).print(table(results, **kw))
 
 
 def write_json(obj: Any, path: str | Path) -> None:
@@ -86,6 +92,7 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as e:
         raise NoPlot("plots need matplotlib: pip install 'shardstate[plot]'") from e
     path = Path(path)
@@ -95,12 +102,15 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path, title: str = "") -
     width = 0.8 / n
     for i, r in enumerate(results):
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(LAT_KEYS))]
-        ax_lat.bar(xs, [max(r["latency_ms"][k], 1e-3) for k in LAT_KEYS], width, label=r["store"])
+        heights = [max(r["latency_ms"][k], 1e-3) for k in LAT_KEYS]
+        bars = ax_lat.bar(xs, heights, width, label=r["store"])
+        ax_lat.bar_label(bars, [f"{h:.1f}" for h in heights], fontsize=7)
         seconds = [p["second"] + 1 for p in r["timeline"]]
         ax_tp.plot(seconds, [p["ops"] for p in r["timeline"]], marker=".", label=r["store"])
         ax_p99.plot(seconds, [p["p99_ms"] for p in r["timeline"]], marker=".", label=r["store"])
     ax_lat.set_xticks(range(len(LAT_KEYS)), list(LAT_KEYS))
     ax_lat.set_yscale("log")
+    ax_lat.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax_lat.set_ylabel("latency (ms, log scale)")
     ax_lat.set_title("latency percentiles (measured window)")
     ax_lat.legend()
