@@ -22,6 +22,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from shardstate.protowire import varint
 from shardstate.v1 import state_pb2, types_pb2
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -149,17 +150,6 @@ def watch_position(response: bytes) -> int:
         top = max(top, int(ev.revision))
     return top
 
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def length_delimited(field: int, payload: bytes) -> bytes:

@@ -13,22 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from shardstate.protowire import varint
+
 _LEN = 2
 _VARINT = 0
 CHANGES = 2
 HEARTBEAT = 3
 
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def _tag(field: int, wire: int) -> bytes:
