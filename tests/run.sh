@@ -16,6 +16,7 @@ fi
 
 echo "== generated protobuf code"
 .venv/bin/python protos/generate.py --check
+.venv/bin/python benchmarks/etcd_pb/generate.py --check
 echo "== ruff"
 .venv/bin/ruff check client server router tests benchmarks protos/generate.py
 echo "== mypy"
