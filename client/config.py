@@ -16,6 +16,7 @@ from shardstate.errors import InvalidArgumentError
 
 T = TypeVar("T")
 MiB = 1024 * 1024
+COMPRESSIONS = ("none", "snappy")
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -58,6 +59,7 @@ class ShardConfig(Limits):
     replica_of: str = opt("", "address of the primary to follow (makes this shard a replica)")
     min_replica_acks: int = opt(0, "replicas that must persist a write before it is acknowledged (0 = asynchronous)")
     replica_ack_timeout_s: float = opt(5.0, "with --min-replica-acks: how long a write waits for replica acks before the caller gets UNAVAILABLE (the write stays durable on the primary)")
+    compression: str = opt("none", "LevelDB block compression: none, or snappy (smaller files for compressible values such as JSON, more CPU per write and compaction; set it when the store is created or later, both read back)")
     fsync: bool = opt(False, "sync every write to disk (survives power loss; writes are group-committed). Off: a killed process loses nothing, a power cut may")
     changelog_retention: int = opt(100_000, "change-log entries kept for replicas, watches and migration")
     changelog_retention_s: int = opt(3600, "oldest change-log entry age kept, seconds")
@@ -75,6 +77,8 @@ class ShardConfig(Limits):
             raise InvalidArgumentError(f"--listen must be HOST:PORT, got {self.listen!r}")
         if self.min_replica_acks < 0:
             raise InvalidArgumentError("--min-replica-acks cannot be negative")
+        if self.compression not in COMPRESSIONS:
+            raise InvalidArgumentError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
 
 
 @dataclass

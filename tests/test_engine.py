@@ -525,3 +525,24 @@ def test_raise_revision_is_persisted(h: Harness) -> None:
     assert h.put("a", "k", b"w").version > floor
     h.reopen()
     assert h.put("a", "k", b"x").version > floor
+
+
+def test_compression_setting_validated_and_either_reads_the_other(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="--compression must be one of none, snappy"):
+        ShardConfig(id="s1", data_dir=str(tmp_path), compression="zstd").validate()
+    h = Harness(tmp_path, compression="snappy")
+    try:
+        value = b"agent state " * 200  # compressible
+        for i in range(200):
+            h.put(f"s{i}", "k", value)
+        h.run(asyncio.sleep(0))
+        h.cfg = ShardConfig(id="s1", data_dir=str(tmp_path), compression="none")
+        h.reopen()
+        assert all(h.get(f"s{i}", "k").record.value == value for i in range(200))
+        h.put("s0", "k", b"new")
+        h.cfg = ShardConfig(id="s1", data_dir=str(tmp_path), compression="snappy")
+        h.reopen()
+        assert h.get("s0", "k").record.value == b"new"
+        assert h.get("s199", "k").record.value == value
+    finally:
+        h.close()

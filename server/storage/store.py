@@ -27,10 +27,13 @@ MB = 1024 * 1024
 
 
 class Store:
-    def __init__(self, path: str, limits: Limits, *, fsync: bool = False) -> None:
+    def __init__(self, path: str, limits: Limits, *, fsync: bool = False, compression: str = "none") -> None:
+        # LevelDB records each block's compression, so a store written with either setting
+        # opens with the other; only new blocks follow the current one.
         self.db: Any = plyvel.DB(
             path, create_if_missing=True, write_buffer_size=32 * MB,
             lru_cache_size=64 * MB, bloom_filter_bits=10,
+            compression=None if compression == "none" else compression,
         )
         self.path = path
         self.limits = limits
