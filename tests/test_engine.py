@@ -20,10 +20,11 @@ from shardstate.errors import (
     NotFoundError,
 )
 from shardstate.server.storage import encoding as enc
+from shardstate.server.storage import entries
 from shardstate.server.storage.engine import Engine
 from shardstate.server.storage.revision import LOGICAL_BITS, wall_ms
+from shardstate.v1 import replication_pb2, types_pb2
 from shardstate.v1 import state_pb2 as s
-from shardstate.v1 import types_pb2
 
 T = TypeVar("T")
 
@@ -435,6 +436,42 @@ def test_change_log_entries_carry_raw_ops_and_events(h: Harness) -> None:
     assert enc.data_key(b"default", b"a", b"k") in keys and enc.meta_key(b"default", b"a") in keys
     assert enc.idempotency_key(b"default", b"a", b"r") in keys
     assert [(ev.type, ev.record.key, ev.record.version) for ev in entry.events] == [(types_pb2.PUT, "k", v)]
+
+
+def test_change_log_stores_a_put_value_once_and_readers_see_it(h: Harness) -> None:
+    value = bytes(range(256)) * 8
+    first = h.put("a", "k", b"old", ttl_ms=60_000).version
+    v = h.put("a", "k", value, ttl_ms=60_000, request_id="r").version
+    ((_, raw),) = h.e.changes_since_raw(v, 10)
+    assert raw.count(value) == 1 and len(raw) < len(value) + 400
+    stored = replication_pb2.ChangeEntry.FromString(raw)
+    assert stored.events[0].record.value == b"" and stored.event_value_op[0] > 0
+    (entry,) = h.e.changes_since(v, 10)
+    rec = h.get("a", "k").record
+    want = types_pb2.Event(type=types_pb2.PUT, revision=v, record=types_pb2.Record(
+        key="k", value=value, version=v, create_version=first, expires_at_ms=rec.expires_at_ms,
+        updated_at_ms=rec.updated_at_ms,
+    ))
+    assert list(entry.events) == [want] and not entry.event_value_op
+    assert entries.events_of(stored) == [want]
+
+
+def test_change_log_txn_writing_a_key_twice_keeps_each_put_value(h: Harness) -> None:
+    for first, second in ((b"", b"x"), (b"a", b"b"), (b"x", b"")):
+        put = [s.TxnOp(put=s.PutRequest(key="k", value=val)) for val in (first, second)]
+        rev = h.run(h.e.txn(s.TxnRequest(session_id="t", success=put))).revision
+        (entry,) = h.e.changes_since(rev, 10)
+        assert [ev.record.value for ev in entry.events] == [first, second]
+
+
+def test_change_log_entries_with_inline_values_still_read(h: Harness) -> None:
+    ev = types_pb2.Event(type=types_pb2.PUT, revision=5, record=types_pb2.Record(key="k", value=b"v", version=5))
+    old = replication_pb2.ChangeEntry(
+        revision=5, namespace="default", session_id="a", ops=[replication_pb2.RawOp(key=b"d", value=b"x" * 40)],
+        events=[ev],
+    )
+    assert entries.events_of(old) == [ev]
+    assert entries.parse(old.SerializeToString()) == old
 
 
 def test_change_log_retention_and_history_compacted(tmp_path: Path) -> None:
