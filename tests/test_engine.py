@@ -20,7 +20,7 @@ from shardstate.errors import (
     NotFoundError,
 )
 from shardstate.server.storage import encoding as enc
-from shardstate.server.storage import entries
+from shardstate.server.storage import entries, idempotency
 from shardstate.server.storage.engine import Engine
 from shardstate.server.storage.revision import LOGICAL_BITS, wall_ms
 from shardstate.v1 import replication_pb2, types_pb2
@@ -260,6 +260,37 @@ def test_idempotency_window_expires_and_is_collected(h: Harness) -> None:
     done = h.run(h.e.sweep_once())
     assert done["idempotency"] == 1
     assert h.raw_keys(enc.IDEMPOTENCY) == [] and h.raw_keys(enc.IDEMPOTENCY_EXPIRY) == []
+
+
+def test_request_ids_stored_by_replication_replay_on_a_node_that_wrote_before(tmp_path: Path) -> None:
+    """A node that already served writes (and holds an in-memory filter of request ids), then
+    applied a primary's entries or a snapshot, must still find the records they stored."""
+    primary, old = Harness(tmp_path / "p"), Harness(tmp_path / "o")
+    try:
+        old.put("x", "k", b"v", request_id="own")
+        wait_past(2)
+        primary.incr("b", "n", 3, request_id="rid")
+        old.run(old.e.apply_changes(primary.e.changes_since(0, 1000)))
+        assert old.incr("b", "n", 1, request_id="rid").header.replayed
+        primary.incr("b", "n", 1, request_id="rid2")
+        with primary.e.snapshot() as snap:
+            old.e.install_snapshot_chunk(list(snap), True, snap.revision)
+        assert old.incr("b", "n", 1, request_id="rid2").header.replayed
+    finally:
+        primary.close()
+        old.close()
+
+
+def test_absent_filter_never_forgets_a_live_record() -> None:
+    f = idempotency.Absent(armed_at=1000, window_ms=100, now=500)
+    assert f.valid(500) and not f.absent(b"a", 999)  # older records may still be live
+    assert f.absent(b"a", 1000)
+    assert f.valid(550)
+    f.add(b"a")  # at 550: its record expires at 650
+    for now in (550, 600, 650, 699):  # 600: a rotation; it is kept until after it expired
+        assert f.valid(now) and not f.absent(b"a", max(now, 1000))
+    assert f.valid(700) and f.absent(b"a", 1000)
+    assert not f.valid(699)  # the clock stepped back: the engine makes a new filter
 
 
 # ---- TTL ----

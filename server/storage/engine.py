@@ -67,6 +67,9 @@ class Engine:
         self.retention_hold: Callable[[], int] | None = None
         self._refs: dict[tuple[str, str], SessionRef] = {}
         self.sweeping = True
+        # Request ids with no stored record (made at the first write with one; dropped by
+        # every write path other than _write, which must add each record it stores).
+        self._absent: idempotency.Absent | None = None
 
     @classmethod
     def open(cls, config: ShardConfig) -> Engine:
@@ -139,13 +142,23 @@ class Engine:
             await locks.acquire(ref.mkey)
         try:
             now = wall_ms()
+            extra = ikey = absent = None
             if ridb:
-                stored = idempotency.lookup(self.store, ref, ridb, reply, now)
-                if stored is not None:
-                    return stored  # type: ignore[no-any-return]
+                ikey = idempotency.key(ref, ridb)
+                absent = self._absent
+                if absent is None or not absent.valid(now):
+                    absent = self._absent = idempotency.Absent(
+                        idempotency.latest_expiry(self.store), self._window_ms, now
+                    )
+                if not absent.absent(ikey, now):
+                    stored = idempotency.lookup(self.store, ikey, ridb, reply, now)
+                    if stored is not None:
+                        return stored  # type: ignore[no-any-return]
             ctx = WriteContext(self.store, ref, now)
             resp = op(ctx, req)
-            extra = idempotency.record(ref, ridb, resp, now, self._window_ms) if ridb and ctx.writes else None
+            if ikey is not None and absent is not None and ctx.writes:
+                extra = idempotency.record(ref, ridb, ikey, resp, now, self._window_ms)
+                absent.add(ikey)  # before it lands: a failed write only costs a LevelDB get
             pending = ctx.finish(extra)
             if pending is not None:
                 await self.store.commit(pending, hold=True)
@@ -180,6 +193,7 @@ class Engine:
 
     async def apply_changes(self, entries: Sequence[replication_pb2.ChangeEntry]) -> int:
         """Replica: apply a primary's entries in one WriteBatch; returns the applied revision."""
+        self._absent = None  # the entries may store idempotency records
         pending = changelog.replica_pending(self.store, entries)
         if pending is not None:
             await self.store.commit(pending)
@@ -193,6 +207,7 @@ class Engine:
     ) -> None:
         """Follower: `first` clears all data (node meta kept); `revision` (last chunk) sets the
         applied revision and makes it the start of the follower's change-log history."""
+        self._absent = None  # the chunk may store idempotency records
         if first:
             snapshot.clear_data(self.store)
         snapshot.write_chunk(self.store, ops, revision)
