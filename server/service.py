@@ -58,10 +58,11 @@ class StateService:
     def header(self, resp: Any) -> Any:
         self.served += 1
         h = resp.header
-        h.shard_id = self.node.shard_id
+        node = self.node
+        h.shard_id = node.shard_id
         h.revision = self.engine.store.committed
-        h.epoch = self.node.view.epoch
-        h.node = self.node.address
+        h.epoch = node.epoch
+        h.node = node.address
         return resp
 
     def _write_gate(self, req: Any) -> None:

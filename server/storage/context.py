@@ -48,7 +48,7 @@ class WriteContext:
         self.session_ttl_ms = 0
         self.meta: types_pb2.SessionInfo | None = None  # working copy once a mutation needs it
         self.deleted = False  # the session was deleted/reclaimed by this write
-        self.dprefix = enc.data_prefix(ref.nsb, ref.sidb)
+        self.dprefix = enc.data_prefix_in(ref.part)
         base = store.load_meta(ref.mkey)
         self.expired: types_pb2.SessionInfo | None = None
         if base is not None and base.expires_at_ms and base.expires_at_ms <= now:

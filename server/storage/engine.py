@@ -264,7 +264,7 @@ class Engine:
             self._locks.release(ref.mkey)
 
     async def _reclaim_session(self, ns: bytes, sid: bytes, expires_at: int) -> bool:
-        ref = SessionRef(ns.decode(), sid.decode(), ns, sid, enc.meta_key(ns, sid))
+        ref = SessionRef.of(ns.decode(), sid.decode(), ns, sid)
 
         async def run() -> bool:
             ctx = WriteContext(self.store, ref, wall_ms())
@@ -280,7 +280,7 @@ class Engine:
         return bool(await self._locked(ref, run))
 
     async def _reclaim_keys(self, ns: bytes, sid: bytes, due: list[tuple[int, bytes]]) -> int:
-        ref = SessionRef(ns.decode(), sid.decode(), ns, sid, enc.meta_key(ns, sid))
+        ref = SessionRef.of(ns.decode(), sid.decode(), ns, sid)
 
         async def run() -> int:
             ctx = WriteContext(self.store, ref, wall_ms())

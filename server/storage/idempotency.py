@@ -42,7 +42,7 @@ def request_id_bytes(request_id: str) -> bytes:
 
 
 def key(ref: SessionRef, ridb: bytes) -> bytes:
-    return enc.idempotency_key(ref.nsb, ref.sidb, ridb)
+    return enc.idempotency_key_in(ref.part, ridb)
 
 
 def lookup(store: Store, ikey: bytes, ridb: bytes, reply: type[Any], now: int) -> Any | None:
@@ -66,7 +66,7 @@ def record(ref: SessionRef, ridb: bytes, ikey: bytes, resp: Any, now: int, windo
     expires = now + window_ms
     return [
         (ikey, pack_idempotency(expires, KINDS[type(resp)], resp.SerializeToString())),
-        (enc.idempotency_expiry_key(expires, ref.nsb, ref.sidb, ridb), b""),
+        (enc.idempotency_expiry_key_in(expires, ref.part, ridb), b""),
     ]
 
 

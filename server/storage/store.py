@@ -16,11 +16,10 @@ from shardstate.config import Limits
 from shardstate.v1 import types_pb2
 
 from . import encoding as enc
-from .commit import GroupCommitter, Pending, write_batch
+from .commit import REVISION_KEY, GroupCommitter, Pending, write_batch
 from .revision import RevisionClock
 from .values import unpack_u64
 
-REVISION_KEY = enc.node_key("revision")
 COMPACTED_KEY = enc.node_key("compacted")
 META_CACHE_SIZE = 100_000
 MB = 1024 * 1024
