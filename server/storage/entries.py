@@ -89,17 +89,21 @@ def encode(
     if session_id:
         out += (b"\x1a", uvarint(len(session_id)), session_id)
     out += (b"\x20", uvarint(ts_ms))
+    small = _BYTE  # most lengths here are < 128: index it inline rather than call uvarint
     for k, v in ops:
         lk = len(k)
+        sk = small[lk] if lk < 128 else uvarint(lk)
         if v is None:
-            out += (b"\x2a", uvarint(lk + len(uvarint(lk)) + 3), b"\x0a", uvarint(lk), k, b"\x18\x01")
+            n = 3 + len(sk) + lk
+            out += (b"\x2a", small[n] if n < 128 else uvarint(n), b"\x0a", sk, k, b"\x18\x01")
         elif v:
             lv = len(v)
-            sk, sv = uvarint(lk), uvarint(lv)
-            out += (b"\x2a", uvarint(2 + len(sk) + lk + len(sv) + lv), b"\x0a", sk, k, b"\x12", sv, v)
+            sv = small[lv] if lv < 128 else uvarint(lv)
+            n = 2 + len(sk) + lk + len(sv) + lv
+            out += (b"\x2a", small[n] if n < 128 else uvarint(n), b"\x0a", sk, k, b"\x12", sv, v)
         else:
-            sk = uvarint(lk)
-            out += (b"\x2a", uvarint(1 + len(sk) + lk), b"\x0a", sk, k)
+            n = 1 + len(sk) + lk
+            out += (b"\x2a", small[n] if n < 128 else uvarint(n), b"\x0a", sk, k)
     refs: list[int] = []
     for ev in events:
         ref = 0
