@@ -262,20 +262,26 @@ def test_idempotency_window_expires_and_is_collected(h: Harness) -> None:
     assert h.raw_keys(enc.IDEMPOTENCY) == [] and h.raw_keys(enc.IDEMPOTENCY_EXPIRY) == []
 
 
-def test_request_ids_stored_by_replication_replay_on_a_node_that_wrote_before(tmp_path: Path) -> None:
-    """A node that already served writes (and holds an in-memory filter of request ids), then
-    applied a primary's entries or a snapshot, must still find the records they stored."""
+def test_a_node_that_wrote_before_sees_what_replication_stored(tmp_path: Path) -> None:
+    """A node that already served writes (and holds in-memory caches of request ids and
+    records), then applied a primary's entries or a snapshot, must see what they stored."""
     primary, old = Harness(tmp_path / "p"), Harness(tmp_path / "o")
     try:
         old.put("x", "k", b"v", request_id="own")
+        old.put("b", "n", b"mine")
+        assert old.get("b", "n").record.value == b"mine"
         wait_past(2)
         primary.incr("b", "n", 3, request_id="rid")
         old.run(old.e.apply_changes(primary.e.changes_since(0, 1000)))
+        assert old.get("b", "n").record == primary.get("b", "n").record
         assert old.incr("b", "n", 1, request_id="rid").header.replayed
         primary.incr("b", "n", 1, request_id="rid2")
         with primary.e.snapshot() as snap:
             old.e.install_snapshot_chunk(list(snap), True, snap.revision)
+        assert old.get("b", "n").record == primary.get("b", "n").record
         assert old.incr("b", "n", 1, request_id="rid2").header.replayed
+        cas = old.put("b", "n", b"x", expected_version=primary.get("b", "n").record.version)
+        assert cas.applied
     finally:
         primary.close()
         old.close()

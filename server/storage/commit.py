@@ -26,6 +26,9 @@ class Pending:
     # Session meta now on disk, for the meta cache: meta key -> SessionInfo (None = gone).
     metas: dict[bytes, Any] = field(default_factory=dict)
     changes: int = 1  # change-log entries this write adds
+    # Every record (d| key) it writes, for the record cache: key -> bytes (None = deleted).
+    # None = not known (e.g. a replica's applied entries): the whole record cache is dropped.
+    records: dict[bytes, bytes | None] | None = None
 
 
 def write_batch(db: Any, pendings: list[Pending], sync: bool) -> None:

@@ -70,7 +70,7 @@ class WriteContext:
             got = self.got
             v = got.get(key, _MISSING)
             if v is _MISSING:
-                v = got[key] = self.db.get(key)
+                v = got[key] = self.store.get(key)
         return v  # type: ignore[return-value]
 
     def put(self, key: bytes, value: bytes) -> None:
@@ -206,12 +206,13 @@ class WriteContext:
         elif self.deleted:
             metas[ref.mkey] = None
         ops: list[Op] = list(self.pending.items())
+        records = {k: v for k, v in ops if k[:1] == enc.DATA}
         if extra:
             ops.extend(extra)
         entry = entries.encode(rev, ref.nsb, ref.sidb, now, ops, self.events, self.pending)
         ops.append((enc.change_key(rev), entry))
         ops.append((REVISION_KEY, pack_u64(rev)))
-        return Pending(rev, ops, metas)
+        return Pending(rev, ops, metas, records=records)
 
 
 def node_write(store: Store, ops: list[Op], now: int) -> Pending:
@@ -221,4 +222,4 @@ def node_write(store: Store, ops: list[Op], now: int) -> Pending:
     rev = store.clock.next()
     entry = entries.encode(rev, b"", b"", now, ops, [])
     out = [*ops, (enc.change_key(rev), entry), (REVISION_KEY, pack_u64(rev))]
-    return Pending(rev, out)
+    return Pending(rev, out, records={k: v for k, v in ops if k[:1] == enc.DATA})

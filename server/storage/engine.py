@@ -217,7 +217,7 @@ class Engine:
         clock = self.store.clock
         clock.raise_to(floor)
         # Through the commit path, so a queued group commit cannot persist a lower revision after it.
-        await self.store.commit(Pending(clock.last, [(REVISION_KEY, pack_u64(clock.last))], changes=0))
+        await self.store.commit(Pending(clock.last, [(REVISION_KEY, pack_u64(clock.last))], changes=0, records={}))
         return clock.last
 
     def set_node_meta(self, name: str, value: bytes) -> None:

@@ -25,7 +25,7 @@ def get(store: Store, ref: SessionRef, req: state_pb2.GetRequest, now: int) -> s
     keyb = key_bytes(req.key, store.limits)
     if store.live_meta(ref.mkey, now) is None:
         return state_pb2.GetResponse(found=False)
-    raw = store.db.get(enc.data_key(ref.nsb, ref.sidb, keyb))
+    raw = store.load_record(enc.data_key(ref.nsb, ref.sidb, keyb))
     if raw is None:
         return state_pb2.GetResponse(found=False)
     rec = unpack_record(raw)
