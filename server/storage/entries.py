@@ -28,19 +28,23 @@ _PUT_EVENT = b"\x08\x01\x10"  # Event.type = PUT, then the tag of Event.revision
 
 def uvarint(n: int) -> bytes:
     """protowire.varint, faster for what an entry holds: lengths (< 16 KiB), and revisions and
-    millisecond times, whose bits above the lowest 21 change rarely (kept in _HIGH)."""
+    millisecond times (> 2^35), whose bits above the lowest 35 change every ~30 s at most
+    (their varint bytes are kept in _HIGH)."""
     if n < 0x80:
         return _BYTE[n]
     if n < 0x4000:
         return bytes((n & 0x7F | 0x80, n >> 7))
-    if n < 0x200000:
-        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
-    high = _HIGH.get(n >> 21)
+    if n < 0x800000000:
+        return varint(n)
+    high = _HIGH.get(n >> 35)
     if high is None:
         if len(_HIGH) >= 64:
             _HIGH.clear()
-        high = _HIGH[n >> 21] = varint(n >> 21)
-    return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80)) + high
+        high = _HIGH[n >> 35] = varint(n >> 35)
+    return bytes((
+        n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21 & 0x7F | 0x80,
+        n >> 28 & 0x7F | 0x80,
+    )) + high
 
 
 _HIGH: dict[int, bytes] = {}
