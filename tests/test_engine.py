@@ -287,6 +287,18 @@ def test_a_node_that_wrote_before_sees_what_replication_stored(tmp_path: Path) -
         old.close()
 
 
+def test_request_id_replays_when_the_filter_is_rebuilt_before_its_write_landed(h: Harness) -> None:
+    """A new request-id filter (here: after the wall clock stepped back) must also wait for
+    records still held in a group, which LevelDB does not have yet."""
+    assert h.e.store.begin_group()
+    h.put("a", "k", b"v", request_id="held")
+    assert h.e._absent is not None
+    h.e._absent.since = wall_ms() + 3_600_000  # the clock "stepped back" an hour
+    h.put("b", "k", b"v", request_id="other")  # makes a new filter while "held" is held
+    h.e.store.end_group()
+    assert h.put("a", "k", b"v", request_id="held").header.replayed
+
+
 def test_absent_filter_never_forgets_a_live_record() -> None:
     f = idempotency.Absent(armed_at=1000, window_ms=100, now=500)
     assert f.valid(500) and not f.absent(b"a", 999)  # older records may still be live

@@ -70,6 +70,9 @@ class Engine:
         # Request ids with no stored record (made at the first write with one; dropped by
         # every write path other than _write, which must add each record it stores).
         self._absent: idempotency.Absent | None = None
+        # The latest expiry of a record this process stored: a new filter waits for it too,
+        # since records still held in a group or an fsync are not in LevelDB yet.
+        self._recorded_until = 0
 
     @classmethod
     def open(cls, config: ShardConfig) -> Engine:
@@ -145,11 +148,7 @@ class Engine:
             extra = ikey = absent = None
             if ridb:
                 ikey = idempotency.key(ref, ridb)
-                absent = self._absent
-                if absent is None or not absent.valid(now):
-                    absent = self._absent = idempotency.Absent(
-                        idempotency.latest_expiry(self.store), self._window_ms, now
-                    )
+                absent = self._idempotency_filter(now)
                 if not absent.absent(ikey, now):
                     stored = idempotency.lookup(self.store, ikey, ridb, reply, now)
                     if stored is not None:
@@ -159,6 +158,8 @@ class Engine:
             if ikey is not None and absent is not None and ctx.writes:
                 extra = idempotency.record(ref, ridb, ikey, resp, now, self._window_ms)
                 absent.add(ikey)  # before it lands: a failed write only costs a LevelDB get
+                if now + self._window_ms > self._recorded_until:
+                    self._recorded_until = now + self._window_ms
             pending = ctx.finish(extra)
             if pending is not None:
                 await self.store.commit(pending, hold=True)
@@ -166,6 +167,14 @@ class Engine:
         finally:
             if locks is not None:
                 locks.release(ref.mkey)
+
+    def _idempotency_filter(self, now: int) -> idempotency.Absent:
+        absent = self._absent
+        # (A window made longer - tests do - needs a filter that keeps keys that long.)
+        if absent is None or absent.window_ms < self._window_ms or not absent.valid(now):
+            armed_at = max(idempotency.latest_expiry(self.store), self._recorded_until)
+            absent = self._absent = idempotency.Absent(armed_at, self._window_ms, now)
+        return absent
 
     # ---- change log, replication, snapshots ----
 
