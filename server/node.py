@@ -11,6 +11,7 @@ import time
 
 from shardstate.clustermap import ClusterView, empty_view
 from shardstate.errors import NotPrimaryError, WrongShardError
+from shardstate.ring import Ring
 from shardstate.v1 import admin_pb2
 
 from .storage.engine import Engine
@@ -20,13 +21,17 @@ MAP_KEY = "clustermap"
 
 
 class Node:
+    _view: ClusterView
+    _ring: Ring | None
+    epoch: int  # of the view
+
     def __init__(self, shard_id: str, engine: Engine, address: str = "") -> None:
         self.shard_id = shard_id
         self.engine = engine
         self.address = address
         self.role: int = admin_pb2.PRIMARY
         self.primary = ""  # the primary's address, when this node is a replica
-        self.view: ClusterView = empty_view()
+        self.view = empty_view()
         self.started = time.monotonic()
         self.serving = False
         self.readable = True  # replication: False while a replica's data is not yet the primary's
@@ -35,8 +40,16 @@ class Node:
             self.view = ClusterView.of(admin_pb2.ClusterMap.FromString(raw))
 
     @property
-    def epoch(self) -> int:
-        return self.view.epoch
+    def view(self) -> ClusterView:
+        return self._view
+
+    @view.setter
+    def view(self, view: ClusterView) -> None:
+        # Every request checks ownership and names the epoch in its header: keep the parts
+        # it needs as plain attributes (ClusterView.epoch reads the protobuf each time).
+        self._view = view
+        self.epoch = view.epoch
+        self._ring = view.ring if view.epoch and view.ring else None  # None: owns everything
 
     @property
     def is_replica(self) -> bool:
@@ -54,11 +67,10 @@ class Node:
 
     def check_owner(self, namespace: str, session_id: str) -> None:
         """WrongShardError unless this shard owns the session (with no map it owns all)."""
-        view = self.view
-        if not view.epoch or not view.ring:
+        ring = self._ring
+        if ring is None or ring.owner(namespace, session_id) == self.shard_id:
             return
-        if view.ring.owner(namespace, session_id) == self.shard_id:
-            return
+        view = self._view
         owner = view.owner(namespace, session_id)
         if owner.id != self.shard_id:
             raise WrongShardError.of(view.epoch, owner.id, owner.primary)

@@ -58,10 +58,11 @@ class StateService:
     def header(self, resp: Any) -> Any:
         self.served += 1
         h = resp.header
-        h.shard_id = self.node.shard_id
+        node = self.node
+        h.shard_id = node.shard_id
         h.revision = self.engine.store.committed
-        h.epoch = self.node.view.epoch
-        h.node = self.node.address
+        h.epoch = node.epoch
+        h.node = node.address
         return resp
 
     def _write_gate(self, req: Any) -> None:
@@ -148,16 +149,22 @@ class StateService:
         """One op's result, filled into `out` when given (saves a copy of the response)."""
         result = state_pb2.BatchResult() if out is None else out
         kind = op.WhichOneof("op")
+        await self._run(kind, getattr(op, kind) if kind else None, result)
+        return result
+
+    async def _run(self, kind: str | None, inner: Any, result: state_pb2.BatchResult) -> Any:
+        """Fill `result` with the op's reply (returned: the reply inside `result`) or its error (None)."""
         if kind is None:
             result.CopyFrom(batch_error(errors.InvalidArgumentError("batch op is empty: set one of its ops")))
-            return result
+            return None
         try:
-            resp = await self.ops[kind](getattr(op, kind))
+            resp = await self.ops[kind](inner)
         except Exception as e:
             result.CopyFrom(batch_error(e))
-            return result
-        getattr(result, kind).CopyFrom(resp)
-        return result
+            return None
+        reply = getattr(result, kind)
+        reply.CopyFrom(resp)
+        return reply
 
     async def replicated(self, before: int, replayed: bool = False) -> None:
         """With --min-replica-acks: a call that wrote (the revision moved past `before`, or a
@@ -207,27 +214,32 @@ class StateService:
         results = resp.results
         seen: set[tuple[str, str]] = set()
         first = 0
+        replies: list[Any] = []  # the replies of the open run
         # A replica's reads may wait for a revision (yielding): it writes nothing here anyway.
         grouped = not self.node.is_replica and store.begin_group()
         try:
             for op in req.ops:
+                kind = op.WhichOneof("op")
+                inner = getattr(op, kind) if kind else None
                 if grouped:
-                    kind = op.WhichOneof("op")
-                    inner = getattr(op, kind) if kind else None
                     key = (inner.namespace or "default", inner.session_id) if inner is not None else ("", "")
                     if key in seen:
-                        self._end_group(results, first)
+                        self._end_group(results, first, replies)
                         first = len(results)
+                        replies = []
                         seen.clear()
                         grouped = store.begin_group()
                     seen.add(key)
-                await self.run_op(op, results.add())
+                reply = await self._run(kind, inner, results.add())
+                if reply is not None:
+                    replies.append(reply)
         finally:
             if grouped:
-                self._end_group(results, first)
+                self._end_group(results, first, replies)
 
-    def _end_group(self, results: Any, first: int) -> None:
-        """Write the held run; its answers' headers then name the revision that includes it."""
+    def _end_group(self, results: Any, first: int, replies: list[Any]) -> None:
+        """Write the held run (results[first:]); its replies' headers then name the revision
+        that includes it."""
         try:
             self.engine.store.end_group()
         except Exception as e:
@@ -236,11 +248,8 @@ class StateService:
                 results[i].CopyFrom(batch_error(errors.UnavailableError(f"the shard could not write: {e}")))
             return
         rev = self.engine.store.committed
-        for i in range(first, len(results)):
-            r = results[i]
-            kind = r.WhichOneof("result")
-            if kind:
-                getattr(r, kind).header.revision = rev
+        for reply in replies:
+            reply.header.revision = rev
 
     # ---- gRPC behaviors ----
 

@@ -15,6 +15,7 @@ from shardstate import errors
 from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 
 from .handlers import Malformed
+from .storage.entries import events_of
 
 if TYPE_CHECKING:
     from .service import StateService
@@ -131,10 +132,11 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
                 entry = parse(raw)
                 if entry.session_id != ref.sid or entry.namespace != ref.ns:
                     continue
+                events = events_of(entry)
                 if prefix:
-                    resp.events.extend(ev for ev in entry.events if _matches(ev, prefix))
+                    resp.events.extend(ev for ev in events if _matches(ev, prefix))
                 else:
-                    resp.events.extend(entry.events)
+                    resp.events.extend(events)
             if batch:
                 start = batch[-1][0] + 1
             resp.progress_revision = max(start - 1, engine.revision()) if len(batch) < WATCH_BATCH else start - 1

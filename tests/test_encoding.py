@@ -81,6 +81,10 @@ def test_family_helpers_match_generic(ns: bytes, sid: bytes, key: bytes) -> None
     assert enc.log_key(ns, sid, key, 7).startswith(enc.log_prefix(ns, sid, key))
     assert enc.last_component(enc.data_key(ns, sid, key), len(enc.data_prefix(ns, sid))) == key
     assert enc.decode(enc.key_expiry_key(5, ns, sid, key), "qbbb") == (5, ns, sid, key)
+    part = enc.session_part(ns, sid)
+    assert enc.data_prefix_in(part) == enc.data_prefix(ns, sid)
+    assert enc.idempotency_key_in(part, key) == enc.idempotency_key(ns, sid, key)
+    assert enc.idempotency_expiry_key_in(9, part, key) == enc.idempotency_expiry_key(9, ns, sid, key)
 
 
 def test_log_seqs_sort_numerically() -> None:

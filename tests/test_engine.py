@@ -20,10 +20,11 @@ from shardstate.errors import (
     NotFoundError,
 )
 from shardstate.server.storage import encoding as enc
+from shardstate.server.storage import entries, idempotency
 from shardstate.server.storage.engine import Engine
 from shardstate.server.storage.revision import LOGICAL_BITS, wall_ms
+from shardstate.v1 import replication_pb2, types_pb2
 from shardstate.v1 import state_pb2 as s
-from shardstate.v1 import types_pb2
 
 T = TypeVar("T")
 
@@ -261,6 +262,55 @@ def test_idempotency_window_expires_and_is_collected(h: Harness) -> None:
     assert h.raw_keys(enc.IDEMPOTENCY) == [] and h.raw_keys(enc.IDEMPOTENCY_EXPIRY) == []
 
 
+def test_a_node_that_wrote_before_sees_what_replication_stored(tmp_path: Path) -> None:
+    """A node that already served writes (and holds in-memory caches of request ids and
+    records), then applied a primary's entries or a snapshot, must see what they stored."""
+    primary, old = Harness(tmp_path / "p"), Harness(tmp_path / "o")
+    try:
+        old.put("x", "k", b"v", request_id="own")
+        old.put("b", "n", b"mine")
+        assert old.get("b", "n").record.value == b"mine"
+        wait_past(2)
+        primary.incr("b", "n", 3, request_id="rid")
+        old.run(old.e.apply_changes(primary.e.changes_since(0, 1000)))
+        assert old.get("b", "n").record == primary.get("b", "n").record
+        assert old.incr("b", "n", 1, request_id="rid").header.replayed
+        primary.incr("b", "n", 1, request_id="rid2")
+        with primary.e.snapshot() as snap:
+            old.e.install_snapshot_chunk(list(snap), True, snap.revision)
+        assert old.get("b", "n").record == primary.get("b", "n").record
+        assert old.incr("b", "n", 1, request_id="rid2").header.replayed
+        cas = old.put("b", "n", b"x", expected_version=primary.get("b", "n").record.version)
+        assert cas.applied
+    finally:
+        primary.close()
+        old.close()
+
+
+def test_request_id_replays_when_the_filter_is_rebuilt_before_its_write_landed(h: Harness) -> None:
+    """A new request-id filter (here: after the wall clock stepped back) must also wait for
+    records still held in a group, which LevelDB does not have yet."""
+    assert h.e.store.begin_group()
+    h.put("a", "k", b"v", request_id="held")
+    assert h.e._absent is not None
+    h.e._absent.since = wall_ms() + 3_600_000  # the clock "stepped back" an hour
+    h.put("b", "k", b"v", request_id="other")  # makes a new filter while "held" is held
+    h.e.store.end_group()
+    assert h.put("a", "k", b"v", request_id="held").header.replayed
+
+
+def test_absent_filter_never_forgets_a_live_record() -> None:
+    f = idempotency.Absent(armed_at=1000, window_ms=100, now=500)
+    assert f.valid(500) and not f.absent(b"a", 999)  # older records may still be live
+    assert f.absent(b"a", 1000)
+    assert f.valid(550)
+    f.add(b"a")  # at 550: its record expires at 650
+    for now in (550, 600, 650, 699):  # 600: a rotation; it is kept until after it expired
+        assert f.valid(now) and not f.absent(b"a", max(now, 1000))
+    assert f.valid(700) and f.absent(b"a", 1000)
+    assert not f.valid(699)  # the clock stepped back: the engine makes a new filter
+
+
 # ---- TTL ----
 
 
@@ -435,6 +485,42 @@ def test_change_log_entries_carry_raw_ops_and_events(h: Harness) -> None:
     assert enc.data_key(b"default", b"a", b"k") in keys and enc.meta_key(b"default", b"a") in keys
     assert enc.idempotency_key(b"default", b"a", b"r") in keys
     assert [(ev.type, ev.record.key, ev.record.version) for ev in entry.events] == [(types_pb2.PUT, "k", v)]
+
+
+def test_change_log_stores_a_put_value_once_and_readers_see_it(h: Harness) -> None:
+    value = bytes(range(256)) * 8
+    first = h.put("a", "k", b"old", ttl_ms=60_000).version
+    v = h.put("a", "k", value, ttl_ms=60_000, request_id="r").version
+    ((_, raw),) = h.e.changes_since_raw(v, 10)
+    assert raw.count(value) == 1 and len(raw) < len(value) + 400
+    stored = replication_pb2.ChangeEntry.FromString(raw)
+    assert stored.events[0].record.value == b"" and stored.event_value_op[0] > 0
+    (entry,) = h.e.changes_since(v, 10)
+    rec = h.get("a", "k").record
+    want = types_pb2.Event(type=types_pb2.PUT, revision=v, record=types_pb2.Record(
+        key="k", value=value, version=v, create_version=first, expires_at_ms=rec.expires_at_ms,
+        updated_at_ms=rec.updated_at_ms,
+    ))
+    assert list(entry.events) == [want] and not entry.event_value_op
+    assert entries.events_of(stored) == [want]
+
+
+def test_change_log_txn_writing_a_key_twice_keeps_each_put_value(h: Harness) -> None:
+    for first, second in ((b"", b"x"), (b"a", b"b"), (b"x", b"")):
+        put = [s.TxnOp(put=s.PutRequest(key="k", value=val)) for val in (first, second)]
+        rev = h.run(h.e.txn(s.TxnRequest(session_id="t", success=put))).revision
+        (entry,) = h.e.changes_since(rev, 10)
+        assert [ev.record.value for ev in entry.events] == [first, second]
+
+
+def test_change_log_entries_with_inline_values_still_read(h: Harness) -> None:
+    ev = types_pb2.Event(type=types_pb2.PUT, revision=5, record=types_pb2.Record(key="k", value=b"v", version=5))
+    old = replication_pb2.ChangeEntry(
+        revision=5, namespace="default", session_id="a", ops=[replication_pb2.RawOp(key=b"d", value=b"x" * 40)],
+        events=[ev],
+    )
+    assert entries.events_of(old) == [ev]
+    assert entries.parse(old.SerializeToString()) == old
 
 
 def test_change_log_retention_and_history_compacted(tmp_path: Path) -> None:

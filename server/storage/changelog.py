@@ -13,6 +13,7 @@ from shardstate.errors import HistoryCompactedError
 from shardstate.v1 import replication_pb2, types_pb2
 
 from . import encoding as enc
+from . import entries
 from .commit import Op, Pending
 from .revision import LOGICAL_BITS
 from .store import COMPACTED_KEY, REVISION_KEY, Store
@@ -41,8 +42,8 @@ def changes_since_raw(store: Store, from_revision: int, limit: int) -> list[tupl
 
 
 def changes_since(store: Store, from_revision: int, limit: int) -> list[replication_pb2.ChangeEntry]:
-    parse = replication_pb2.ChangeEntry.FromString
-    return [parse(v) for _, v in changes_since_raw(store, from_revision, limit)]
+    """Parsed entries, their events complete (values filled back from the ops, entries.py)."""
+    return [entries.parse(v) for _, v in changes_since_raw(store, from_revision, limit)]
 
 
 def trim(store: Store, now_ms: int, keep: int, keep_s: float, hold_from: int = 0, max_ops: int = 10_000) -> int:

@@ -13,26 +13,49 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import encoding as enc
+
 Op = tuple[bytes, bytes | None]  # value None = delete
+REVISION_KEY = enc.node_key("revision")
 
 
 @dataclass(slots=True)
 class Pending:
-    revision: int
+    revision: int  # what it writes at `_|revision` (REVISION_KEY), when it writes there
     ops: list[Op]
     # Session meta now on disk, for the meta cache: meta key -> SessionInfo (None = gone).
     metas: dict[bytes, Any] = field(default_factory=dict)
     changes: int = 1  # change-log entries this write adds
+    # Every record (d| key) it writes, for the record cache: key -> bytes (None = deleted).
+    # None = not known (e.g. a replica's applied entries): the whole record cache is dropped.
+    records: dict[bytes, bytes | None] | None = None
 
 
 def write_batch(db: Any, pendings: list[Pending], sync: bool) -> None:
     wb = db.write_batch(sync=sync)
+    put, delete = wb.put, wb.delete
+    if len(pendings) == 1:
+        for k, v in pendings[0].ops:
+            if v is None:
+                delete(k)
+            else:
+                put(k, v)
+        wb.write()
+        return
+    # In one atomic WriteBatch only the highest `_|revision` counts: write that one alone
+    # (a LevelDB insert per op of a grouped Batch otherwise).
+    top: tuple[int, bytes] | None = None
     for p in pendings:
         for k, v in p.ops:
             if v is None:
-                wb.delete(k)
+                delete(k)
+            elif k == REVISION_KEY:
+                if top is None or p.revision > top[0]:
+                    top = (p.revision, v)
             else:
-                wb.put(k, v)
+                put(k, v)
+    if top is not None:
+        put(REVISION_KEY, top[1])
     wb.write()
 
 

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from shardstate.v1 import replication_pb2, types_pb2
+from shardstate.v1 import types_pb2
 
 from . import encoding as enc
+from . import entries
 from .commit import Op, Pending
 from .store import REVISION_KEY, Store
 from .validation import SessionRef
-from .values import StoredRecord, pack_u64, record_expires_at, unpack_record, unpack_u64
+from .values import (
+    StoredRecord,
+    pack_record,
+    pack_u64,
+    record_expires_at,
+    unpack_record,
+    unpack_u64,
+)
 
 _MISSING = object()
 
@@ -35,12 +43,12 @@ class WriteContext:
         self.now = now
         self.pending: dict[bytes, bytes | None] = {}
         self.got: dict[bytes, bytes | None] = {}  # LevelDB reads of this write
-        self.events: list[types_pb2.Event] = []
+        self.events: list[types_pb2.Event | entries.PutEvent] = []
         self.rev = 0
         self.session_ttl_ms = 0
         self.meta: types_pb2.SessionInfo | None = None  # working copy once a mutation needs it
         self.deleted = False  # the session was deleted/reclaimed by this write
-        self.dprefix = enc.data_prefix(ref.nsb, ref.sidb)
+        self.dprefix = enc.data_prefix_in(ref.part)
         base = store.load_meta(ref.mkey)
         self.expired: types_pb2.SessionInfo | None = None
         if base is not None and base.expires_at_ms and base.expires_at_ms <= now:
@@ -62,7 +70,7 @@ class WriteContext:
             got = self.got
             v = got.get(key, _MISSING)
             if v is _MISSING:
-                v = got[key] = self.db.get(key)
+                v = got[key] = self.store.get(key)
         return v  # type: ignore[return-value]
 
     def put(self, key: bytes, value: bytes) -> None:
@@ -160,6 +168,14 @@ class WriteContext:
         self.deleted = True
         return keys, entries
 
+    def put_record(self, keyb: bytes, dkey: bytes, create: int, expires: int, value: bytes) -> None:
+        """Write the record at dkey with this write's revision, and its PUT event (kept
+        unencoded: the change-log entry stores the value once, see entries.py)."""
+        rev, now = self.revision(), self.now
+        packed = pack_record(rev, create, expires, now, value)
+        self.pending[dkey] = packed
+        self.events.append(entries.PutEvent(keyb, dkey, packed, rev, create, expires, now, value))
+
     def event(self, **kw: Any) -> types_pb2.Event:
         ev = types_pb2.Event(revision=self.revision(), **kw)
         self.events.append(ev)
@@ -190,20 +206,13 @@ class WriteContext:
         elif self.deleted:
             metas[ref.mkey] = None
         ops: list[Op] = list(self.pending.items())
+        records = {k: v for k, v in ops if k[:1] == enc.DATA}
         if extra:
             ops.extend(extra)
-        entry = replication_pb2.ChangeEntry(
-            revision=rev, namespace=ref.ns, session_id=ref.sid, ts_ms=now, events=self.events,
-        )
-        raw_ops = entry.ops
-        for k, v in ops:
-            if v is None:
-                raw_ops.add(key=k, delete=True)
-            else:
-                raw_ops.add(key=k, value=v)
-        ops.append((enc.change_key(rev), entry.SerializeToString()))
+        entry = entries.encode(rev, ref.nsb, ref.sidb, now, ops, self.events, self.pending)
+        ops.append((enc.change_key(rev), entry))
         ops.append((REVISION_KEY, pack_u64(rev)))
-        return Pending(rev, ops, metas)
+        return Pending(rev, ops, metas, records=records)
 
 
 def node_write(store: Store, ops: list[Op], now: int) -> Pending:
@@ -211,11 +220,6 @@ def node_write(store: Store, ops: list[Op], now: int) -> Pending:
     change-log entry with empty namespace/session_id carrying only raw ops, so followers
     apply it too."""
     rev = store.clock.next()
-    entry = replication_pb2.ChangeEntry(revision=rev, ts_ms=now)
-    for k, v in ops:
-        if v is None:
-            entry.ops.add(key=k, delete=True)
-        else:
-            entry.ops.add(key=k, value=v)
-    out = [*ops, (enc.change_key(rev), entry.SerializeToString()), (REVISION_KEY, pack_u64(rev))]
-    return Pending(rev, out)
+    entry = entries.encode(rev, b"", b"", now, ops, [])
+    out = [*ops, (enc.change_key(rev), entry), (REVISION_KEY, pack_u64(rev))]
+    return Pending(rev, out, records={k: v for k, v in ops if k[:1] == enc.DATA})

@@ -113,6 +113,23 @@ def prefix_end(p: bytes) -> bytes | None:
 # ---- the families (hot paths build keys with these, so they skip the generic loop) ----
 
 
+def session_part(ns: bytes, sid: bytes) -> bytes:
+    """The encoded (ns, session) components: the *_in() builders below take it pre-built."""
+    return component(ns) + component(sid)
+
+
+def data_prefix_in(part: bytes) -> bytes:
+    return DATA + part
+
+
+def idempotency_key_in(part: bytes, request_id: bytes) -> bytes:
+    return b"".join((IDEMPOTENCY, part, component(request_id)))
+
+
+def idempotency_expiry_key_in(expires_at: int, part: bytes, request_id: bytes) -> bytes:
+    return b"".join((IDEMPOTENCY_EXPIRY, _U64.pack(expires_at), part, component(request_id)))
+
+
 def data_key(ns: bytes, sid: bytes, key: bytes) -> bytes:
     return b"".join((DATA, component(ns), component(sid), component(key)))
 

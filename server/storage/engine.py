@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 from shardstate.config import ShardConfig
@@ -67,6 +67,12 @@ class Engine:
         self.retention_hold: Callable[[], int] | None = None
         self._refs: dict[tuple[str, str], SessionRef] = {}
         self.sweeping = True
+        # Request ids with no stored record (made at the first write with one; dropped by
+        # every write path other than _write, which must add each record it stores).
+        self._absent: idempotency.Absent | None = None
+        # The latest expiry of a record this process stored: a new filter waits for it too,
+        # since records still held in a group or an fsync are not in LevelDB yet.
+        self._recorded_until = 0
 
     @classmethod
     def open(cls, config: ShardConfig) -> Engine:
@@ -102,34 +108,34 @@ class Engine:
     ) -> state_pb2.ListSessionsResponse:
         return sessions.list_sessions(self.store, req, wall_ms(), self.shard_id, owned)
 
-    # ---- writes ----
+    # ---- writes (each returns the coroutine of _write: one frame less per op) ----
 
-    async def put(self, req: state_pb2.PutRequest) -> state_pb2.PutResponse:
-        return await self._write(req, keys.op_put, state_pb2.PutResponse)
+    def put(self, req: state_pb2.PutRequest) -> Coroutine[Any, Any, state_pb2.PutResponse]:
+        return self._write(req, keys.op_put, state_pb2.PutResponse)
 
-    async def delete(self, req: state_pb2.DeleteRequest) -> state_pb2.DeleteResponse:
-        return await self._write(req, keys.op_delete, state_pb2.DeleteResponse)
+    def delete(self, req: state_pb2.DeleteRequest) -> Coroutine[Any, Any, state_pb2.DeleteResponse]:
+        return self._write(req, keys.op_delete, state_pb2.DeleteResponse)
 
-    async def increment(self, req: state_pb2.IncrementRequest) -> state_pb2.IncrementResponse:
-        return await self._write(req, keys.op_increment, state_pb2.IncrementResponse)
+    def increment(self, req: state_pb2.IncrementRequest) -> Coroutine[Any, Any, state_pb2.IncrementResponse]:
+        return self._write(req, keys.op_increment, state_pb2.IncrementResponse)
 
-    async def txn(self, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
-        return await self._write(req, txn.op_txn, state_pb2.TxnResponse)
+    def txn(self, req: state_pb2.TxnRequest) -> Coroutine[Any, Any, state_pb2.TxnResponse]:
+        return self._write(req, txn.op_txn, state_pb2.TxnResponse)
 
-    async def append(self, req: state_pb2.AppendRequest) -> state_pb2.AppendResponse:
-        return await self._write(req, logs.op_append, state_pb2.AppendResponse)
+    def append(self, req: state_pb2.AppendRequest) -> Coroutine[Any, Any, state_pb2.AppendResponse]:
+        return self._write(req, logs.op_append, state_pb2.AppendResponse)
 
-    async def trim_log(self, req: state_pb2.TrimLogRequest) -> state_pb2.TrimLogResponse:
-        return await self._write(req, logs.op_trim, state_pb2.TrimLogResponse)
+    def trim_log(self, req: state_pb2.TrimLogRequest) -> Coroutine[Any, Any, state_pb2.TrimLogResponse]:
+        return self._write(req, logs.op_trim, state_pb2.TrimLogResponse)
 
-    async def pop_last(self, req: state_pb2.PopLastRequest) -> state_pb2.PopLastResponse:
-        return await self._write(req, logs.op_pop, state_pb2.PopLastResponse)
+    def pop_last(self, req: state_pb2.PopLastRequest) -> Coroutine[Any, Any, state_pb2.PopLastResponse]:
+        return self._write(req, logs.op_pop, state_pb2.PopLastResponse)
 
-    async def touch(self, req: state_pb2.TouchRequest) -> state_pb2.TouchResponse:
-        return await self._write(req, sessions.op_touch, state_pb2.TouchResponse)
+    def touch(self, req: state_pb2.TouchRequest) -> Coroutine[Any, Any, state_pb2.TouchResponse]:
+        return self._write(req, sessions.op_touch, state_pb2.TouchResponse)
 
-    async def delete_session(self, req: state_pb2.DeleteSessionRequest) -> state_pb2.DeleteSessionResponse:
-        return await self._write(req, sessions.op_delete_session, state_pb2.DeleteSessionResponse)
+    def delete_session(self, req: state_pb2.DeleteSessionRequest) -> Coroutine[Any, Any, state_pb2.DeleteSessionResponse]:
+        return self._write(req, sessions.op_delete_session, state_pb2.DeleteSessionResponse)
 
     async def _write(self, req: Any, op: Callable[[WriteContext, Any], R], reply: type[Any]) -> R:
         ref = self.ref(req.namespace, req.session_id)
@@ -139,13 +145,21 @@ class Engine:
             await locks.acquire(ref.mkey)
         try:
             now = wall_ms()
+            extra = ikey = absent = None
             if ridb:
-                stored = idempotency.lookup(self.store, ref, ridb, reply, now)
-                if stored is not None:
-                    return stored  # type: ignore[no-any-return]
+                ikey = idempotency.key(ref, ridb)
+                absent = self._idempotency_filter(now)
+                if not absent.absent(ikey, now):
+                    stored = idempotency.lookup(self.store, ikey, ridb, reply, now)
+                    if stored is not None:
+                        return stored  # type: ignore[no-any-return]
             ctx = WriteContext(self.store, ref, now)
             resp = op(ctx, req)
-            extra = idempotency.record(ref, ridb, resp, now, self._window_ms) if ridb and ctx.writes else None
+            if ikey is not None and absent is not None and ctx.writes:
+                extra = idempotency.record(ref, ridb, ikey, resp, now, self._window_ms)
+                absent.add(ikey)  # before it lands: a failed write only costs a LevelDB get
+                if now + self._window_ms > self._recorded_until:
+                    self._recorded_until = now + self._window_ms
             pending = ctx.finish(extra)
             if pending is not None:
                 await self.store.commit(pending, hold=True)
@@ -153,6 +167,14 @@ class Engine:
         finally:
             if locks is not None:
                 locks.release(ref.mkey)
+
+    def _idempotency_filter(self, now: int) -> idempotency.Absent:
+        absent = self._absent
+        # (A window made longer - tests do - needs a filter that keeps keys that long.)
+        if absent is None or absent.window_ms < self._window_ms or not absent.valid(now):
+            armed_at = max(idempotency.latest_expiry(self.store), self._recorded_until)
+            absent = self._absent = idempotency.Absent(armed_at, self._window_ms, now)
+        return absent
 
     # ---- change log, replication, snapshots ----
 
@@ -180,6 +202,7 @@ class Engine:
 
     async def apply_changes(self, entries: Sequence[replication_pb2.ChangeEntry]) -> int:
         """Replica: apply a primary's entries in one WriteBatch; returns the applied revision."""
+        self._absent = None  # the entries may store idempotency records
         pending = changelog.replica_pending(self.store, entries)
         if pending is not None:
             await self.store.commit(pending)
@@ -193,6 +216,7 @@ class Engine:
     ) -> None:
         """Follower: `first` clears all data (node meta kept); `revision` (last chunk) sets the
         applied revision and makes it the start of the follower's change-log history."""
+        self._absent = None  # the chunk may store idempotency records
         if first:
             snapshot.clear_data(self.store)
         snapshot.write_chunk(self.store, ops, revision)
@@ -202,7 +226,7 @@ class Engine:
         clock = self.store.clock
         clock.raise_to(floor)
         # Through the commit path, so a queued group commit cannot persist a lower revision after it.
-        await self.store.commit(Pending(clock.last, [(REVISION_KEY, pack_u64(clock.last))], changes=0))
+        await self.store.commit(Pending(clock.last, [(REVISION_KEY, pack_u64(clock.last))], changes=0, records={}))
         return clock.last
 
     def set_node_meta(self, name: str, value: bytes) -> None:
@@ -249,7 +273,7 @@ class Engine:
             self._locks.release(ref.mkey)
 
     async def _reclaim_session(self, ns: bytes, sid: bytes, expires_at: int) -> bool:
-        ref = SessionRef(ns.decode(), sid.decode(), ns, sid, enc.meta_key(ns, sid))
+        ref = SessionRef.of(ns.decode(), sid.decode(), ns, sid)
 
         async def run() -> bool:
             ctx = WriteContext(self.store, ref, wall_ms())
@@ -265,7 +289,7 @@ class Engine:
         return bool(await self._locked(ref, run))
 
     async def _reclaim_keys(self, ns: bytes, sid: bytes, due: list[tuple[int, bytes]]) -> int:
-        ref = SessionRef(ns.decode(), sid.decode(), ns, sid, enc.meta_key(ns, sid))
+        ref = SessionRef.of(ns.decode(), sid.decode(), ns, sid)
 
         async def run() -> int:
             ctx = WriteContext(self.store, ref, wall_ms())

@@ -41,9 +41,13 @@ def request_id_bytes(request_id: str) -> bytes:
     return b
 
 
-def lookup(store: Store, ref: SessionRef, ridb: bytes, reply: type[Any], now: int) -> Any | None:
-    """The stored reply for this request_id (replayed=true), or None."""
-    raw = store.db.get(enc.idempotency_key(ref.nsb, ref.sidb, ridb))
+def key(ref: SessionRef, ridb: bytes) -> bytes:
+    return enc.idempotency_key_in(ref.part, ridb)
+
+
+def lookup(store: Store, ikey: bytes, ridb: bytes, reply: type[Any], now: int) -> Any | None:
+    """The stored reply for this request_id (ikey = key(ref, ridb)), replayed=true, or None."""
+    raw = store.db.get(ikey)
     if raw is None:
         return None
     expires, kind, body = unpack_idempotency(raw)
@@ -58,12 +62,71 @@ def lookup(store: Store, ref: SessionRef, ridb: bytes, reply: type[Any], now: in
     return resp
 
 
-def record(ref: SessionRef, ridb: bytes, resp: Any, now: int, window_ms: int) -> list[Op]:
+def record(ref: SessionRef, ridb: bytes, ikey: bytes, resp: Any, now: int, window_ms: int) -> list[Op]:
     expires = now + window_ms
     return [
-        (enc.idempotency_key(ref.nsb, ref.sidb, ridb), pack_idempotency(expires, KINDS[type(resp)], resp.SerializeToString())),
-        (enc.idempotency_expiry_key(expires, ref.nsb, ref.sidb, ridb), b""),
+        (ikey, pack_idempotency(expires, KINDS[type(resp)], resp.SerializeToString())),
+        (enc.idempotency_expiry_key_in(expires, ref.part, ridb), b""),
     ]
+
+
+def latest_expiry(store: Store) -> int:
+    """The highest expiry of any stored record (0: none): every record has its `j|` entry
+    until the collector removes both, so the last `j|` key bounds them all."""
+    for k in store.db.iterator(prefix=enc.IDEMPOTENCY_EXPIRY, reverse=True, include_value=False):
+        return int(enc.decode(k, "qbbb")[0])
+    return 0
+
+
+class Absent:
+    """Which request ids certainly have no live record, so most new ids skip a LevelDB get that
+    misses (~5% of a primary's CPU per write).
+
+    A Bloom filter (2 bits per key) of the idempotency keys written through it, in two
+    generations of one window each: a key added at t (record expiring at t + window) stays until
+    the rotation after next, at or after its expiry, so only expired records are forgotten.
+    Records it never saw - those in LevelDB when it was made - expire by `armed_at` (the highest
+    stored expiry then); until then it answers nothing. So it can say "absent" only for a key
+    with no live record, as long as every record written meanwhile goes through add(): the
+    engine drops it whenever anything else writes (a replica applying entries, a snapshot).
+    """
+
+    BITS = 1 << 25  # 4 MiB a generation; ~2% false "maybe" at 2.4M keys (4k writes/s, 10 min)
+    _MASK = BITS - 1
+
+    def __init__(self, armed_at: int, window_ms: int, now: int) -> None:
+        self.armed_at = armed_at
+        self.window_ms = max(window_ms, 1)
+        self.since = now  # start of the current generation
+        self.cur = bytearray(self.BITS >> 3)
+        self.prev = bytearray(self.BITS >> 3)
+
+    def valid(self, now: int) -> bool:
+        """False once the wall clock stepped back before the current generation: its timing
+        no longer bounds the records' expiry (the engine makes a new one)."""
+        if now < self.since:
+            return False
+        if now >= self.since + self.window_ms:
+            # Keys added before `now` expire by now + window, before the next rotation.
+            self.since = now
+            self.prev, self.cur = self.cur, bytearray(self.BITS >> 3)
+        return True
+
+    def add(self, ikey: bytes) -> None:
+        h = hash(ikey)
+        a, b = h & self._MASK, (h >> 32) & self._MASK
+        cur = self.cur
+        cur[a >> 3] |= 1 << (a & 7)
+        cur[b >> 3] |= 1 << (b & 7)
+
+    def absent(self, ikey: bytes, now: int) -> bool:
+        if now < self.armed_at:
+            return False
+        h = hash(ikey)
+        a, b = h & self._MASK, (h >> 32) & self._MASK
+        ia, ma, ib, mb = a >> 3, 1 << (a & 7), b >> 3, 1 << (b & 7)
+        cur, prev = self.cur, self.prev
+        return not ((cur[ia] & ma and cur[ib] & mb) or (prev[ia] & ma and prev[ib] & mb))
 
 
 def expired(store: Store, now: int, limit: int, busy: Callable[[bytes], bool]) -> list[Op]:

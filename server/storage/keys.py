@@ -15,7 +15,7 @@ from . import encoding as enc
 from .context import WriteContext
 from .store import Store
 from .validation import SessionRef, check_value, key_bytes, page_limit, ttl
-from .values import StoredRecord, pack_record, unpack_record
+from .values import StoredRecord, unpack_record
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _DECIMAL = re.compile(rb"-?[0-9]{1,19}")
@@ -25,7 +25,7 @@ def get(store: Store, ref: SessionRef, req: state_pb2.GetRequest, now: int) -> s
     keyb = key_bytes(req.key, store.limits)
     if store.live_meta(ref.mkey, now) is None:
         return state_pb2.GetResponse(found=False)
-    raw = store.db.get(enc.data_key(ref.nsb, ref.sidb, keyb))
+    raw = store.load_record(enc.data_key(ref.nsb, ref.sidb, keyb))
     if raw is None:
         return state_pb2.GetResponse(found=False)
     rec = unpack_record(raw)
@@ -42,11 +42,10 @@ def op_get(ctx: WriteContext, req: state_pb2.GetRequest) -> state_pb2.GetRespons
 
 
 def write_record(
-    ctx: WriteContext, key: str, keyb: bytes, dkey: bytes, value: bytes, ttl_ms: int,
-    keep_expiry: bool = False,
-) -> types_pb2.Record:
-    """Store `value` at key as a write of this context's revision; keeps counts, sizes and
-    the key-expiry index right. keep_expiry: ttl_ms == 0 keeps the key's current expiry."""
+    ctx: WriteContext, keyb: bytes, dkey: bytes, value: bytes, ttl_ms: int, keep_expiry: bool = False,
+) -> int:
+    """Store `value` at key as a write of this context's revision (returned); keeps counts,
+    sizes and the key-expiry index right. keep_expiry: ttl_ms == 0 keeps the key's expiry."""
     old = ctx.raw_record(dkey)
     live = old if old is not None and old.live(ctx.now) else None
     meta = ctx.session()
@@ -75,16 +74,11 @@ def write_record(
         ctx.delete(enc.key_expiry_key(old.expires_at, ref.nsb, ref.sidb, keyb))
     if expires and (old is None or old.expires_at != expires):
         ctx.put(enc.key_expiry_key(expires, ref.nsb, ref.sidb, keyb), b"")
-    create = live.create_version if live is not None else rev
-    ctx.put(dkey, pack_record(rev, create, expires, now, value))
+    ctx.put_record(keyb, dkey, live.create_version if live is not None else rev, expires, value)
     if old is None:
         meta.key_count += 1
     meta.bytes += grow
-    record = types_pb2.Record(
-        key=key, value=value, version=rev, create_version=create, expires_at_ms=expires, updated_at_ms=now
-    )
-    ctx.event(type=types_pb2.PUT, record=record)
-    return record
+    return rev
 
 
 def _mismatch(current: StoredRecord | None, expected: int) -> bool:
@@ -105,8 +99,7 @@ def op_put(ctx: WriteContext, req: state_pb2.PutRequest) -> state_pb2.PutRespons
             return resp
     if req.session_ttl_ms:
         ctx.session_ttl_ms = ttl(req.session_ttl_ms, "session_ttl_ms")
-    rec = write_record(ctx, req.key, keyb, dkey, req.value, ttl_ms)
-    return state_pb2.PutResponse(applied=True, version=rec.version)
+    return state_pb2.PutResponse(applied=True, version=write_record(ctx, keyb, dkey, req.value, ttl_ms))
 
 
 def op_delete(ctx: WriteContext, req: state_pb2.DeleteRequest) -> state_pb2.DeleteResponse:
@@ -152,8 +145,8 @@ def op_increment(ctx: WriteContext, req: state_pb2.IncrementRequest) -> state_pb
         raise InvalidArgumentError(f"incrementing key {req.key!r} by {req.delta} overflows int64")
     if req.session_ttl_ms:
         ctx.session_ttl_ms = ttl(req.session_ttl_ms, "session_ttl_ms")
-    rec = write_record(ctx, req.key, keyb, dkey, str(value).encode(), ttl_ms, keep_expiry=True)
-    return state_pb2.IncrementResponse(value=value, version=rec.version)
+    version = write_record(ctx, keyb, dkey, str(value).encode(), ttl_ms, keep_expiry=True)
+    return state_pb2.IncrementResponse(value=value, version=version)
 
 
 def scan(store: Store, ref: SessionRef, req: state_pb2.ScanRequest, now: int) -> state_pb2.ScanResponse:

@@ -16,13 +16,17 @@ from shardstate.config import Limits
 from shardstate.v1 import types_pb2
 
 from . import encoding as enc
-from .commit import GroupCommitter, Pending, write_batch
+from .commit import REVISION_KEY, GroupCommitter, Pending, write_batch
 from .revision import RevisionClock
 from .values import unpack_u64
 
-REVISION_KEY = enc.node_key("revision")
 COMPACTED_KEY = enc.node_key("compacted")
 META_CACHE_SIZE = 100_000
+# Recently written or read records (d| keys): a CAS reads its record first, and a LevelDB get
+# cost more than the rest of the read. Bounded: at most this many, each at most this big.
+RECORD_CACHE_SIZE = 16_384
+RECORD_CACHE_MAX_BYTES = 4096
+_MISSING: Any = object()
 MB = 1024 * 1024
 
 
@@ -47,6 +51,9 @@ class Store:
         self.clock = RevisionClock(last)
         self.committed = last  # highest revision whose write is in LevelDB
         self._meta: dict[bytes, types_pb2.SessionInfo | None] = {}
+        # d| key -> stored bytes (None = absent), always what LevelDB holds: filled by reads
+        # (synchronous, on the loop thread) and by written(); dropped by bulk writes.
+        self._records: dict[bytes, bytes | None] = {}
         self._changed = asyncio.Event()
         self._committer = GroupCommitter(self.db, self.written) if fsync else None
         self._group: list[Pending] | None = None  # begin_group() .. end_group(): writes held
@@ -75,10 +82,40 @@ class Store:
         return meta
 
     def forget_meta(self, mkey: bytes | None = None) -> None:
+        """Drop the cached meta of `mkey`; without one (after a bulk write: a snapshot), every
+        cached meta and record."""
         if mkey is None:
             self._meta.clear()
+            self._records.clear()
         else:
             self._meta.pop(mkey, None)
+
+    # ---- records (d| keys) ----
+
+    def load_record(self, dkey: bytes) -> bytes | None:
+        """The stored bytes at a d| key (None: absent), from the record cache when it has them."""
+        raw = self._records.get(dkey, _MISSING)
+        if raw is _MISSING:
+            raw = self.db.get(dkey)
+            self._remember(dkey, raw)
+        return raw  # type: ignore[no-any-return]
+
+    def get(self, key: bytes) -> bytes | None:
+        """db.get, through the record cache for d| keys."""
+        if key[:1] == enc.DATA:
+            return self.load_record(key)
+        value: bytes | None = self.db.get(key)
+        return value
+
+    def _remember(self, dkey: bytes, raw: bytes | None) -> None:
+        records = self._records
+        if raw is not None and len(raw) > RECORD_CACHE_MAX_BYTES:
+            records.pop(dkey, None)
+            return
+        if len(records) >= RECORD_CACHE_SIZE:
+            for k in list(records)[: RECORD_CACHE_SIZE // 10]:
+                del records[k]
+        records[dkey] = raw
 
     # ---- commit ----
 
@@ -123,6 +160,11 @@ class Store:
     def written(self, p: Pending, wake: bool = True) -> None:
         for mkey, meta in p.metas.items():
             self._meta[mkey] = meta
+        if p.records is None:
+            self._records.clear()
+        else:
+            for dkey, raw in p.records.items():
+                self._remember(dkey, raw)
         self.change_count += p.changes
         if p.revision > self.committed:
             self.committed = p.revision

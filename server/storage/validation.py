@@ -20,13 +20,19 @@ MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000
 
 
 class SessionRef(NamedTuple):
-    """A validated (namespace, session): the strings, their UTF-8 bytes, the meta key."""
+    """A validated (namespace, session): the strings, their UTF-8 bytes, the meta key, and
+    the encoded (ns, session) key components (encoding.session_part)."""
 
     ns: str
     sid: str
     nsb: bytes
     sidb: bytes
     mkey: bytes
+    part: bytes
+
+    @classmethod
+    def of(cls, ns: str, sid: str, nsb: bytes, sidb: bytes) -> SessionRef:
+        return cls(ns, sid, nsb, sidb, encoding.meta_key(nsb, sidb), encoding.session_part(nsb, sidb))
 
 
 def _name(value: str, field: str, limit_name: str, limit: int) -> bytes:
@@ -41,7 +47,7 @@ def session_ref(namespace: str, session_id: str, limits: Limits) -> SessionRef:
     ns = namespace or DEFAULT_NAMESPACE
     nsb = ns.encode()
     sidb = _name(session_id, "session_id", "max_session_id_bytes", limits.max_session_id_bytes)
-    return SessionRef(ns, session_id, nsb, sidb, encoding.meta_key(nsb, sidb))
+    return SessionRef.of(ns, session_id, nsb, sidb)
 
 
 def namespace_bytes(namespace: str) -> tuple[str, bytes]:

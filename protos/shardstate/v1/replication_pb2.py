@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shardstate.v1 import types_pb2 as shardstate_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fshardstate/v1/replication.proto\x12\rshardstate.v1\x1a\x19shardstate/v1/types.proto\"3\n\x05RawOp\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64\x65lete\x18\x03 \x01(\x08\"\x9e\x01\n\x0b\x43hangeEntry\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05ts_ms\x18\x04 \x01(\x04\x12!\n\x03ops\x18\x05 \x03(\x0b\x32\x14.shardstate.v1.RawOp\x12$\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x14.shardstate.v1.Event\"\x93\x01\n\x0b\x46ollowHello\x12\x13\n\x0b\x66ollower_id\x18\x01 \x01(\t\x12\x15\n\rfrom_revision\x18\x02 \x01(\x04\x12\x10\n\x08shard_id\x18\x03 \x01(\t\x12\x14\n\x0c\x66ilter_owner\x18\x04 \x01(\t\x12\x12\n\nfilter_map\x18\x05 \x01(\x0c\x12\x0c\n\x04term\x18\x06 \x01(\t\x12\x0e\n\x06resync\x18\x07 \x01(\x08\"%\n\tFollowAck\x12\x18\n\x10\x61pplied_revision\x18\x01 \x01(\x04\"n\n\x0f\x46ollowerMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.shardstate.v1.FollowHelloH\x00\x12\'\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x18.shardstate.v1.FollowAckH\x00\x42\x05\n\x03msg\"*\n\x04Term\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x04\".\n\x08Timeline\x12\"\n\x05terms\x18\x01 \x03(\x0b\x32\x13.shardstate.v1.Term\"a\n\rSnapshotChunk\x12!\n\x03ops\x18\x01 \x03(\x0b\x32\x14.shardstate.v1.RawOp\x12\r\n\x05\x66irst\x18\x02 \x01(\x08\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x10\n\x08revision\x18\x04 \x01(\x04\"\x8e\x01\n\x0b\x43hangeBatch\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.shardstate.v1.ChangeEntry\x12\x17\n\x0fleader_revision\x18\x02 \x01(\x04\x12\x14\n\x0cleader_ts_ms\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63klog\x18\x04 \x01(\x04\x12\x12\n\nack_lazily\x18\x05 \x01(\x08\"\xe4\x01\n\rLeaderMessage\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1c.shardstate.v1.SnapshotChunkH\x00\x12-\n\x07\x63hanges\x18\x02 \x01(\x0b\x32\x1a.shardstate.v1.ChangeBatchH\x00\x12/\n\theartbeat\x18\x03 \x01(\x0b\x32\x1a.shardstate.v1.ChangeBatchH\x00\x12+\n\x08timeline\x18\x05 \x01(\x0b\x32\x17.shardstate.v1.TimelineH\x00\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x42\x05\n\x03msg2Y\n\x0bReplication\x12J\n\x06\x46ollow\x12\x1e.shardstate.v1.FollowerMessage\x1a\x1c.shardstate.v1.LeaderMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fshardstate/v1/replication.proto\x12\rshardstate.v1\x1a\x19shardstate/v1/types.proto\"3\n\x05RawOp\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64\x65lete\x18\x03 \x01(\x08\"\xb6\x01\n\x0b\x43hangeEntry\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05ts_ms\x18\x04 \x01(\x04\x12!\n\x03ops\x18\x05 \x03(\x0b\x32\x14.shardstate.v1.RawOp\x12$\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x14.shardstate.v1.Event\x12\x16\n\x0e\x65vent_value_op\x18\x07 \x03(\r\"\x93\x01\n\x0b\x46ollowHello\x12\x13\n\x0b\x66ollower_id\x18\x01 \x01(\t\x12\x15\n\rfrom_revision\x18\x02 \x01(\x04\x12\x10\n\x08shard_id\x18\x03 \x01(\t\x12\x14\n\x0c\x66ilter_owner\x18\x04 \x01(\t\x12\x12\n\nfilter_map\x18\x05 \x01(\x0c\x12\x0c\n\x04term\x18\x06 \x01(\t\x12\x0e\n\x06resync\x18\x07 \x01(\x08\"%\n\tFollowAck\x12\x18\n\x10\x61pplied_revision\x18\x01 \x01(\x04\"n\n\x0f\x46ollowerMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.shardstate.v1.FollowHelloH\x00\x12\'\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x18.shardstate.v1.FollowAckH\x00\x42\x05\n\x03msg\"*\n\x04Term\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x04\".\n\x08Timeline\x12\"\n\x05terms\x18\x01 \x03(\x0b\x32\x13.shardstate.v1.Term\"a\n\rSnapshotChunk\x12!\n\x03ops\x18\x01 \x03(\x0b\x32\x14.shardstate.v1.RawOp\x12\r\n\x05\x66irst\x18\x02 \x01(\x08\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x10\n\x08revision\x18\x04 \x01(\x04\"\x8e\x01\n\x0b\x43hangeBatch\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.shardstate.v1.ChangeEntry\x12\x17\n\x0fleader_revision\x18\x02 \x01(\x04\x12\x14\n\x0cleader_ts_ms\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63klog\x18\x04 \x01(\x04\x12\x12\n\nack_lazily\x18\x05 \x01(\x08\"\xe4\x01\n\rLeaderMessage\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1c.shardstate.v1.SnapshotChunkH\x00\x12-\n\x07\x63hanges\x18\x02 \x01(\x0b\x32\x1a.shardstate.v1.ChangeBatchH\x00\x12/\n\theartbeat\x18\x03 \x01(\x0b\x32\x1a.shardstate.v1.ChangeBatchH\x00\x12+\n\x08timeline\x18\x05 \x01(\x0b\x32\x17.shardstate.v1.TimelineH\x00\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x42\x05\n\x03msg2Y\n\x0bReplication\x12J\n\x06\x46ollow\x12\x1e.shardstate.v1.FollowerMessage\x1a\x1c.shardstate.v1.LeaderMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RAWOP']._serialized_start=77
   _globals['_RAWOP']._serialized_end=128
   _globals['_CHANGEENTRY']._serialized_start=131
-  _globals['_CHANGEENTRY']._serialized_end=289
-  _globals['_FOLLOWHELLO']._serialized_start=292
-  _globals['_FOLLOWHELLO']._serialized_end=439
-  _globals['_FOLLOWACK']._serialized_start=441
-  _globals['_FOLLOWACK']._serialized_end=478
-  _globals['_FOLLOWERMESSAGE']._serialized_start=480
-  _globals['_FOLLOWERMESSAGE']._serialized_end=590
-  _globals['_TERM']._serialized_start=592
-  _globals['_TERM']._serialized_end=634
-  _globals['_TIMELINE']._serialized_start=636
-  _globals['_TIMELINE']._serialized_end=682
-  _globals['_SNAPSHOTCHUNK']._serialized_start=684
-  _globals['_SNAPSHOTCHUNK']._serialized_end=781
-  _globals['_CHANGEBATCH']._serialized_start=784
-  _globals['_CHANGEBATCH']._serialized_end=926
-  _globals['_LEADERMESSAGE']._serialized_start=929
-  _globals['_LEADERMESSAGE']._serialized_end=1157
-  _globals['_REPLICATION']._serialized_start=1159
-  _globals['_REPLICATION']._serialized_end=1248
+  _globals['_CHANGEENTRY']._serialized_end=313
+  _globals['_FOLLOWHELLO']._serialized_start=316
+  _globals['_FOLLOWHELLO']._serialized_end=463
+  _globals['_FOLLOWACK']._serialized_start=465
+  _globals['_FOLLOWACK']._serialized_end=502
+  _globals['_FOLLOWERMESSAGE']._serialized_start=504
+  _globals['_FOLLOWERMESSAGE']._serialized_end=614
+  _globals['_TERM']._serialized_start=616
+  _globals['_TERM']._serialized_end=658
+  _globals['_TIMELINE']._serialized_start=660
+  _globals['_TIMELINE']._serialized_end=706
+  _globals['_SNAPSHOTCHUNK']._serialized_start=708
+  _globals['_SNAPSHOTCHUNK']._serialized_end=805
+  _globals['_CHANGEBATCH']._serialized_start=808
+  _globals['_CHANGEBATCH']._serialized_end=950
+  _globals['_LEADERMESSAGE']._serialized_start=953
+  _globals['_LEADERMESSAGE']._serialized_end=1181
+  _globals['_REPLICATION']._serialized_start=1183
+  _globals['_REPLICATION']._serialized_end=1272
 # @@protoc_insertion_point(module_scope)

@@ -60,6 +60,7 @@ class ChangeEntry(_message.Message):
     TS_MS_FIELD_NUMBER: _builtins.int
     OPS_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    EVENT_VALUE_OP_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     namespace: _builtins.str
     session_id: _builtins.str
@@ -70,6 +71,13 @@ class ChangeEntry(_message.Message):
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]:
         """logical view for Watch"""
 
+    @_builtins.property
+    def event_value_op(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Empty, or one number per event: n > 0 = the event's record.value was left out because it
+        is ops[n-1].value after the 32-byte record header (the value is stored once); 0 = inline.
+        Readers of events fill it back (shardstate.server.storage.entries.events_of).
+        """
+
     def __init__(
         self,
         *,
@@ -79,10 +87,11 @@ class ChangeEntry(_message.Message):
         ts_ms: _builtins.int = ...,
         ops: _abc.Iterable[Global___RawOp] | None = ...,
         events: _abc.Iterable[_types_pb2.Event] | None = ...,
+        event_value_op: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "namespace", b"namespace", "ops", b"ops", "revision", b"revision", "session_id", b"session_id", "ts_ms", b"ts_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_value_op", b"event_value_op", "events", b"events", "namespace", b"namespace", "ops", b"ops", "revision", b"revision", "session_id", b"session_id", "ts_ms", b"ts_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
