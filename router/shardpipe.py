@@ -23,7 +23,13 @@ from grpc import aio
 from shardstate import errors
 from shardstate.jsonlog import fields
 from shardstate.router.nodes import NodePool
-from shardstate.router.wire import RawBatch, RawBatchResponse, RawPipelineResponse, varint
+from shardstate.router.wire import (
+    RawBatch,
+    RawBatchResponse,
+    RawPipelineResponse,
+    repeated_bytes,
+    varint,
+)
 
 log = logging.getLogger("shardstate.router.shardpipe")
 
@@ -100,8 +106,8 @@ class _Stream:
 
 def pipeline_request(rid: int, ops: list[bytes]) -> bytes:
     """PipelineRequest{id, batch{ops}} framed around the encoded ops (no re-encoding)."""
-    body = b"".join([b"\x0a" + varint(len(op)) + op for op in ops])
-    return b"\x08" + varint(rid) + b"\x12" + varint(len(body)) + body
+    parts, size = repeated_bytes(1, ops)
+    return b"".join([b"\x08", varint(rid), b"\x12", varint(size), *parts])
 
 
 @dataclass(slots=True)
