@@ -76,6 +76,18 @@ class BatchRunner:
         self.links = links
         self.max_batch_ops = max_batch_ops
         self.node = node
+        self._by_id: tuple[ClusterView | None, dict[str, Any]] = (None, {})
+
+    def _shards(self, view: ClusterView) -> dict[str, Any]:
+        """The view's shards by id (remembered for the current view: a map's shard list is
+        searched per group otherwise)."""
+        seen, by_id = self._by_id
+        if seen is not view:
+            by_id = {}
+            for s in view.pb.shards:
+                by_id.setdefault(s.id, s)  # the first, as ClusterView.shard
+            self._by_id = (view, by_id)
+        return by_id
 
     def check(self, n: int) -> None:
         if n > self.max_batch_ops:
@@ -100,7 +112,8 @@ class BatchRunner:
             groups, empty = split(sessions, pending, view.ring.owner)
             for i in empty:
                 results[i] = error_result(INVALID_ARGUMENT, f"ops[{i}] has no operation set")
-            shard_of = {sid: view.shard(sid) for sid in groups}
+            by_id = self._shards(view)
+            shard_of = {sid: by_id.get(sid) for sid in groups}
             outcomes = await self._subs(
                 [(shard_of[sid], [ops[i] for i in idx] if len(idx) < len(ops) else list(ops)) for sid, idx in groups.items()],
                 deadline,

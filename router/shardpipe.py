@@ -175,6 +175,7 @@ class ShardLinks:
         self._opening: dict[str, asyncio.Lock] = {}
         self._queued: dict[str, list[_Unit]] = {}
         self._writers: dict[str, asyncio.Future[None]] = {}
+        self._idle: dict[str, asyncio.Future[None]] = {}  # what an idle writer waits on
         self._sending: set[asyncio.Task[None]] = set()
         self.shard_batches = 0  # batches sent to shards (for figures)
         self.units = 0
@@ -203,7 +204,10 @@ class ShardLinks:
             q = self._queued[address] = []
         q.append(_Unit(ops, sum([len(o) for o in ops]), deadline, fut))
         self.units += 1
-        if address not in self._writers:
+        idle = self._idle.pop(address, None)
+        if idle is not None:
+            idle.set_result(None)
+        elif address not in self._writers:
             self._writers[address] = asyncio.ensure_future(self._write_loop(address))
         return fut
 
@@ -218,14 +222,23 @@ class ShardLinks:
             timer.cancel()
 
     async def _write_loop(self, address: str) -> None:
-        """One writer per shard: what queues up while a write is in progress goes out together
-        in the next one (Nagle without a timer: an idle link sends at once)."""
+        """One writer per shard, for the life of the links: what queues up while a write is in
+        progress goes out together in the next one (Nagle without a timer: an idle link sends
+        at once). Idle, it waits on a future the next submit completes (cheaper than a task
+        per burst)."""
+        loop = asyncio.get_running_loop()
         try:
-            while units := self._queued.pop(address, None):
+            while True:
+                units = self._queued.pop(address, None)
+                if not units:
+                    # No await between the empty pop and here: the next submit wakes us.
+                    idle = self._idle[address] = loop.create_future()
+                    await idle
+                    continue
                 for chunk in self._chunks(units):
                     await self._dispatch(address, chunk)
         finally:
-            # No await between the empty pop and here: a unit queued later starts a new writer.
+            self._idle.pop(address, None)
             self._writers.pop(address, None)
 
     def _chunks(self, units: list[_Unit]) -> list[list[_Unit]]:
@@ -281,7 +294,7 @@ class ShardLinks:
         t.add_done_callback(self._sending.discard)
 
     async def close(self) -> None:
-        for t in list(self._sending):
+        for t in [*self._sending, *self._writers.values()]:
             t.cancel()
         streams = list(self._streams.values())
         self._streams.clear()
