@@ -214,6 +214,8 @@ class ShardLinks:
     async def batch(self, address: str, ops: list[bytes], deadline: float) -> tuple[bytes, list[bytes]]:
         """Run ops on the shard at `address` by loop-time `deadline`: (encoded header, encoded
         results in op order). Raises SubBatchError when the shard batch failed whole."""
+        if deadline <= asyncio.get_running_loop().time():  # too late to send it at all
+            raise SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED, f"shard at {address} did not answer within the deadline")
         fut = self.submit(address, ops, deadline)
         timer = expire_at(deadline, [(address, fut)])
         try:
