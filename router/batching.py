@@ -17,7 +17,7 @@ from shardstate import errors
 from shardstate.clustermap import ClusterView
 from shardstate.router.forward import Forwarder, Route
 from shardstate.router.replicas import from_replicas, replica_reads
-from shardstate.router.shardpipe import ShardLinks, SubBatchError
+from shardstate.router.shardpipe import ShardLinks, SubBatchError, expire_at
 from shardstate.router.wire import RawBatchResponse, error_result, op_session, redirect_of
 from shardstate.v1 import types_pb2
 
@@ -76,6 +76,18 @@ class BatchRunner:
         self.links = links
         self.max_batch_ops = max_batch_ops
         self.node = node
+        self._by_id: tuple[ClusterView | None, dict[str, Any]] = (None, {})
+
+    def _shards(self, view: ClusterView) -> dict[str, Any]:
+        """The view's shards by id (remembered for the current view: a map's shard list is
+        searched per group otherwise)."""
+        seen, by_id = self._by_id
+        if seen is not view:
+            by_id = {}
+            for s in view.pb.shards:
+                by_id.setdefault(s.id, s)  # the first, as ClusterView.shard
+            self._by_id = (view, by_id)
+        return by_id
 
     def check(self, n: int) -> None:
         if n > self.max_batch_ops:
@@ -100,9 +112,11 @@ class BatchRunner:
             groups, empty = split(sessions, pending, view.ring.owner)
             for i in empty:
                 results[i] = error_result(INVALID_ARGUMENT, f"ops[{i}] has no operation set")
-            shard_of = {sid: view.shard(sid) for sid in groups}
-            outcomes = await asyncio.gather(
-                *(self._sub(view, shard_of[sid], [ops[i] for i in idx], deadline) for sid, idx in groups.items())
+            by_id = self._shards(view)
+            shard_of = {sid: by_id.get(sid) for sid in groups}
+            outcomes = await self._subs(
+                [(shard_of[sid], [ops[i] for i in idx] if len(idx) < len(ops) else list(ops)) for sid, idx in groups.items()],
+                deadline,
             )
             pending = []
             redirects: list[tuple[Route, Any]] = []
@@ -152,12 +166,24 @@ class BatchRunner:
         header = next(iter(headers.values())) if len(headers) == 1 else router_header(self.fwd.maps.view, self.node)
         return assemble(header, results)
 
-    async def _sub(self, view: ClusterView, shard: Any, ops: list[bytes], deadline: float) -> tuple[bytes, list[bytes]] | SubBatchError:
+    async def _subs(self, parts: list[tuple[Any, list[bytes]]], deadline: float) -> list[tuple[bytes, list[bytes]] | SubBatchError]:
+        """Each (shard, ops) sent to its shard's primary at once; the outcomes in order, one
+        timer bounding them all."""
+        loop = asyncio.get_running_loop()
+        if deadline <= loop.time():
+            late = SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the shard answered")
+            return [late] * len(parts)
+        waiting = [(shard.primary, self.links.submit(shard.primary, ops, deadline)) for shard, ops in parts]
+        timer = expire_at(deadline, waiting)
+        outcomes: list[tuple[bytes, list[bytes]] | SubBatchError] = []
         try:
-            self.fwd.remaining(deadline)
-        except errors.DeadlineExceededError as e:
-            return SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED, e.message)
-        try:
-            return await self.links.batch(shard.primary, ops, deadline)
-        except SubBatchError as e:
-            return e
+            for _, fut in waiting:
+                try:
+                    outcomes.append(await fut)
+                except SubBatchError as e:
+                    outcomes.append(e)
+        finally:
+            timer.cancel()
+            for _, fut in waiting:
+                fut.cancel()  # only those not answered: the caller gave up (cancelled)
+        return outcomes

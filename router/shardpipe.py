@@ -1,8 +1,8 @@
 """Sub-batches to one shard: coalesced while the previous write is in flight, over a long-lived Pipeline stream when
 the shard has one, else unary Batch.
 
-Each shard address gets one bidi stream; requests carry router-chosen ids and answers are
-matched back to their waiting futures. A broken stream fails what is in flight with
+Each shard address gets one bidi stream; requests carry router-chosen ids and the reader hands
+each answer straight to the futures of the sub-batches it carried (no task per batch). A broken stream fails what is in flight with
 UNAVAILABLE (those ops may or may not have run; request_ids make the caller's retry safe) and
 the next sub-batch opens a new stream. A shard answering UNIMPLEMENTED is sent unary Batch.
 """
@@ -26,8 +26,9 @@ from shardstate.router.nodes import NodePool
 from shardstate.router.wire import (
     RawBatch,
     RawBatchResponse,
-    RawPipelineRequest,
     RawPipelineResponse,
+    repeated_bytes,
+    varint,
 )
 
 log = logging.getLogger("shardstate.router.shardpipe")
@@ -44,24 +45,28 @@ class SubBatchError(Exception):
 
 
 class _Stream:
-    """One open Pipeline stream to a shard and the futures waiting on it."""
+    """One open Pipeline stream to a shard and the chunks waiting for their answer."""
 
     def __init__(self, call: Any, address: str) -> None:
         self.call = call
         self.address = address
-        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.pending: dict[int, list[_Unit]] = {}
         self.ids = itertools.count(1)
         self.closed = False
         self.reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
-        err: BaseException | None = None
+        err: SubBatchError | None = None
         try:
             async for raw in self.call:
                 resp = RawPipelineResponse.FromString(raw)
-                fut = self.pending.pop(resp.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(resp)
+                chunk = self.pending.pop(resp.id, None)
+                if chunk is None:
+                    continue
+                if resp.code:
+                    _fail(chunk, SubBatchError(errors.code_from_int(resp.code), resp.message))
+                else:
+                    _settle(self.address, chunk, bytes(resp.batch.header), list(resp.batch.results))
             err = SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} ended")
         except aio.AioRpcError as e:
             err = SubBatchError(e.code(), e.details() or "", e)
@@ -71,19 +76,17 @@ class _Stream:
             err = SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} broke: {e}")
         finally:
             self.closed = True
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(err or SubBatchError(grpc.StatusCode.UNAVAILABLE, "stream closed"))
+            for chunk in self.pending.values():
+                _fail(chunk, err or SubBatchError(grpc.StatusCode.UNAVAILABLE, "stream closed"))
             self.pending.clear()
 
-    async def submit(self, ops: list[bytes]) -> asyncio.Future[Any]:
-        """Write one batch on the stream; the future resolves to its RawPipelineResponse."""
+    async def submit(self, ops: list[bytes], chunk: list[_Unit]) -> None:
+        """Write one batch on the stream; its answer settles `chunk`'s futures."""
         rid = next(self.ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        payload = RawPipelineRequest(id=rid, batch=RawBatch(ops=ops)).SerializeToString()
+        payload = pipeline_request(rid, ops)
         if self.closed:
             raise SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} closed")
-        self.pending[rid] = fut
+        self.pending[rid] = chunk
         try:
             await self.call.write(payload)
         except aio.AioRpcError as e:
@@ -92,7 +95,6 @@ class _Stream:
         except (aio.UsageError, grpc.RpcError, RuntimeError) as e:
             self.pending.pop(rid, None)
             raise SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} broke: {e}") from None
-        return fut
 
     async def close(self) -> None:
         self.closed = True
@@ -102,7 +104,13 @@ class _Stream:
             await self.reader
 
 
-@dataclass
+def pipeline_request(rid: int, ops: list[bytes]) -> bytes:
+    """PipelineRequest{id, batch{ops}} framed around the encoded ops (no re-encoding)."""
+    parts, size = repeated_bytes(1, ops)
+    return b"".join([b"\x08", varint(rid), b"\x12", varint(size), *parts])
+
+
+@dataclass(slots=True)
 class _Unit:
     """One caller's sub-batch waiting to be coalesced; never split across shard batches, so
     its ops on one session keep their order."""
@@ -111,6 +119,44 @@ class _Unit:
     size: int
     deadline: float
     fut: asyncio.Future[tuple[bytes, list[bytes]]]
+
+
+def _settle(address: str, chunk: list[_Unit], header: bytes, results: list[bytes]) -> None:
+    """Hand each unit of an answered shard batch its results."""
+    n = sum(len(u.ops) for u in chunk) if len(chunk) > 1 else len(chunk[0].ops)
+    if len(results) != n:
+        _fail(chunk, SubBatchError(grpc.StatusCode.INTERNAL, f"shard at {address} answered {len(results)} results for {n} ops"))
+        return
+    if len(chunk) == 1:
+        u = chunk[0]
+        if not u.fut.done():
+            u.fut.set_result((header, results))
+        return
+    i = 0
+    for u in chunk:
+        j = i + len(u.ops)
+        if not u.fut.done():
+            u.fut.set_result((header, results[i:j]))
+        i = j
+
+
+def _fail(chunk: list[_Unit], e: SubBatchError) -> None:
+    for u in chunk:
+        if not u.fut.done():
+            u.fut.set_exception(e)
+
+
+def expire_at(deadline: float, waiting: list[tuple[str, asyncio.Future[Any]]]) -> asyncio.TimerHandle:
+    """One timer for many sub-batches: at loop time `deadline`, each of `waiting`
+    (address, future) not yet answered fails DEADLINE_EXCEEDED. Cancel it once all are done."""
+
+    def expire() -> None:
+        for address, fut in waiting:
+            if not fut.done():
+                fut.set_exception(SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                f"shard at {address} did not answer within the deadline"))
+
+    return asyncio.get_running_loop().call_at(deadline, expire)
 
 
 class ShardLinks:
@@ -129,6 +175,7 @@ class ShardLinks:
         self._opening: dict[str, asyncio.Lock] = {}
         self._queued: dict[str, list[_Unit]] = {}
         self._writers: dict[str, asyncio.Future[None]] = {}
+        self._idle: dict[str, asyncio.Future[None]] = {}  # what an idle writer waits on
         self._sending: set[asyncio.Task[None]] = set()
         self.shard_batches = 0  # batches sent to shards (for figures)
         self.units = 0
@@ -146,30 +193,54 @@ class ShardLinks:
                 self._streams[address] = s
             return s
 
+    def submit(self, address: str, ops: list[bytes], deadline: float) -> asyncio.Future[tuple[bytes, list[bytes]]]:
+        """Queue ops for the shard at `address` (loop-time `deadline`); the future resolves to (encoded header,
+        encoded results in op order) or fails with SubBatchError when the shard batch failed
+        whole. It has no deadline of its own: the caller bounds its wait (expire_at) and a
+        unit whose future is done before it is sent is dropped."""
+        fut: asyncio.Future[tuple[bytes, list[bytes]]] = asyncio.get_running_loop().create_future()
+        q = self._queued.get(address)
+        if q is None:
+            q = self._queued[address] = []
+        q.append(_Unit(ops, sum([len(o) for o in ops]), deadline, fut))
+        self.units += 1
+        idle = self._idle.pop(address, None)
+        if idle is not None:
+            idle.set_result(None)
+        elif address not in self._writers:
+            self._writers[address] = asyncio.ensure_future(self._write_loop(address))
+        return fut
+
     async def batch(self, address: str, ops: list[bytes], deadline: float) -> tuple[bytes, list[bytes]]:
         """Run ops on the shard at `address` by loop-time `deadline`: (encoded header, encoded
         results in op order). Raises SubBatchError when the shard batch failed whole."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[bytes, list[bytes]]] = loop.create_future()
-        self._queued.setdefault(address, []).append(_Unit(ops, sum(len(o) for o in ops), deadline, fut))
-        self.units += 1
-        if address not in self._writers:
-            self._writers[address] = asyncio.ensure_future(self._write_loop(address))
+        if deadline <= asyncio.get_running_loop().time():  # too late to send it at all
+            raise SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED, f"shard at {address} did not answer within the deadline")
+        fut = self.submit(address, ops, deadline)
+        timer = expire_at(deadline, [(address, fut)])
         try:
-            return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
-        except TimeoutError:
-            raise SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"shard at {address} did not answer within the deadline") from None
+            return await fut
+        finally:
+            timer.cancel()
 
     async def _write_loop(self, address: str) -> None:
-        """One writer per shard: what queues up while a write is in progress goes out together
-        in the next one (Nagle without a timer: an idle link sends at once)."""
+        """One writer per shard, for the life of the links: what queues up while a write is in
+        progress goes out together in the next one (Nagle without a timer: an idle link sends
+        at once). Idle, it waits on a future the next submit completes (cheaper than a task
+        per burst)."""
+        loop = asyncio.get_running_loop()
         try:
-            while units := self._queued.pop(address, None):
+            while True:
+                units = self._queued.pop(address, None)
+                if not units:
+                    # No await between the empty pop and here: the next submit wakes us.
+                    idle = self._idle[address] = loop.create_future()
+                    await idle
+                    continue
                 for chunk in self._chunks(units):
                     await self._dispatch(address, chunk)
         finally:
-            # No await between the empty pop and here: a unit queued later starts a new writer.
+            self._idle.pop(address, None)
             self._writers.pop(address, None)
 
     def _chunks(self, units: list[_Unit]) -> list[list[_Unit]]:
@@ -191,66 +262,33 @@ class ShardLinks:
 
     async def _dispatch(self, address: str, chunk: list[_Unit]) -> None:
         ops = chunk[0].ops if len(chunk) == 1 else [op for u in chunk for op in u.ops]
-        timeout = max(0.001, max(u.deadline for u in chunk) - asyncio.get_running_loop().time())
         self.shard_batches += 1
         if self.use_pipeline and address not in self._no_pipeline:
             try:
                 stream = await self._stream(address)
-                answer = await stream.submit(ops)
+                await stream.submit(ops, chunk)
+                return
             except SubBatchError as e:
                 if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                    self._fail(chunk, e)
+                    _fail(chunk, e)
                     return
                 log.info("shard has no Pipeline; using unary Batch", extra=fields(address=address))
                 self._no_pipeline.add(address)
-            else:
-                self._spawn(self._complete(address, chunk, len(ops), self._from_stream(answer, timeout)))
-                return
-        self._spawn(self._complete(address, chunk, len(ops), self._unary(address, ops, timeout)))
+        timeout = max(0.001, max(u.deadline for u in chunk) - asyncio.get_running_loop().time())
+        self._spawn(self._unary(address, chunk, ops, timeout))
 
-    async def _from_stream(self, answer: asyncio.Future[Any], timeout: float) -> tuple[bytes, list[bytes]]:
-        try:
-            resp = await asyncio.wait_for(answer, timeout)
-        except TimeoutError:
-            raise SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED, "shard did not answer within the deadline") from None
-        if resp.code:
-            raise SubBatchError(errors.code_from_int(resp.code), resp.message)
-        return bytes(resp.batch.header), list(resp.batch.results)
-
-    async def _unary(self, address: str, ops: list[bytes], timeout: float) -> tuple[bytes, list[bytes]]:
+    async def _unary(self, address: str, chunk: list[_Unit], ops: list[bytes], timeout: float) -> None:
         try:
             raw = await self.nodes.unary(address, "Batch")(RawBatch(ops=ops).SerializeToString(), timeout=timeout)
+            resp = RawBatchResponse.FromString(raw)
         except aio.AioRpcError as e:
-            raise SubBatchError(e.code(), e.details() or "", e) from None
-        resp = RawBatchResponse.FromString(raw)
-        return bytes(resp.header), list(resp.results)
-
-    async def _complete(self, address: str, chunk: list[_Unit], n: int,
-                        answer: Coroutine[Any, Any, tuple[bytes, list[bytes]]]) -> None:
-        try:
-            header, results = await answer
-            if len(results) != n:
-                raise SubBatchError(grpc.StatusCode.INTERNAL,
-                                    f"shard at {address} answered {len(results)} results for {n} ops")
-        except SubBatchError as e:
-            self._fail(chunk, e)
+            _fail(chunk, SubBatchError(e.code(), e.details() or "", e))
             return
         except Exception as e:  # a bug must not leave callers waiting forever
             log.exception("a shard batch failed in the router", extra=fields(address=address))
-            self._fail(chunk, SubBatchError(grpc.StatusCode.INTERNAL, f"router error: {e}"))
+            _fail(chunk, SubBatchError(grpc.StatusCode.INTERNAL, f"router error: {e}"))
             return
-        i = 0
-        for u in chunk:
-            j = i + len(u.ops)
-            if not u.fut.done():
-                u.fut.set_result((header, results[i:j]))
-            i = j
-
-    @staticmethod
-    def _fail(chunk: list[_Unit], e: SubBatchError) -> None:
-        for u in chunk:
-            if not u.fut.done():
-                u.fut.set_exception(e)
+        _settle(address, chunk, bytes(resp.header), list(resp.results))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         t = asyncio.ensure_future(coro)
@@ -258,7 +296,7 @@ class ShardLinks:
         t.add_done_callback(self._sending.discard)
 
     async def close(self) -> None:
-        for t in list(self._sending):
+        for t in [*self._sending, *self._writers.values()]:
             t.cancel()
         streams = list(self._streams.values())
         self._streams.clear()

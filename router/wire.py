@@ -3,7 +3,7 @@
 Each view declares only the fields the router acts on and keeps the rest as unknown fields:
 
     SessionRef          = namespace(1) session_id(2)   -- every session-scoped request
-    OpRef               = SessionRef at 1..10           -- a BatchOp: which op, which session
+    OpRef               = oneof op: SessionRef at 1..10 -- a BatchOp: which op, which session
     RawBatch            = ops(1)*: bytes                -- a BatchRequest, each op left encoded
     RawBatchResponse    = header(1): bytes, results(2)*: bytes
     ResultRef           = code(1) wrong_shard(13): Opaque not_primary(14): Opaque
@@ -18,6 +18,7 @@ validation) instead of failing in the router; they are decoded leniently for has
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -40,6 +41,10 @@ def _build() -> dict[str, Any]:
             f = m.field.add(name=fname, number=number, type=typ, label=label)
             if type_name:
                 f.type_name = f".{_PKG}.{type_name}"
+        if name == "OpRef":  # BatchOp's oneof: the last op field on the wire wins, as on the shard
+            m.oneof_decl.add(name="op")
+            for f in m.field:
+                f.oneof_index = 0
 
     one, many = _F.LABEL_OPTIONAL, _F.LABEL_REPEATED
     msg("Opaque")  # a message kept whole as unknown fields; present or not
@@ -97,7 +102,6 @@ BATCH_FIELD = {
 }
 
 FAILED_PRECONDITION = 9
-_OP_FIELDS = tuple(f"op{i}" for i in range(1, 11))
 
 
 def _text(b: bytes) -> str:
@@ -113,11 +117,11 @@ def session_of(request: bytes) -> tuple[str, str]:
 def op_session(op: bytes) -> tuple[str, str] | None:
     """(namespace, session_id) of an encoded BatchOp, or None when no op is set."""
     ref = OpRef.FromString(op)
-    for name in _OP_FIELDS:
-        if ref.HasField(name):
-            inner = getattr(ref, name)
-            return _text(inner.namespace) or "default", _text(inner.session_id)
-    return None
+    name = ref.WhichOneof("op")
+    if name is None:
+        return None
+    inner = getattr(ref, name)
+    return inner.namespace.decode("utf-8", "replace") or "default", inner.session_id.decode("utf-8", "replace")
 
 
 def redirect_of(result: bytes) -> types_pb2.WrongShard | types_pb2.NotPrimary | None:
@@ -150,6 +154,29 @@ def watch_position(response: bytes) -> int:
         top = max(top, int(ev.revision))
     return top
 
+
+
+_OP_HEADS: dict[int, bytes] = {}
+
+
+def repeated_bytes(field: int, items: Sequence[bytes]) -> tuple[list[bytes], int]:
+    """The parts (to join) and total size of a repeated length-delimited `field` (< 16) over
+    already encoded `items`: the router frames forwarded ops without copying them twice."""
+    heads = _OP_HEADS
+    key = field << 32
+    parts: list[bytes] = []
+    size = 0
+    for item in items:
+        n = len(item)
+        head = heads.get(key | n)
+        if head is None:
+            head = bytes([field << 3 | 2]) + varint(n)
+            if n < 16384:  # remembered for the sizes ops have (bounded: two-byte lengths)
+                heads[key | n] = head
+        parts.append(head)
+        parts.append(item)
+        size += len(head) + n
+    return parts, size
 
 
 def length_delimited(field: int, payload: bytes) -> bytes:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardstate import errors
-from shardstate.router import batching, listing, maps, pipeline, wire
+from shardstate.router import batching, listing, maps, pipeline, shardpipe, wire
 from shardstate.router.nodes import NodePool
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
 
@@ -151,6 +151,24 @@ def test_watch_position_is_the_highest_revision_shown() -> None:
     resp = state_pb2.WatchResponse(events=[types_pb2.Event(revision=5), types_pb2.Event(revision=9)], progress_revision=7)
     assert wire.watch_position(resp.SerializeToString()) == 9
     assert wire.watch_position(state_pb2.WatchResponse(progress_revision=11).SerializeToString()) == 11
+
+
+def test_op_session_takes_the_last_op_field_like_the_oneof() -> None:
+    put = state_pb2.BatchOp(put=state_pb2.PutRequest(session_id="a")).SerializeToString()
+    get = state_pb2.BatchOp(get=state_pb2.GetRequest(namespace="n", session_id="b")).SerializeToString()
+    assert state_pb2.BatchOp.FromString(put + get).WhichOneof("op") == "get"
+    assert wire.op_session(put + get) == ("n", "b")
+    assert wire.op_session(b"") is None
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [1, 127, 128, 16383, 16384, 70000], [1079] * 11])
+def test_shard_pipeline_request_framing_matches_protobuf(sizes: list[int]) -> None:
+    ops = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+    for rid in (1, 127, 128, 2**40):
+        got = wire.RawPipelineRequest.FromString(shardpipe.pipeline_request(rid, ops))
+        assert got.id == rid and list(got.batch.ops) == ops
+        assert shardpipe.pipeline_request(rid, ops) == wire.RawPipelineRequest(
+            id=rid, batch=wire.RawBatch(ops=ops)).SerializeToString()
 
 
 def test_pipeline_response_framing_matches_protobuf() -> None:
