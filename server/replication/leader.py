@@ -29,7 +29,6 @@ from .acks import AckTracker
 log = logging.getLogger("shardstate.replication.leader")
 CHANGE_END = enc.prefix_end(enc.CHANGE)
 
-SERVICE = "shardstate.v1.Replication"
 BATCH = 256  # entries per ChangeBatch
 HEARTBEAT_S = 0.5
 # Without semi-sync (--min-replica-acks 0), batches to a follower go out at most this often: what commits
@@ -142,7 +141,7 @@ class Leader:
                 return None
 
         method = grpc.stream_stream_rpc_method_handler(self.follow, request_deserializer=parse)
-        return grpc.method_handlers_generic_handler(SERVICE, {"Follow": method})
+        return grpc.method_handlers_generic_handler(wire.SERVICE, {"Follow": method})
 
     def _msg(self, **kw: Any) -> bytes:
         return bytes(replication_pb2.LeaderMessage(epoch=self.node.epoch, **kw).SerializeToString())

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 
 from shardstate.protowire import varint
 
+SERVICE = "shardstate.v1.Replication"
+FOLLOW_METHOD = f"/{SERVICE}/Follow"
 _LEN = 2
 _VARINT = 0
 CHANGES = 2
 HEARTBEAT = 3
-
 
 
 def _tag(field: int, wire: int) -> bytes:

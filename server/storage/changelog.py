@@ -73,26 +73,42 @@ def trim(store: Store, now_ms: int, keep: int, keep_s: float, hold_from: int = 0
     return len(victims)
 
 
-def replica_pending(store: Store, entries: Sequence[replication_pb2.ChangeEntry]) -> Pending | None:
+def replica_pending(store: Store, entries: Sequence[bytes | replication_pb2.ChangeEntry]) -> Pending | None:
     """One WriteBatch applying a primary's entries (raw ops + c| entries + revision); entries
-    at or below the applied revision are skipped, so re-sending a batch is harmless."""
+    at or below the applied revision are skipped, so re-sending a batch is harmless.
+
+    Entries are best given serialized (as they come off the wire): each is stored verbatim
+    and only its revision and raw ops are decoded (ChangeEntryOps), never its events."""
     ops: list[Op] = []
     metas: dict[bytes, types_pb2.SessionInfo | None] = {}
     top = store.committed
     n = 0
-    for e in entries:
+    view = replication_pb2.ChangeEntryOps.FromString
+    meta_tag = enc.META[0]
+    # The meta cache needs the new value of a session meta it holds. One it does not hold
+    # stays out of it (the next read loads it from LevelDB), unless a group commit leaves
+    # time for a reader to cache the old value before this write lands.
+    cache = None if store.group_commit else store._meta
+    for raw in entries:
+        if not isinstance(raw, bytes):
+            raw = raw.SerializeToString()
+        e = view(raw)
         if e.revision <= top:
             continue
         top = e.revision
         n += 1
         for op in e.ops:
+            key = op.key
             if op.delete:
-                ops.append((op.key, None))
+                ops.append((key, None))
+                if key and key[0] == meta_tag:
+                    metas[key] = None
             else:
-                ops.append((op.key, op.value))
-            if op.key[:1] == enc.META:
-                metas[op.key] = None if op.delete else types_pb2.SessionInfo.FromString(op.value)
-        ops.append((enc.change_key(e.revision), e.SerializeToString()))
+                value = op.value
+                ops.append((key, value))
+                if key and key[0] == meta_tag and (cache is None or key in cache):
+                    metas[key] = types_pb2.SessionInfo.FromString(value)
+        ops.append((enc.change_key(top), raw))
     if not n:
         return None
     ops.append((REVISION_KEY, pack_u64(top)))
