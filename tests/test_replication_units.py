@@ -4,14 +4,17 @@ messages, semi-sync ack waiting, the promoted map, and which router reads a repl
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from shardstate import errors
+from shardstate.config import ShardConfig
 from shardstate.router.failover import promoted_map
 from shardstate.router.replicas import ReplicaPicker, relaxed_read
 from shardstate.server.replication import timeline, wire
 from shardstate.server.replication.acks import AckTracker
+from shardstate.server.storage.engine import Engine
 from shardstate.v1 import admin_pb2, replication_pb2, state_pb2, types_pb2
 
 
@@ -54,6 +57,38 @@ def test_hand_built_leader_messages_parse() -> None:
     hb = replication_pb2.LeaderMessage.FromString(
         wire.leader_message(wire.HEARTBEAT, wire.change_batch((), 11, 0), epoch=0))
     assert hb.WhichOneof("msg") == "heartbeat" and hb.heartbeat.leader_revision == 11 and not hb.heartbeat.entries
+    # The follower's view of the same bytes: entries raw, each decodable as ChangeEntryOps.
+    raw = replication_pb2.LeaderMessageRaw.FromString(wire.leader_message(wire.CHANGES, body, epoch=4))
+    assert list(raw.changes.entries) == [e1.SerializeToString(), e2.SerializeToString()]
+    assert (raw.epoch, raw.changes.leader_revision, raw.changes.backlog) == (4, 9, 3)
+    ops = replication_pb2.ChangeEntryOps.FromString(raw.changes.entries[0])
+    assert (ops.revision, ops.ts_ms, list(ops.ops)) == (7, 5, list(e1.ops))
+
+
+def test_replica_applies_raw_entries_and_keeps_its_meta_cache_right(tmp_path: Path) -> None:
+    async def run() -> None:
+        primary = Engine(ShardConfig(id="s1", data_dir=str(tmp_path / "p")))
+        replica = Engine(ShardConfig(id="s1", data_dir=str(tmp_path / "r")))
+        try:
+            await primary.put(state_pb2.PutRequest(session_id="a", key="k", value=b"v1"))
+            await primary.put(state_pb2.PutRequest(session_id="b", key="k", value=b"v1"))
+            raws = [v for _, v in primary.changes_since_raw(0, 100)]
+            assert await replica.apply_changes(raws) == primary.revision()
+            assert await replica.apply_changes(raws) == primary.revision()  # re-sent: skipped
+            assert [v for _, v in replica.changes_since_raw(0, 100)] == raws  # stored verbatim
+            get = state_pb2.GetSessionRequest(session_id="a")
+            assert replica.get_session(get).session == primary.get_session(get).session  # now cached
+            await primary.put(state_pb2.PutRequest(session_id="a", key="k2", value=b"v2", ttl_ms=60_000))
+            await primary.put(state_pb2.PutRequest(session_id="b", key="k2", value=b"v2", ttl_ms=60_000))
+            await replica.apply_changes([v for _, v in primary.changes_since_raw(0, 100)])
+            for sid in ("a", "b"):
+                get = state_pb2.GetSessionRequest(session_id=sid)
+                assert replica.get_session(get).session == primary.get_session(get).session
+        finally:
+            await primary.close()
+            await replica.close()
+
+    asyncio.run(run())
 
 
 def test_acks_release_waiters_in_revision_order() -> None:
