@@ -14,6 +14,9 @@ from shardstate.router.failover import promoted_map
 from shardstate.router.replicas import ReplicaPicker, relaxed_read
 from shardstate.server.replication import timeline, wire
 from shardstate.server.replication.acks import AckTracker
+from shardstate.server.storage import changelog
+from shardstate.server.storage import encoding as enc
+from shardstate.server.storage.commit import Pending
 from shardstate.server.storage.engine import Engine
 from shardstate.v1 import admin_pb2, replication_pb2, state_pb2, types_pb2
 
@@ -162,3 +165,41 @@ def test_relaxed_reads_and_replica_choice() -> None:
     picker.failed("r2")
     assert picker.pick(shard) is None
     assert picker.pick(admin_pb2.ShardInfo(id="s2", primary="p")) is None
+
+
+def test_change_tail_serves_what_leveldb_holds_and_falls_back(tmp_path: Path) -> None:
+    async def run() -> None:
+        e = Engine(ShardConfig(id="s1", data_dir=str(tmp_path / "p")))
+        try:
+            await e.put(state_pb2.PutRequest(session_id="a", key="k", value=b"before"))
+            before = e.revision()
+            changelog.keep_tail(e.store, True)
+            tail = e.store.tail
+            assert tail is not None and tail.start == before + 1
+            for i in range(50):
+                await e.put(state_pb2.PutRequest(session_id=f"s{i % 7}", key="k", value=b"v" * 300))
+            from_disk = list(e.store.db.iterator(start=enc.change_key(0), stop=enc.prefix_end(enc.CHANGE)))
+            everything = [(enc.revision_of_change_key(k), v) for k, v in from_disk]
+            assert changelog.changes_since_raw(e.store, 0, 1000) == everything  # before the tail: LevelDB
+            assert tail.since(before, 10) is None
+            for i in (1, 20, 49, 50):
+                rev = everything[i][0]
+                assert tail.since(rev, 7) == everything[i:i + 7]
+                assert changelog.changes_since_raw(e.store, rev, 7) == everything[i:i + 7]
+            assert tail.since(e.revision() + 1, 10) == []
+            # Bounded: the oldest go, and the tail says from where it is complete.
+            tail.max_bytes = 3000
+            await e.put(state_pb2.PutRequest(session_id="b", key="k", value=b"w" * 300))
+            everything = [(r, v) for r, v in changelog.changes_since_raw(e.store, 0, 1000)]
+            assert tail.size <= 3000 and tail.start > everything[1][0]
+            assert tail.since(tail.start, 1000) == [x for x in everything if x[0] >= tail.start]
+            # Out of order (never expected): it starts over above both.
+            last = tail.revs[-1]
+            tail.add(Pending(last - 1, [(enc.change_key(last - 1), b"x"), (b"_", b"")]))
+            assert tail.start == last + 1 and tail.revs == [] and tail.since(last, 1) is None
+            changelog.keep_tail(e.store, False)
+            assert e.store.tail is None
+        finally:
+            await e.close()
+
+    asyncio.run(run())

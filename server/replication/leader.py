@@ -20,6 +20,7 @@ from shardstate import errors
 from shardstate.v1 import admin_pb2, replication_pb2
 
 from ..node import Node
+from ..storage import changelog
 from ..storage import encoding as enc
 from ..storage.engine import Engine
 from ..storage.revision import wall_ms
@@ -99,6 +100,7 @@ class Leader:
         """Every open Follow stream ends (the node is no longer primary, or is stopping)."""
         self.generation += 1
         self.followers.clear()
+        changelog.keep_tail(self.engine.store, False)
         self.engine.wake_waiters()
 
     def count_after(self, revision: int, cap: int = BACKLOG_CAP) -> int:
@@ -163,6 +165,7 @@ class Leader:
             await errors.abort(context, e)
             return
         gen = self.generation
+        changelog.keep_tail(self.engine.store, True)  # batches come from memory once caught up
         info = self.followers.get(hello.follower_id) or FollowerInfo(hello.follower_id)
         self.followers[info.id] = info
         info.conn += 1

@@ -7,6 +7,8 @@ revision of an installed snapshot); `oldest_revision = compacted + 1`.
 
 from __future__ import annotations
 
+import bisect
+import struct
 from collections.abc import Sequence
 
 from shardstate.errors import HistoryCompactedError
@@ -18,11 +20,83 @@ from .revision import LOGICAL_BITS
 from .store import COMPACTED_KEY, REVISION_KEY, Store
 from .values import pack_u64
 
+_CHANGE = enc.CHANGE
 _CHANGE_END = enc.prefix_end(enc.CHANGE)
+_U64_AT_1 = struct.Struct(">Q").unpack_from  # a change key's revision: enc.revision_of_change_key
 
 
 def oldest_revision(store: Store) -> int:
     return store.compacted + 1
+
+
+class Tail:
+    """The change-log entries committed lately, in memory, so that readers following the head
+    (replication, Watch) do not read back from LevelDB what was just written. Complete from
+    `start`: every entry with revision >= start that is in LevelDB is here, in revision order.
+    Fed by Store.written (after each write lands); bounded by `max_bytes` (oldest dropped)."""
+
+    def __init__(self, start: int, max_bytes: int = 8 << 20) -> None:
+        self.start = start
+        self.max_bytes = max_bytes
+        self.revs: list[int] = []
+        self.raws: list[bytes] = []
+        self.size = 0
+
+    def add(self, p: Pending) -> None:
+        if not p.changes:
+            return
+        ops = p.ops
+        if p.changes == 1 and len(ops) >= 2:
+            key, raw = ops[-2]
+            if key[:1] == _CHANGE:  # the usual layout: ..., c|entry, _|revision
+                self._add(key, raw)
+                return
+        for key, raw in ops:
+            if key[:1] == _CHANGE:
+                self._add(key, raw)
+
+    def _add(self, key: bytes, raw: bytes | None) -> None:
+        rev: int = _U64_AT_1(key, 1)[0]
+        revs = self.revs
+        if raw is None or (revs and rev <= revs[-1]):
+            if rev >= self.start:
+                self._reset(max(rev, revs[-1] if revs else 0) + 1)  # not in order: start over
+            return
+        if rev < self.start:
+            return
+        revs.append(rev)
+        self.raws.append(raw)
+        self.size += len(raw)
+        if self.size > self.max_bytes:  # drop the oldest down to 3/4 (each entry dropped once)
+            drop, size, raws = 0, self.size, self.raws
+            while size > self.max_bytes * 3 // 4:
+                size -= len(raws[drop])
+                drop += 1
+            self.size = size
+            self.start = revs[drop - 1] + 1
+            del revs[:drop], raws[:drop]
+
+    def _reset(self, start: int) -> None:
+        self.start = start
+        self.revs.clear()
+        self.raws.clear()
+        self.size = 0
+
+    def since(self, from_revision: int, limit: int) -> list[tuple[int, bytes]] | None:
+        """Like changes_since_raw, or None when the tail does not reach back to from_revision."""
+        if from_revision < self.start:
+            return None
+        i = bisect.bisect_left(self.revs, from_revision)
+        return list(zip(self.revs[i:i + limit], self.raws[i:i + limit], strict=True))
+
+
+def keep_tail(store: Store, on: bool) -> None:
+    """Keep (or stop keeping) a Tail of what commits from now on. Only while this node is the
+    primary: a follower's snapshot installs and set-asides change the log behind Store.written."""
+    if not on:
+        store.tail = None
+    elif store.tail is None:
+        store.tail = Tail(store.committed + 1)
 
 
 def changes_since_raw(store: Store, from_revision: int, limit: int) -> list[tuple[int, bytes]]:
@@ -32,6 +106,11 @@ def changes_since_raw(store: Store, from_revision: int, limit: int) -> list[tupl
     out: list[tuple[int, bytes]] = []
     if limit <= 0:
         return out
+    tail: Tail | None = store.tail
+    if tail is not None:
+        recent = tail.since(from_revision, limit)
+        if recent is not None:
+            return recent
     start = enc.change_key(max(from_revision, 0))
     for k, v in store.db.iterator(start=start, stop=_CHANGE_END):
         out.append((enc.revision_of_change_key(k), v))
