@@ -194,9 +194,9 @@ def test_change_tail_serves_what_leveldb_holds_and_falls_back(tmp_path: Path) ->
             assert tail.size <= 3000 and tail.start > everything[1][0]
             assert tail.since(tail.start, 1000) == [x for x in everything if x[0] >= tail.start]
             # Out of order (never expected): it starts over above both.
-            last = tail.revs[-1]
+            last = tail.items[-1][0]
             tail.add(Pending(last - 1, [(enc.change_key(last - 1), b"x"), (b"_", b"")]))
-            assert tail.start == last + 1 and tail.revs == [] and tail.since(last, 1) is None
+            assert tail.start == last + 1 and tail.items == [] and tail.since(last, 1) is None
             changelog.keep_tail(e.store, False)
             assert e.store.tail is None
         finally:

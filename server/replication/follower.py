@@ -233,9 +233,10 @@ class Follower:
                 if kind == "changes":
                     b = msg.changes
                     self._ack_lazily = b.ack_lazily
-                    if b.entries:
-                        await engine.apply_changes(b.entries)
-                        self.applied_ts_ms = replication_pb2.ChangeEntryOps.FromString(b.entries[-1]).ts_ms
+                    entries = b.entries
+                    if entries:
+                        await engine.apply_changes(entries)
+                        self.applied_ts_ms = replication_pb2.ChangeEntryOps.FromString(entries[-1]).ts_ms
                     self._heard(b)
                 elif kind == "heartbeat":
                     self._heard(msg.heartbeat)

@@ -38,56 +38,60 @@ class Tail:
     def __init__(self, start: int, max_bytes: int = 8 << 20) -> None:
         self.start = start
         self.max_bytes = max_bytes
-        self.revs: list[int] = []
-        self.raws: list[bytes] = []
+        self.items: list[tuple[int, bytes]] = []  # (revision, serialized ChangeEntry)
         self.size = 0
 
     def add(self, p: Pending) -> None:
-        if not p.changes:
-            return
         ops = p.ops
-        if p.changes == 1 and len(ops) >= 2:
+        if p.changes == 1 and len(ops) >= 2:  # the usual layout: ..., c|entry, _|revision
             key, raw = ops[-2]
-            if key[:1] == _CHANGE:  # the usual layout: ..., c|entry, _|revision
-                self._add(key, raw)
-                return
-        for key, raw in ops:
-            if key[:1] == _CHANGE:
-                self._add(key, raw)
+            if key[:1] == _CHANGE and raw is not None:
+                rev: int = _U64_AT_1(key, 1)[0]
+                items = self.items
+                if (not items or rev > items[-1][0]) and rev >= self.start:
+                    items.append((rev, raw))
+                    self.size += len(raw)
+                    if self.size > self.max_bytes:
+                        self._drop()
+                    return
+        if p.changes:
+            for key, raw in ops:
+                if key[:1] == _CHANGE:
+                    self._add(_U64_AT_1(key, 1)[0], raw)
 
-    def _add(self, key: bytes, raw: bytes | None) -> None:
-        rev: int = _U64_AT_1(key, 1)[0]
-        revs = self.revs
-        if raw is None or (revs and rev <= revs[-1]):
-            if rev >= self.start:
-                self._reset(max(rev, revs[-1] if revs else 0) + 1)  # not in order: start over
-            return
-        if rev < self.start:
-            return
-        revs.append(rev)
-        self.raws.append(raw)
-        self.size += len(raw)
-        if self.size > self.max_bytes:  # drop the oldest down to 3/4 (each entry dropped once)
-            drop, size, raws = 0, self.size, self.raws
-            while size > self.max_bytes * 3 // 4:
-                size -= len(raws[drop])
-                drop += 1
-            self.size = size
-            self.start = revs[drop - 1] + 1
-            del revs[:drop], raws[:drop]
+    def _add(self, rev: int, raw: bytes | None) -> None:
+        items = self.items
+        if raw is None or (items and rev <= items[-1][0]):
+            if rev >= self.start:  # not in order (never expected): start over above both
+                self.start = max(rev, items[-1][0] if items else 0) + 1
+                items.clear()
+                self.size = 0
+        elif rev >= self.start:
+            items.append((rev, raw))
+            self.size += len(raw)
+            if self.size > self.max_bytes:
+                self._drop()
 
-    def _reset(self, start: int) -> None:
-        self.start = start
-        self.revs.clear()
-        self.raws.clear()
-        self.size = 0
+    def _drop(self) -> None:
+        """The oldest go, down to 3/4 of max_bytes (each entry is dropped once)."""
+        items, size, n = self.items, self.size, 0
+        while size > self.max_bytes * 3 // 4:
+            size -= len(items[n][1])
+            n += 1
+        self.size = size
+        self.start = items[n - 1][0] + 1
+        del items[:n]
 
     def since(self, from_revision: int, limit: int) -> list[tuple[int, bytes]] | None:
         """Like changes_since_raw, or None when the tail does not reach back to from_revision."""
         if from_revision < self.start:
             return None
-        i = bisect.bisect_left(self.revs, from_revision)
-        return list(zip(self.revs[i:i + limit], self.raws[i:i + limit], strict=True))
+        i = bisect.bisect_left(self.items, from_revision, key=_first)
+        return self.items[i:i + limit]
+
+
+def _first(item: tuple[int, bytes]) -> int:
+    return item[0]
 
 
 def keep_tail(store: Store, on: bool) -> None:
