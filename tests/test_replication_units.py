@@ -87,6 +87,16 @@ def test_replica_applies_raw_entries_and_keeps_its_meta_cache_right(tmp_path: Pa
             for sid in ("a", "b"):
                 get = state_pb2.GetSessionRequest(session_id=sid)
                 assert replica.get_session(get).session == primary.get_session(get).session
+            # One batch deleting a session and creating it again, the meta cache cold for it.
+            start = primary.revision() + 1
+            await primary.delete_session(state_pb2.DeleteSessionRequest(session_id="c"))
+            await primary.put(state_pb2.PutRequest(session_id="c", key="k", value=b"v1"))
+            await primary.delete_session(state_pb2.DeleteSessionRequest(session_id="c"))
+            await primary.put(state_pb2.PutRequest(session_id="c", key="k", value=b"v3"))
+            await replica.apply_changes([v for _, v in primary.changes_since_raw(start, 100)])
+            get = state_pb2.GetSessionRequest(session_id="c")
+            assert replica.get_session(get).session == primary.get_session(get).session
+            assert replica.get(state_pb2.GetRequest(session_id="c", key="k")).record.value == b"v3"
         finally:
             await primary.close()
             await replica.close()

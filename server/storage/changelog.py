@@ -168,9 +168,10 @@ def replica_pending(store: Store, entries: Sequence[bytes | replication_pb2.Chan
     n = 0
     view = replication_pb2.ChangeEntryOps.FromString
     meta_tag = enc.META[0]
-    # The meta cache needs the new value of a session meta it holds. One it does not hold
-    # stays out of it (the next read loads it from LevelDB), unless a group commit leaves
-    # time for a reader to cache the old value before this write lands.
+    # The meta cache needs the new value of a session meta it holds, or that an earlier
+    # entry of this batch set (a deleted session created again). Another stays out of it
+    # (the next read loads it from LevelDB), unless a group commit leaves time for a reader
+    # to cache the old value before this write lands.
     cache = None if store.group_commit else store._meta
     for raw in entries:
         if not isinstance(raw, bytes):
@@ -189,7 +190,7 @@ def replica_pending(store: Store, entries: Sequence[bytes | replication_pb2.Chan
             else:
                 value = op.value
                 ops.append((key, value))
-                if key and key[0] == meta_tag and (cache is None or key in cache):
+                if key and key[0] == meta_tag and (cache is None or key in cache or key in metas):
                     metas[key] = types_pb2.SessionInfo.FromString(value)
         ops.append((enc.change_key(top), raw))
     if not n:
