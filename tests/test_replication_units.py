@@ -4,14 +4,20 @@ messages, semi-sync ack waiting, the promoted map, and which router reads a repl
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from shardstate import errors
+from shardstate.config import ShardConfig
 from shardstate.router.failover import promoted_map
 from shardstate.router.replicas import ReplicaPicker, relaxed_read
 from shardstate.server.replication import timeline, wire
 from shardstate.server.replication.acks import AckTracker
+from shardstate.server.storage import changelog
+from shardstate.server.storage import encoding as enc
+from shardstate.server.storage.commit import Pending
+from shardstate.server.storage.engine import Engine
 from shardstate.v1 import admin_pb2, replication_pb2, state_pb2, types_pb2
 
 
@@ -54,6 +60,48 @@ def test_hand_built_leader_messages_parse() -> None:
     hb = replication_pb2.LeaderMessage.FromString(
         wire.leader_message(wire.HEARTBEAT, wire.change_batch((), 11, 0), epoch=0))
     assert hb.WhichOneof("msg") == "heartbeat" and hb.heartbeat.leader_revision == 11 and not hb.heartbeat.entries
+    # The follower's view of the same bytes: entries raw, each decodable as ChangeEntryOps.
+    raw = replication_pb2.LeaderMessageRaw.FromString(wire.leader_message(wire.CHANGES, body, epoch=4))
+    assert list(raw.changes.entries) == [e1.SerializeToString(), e2.SerializeToString()]
+    assert (raw.epoch, raw.changes.leader_revision, raw.changes.backlog) == (4, 9, 3)
+    ops = replication_pb2.ChangeEntryOps.FromString(raw.changes.entries[0])
+    assert (ops.revision, ops.ts_ms, list(ops.ops)) == (7, 5, list(e1.ops))
+
+
+def test_replica_applies_raw_entries_and_keeps_its_meta_cache_right(tmp_path: Path) -> None:
+    async def run() -> None:
+        primary = Engine(ShardConfig(id="s1", data_dir=str(tmp_path / "p")))
+        replica = Engine(ShardConfig(id="s1", data_dir=str(tmp_path / "r")))
+        try:
+            await primary.put(state_pb2.PutRequest(session_id="a", key="k", value=b"v1"))
+            await primary.put(state_pb2.PutRequest(session_id="b", key="k", value=b"v1"))
+            raws = [v for _, v in primary.changes_since_raw(0, 100)]
+            assert await replica.apply_changes(raws) == primary.revision()
+            assert await replica.apply_changes(raws) == primary.revision()  # re-sent: skipped
+            assert [v for _, v in replica.changes_since_raw(0, 100)] == raws  # stored verbatim
+            get = state_pb2.GetSessionRequest(session_id="a")
+            assert replica.get_session(get).session == primary.get_session(get).session  # now cached
+            await primary.put(state_pb2.PutRequest(session_id="a", key="k2", value=b"v2", ttl_ms=60_000))
+            await primary.put(state_pb2.PutRequest(session_id="b", key="k2", value=b"v2", ttl_ms=60_000))
+            await replica.apply_changes([v for _, v in primary.changes_since_raw(0, 100)])
+            for sid in ("a", "b"):
+                get = state_pb2.GetSessionRequest(session_id=sid)
+                assert replica.get_session(get).session == primary.get_session(get).session
+            # One batch deleting a session and creating it again, the meta cache cold for it.
+            start = primary.revision() + 1
+            await primary.delete_session(state_pb2.DeleteSessionRequest(session_id="c"))
+            await primary.put(state_pb2.PutRequest(session_id="c", key="k", value=b"v1"))
+            await primary.delete_session(state_pb2.DeleteSessionRequest(session_id="c"))
+            await primary.put(state_pb2.PutRequest(session_id="c", key="k", value=b"v3"))
+            await replica.apply_changes([v for _, v in primary.changes_since_raw(start, 100)])
+            get = state_pb2.GetSessionRequest(session_id="c")
+            assert replica.get_session(get).session == primary.get_session(get).session
+            assert replica.get(state_pb2.GetRequest(session_id="c", key="k")).record.value == b"v3"
+        finally:
+            await primary.close()
+            await replica.close()
+
+    asyncio.run(run())
 
 
 def test_acks_release_waiters_in_revision_order() -> None:
@@ -127,3 +175,41 @@ def test_relaxed_reads_and_replica_choice() -> None:
     picker.failed("r2")
     assert picker.pick(shard) is None
     assert picker.pick(admin_pb2.ShardInfo(id="s2", primary="p")) is None
+
+
+def test_change_tail_serves_what_leveldb_holds_and_falls_back(tmp_path: Path) -> None:
+    async def run() -> None:
+        e = Engine(ShardConfig(id="s1", data_dir=str(tmp_path / "p")))
+        try:
+            await e.put(state_pb2.PutRequest(session_id="a", key="k", value=b"before"))
+            before = e.revision()
+            changelog.keep_tail(e.store, True)
+            tail = e.store.tail
+            assert tail is not None and tail.start == before + 1
+            for i in range(50):
+                await e.put(state_pb2.PutRequest(session_id=f"s{i % 7}", key="k", value=b"v" * 300))
+            from_disk = list(e.store.db.iterator(start=enc.change_key(0), stop=enc.prefix_end(enc.CHANGE)))
+            everything = [(enc.revision_of_change_key(k), v) for k, v in from_disk]
+            assert changelog.changes_since_raw(e.store, 0, 1000) == everything  # before the tail: LevelDB
+            assert tail.since(before, 10) is None
+            for i in (1, 20, 49, 50):
+                rev = everything[i][0]
+                assert tail.since(rev, 7) == everything[i:i + 7]
+                assert changelog.changes_since_raw(e.store, rev, 7) == everything[i:i + 7]
+            assert tail.since(e.revision() + 1, 10) == []
+            # Bounded: the oldest go, and the tail says from where it is complete.
+            tail.max_bytes = 3000
+            await e.put(state_pb2.PutRequest(session_id="b", key="k", value=b"w" * 300))
+            everything = [(r, v) for r, v in changelog.changes_since_raw(e.store, 0, 1000)]
+            assert tail.size <= 3000 and tail.start > everything[1][0]
+            assert tail.since(tail.start, 1000) == [x for x in everything if x[0] >= tail.start]
+            # Out of order (never expected): it starts over above both.
+            last = tail.items[-1][0]
+            tail.add(Pending(last - 1, [(enc.change_key(last - 1), b"x"), (b"_", b"")]))
+            assert tail.start == last + 1 and tail.items == [] and tail.since(last, 1) is None
+            changelog.keep_tail(e.store, False)
+            assert e.store.tail is None
+        finally:
+            await e.close()
+
+    asyncio.run(run())

@@ -17,12 +17,12 @@ import grpc
 from grpc import aio
 
 from shardstate import errors
-from shardstate.v1 import replication_pb2, replication_pb2_grpc
+from shardstate.v1 import replication_pb2
 
 from ..node import Node
 from ..storage.engine import Engine
 from ..storage.revision import wall_ms
-from . import timeline
+from . import timeline, wire
 
 log = logging.getLogger("shardstate.replication.follower")
 
@@ -65,6 +65,7 @@ class Follower:
         self.last_contact_ms = 0
         self.error = ""
         self._ack_lazily = False  # the leader's last ChangeBatch.ack_lazily
+        self._resync = False  # node meta _|resync is b"1" (read at stream start, kept by _install)
         self._task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----
@@ -150,7 +151,7 @@ class Follower:
             if channel is not None:
                 await channel.close()
 
-    async def _read(self, call: aio.StreamStreamCall) -> replication_pb2.LeaderMessage | None:
+    async def _read(self, call: aio.StreamStreamCall) -> replication_pb2.LeaderMessageRaw | None:
         msg = await call.read()
         if msg is aio.EOF:
             return None
@@ -182,12 +183,16 @@ class Follower:
 
     async def _stream(self, channel: aio.Channel) -> None:
         engine, node = self.engine, self.node
-        stub = replication_pb2_grpc.ReplicationStub(channel)
-        call = stub.Follow()
+        # Change entries arrive as their raw bytes (LeaderMessageRaw): stored verbatim, and
+        # only their ops are decoded (storage/changelog.replica_pending).
+        call = channel.stream_stream(
+            wire.FOLLOW_METHOD, request_serializer=replication_pb2.FollowerMessage.SerializeToString,
+            response_deserializer=replication_pb2.LeaderMessageRaw.FromString,
+        )()
         self.last_contact_ms = wall_ms()
         helpers: list[asyncio.Task[None]] = [asyncio.create_task(self._watchdog(call))]
         try:
-            resync = engine.node_meta(RESYNC_META) == b"1"
+            resync = self._resync = engine.node_meta(RESYNC_META) == b"1"
             mine = timeline.load(engine)
             applied = engine.revision()
             await call.write(replication_pb2.FollowerMessage(hello=replication_pb2.FollowHello(
@@ -228,9 +233,10 @@ class Follower:
                 if kind == "changes":
                     b = msg.changes
                     self._ack_lazily = b.ack_lazily
-                    if b.entries:
-                        await engine.apply_changes(b.entries)
-                        self.applied_ts_ms = b.entries[-1].ts_ms
+                    entries = b.entries
+                    if entries:
+                        await engine.apply_changes(entries)
+                        self.applied_ts_ms = replication_pb2.ChangeEntryOps.FromString(entries[-1]).ts_ms
                     self._heard(b)
                 elif kind == "heartbeat":
                     self._heard(msg.heartbeat)
@@ -246,10 +252,10 @@ class Follower:
                 t.cancel()
             call.cancel()
 
-    def _heard(self, b: replication_pb2.ChangeBatch) -> None:
+    def _heard(self, b: replication_pb2.ChangeBatchRaw) -> None:
         self.leader_revision = max(self.leader_revision, b.leader_revision)
         self.backlog = b.backlog
-        if self.engine.revision() >= b.leader_revision and self.engine.node_meta(RESYNC_META) != b"1":
+        if self.engine.revision() >= b.leader_revision and not self._resync:
             self.node.readable = True
             if not self.synced.is_set():
                 log.info("caught up with the primary", extra={"fields": {"revision": self.engine.revision()}})
@@ -260,10 +266,12 @@ class Follower:
         if chunk.first:
             self.node.readable = False
             engine.set_node_meta(RESYNC_META, b"1")
+            self._resync = True
             log.info("installing a snapshot from the primary", extra={"fields": {"primary": self.target}})
         ops = [(op.key, None if op.delete else op.value) for op in chunk.ops]
         engine.install_snapshot_chunk(ops, chunk.first, chunk.revision if chunk.last else None)
         if chunk.last:
             engine.set_node_meta(RESYNC_META, b"")
+            self._resync = False
             log.info("snapshot installed", extra={"fields": {"revision": chunk.revision}})
-            self._heard(replication_pb2.ChangeBatch(leader_revision=chunk.revision))
+            self._heard(replication_pb2.ChangeBatchRaw(leader_revision=chunk.revision))

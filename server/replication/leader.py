@@ -20,6 +20,7 @@ from shardstate import errors
 from shardstate.v1 import admin_pb2, replication_pb2
 
 from ..node import Node
+from ..storage import changelog
 from ..storage import encoding as enc
 from ..storage.engine import Engine
 from ..storage.revision import wall_ms
@@ -29,7 +30,6 @@ from .acks import AckTracker
 log = logging.getLogger("shardstate.replication.leader")
 CHANGE_END = enc.prefix_end(enc.CHANGE)
 
-SERVICE = "shardstate.v1.Replication"
 BATCH = 256  # entries per ChangeBatch
 HEARTBEAT_S = 0.5
 # Without semi-sync (--min-replica-acks 0), batches to a follower go out at most this often: what commits
@@ -100,6 +100,7 @@ class Leader:
         """Every open Follow stream ends (the node is no longer primary, or is stopping)."""
         self.generation += 1
         self.followers.clear()
+        changelog.keep_tail(self.engine.store, False)
         self.engine.wake_waiters()
 
     def count_after(self, revision: int, cap: int = BACKLOG_CAP) -> int:
@@ -142,7 +143,7 @@ class Leader:
                 return None
 
         method = grpc.stream_stream_rpc_method_handler(self.follow, request_deserializer=parse)
-        return grpc.method_handlers_generic_handler(SERVICE, {"Follow": method})
+        return grpc.method_handlers_generic_handler(wire.SERVICE, {"Follow": method})
 
     def _msg(self, **kw: Any) -> bytes:
         return bytes(replication_pb2.LeaderMessage(epoch=self.node.epoch, **kw).SerializeToString())
@@ -164,6 +165,7 @@ class Leader:
             await errors.abort(context, e)
             return
         gen = self.generation
+        changelog.keep_tail(self.engine.store, True)  # batches come from memory once caught up
         info = self.followers.get(hello.follower_id) or FollowerInfo(hello.follower_id)
         self.followers[info.id] = info
         info.conn += 1

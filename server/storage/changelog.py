@@ -7,6 +7,8 @@ revision of an installed snapshot); `oldest_revision = compacted + 1`.
 
 from __future__ import annotations
 
+import bisect
+import struct
 from collections.abc import Sequence
 
 from shardstate.errors import HistoryCompactedError
@@ -19,11 +21,87 @@ from .revision import LOGICAL_BITS
 from .store import COMPACTED_KEY, REVISION_KEY, Store
 from .values import pack_u64
 
+_CHANGE = enc.CHANGE
 _CHANGE_END = enc.prefix_end(enc.CHANGE)
+_U64_AT_1 = struct.Struct(">Q").unpack_from  # a change key's revision: enc.revision_of_change_key
 
 
 def oldest_revision(store: Store) -> int:
     return store.compacted + 1
+
+
+class Tail:
+    """The change-log entries committed lately, in memory, so that readers following the head
+    (replication, Watch) do not read back from LevelDB what was just written. Complete from
+    `start`: every entry with revision >= start that is in LevelDB is here, in revision order.
+    Fed by Store.written (after each write lands); bounded by `max_bytes` (oldest dropped)."""
+
+    def __init__(self, start: int, max_bytes: int = 8 << 20) -> None:
+        self.start = start
+        self.max_bytes = max_bytes
+        self.items: list[tuple[int, bytes]] = []  # (revision, serialized ChangeEntry)
+        self.size = 0
+
+    def add(self, p: Pending) -> None:
+        ops = p.ops
+        if p.changes == 1 and len(ops) >= 2:  # the usual layout: ..., c|entry, _|revision
+            key, raw = ops[-2]
+            if key[:1] == _CHANGE and raw is not None:
+                rev: int = _U64_AT_1(key, 1)[0]
+                items = self.items
+                if (not items or rev > items[-1][0]) and rev >= self.start:
+                    items.append((rev, raw))
+                    self.size += len(raw)
+                    if self.size > self.max_bytes:
+                        self._drop()
+                    return
+        if p.changes:
+            for key, raw in ops:
+                if key[:1] == _CHANGE:
+                    self._add(_U64_AT_1(key, 1)[0], raw)
+
+    def _add(self, rev: int, raw: bytes | None) -> None:
+        items = self.items
+        if raw is None or (items and rev <= items[-1][0]):
+            if rev >= self.start:  # not in order (never expected): start over above both
+                self.start = max(rev, items[-1][0] if items else 0) + 1
+                items.clear()
+                self.size = 0
+        elif rev >= self.start:
+            items.append((rev, raw))
+            self.size += len(raw)
+            if self.size > self.max_bytes:
+                self._drop()
+
+    def _drop(self) -> None:
+        """The oldest go, down to 3/4 of max_bytes (each entry is dropped once)."""
+        items, size, n = self.items, self.size, 0
+        while size > self.max_bytes * 3 // 4:
+            size -= len(items[n][1])
+            n += 1
+        self.size = size
+        self.start = items[n - 1][0] + 1
+        del items[:n]
+
+    def since(self, from_revision: int, limit: int) -> list[tuple[int, bytes]] | None:
+        """Like changes_since_raw, or None when the tail does not reach back to from_revision."""
+        if from_revision < self.start:
+            return None
+        i = bisect.bisect_left(self.items, from_revision, key=_first)
+        return self.items[i:i + limit]
+
+
+def _first(item: tuple[int, bytes]) -> int:
+    return item[0]
+
+
+def keep_tail(store: Store, on: bool) -> None:
+    """Keep (or stop keeping) a Tail of what commits from now on. Only while this node is the
+    primary: a follower's snapshot installs and set-asides change the log behind Store.written."""
+    if not on:
+        store.tail = None
+    elif store.tail is None:
+        store.tail = Tail(store.committed + 1)
 
 
 def changes_since_raw(store: Store, from_revision: int, limit: int) -> list[tuple[int, bytes]]:
@@ -33,6 +111,11 @@ def changes_since_raw(store: Store, from_revision: int, limit: int) -> list[tupl
     out: list[tuple[int, bytes]] = []
     if limit <= 0:
         return out
+    tail: Tail | None = store.tail
+    if tail is not None:
+        recent = tail.since(from_revision, limit)
+        if recent is not None:
+            return recent
     start = enc.change_key(max(from_revision, 0))
     for k, v in store.db.iterator(start=start, stop=_CHANGE_END):
         out.append((enc.revision_of_change_key(k), v))
@@ -74,26 +157,43 @@ def trim(store: Store, now_ms: int, keep: int, keep_s: float, hold_from: int = 0
     return len(victims)
 
 
-def replica_pending(store: Store, entries: Sequence[replication_pb2.ChangeEntry]) -> Pending | None:
+def replica_pending(store: Store, entries: Sequence[bytes | replication_pb2.ChangeEntry]) -> Pending | None:
     """One WriteBatch applying a primary's entries (raw ops + c| entries + revision); entries
-    at or below the applied revision are skipped, so re-sending a batch is harmless."""
+    at or below the applied revision are skipped, so re-sending a batch is harmless.
+
+    Entries are best given serialized (as they come off the wire): each is stored verbatim
+    and only its revision and raw ops are decoded (ChangeEntryOps), never its events."""
     ops: list[Op] = []
     metas: dict[bytes, types_pb2.SessionInfo | None] = {}
     top = store.committed
     n = 0
-    for e in entries:
+    view = replication_pb2.ChangeEntryOps.FromString
+    meta_tag = enc.META[0]
+    # The meta cache needs the new value of a session meta it holds, or that an earlier
+    # entry of this batch set (a deleted session created again). Another stays out of it
+    # (the next read loads it from LevelDB), unless a group commit leaves time for a reader
+    # to cache the old value before this write lands.
+    cache = None if store.group_commit else store._meta
+    for raw in entries:
+        if not isinstance(raw, bytes):
+            raw = raw.SerializeToString()
+        e = view(raw)
         if e.revision <= top:
             continue
         top = e.revision
         n += 1
         for op in e.ops:
+            key = op.key
             if op.delete:
-                ops.append((op.key, None))
+                ops.append((key, None))
+                if key and key[0] == meta_tag:
+                    metas[key] = None
             else:
-                ops.append((op.key, op.value))
-            if op.key[:1] == enc.META:
-                metas[op.key] = None if op.delete else types_pb2.SessionInfo.FromString(op.value)
-        ops.append((enc.change_key(e.revision), e.SerializeToString()))
+                value = op.value
+                ops.append((key, value))
+                if key and key[0] == meta_tag and (cache is None or key in cache or key in metas):
+                    metas[key] = types_pb2.SessionInfo.FromString(value)
+        ops.append((enc.change_key(top), raw))
     if not n:
         return None
     ops.append((REVISION_KEY, pack_u64(top)))

@@ -200,7 +200,7 @@ class Engine:
         """Wake every wait_for_* now (shutdown: watchers re-check whether to stop)."""
         self.store.wake()
 
-    async def apply_changes(self, entries: Sequence[replication_pb2.ChangeEntry]) -> int:
+    async def apply_changes(self, entries: Sequence[bytes | replication_pb2.ChangeEntry]) -> int:
         """Replica: apply a primary's entries in one WriteBatch; returns the applied revision."""
         self._absent = None  # the entries may store idempotency records
         pending = changelog.replica_pending(self.store, entries)

@@ -157,7 +157,11 @@ class Store:
     def group_commit(self) -> bool:
         return self._committer is not None
 
+    tail: Any = None  # changelog.Tail of recent change-log entries (primary only), or None
+
     def written(self, p: Pending, wake: bool = True) -> None:
+        if self.tail is not None:
+            self.tail.add(p)
         for mkey, meta in p.metas.items():
             self._meta[mkey] = meta
         if p.records is None:

@@ -346,3 +346,106 @@ class LeaderMessage(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___LeaderMessage: _TypeAlias = LeaderMessage  # noqa: Y015
+
+@_typing.final
+class ChangeEntryOps(_message.Message):
+    """Follower-side decoding views of LeaderMessage / ChangeBatch / ChangeEntry: the same wire
+    format (a ChangeEntry field and a bytes field are both length-delimited), never sent as
+    such. A follower reads change entries as their raw bytes (stored verbatim in its change
+    log) and takes from each only what applying it needs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    TS_MS_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    ts_ms: _builtins.int
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___RawOp]: ...
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        ts_ms: _builtins.int = ...,
+        ops: _abc.Iterable[Global___RawOp] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops", "revision", b"revision", "ts_ms", b"ts_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeEntryOps: _TypeAlias = ChangeEntryOps  # noqa: Y015
+
+@_typing.final
+class ChangeBatchRaw(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    LEADER_REVISION_FIELD_NUMBER: _builtins.int
+    LEADER_TS_MS_FIELD_NUMBER: _builtins.int
+    BACKLOG_FIELD_NUMBER: _builtins.int
+    ACK_LAZILY_FIELD_NUMBER: _builtins.int
+    leader_revision: _builtins.int
+    leader_ts_ms: _builtins.int
+    backlog: _builtins.int
+    ack_lazily: _builtins.bool
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """serialized ChangeEntry"""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_builtins.bytes] | None = ...,
+        leader_revision: _builtins.int = ...,
+        leader_ts_ms: _builtins.int = ...,
+        backlog: _builtins.int = ...,
+        ack_lazily: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_lazily", b"ack_lazily", "backlog", b"backlog", "entries", b"entries", "leader_revision", b"leader_revision", "leader_ts_ms", b"leader_ts_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeBatchRaw: _TypeAlias = ChangeBatchRaw  # noqa: Y015
+
+@_typing.final
+class LeaderMessageRaw(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    @_builtins.property
+    def snapshot(self) -> Global___SnapshotChunk: ...
+    @_builtins.property
+    def changes(self) -> Global___ChangeBatchRaw: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___ChangeBatchRaw: ...
+    @_builtins.property
+    def timeline(self) -> Global___Timeline: ...
+    def __init__(
+        self,
+        *,
+        snapshot: Global___SnapshotChunk | None = ...,
+        changes: Global___ChangeBatchRaw | None = ...,
+        heartbeat: Global___ChangeBatchRaw | None = ...,
+        timeline: Global___Timeline | None = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "heartbeat", b"heartbeat", "msg", b"msg", "snapshot", b"snapshot", "timeline", b"timeline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "epoch", b"epoch", "heartbeat", b"heartbeat", "msg", b"msg", "snapshot", b"snapshot", "timeline", b"timeline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["snapshot", "changes", "heartbeat", "timeline"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___LeaderMessageRaw: _TypeAlias = LeaderMessageRaw  # noqa: Y015
