@@ -26,7 +26,7 @@ from shardstate.channels import (
 )
 from shardstate.client import DEFAULT_TIMEOUT_S
 from shardstate.errors import ShardstateError, UnimplementedError
-from shardstate.pipeline import Mux
+from shardstate.pipeline import UNARY, Mux, raw_pipeline
 from shardstate.protocol import (
     Attempt,
     Call,
@@ -69,7 +69,8 @@ class AsyncClient:
         self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache)
         self._channels = AsyncChannels(channel_options(max_message_bytes, options), credentials)
         self._max_batch_ops = max_batch_ops
-        self._mux = Mux(self._channels.stub, max_batch_ops, self._core.timeout) if batching else None
+        self._mux = (Mux(self._channels.stub, self._pipeline, max_batch_ops, self._core.timeout)
+                     if batching else None)
 
     # ---- public surface ----
 
@@ -126,27 +127,48 @@ class AsyncClient:
 
     # ---- the driver ----
 
-    async def _attempt(self, instr: Attempt) -> Any:
-        call, address = instr.call, instr.address
+    def _pipeline(self, address: str) -> Any:
+        return raw_pipeline(self._channels.channel(address))
+
+    async def _call(self, call: Call) -> Any:
+        """One logical call with retries (ClientCore decides them): its response message."""
+        core = self._core
+        failures = 0
+        while True:
+            address = core.pool.pick()
+            try:
+                resp = await self._attempt(call, address)
+            except ShardstateError as exc:
+                failures += 1
+                delay = core.failed(address, exc, failures)
+                if delay:
+                    await asyncio.sleep(delay)
+                continue
+            core.succeeded(address, resp)
+            return resp
+
+    async def _attempt(self, call: Call, address: str) -> Any:
         timeout = call.timeout if call.timeout is not None else self._core.timeout
         mux = self._mux
-        if mux is not None and call.batch_field is not None and mux.accepts(address):
-            try:
-                return await mux.op(address, call.batch_field, call.request, timeout)
-            except UnimplementedError:
-                if mux.accepts(address):
-                    raise
-                # the server has neither Pipeline nor Batch: the unary call below
+        if mux is not None and call.batch_field is not None:
+            conn = mux.conn(address)
+            if conn.mode != UNARY:
+                try:
+                    return await conn.submit(call.batch_field, call.request, timeout)
+                except UnimplementedError:
+                    if conn.mode != UNARY:
+                        raise
+                    # the server has neither Pipeline nor Batch: the unary call below
         try:
             return await getattr(self._channels.stub(address), call.method)(call.request, timeout=timeout)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from e
 
     async def _perform(self, instr: Any) -> Any:
-        if isinstance(instr, Attempt):
-            return await self._attempt(instr)
         if isinstance(instr, Call):
-            return await self._run(self._core.retrying(instr))
+            return await self._call(instr)
+        if isinstance(instr, Attempt):
+            return await self._attempt(instr.call, instr.address)
         if isinstance(instr, Sleep):
             await asyncio.sleep(instr.seconds)
             return None
@@ -161,7 +183,10 @@ class AsyncClient:
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             try:
-                value, exc = await self._perform(instr), None
+                if instr.__class__ is Call:
+                    value, exc = await self._call(instr), None
+                else:
+                    value, exc = await self._perform(instr), None
             except ShardstateError as e:
                 value, exc = None, e
 

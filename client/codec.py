@@ -6,6 +6,7 @@ Validation raises InvalidArgumentError naming the field before any RPC is made.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from datetime import timedelta
@@ -25,9 +26,23 @@ Seconds = int | float | timedelta
 # ---- validation ----
 
 
+_rid_prefix = ""
+_rid_count = itertools.count()
+
+
+def _new_rid_prefix() -> None:
+    global _rid_prefix, _rid_count
+    _rid_prefix, _rid_count = os.urandom(8).hex(), itertools.count(1)
+
+
+_new_rid_prefix()
+os.register_at_fork(after_in_child=_new_rid_prefix)
+
+
 def new_request_id() -> str:
-    """128 random bits as 32 hex digits (what uuid4().hex gave, without building a UUID)."""
-    return os.urandom(16).hex()
+    """32 hex digits: 64 random bits drawn per process (again in a forked child), then a
+    counter. As unique as uuid4().hex, without a getrandom() system call per id."""
+    return f"{_rid_prefix}{next(_rid_count):016x}"
 
 
 def _name(value: Any, what: str, max_bytes: int) -> str:

@@ -38,25 +38,29 @@ class VersionCache:
             return self._items[key]
 
     def remember(self, key: str, record: Record | None) -> None:
-        if self.size <= 0:
-            return
-        if record is not None and len(record.value) > self.max_value_bytes:
-            self.forget(key)  # big values are not worth keeping; update() will read
-            return
-        with self._lock:
-            self._items[key] = record
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+        self._store(key, record, None)
 
     def remember_if_newer(self, key: str, record: Record | None, version: int) -> None:
         """Remember unless what is cached was written after `version` (concurrent callers
         on one handle may answer out of order)."""
-        with self._lock:
-            cur = self._items.get(key)
-        if cur is not None and cur.version > version:
+        self._store(key, record, version)
+
+    def _store(self, key: str, record: Record | None, version: int | None) -> None:
+        if self.size <= 0:
             return
-        self.remember(key, record)
+        items = self._items
+        with self._lock:
+            if version is not None:
+                cur = items.get(key)
+                if cur is not None and cur.version > version:
+                    return
+            if record is not None and len(record.value) > self.max_value_bytes:
+                items.pop(key, None)  # big values are not worth keeping; update() will read
+                return
+            items[key] = record
+            items.move_to_end(key)
+            while len(items) > self.size:
+                items.popitem(last=False)
 
     def forget(self, key: str) -> None:
         with self._lock:
