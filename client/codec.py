@@ -48,7 +48,7 @@ def new_request_id() -> str:
 def _name(value: Any, what: str, max_bytes: int) -> str:
     if not isinstance(value, str):
         raise InvalidArgumentError(f"{what} must be a str, got {type(value).__name__}")
-    n = len(value.encode("utf-8", "surrogatepass"))
+    n = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
     if n == 0:
         raise InvalidArgumentError(f"{what} must not be empty")
     if n > max_bytes:

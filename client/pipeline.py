@@ -35,13 +35,16 @@ _OPS_TAG = b"\x0a"  # BatchRequest.ops = 1
 _ID_TAG, _BATCH_TAG = b"\x08", b"\x12"  # PipelineRequest.id = 1, .batch = 2
 
 
+_VLEN: dict[int, bytes] = {}  # varints of the lengths below 16 KiB met so far
+_NEVER = float("inf")
+
+
 def _vlen(n: int) -> bytes:
-    """varint of a length; one or two bytes for almost every op."""
-    if n < 0x80:
-        return bytes((n,))
+    """varint of a length (`_VLEN.get(n) or _vlen(n)`: the common ones from the dict)."""
+    v = varint(n)
     if n < 0x4000:
-        return bytes((n & 0x7F | 0x80, n >> 7))
-    return varint(n)
+        _VLEN[n] = v
+    return v
 
 
 def raw_pipeline(channel: Any) -> Any:
@@ -65,7 +68,8 @@ def _stream_error(exc: ShardstateError) -> ShardstateError:
     return out
 
 
-# One pending op: its BatchOp field, request message, future, timeout and deadline (loop time).
+# One pending op: its BatchOp field, request message, future, timeout and deadline (loop time;
+# _NEVER without a timeout).
 Pending = tuple[str, Any, "asyncio.Future[Any]", float | None, float]
 
 
@@ -88,15 +92,17 @@ class _Sent:
             self.fail(errors.InternalError(f"batch of {len(ops)} ops got {len(results)} results"))
             return
         for (field, _, fut, _, _), result in zip(ops, results, strict=True):
-            if fut.done():
-                continue
             if result.code or result.WhichOneof("result") != field:
                 try:
                     codec.batch_response(result, field)
                 except ShardstateError as e:
-                    fut.set_exception(e)
+                    if not fut.done():
+                        fut.set_exception(e)
                     continue
-            fut.set_result(getattr(result, field))
+            try:
+                fut.set_result(getattr(result, field))
+            except asyncio.InvalidStateError:
+                pass  # expired or cancelled meanwhile
 
     def fail(self, exc: BaseException) -> None:
         if self.timer is not None:
@@ -134,7 +140,7 @@ class _Stream:
         self._next_id += 1
         self._waiting[rid] = sent
         body = sent.body
-        self._queue.put_nowait(b"".join((_ID_TAG, varint(rid), _BATCH_TAG, _vlen(len(body)), body)))
+        self._queue.put_nowait(b"".join((_ID_TAG, varint(rid), _BATCH_TAG, varint(len(body)), body)))
 
     async def _read(self) -> None:
         exc: ShardstateError = errors.UnavailableError("the pipeline stream was ended by the server")
@@ -193,6 +199,7 @@ class Conn:
         self.mode = PIPELINE
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[Pending] = []
+        self._earliest = _NEVER  # the earliest deadline among them
         self._scheduled = False
         self._stream: _Stream | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -206,12 +213,17 @@ class Conn:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        if timeout is not None:
+            deadline = loop.time() + timeout
+            if deadline < self._earliest:
+                self._earliest = deadline
+        else:
+            deadline = _NEVER
         pending = self._pending
-        pending.append((field, request, fut, timeout, loop.time() + timeout if timeout is not None else 0.0))
+        pending.append((field, request, fut, timeout, deadline))
         if len(pending) >= self.max_ops:
             # A full batch leaves now: the server starts on it while later callers still run.
-            self._pending = []
-            self._send_ops(pending)
+            self._send_pending()
         elif not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)  # after every task already runnable in this tick
@@ -219,28 +231,36 @@ class Conn:
 
     def _flush(self) -> None:
         self._scheduled = False
-        pending, self._pending = self._pending, []
-        if pending:
-            self._send_ops(pending)
+        if self._pending:
+            self._send_pending()
 
-    def _send_ops(self, pending: list[Pending]) -> None:
-        live = [p for p in pending if not p[2].done()]
-        for i in range(0, len(live), self.max_ops):
-            chunk = live[i:i + self.max_ops]
-            parts: list[bytes] = []
-            add = parts.append
-            for field, request, _, _, _ in chunk:
-                data = request.SerializeToString()
-                head = _OP_TAG[field] + _vlen(len(data))
-                add(_OPS_TAG + _vlen(len(head) + len(data)))
-                add(head)
-                add(data)
-            self._send(_Sent(chunk, b"".join(parts)))
+    def _send_pending(self) -> None:
+        """The pending ops as one batch: each op's serialized request framed as a BatchOp."""
+        pending, earliest = self._pending, self._earliest
+        self._pending, self._earliest = [], _NEVER
+        parts: list[bytes] = []
+        add = parts.append
+        dropped = False
+        for field, request, fut, _, _ in pending:
+            if fut.done():  # cancelled (or expired) before it left
+                dropped = True
+                continue
+            data = request.SerializeToString()
+            n = len(data)
+            head = _OP_TAG[field] + (_VLEN.get(n) or _vlen(n))
+            m = len(head) + n
+            add(_OPS_TAG + (_VLEN.get(m) or _vlen(m)) + head)
+            add(data)
+        if dropped:
+            pending = [p for p in pending if not p[2].done()]
+            if not pending:
+                return
+        self._send(_Sent(pending, b"".join(parts)), earliest)
 
-    def _send(self, sent: _Sent) -> None:
+    def _send(self, sent: _Sent, earliest: float | None = None) -> None:
         self.batches += 1
         self.ops += len(sent.ops)
-        self._arm(sent)
+        self._arm(sent, earliest)
         if self.mode == PIPELINE:
             if self._stream is None or self._stream.broken:
                 assert self._loop is not None
@@ -251,12 +271,14 @@ class Conn:
         else:
             sent.fail(UnimplementedError("the server implements neither Pipeline nor Batch"))
 
-    def _arm(self, sent: _Sent) -> None:
-        """One timer for the batch, at the earliest deadline of its unanswered ops."""
-        first = min((p[4] for p in sent.ops if p[3] is not None and not p[2].done()), default=None)
-        if first is not None:
+    def _arm(self, sent: _Sent, earliest: float | None = None) -> None:
+        """One timer for the batch, at the earliest deadline of its unanswered ops (found
+        when not given)."""
+        if earliest is None:
+            earliest = min((p[4] for p in sent.ops if not p[2].done()), default=_NEVER)
+        if earliest < _NEVER:
             assert self._loop is not None
-            sent.timer = self._loop.call_at(first, self._expire, sent)
+            sent.timer = self._loop.call_at(earliest, self._expire, sent)
 
     def _expire(self, sent: _Sent) -> None:
         """Deadlines passed: fail those ops, and drop the stream if it has gone silent."""
@@ -303,7 +325,7 @@ class Conn:
         for t in list(self._tasks):
             t.cancel()
         _Sent(self._pending, b"").fail(errors.CancelledError("the client was closed"))
-        self._pending = []
+        self._pending, self._earliest = [], _NEVER
 
 
 class Mux:
@@ -324,13 +346,6 @@ class Mux:
             conn = self._conns[address] = Conn(self._stub_for(address), self._pipeline_for(address),
                                                self._max_ops, self._timeout)
         return conn
-
-    def accepts(self, address: str) -> bool:
-        """False once the server at address answered UNIMPLEMENTED to Pipeline and Batch."""
-        return self.conn(address).mode != UNARY
-
-    def mode(self, address: str) -> str:
-        return self.conn(address).mode
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per address: mode, batches sent, ops sent (resends after a fallback included)."""
