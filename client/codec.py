@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -26,23 +27,25 @@ Seconds = int | float | timedelta
 # ---- validation ----
 
 
-_rid_prefix = ""
-_rid_count = itertools.count()
+def _request_ids() -> Iterator[str]:
+    """32 hex digits: 64 random bits drawn per process, then a counter. As unique as
+    uuid4().hex, without a getrandom() system call per id (and all of it in C)."""
+    return map(f"{os.urandom(8).hex()}%016x".__mod__, itertools.count(1))
 
 
-def _new_rid_prefix() -> None:
-    global _rid_prefix, _rid_count
-    _rid_prefix, _rid_count = os.urandom(8).hex(), itertools.count(1)
+_request_id_iter = _request_ids()
 
 
-_new_rid_prefix()
-os.register_at_fork(after_in_child=_new_rid_prefix)
+def _new_request_ids_after_fork() -> None:
+    global _request_id_iter
+    _request_id_iter = _request_ids()
+
+
+os.register_at_fork(after_in_child=_new_request_ids_after_fork)
 
 
 def new_request_id() -> str:
-    """32 hex digits: 64 random bits drawn per process (again in a forked child), then a
-    counter. As unique as uuid4().hex, without a getrandom() system call per id."""
-    return f"{_rid_prefix}{next(_rid_count):016x}"
+    return next(_request_id_iter)
 
 
 def _name(value: Any, what: str, max_bytes: int) -> str:

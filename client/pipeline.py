@@ -35,16 +35,20 @@ _OPS_TAG = b"\x0a"  # BatchRequest.ops = 1
 _ID_TAG, _BATCH_TAG = b"\x08", b"\x12"  # PipelineRequest.id = 1, .batch = 2
 
 
-_VLEN: dict[int, bytes] = {}  # varints of the lengths below 16 KiB met so far
 _NEVER = float("inf")
+# BatchOp oneof name -> {request length: what precedes the request in BatchRequest.ops}
+_OP_HEADS: dict[str, dict[int, bytes]] = {name: {} for name in _OP_TAG}
 
 
-def _vlen(n: int) -> bytes:
-    """varint of a length (`_VLEN.get(n) or _vlen(n)`: the common ones from the dict)."""
-    v = varint(n)
-    if n < 0x4000:
-        _VLEN[n] = v
-    return v
+def _op_head(field: str, n: int) -> bytes:
+    """The bytes before an n-byte request of `field` in a BatchRequest: the ops tag and
+    length, the BatchOp field's tag and length (the first 4096 lengths met are memoized)."""
+    inner = _OP_TAG[field] + varint(n)
+    head = _OPS_TAG + varint(len(inner) + n) + inner
+    memo = _OP_HEADS[field]
+    if len(memo) < 4096:
+        memo[n] = head
+    return head
 
 
 def raw_pipeline(channel: Any) -> Any:
@@ -247,9 +251,7 @@ class Conn:
                 continue
             data = request.SerializeToString()
             n = len(data)
-            head = _OP_TAG[field] + (_VLEN.get(n) or _vlen(n))
-            m = len(head) + n
-            add(_OPS_TAG + (_VLEN.get(m) or _vlen(m)) + head)
+            add(_OP_HEADS[field].get(n) or _op_head(field, n))
             add(data)
         if dropped:
             pending = [p for p in pending if not p[2].done()]
