@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from shardstate import errors
+from shardstate import codec, errors
 from shardstate.batch import Batch
 from shardstate.channels import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -25,10 +25,9 @@ from shardstate.channels import (
     parse_addresses,
 )
 from shardstate.client import DEFAULT_TIMEOUT_S
-from shardstate.errors import ShardstateError, UnimplementedError
-from shardstate.pipeline import Mux
+from shardstate.errors import ConflictError, ShardstateError, UnimplementedError
+from shardstate.pipeline import UNARY, Mux, raw_pipeline
 from shardstate.protocol import (
-    Attempt,
     Call,
     ClientCore,
     Emit,
@@ -37,10 +36,13 @@ from shardstate.protocol import (
     OpenStream,
     SessionCore,
     Sleep,
+    conflict_pause,
+    gave_up,
 )
 from shardstate.records import Change, Entry, Record, SessionInfo
 from shardstate.retry import Retry
 from shardstate.txn import Txn, TxnResult
+from shardstate.versions import UNKNOWN
 
 T = TypeVar("T")
 
@@ -69,7 +71,8 @@ class AsyncClient:
         self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache)
         self._channels = AsyncChannels(channel_options(max_message_bytes, options), credentials)
         self._max_batch_ops = max_batch_ops
-        self._mux = Mux(self._channels.stub, max_batch_ops, self._core.timeout) if batching else None
+        self._mux = (Mux(self._channels.stub, self._pipeline, max_batch_ops, self._core.timeout)
+                     if batching else None)
 
     # ---- public surface ----
 
@@ -126,27 +129,48 @@ class AsyncClient:
 
     # ---- the driver ----
 
-    async def _attempt(self, instr: Attempt) -> Any:
-        call, address = instr.call, instr.address
-        timeout = call.timeout if call.timeout is not None else self._core.timeout
+    def _pipeline(self, address: str) -> Any:
+        return raw_pipeline(self._channels.channel(address))
+
+    async def _call(self, call: Call) -> Any:
+        """One logical call with retries (ClientCore decides them): its response message.
+        Ops that can ride in a batch go through the address's batching Conn."""
+        core = self._core
         mux = self._mux
-        if mux is not None and call.batch_field is not None and mux.accepts(address):
+        field = call.batch_field if mux is not None else None
+        failures = 0
+        while True:
+            address = core.pool.pick()
+            conn = mux.conn(address) if field is not None else None  # type: ignore[union-attr]
+            if conn is not None and conn.mode == UNARY:
+                conn = None
             try:
-                return await mux.op(address, call.batch_field, call.request, timeout)
-            except UnimplementedError:
-                if mux.accepts(address):
-                    raise
-                # the server has neither Pipeline nor Batch: the unary call below
+                if conn is not None:
+                    timeout = call.timeout if call.timeout is not None else core.timeout
+                    resp = await conn.submit(field, call.request, timeout)  # type: ignore[arg-type]
+                else:
+                    resp = await self._unary(call, address)
+            except ShardstateError as exc:
+                if conn is not None and conn.mode == UNARY and isinstance(exc, UnimplementedError):
+                    continue  # the server has neither Pipeline nor Batch: unary calls from now on
+                failures += 1
+                delay = core.failed(address, exc, failures)
+                if delay:
+                    await asyncio.sleep(delay)
+                continue
+            core.succeeded(address)
+            return resp
+
+    async def _unary(self, call: Call, address: str) -> Any:
+        timeout = call.timeout if call.timeout is not None else self._core.timeout
         try:
             return await getattr(self._channels.stub(address), call.method)(call.request, timeout=timeout)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from e
 
     async def _perform(self, instr: Any) -> Any:
-        if isinstance(instr, Attempt):
-            return await self._attempt(instr)
         if isinstance(instr, Call):
-            return await self._run(self._core.retrying(instr))
+            return await self._call(instr)
         if isinstance(instr, Sleep):
             await asyncio.sleep(instr.seconds)
             return None
@@ -161,7 +185,10 @@ class AsyncClient:
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             try:
-                value, exc = await self._perform(instr), None
+                if instr.__class__ is Call:
+                    value, exc = await self._call(instr), None
+                else:
+                    value, exc = await self._perform(instr), None
             except ShardstateError as e:
                 value, exc = None, e
 
@@ -229,13 +256,40 @@ class AsyncSession:
                   timeout: float | None = None) -> Record | None:
         return await self._run(self._core.get(key, consistency, min_revision, timeout))
 
+    # put() and update() are the hot path: they call SessionCore's pieces directly, without
+    # the generator driver (the same steps as SessionCore.put / SessionCore.update).
+
     async def put(self, key: str, value: bytes | str, *, expect: int | None = None, ttl: Any = None,
                   timeout: float | None = None) -> int:
-        return await self._run(self._core.put(key, value, expect, ttl, timeout))
+        core = self._core
+        key, data, expected, ttl_ms, t = core.put_args(key, value, expect, ttl, timeout)
+        call = core.put_call(key, data, expected, ttl_ms, t)
+        old = core.cache.lookup(key)
+        resp = await self.client._call(call)
+        return core.put_done(resp, key, data, expected, ttl_ms, old, "put").version
 
     async def update(self, key: str, fn: Callable[[Record | None], bytes | str | None], *,
                      ttl: Any = None, attempts: int = 100, timeout: float | None = None) -> Record | None:
-        return await self._run(self._core.update(key, fn, ttl, attempts, timeout))
+        core = self._core
+        key, ttl_ms, t = core.update_args(key, fn, ttl, timeout)
+        old: Any = core.cache.lookup(key)
+        if old is UNKNOWN:
+            old = await self.get(key, timeout=t)
+        for n in range(max(1, attempts)):
+            new = fn(old)
+            if new is None:
+                return old  # type: ignore[no-any-return]
+            data = codec.to_bytes(new)
+            expected = old.version if old else 0
+            try:
+                resp = await self.client._call(core.put_call(key, data, expected, ttl_ms, t))
+                return core.put_done(resp, key, data, expected, ttl_ms, old, "update")
+            except ConflictError as e:
+                old = e.current
+                pause = conflict_pause(n)
+                if pause:
+                    await asyncio.sleep(pause)
+        raise gave_up(key, attempts, old)
 
     async def delete(self, key: str, *, expect: int | None = None, timeout: float | None = None) -> bool:
         return await self._run(self._core.delete(key, expect, timeout))

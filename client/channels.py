@@ -134,21 +134,26 @@ class AsyncChannels:
         self._options = options
         self._credentials = credentials
         self._stubs: dict[str, state_pb2_grpc.StateStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def stub(self, address: str) -> state_pb2_grpc.StateStub:
-        stub = self._stubs.get(address)
-        if stub is None:
+    def channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
             if self._credentials is not None:
                 ch = grpc.aio.secure_channel(address, self._credentials, options=self._options)
             else:
                 ch = grpc.aio.insecure_channel(address, options=self._options)
-            self._channels.append(ch)
-            stub = self._stubs[address] = state_pb2_grpc.StateStub(ch)  # type: ignore[arg-type]
+            self._channels[address] = ch
+        return ch
+
+    def stub(self, address: str) -> state_pb2_grpc.StateStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = state_pb2_grpc.StateStub(self.channel(address))  # type: ignore[arg-type]
         return stub
 
     async def close(self) -> None:
-        channels, self._channels = self._channels, []
+        channels, self._channels = self._channels, {}
         self._stubs.clear()
-        for ch in channels:
+        for ch in channels.values():
             await ch.close()

@@ -2,8 +2,13 @@
 into one batch and multiplexed over one long-lived `Pipeline` stream per address (tagged ids,
 answered out of order) - DESIGN §8.
 
+Per op the hot path does little: a future and a pending entry at submit; at flush the ops'
+serialized requests are framed by hand into the PipelineRequest bytes (no message copies);
+one timer per batch enforces every op's own deadline; the answer resolves each op's future
+with its response message, or fails it with its own error.
+
 Fallbacks, per address: a server without Pipeline gets the same batches as unary `Batch`
-calls; without Batch either, `accepts()` turns false and callers make plain unary calls.
+calls; without Batch either, `mode` turns UNARY and callers make plain unary calls.
 A broken stream fails its in-flight ops with UnavailableError; the retry policy resends them
 (same request_ids, so nothing applies twice) and the next flush opens a new stream.
 """
@@ -18,27 +23,38 @@ import grpc
 
 from shardstate import codec, errors
 from shardstate.errors import DeadlineExceededError, ShardstateError, UnimplementedError
+from shardstate.protowire import varint
 from shardstate.v1 import state_pb2, state_pb2_grpc
 
-Futures = list["asyncio.Future[Any]"]
 PIPELINE, BATCH, UNARY = "pipeline", "batch", "unary"
+PIPELINE_METHOD = "/shardstate.v1.State/Pipeline"
+
+# BatchOp oneof name -> its length-delimited field tag (every field number is below 16: one byte)
+_OP_TAG = {f.name: bytes([f.number << 3 | 2]) for f in state_pb2.BatchOp.DESCRIPTOR.fields}
+_OPS_TAG = b"\x0a"  # BatchRequest.ops = 1
+_ID_TAG, _BATCH_TAG = b"\x08", b"\x12"  # PipelineRequest.id = 1, .batch = 2
 
 
-def _fail(futs: Futures, exc: BaseException) -> None:
-    for f in futs:
-        if not f.done():
-            f.set_exception(exc)
+_NEVER = float("inf")
+# BatchOp oneof name -> {request length: what precedes the request in BatchRequest.ops}
+_OP_HEADS: dict[str, dict[int, bytes]] = {name: {} for name in _OP_TAG}
 
 
-def _deliver(futs: Futures, results: Any) -> None:
-    results = list(results)
-    for i, f in enumerate(futs):
-        if f.done():
-            continue
-        if i < len(results):
-            f.set_result(results[i])
-        else:
-            f.set_exception(errors.InternalError(f"batch of {len(futs)} ops got {len(results)} results"))
+def _op_head(field: str, n: int) -> bytes:
+    """The bytes before an n-byte request of `field` in a BatchRequest: the ops tag and
+    length, the BatchOp field's tag and length (the first 4096 lengths met are memoized)."""
+    inner = _OP_TAG[field] + varint(n)
+    head = _OPS_TAG + varint(len(inner) + n) + inner
+    memo = _OP_HEADS[field]
+    if len(memo) < 4096:
+        memo[n] = head
+    return head
+
+
+def raw_pipeline(channel: Any) -> Any:
+    """The Pipeline method of a channel taking already-serialized PipelineRequest bytes."""
+    return channel.stream_stream(PIPELINE_METHOD, request_serializer=None,
+                                 response_deserializer=state_pb2.PipelineResponse.FromString)
 
 
 # Whole-stream failures that say something about the ops themselves; any other (UNAVAILABLE,
@@ -56,44 +72,92 @@ def _stream_error(exc: ShardstateError) -> ShardstateError:
     return out
 
 
+# One pending op: its BatchOp field, request message, future, timeout and deadline (loop time;
+# _NEVER without a timeout).
+Pending = tuple[str, Any, "asyncio.Future[Any]", float | None, float]
+
+
+class _Sent:
+    """The ops of one batch in flight: answered together, each op failing on its own."""
+
+    __slots__ = ("body", "ops", "timer")
+
+    def __init__(self, ops: list[Pending], body: bytes) -> None:
+        self.ops = ops
+        self.body = body  # the serialized BatchRequest, kept for a resend as a unary Batch
+        self.timer: asyncio.TimerHandle | None = None
+
+    def deliver(self, results: Any) -> None:
+        """Resolve each op with its response message, or its error."""
+        if self.timer is not None:
+            self.timer.cancel()
+        ops = self.ops
+        if len(results) != len(ops):
+            self.fail(errors.InternalError(f"batch of {len(ops)} ops got {len(results)} results"))
+            return
+        for (field, _, fut, _, _), result in zip(ops, results, strict=True):
+            if result.code or result.WhichOneof("result") != field:
+                try:
+                    codec.batch_response(result, field)
+                except ShardstateError as e:
+                    if not fut.done():
+                        fut.set_exception(e)
+                    continue
+            try:
+                fut.set_result(getattr(result, field))
+            except asyncio.InvalidStateError:
+                pass  # expired or cancelled meanwhile
+
+    def fail(self, exc: BaseException) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        for op in self.ops:
+            fut = op[2]
+            if not fut.done():
+                fut.set_exception(exc)
+
+
 class _Stream:
     """One Pipeline call: a queue feeding its requests, a task reading its responses."""
 
-    def __init__(self, stub: state_pb2_grpc.StateStub, on_unimplemented: Callable[[list[tuple[Any, Futures]]], None]) -> None:
-        self._queue: asyncio.Queue[state_pb2.PipelineRequest | None] = asyncio.Queue()
-        self._waiting: dict[int, tuple[state_pb2.BatchRequest, Futures]] = {}
+    def __init__(self, pipeline: Any, loop: asyncio.AbstractEventLoop,
+                 on_unimplemented: Callable[[list[_Sent]], None]) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._waiting: dict[int, _Sent] = {}
         self._next_id = 1
         self._on_unimplemented = on_unimplemented
         self.broken = False
-        self.last_heard = asyncio.get_running_loop().time()
-        self._call = stub.Pipeline(self._requests())
+        self.last_heard = loop.time()
+        self._call = pipeline(self._requests())
         self._reader = asyncio.ensure_future(self._read())
 
-    async def _requests(self) -> AsyncIterator[state_pb2.PipelineRequest]:
+    async def _requests(self) -> AsyncIterator[bytes]:
         while True:
             item = await self._queue.get()
             if item is None:
                 return
             yield item
 
-    def send(self, batch: state_pb2.BatchRequest, futs: Futures) -> None:
+    def send(self, sent: _Sent) -> None:
         rid = self._next_id
         self._next_id += 1
-        self._waiting[rid] = (batch, futs)
-        self._queue.put_nowait(state_pb2.PipelineRequest(id=rid, batch=batch))
+        self._waiting[rid] = sent
+        body = sent.body
+        self._queue.put_nowait(b"".join((_ID_TAG, varint(rid), _BATCH_TAG, varint(len(body)), body)))
 
     async def _read(self) -> None:
         exc: ShardstateError = errors.UnavailableError("the pipeline stream was ended by the server")
         try:
             async for resp in self._call:
-                self.last_heard = asyncio.get_running_loop().time()
-                entry = self._waiting.pop(resp.id, None)
-                if entry is None:
+                self.last_heard = self._loop.time()
+                sent = self._waiting.pop(resp.id, None)
+                if sent is None:
                     continue
                 if resp.code:
-                    _fail(entry[1], codec.pipeline_error(resp))
+                    sent.fail(codec.pipeline_error(resp))
                 else:
-                    _deliver(entry[1], resp.batch.results)
+                    sent.deliver(resp.batch.results)
         except grpc.RpcError as e:
             exc = _stream_error(errors.from_rpc_error(e))
         except asyncio.CancelledError:
@@ -105,8 +169,8 @@ class _Stream:
             if isinstance(exc, UnimplementedError):
                 self._on_unimplemented(waiting)
             else:
-                for _, futs in waiting:
-                    _fail(futs, exc)
+                for sent in waiting:
+                    sent.fail(exc)
 
     def silent_for(self, now: float) -> float:
         """How long the stream has owed answers without giving any (0 when it owes none)."""
@@ -117,8 +181,8 @@ class _Stream:
         it owes with a retryable error, so the retries go over a new stream."""
         self.broken = True
         waiting, self._waiting = list(self._waiting.values()), {}
-        for _, futs in waiting:
-            _fail(futs, exc)
+        for sent in waiting:
+            sent.fail(exc)
         self.close()
 
     def close(self) -> None:
@@ -127,30 +191,43 @@ class _Stream:
         self._reader.cancel()
 
 
-class _Conn:
+class Conn:
     """The batching state for one address."""
 
-    def __init__(self, stub: state_pb2_grpc.StateStub, max_ops: int, timeout: float | None) -> None:
+    def __init__(self, stub: state_pb2_grpc.StateStub, pipeline: Any, max_ops: int,
+                 timeout: float | None) -> None:
         self.stub = stub
+        self.pipeline = pipeline
         self.max_ops = max_ops
         self.timeout = timeout
         self.mode = PIPELINE
-        self._pending: list[tuple[str, Any, asyncio.Future[Any]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[Pending] = []
+        self._earliest = _NEVER  # the earliest deadline among them
         self._scheduled = False
         self._stream: _Stream | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # batches sent, ops in them: how well calls coalesce
         self.ops = 0
 
-    def submit(self, field: str, request: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+    def submit(self, field: str, request: Any, timeout: float | None) -> asyncio.Future[Any]:
+        """One op into the next batch: a future of its response message (or its error),
+        failed with DeadlineExceededError once `timeout` seconds have passed."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if timeout is not None:
+            deadline = loop.time() + timeout
+            if deadline < self._earliest:
+                self._earliest = deadline
+        else:
+            deadline = _NEVER
         pending = self._pending
-        pending.append((field, request, fut))
+        pending.append((field, request, fut, timeout, deadline))
         if len(pending) >= self.max_ops:
             # A full batch leaves now: the server starts on it while later callers still run.
-            self._pending = []
-            self._send_ops(pending)
+            self._send_pending()
         elif not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)  # after every task already runnable in this tick
@@ -158,110 +235,123 @@ class _Conn:
 
     def _flush(self) -> None:
         self._scheduled = False
-        pending, self._pending = self._pending, []
-        if pending:
-            self._send_ops(pending)
+        if self._pending:
+            self._send_pending()
 
-    def _send_ops(self, pending: list[tuple[str, Any, asyncio.Future[Any]]]) -> None:
-        live = [p for p in pending if not p[2].done()]
-        for i in range(0, len(live), self.max_ops):
-            chunk = live[i:i + self.max_ops]
-            batch = state_pb2.BatchRequest(ops=[state_pb2.BatchOp(**{f: r}) for f, r, _ in chunk])
-            self._send(batch, [fut for _, _, fut in chunk])
+    def _send_pending(self) -> None:
+        """The pending ops as one batch: each op's serialized request framed as a BatchOp."""
+        pending, earliest = self._pending, self._earliest
+        self._pending, self._earliest = [], _NEVER
+        parts: list[bytes] = []
+        add = parts.append
+        dropped = False
+        for field, request, fut, _, _ in pending:
+            if fut.done():  # cancelled (or expired) before it left
+                dropped = True
+                continue
+            data = request.SerializeToString()
+            n = len(data)
+            add(_OP_HEADS[field].get(n) or _op_head(field, n))
+            add(data)
+        if dropped:
+            pending = [p for p in pending if not p[2].done()]
+            if not pending:
+                return
+        self._send(_Sent(pending, b"".join(parts)), earliest)
 
-    def _send(self, batch: state_pb2.BatchRequest, futs: Futures) -> None:
+    def _send(self, sent: _Sent, earliest: float | None = None) -> None:
         self.batches += 1
-        self.ops += len(futs)
+        self.ops += len(sent.ops)
+        self._arm(sent, earliest)
         if self.mode == PIPELINE:
             if self._stream is None or self._stream.broken:
-                self._stream = _Stream(self.stub, self._fall_back)
-            self._stream.send(batch, futs)
+                assert self._loop is not None
+                self._stream = _Stream(self.pipeline, self._loop, self._fall_back)
+            self._stream.send(sent)
         elif self.mode == BATCH:
-            self._spawn(self._unary_batch(batch, futs))
+            self._spawn(self._unary_batch(sent))
         else:
-            _fail(futs, UnimplementedError("the server implements neither Pipeline nor Batch"))
+            sent.fail(UnimplementedError("the server implements neither Pipeline nor Batch"))
 
-    def expire(self, fut: asyncio.Future[Any], timeout: float) -> None:
-        """An op's deadline passed: fail it, and drop the stream if it has gone silent."""
-        if fut.done():
-            return
-        fut.set_exception(DeadlineExceededError(f"no answer within the deadline of {timeout} s (batched)"))
+    def _arm(self, sent: _Sent, earliest: float | None = None) -> None:
+        """One timer for the batch, at the earliest deadline of its unanswered ops (found
+        when not given)."""
+        if earliest is None:
+            earliest = min((p[4] for p in sent.ops if not p[2].done()), default=_NEVER)
+        if earliest < _NEVER:
+            assert self._loop is not None
+            sent.timer = self._loop.call_at(earliest, self._expire, sent)
+
+    def _expire(self, sent: _Sent) -> None:
+        """Deadlines passed: fail those ops, and drop the stream if it has gone silent."""
+        assert self._loop is not None
+        sent.timer = None
+        now = self._loop.time()
+        longest = 0.0
+        for _, _, fut, timeout, deadline in sent.ops:
+            if timeout is not None and deadline <= now and not fut.done():
+                fut.set_exception(DeadlineExceededError(f"no answer within the deadline of {timeout} s (batched)"))
+                longest = max(longest, timeout)
+        self._arm(sent)  # the ops with later deadlines
         stream = self._stream
-        if stream is not None and stream.silent_for(asyncio.get_running_loop().time()) >= timeout:
-            stream.abandon(errors.UnavailableError(f"the pipeline stream gave no answer for {timeout} s"))
+        if longest and stream is not None and stream.silent_for(now) >= longest:
+            stream.abandon(errors.UnavailableError(f"the pipeline stream gave no answer for {longest} s"))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _fall_back(self, waiting: list[tuple[Any, Futures]]) -> None:
+    def _fall_back(self, waiting: list[_Sent]) -> None:
         if self.mode == PIPELINE:
             self.mode = BATCH
-        for batch, futs in waiting:
-            self._send(batch, futs)
+        for sent in waiting:
+            if sent.timer is not None:
+                sent.timer.cancel()
+            self._send(sent)
 
-    async def _unary_batch(self, batch: state_pb2.BatchRequest, futs: Futures) -> None:
+    async def _unary_batch(self, sent: _Sent) -> None:
         try:
-            resp = await self.stub.Batch(batch, timeout=self.timeout)
+            resp = await self.stub.Batch(state_pb2.BatchRequest.FromString(sent.body), timeout=self.timeout)
         except grpc.RpcError as e:
             exc = errors.from_rpc_error(e)
             if isinstance(exc, UnimplementedError):
                 self.mode = UNARY
-            _fail(futs, exc)
+            sent.fail(exc)
             return
-        _deliver(futs, resp.results)
+        sent.deliver(resp.results)
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
         for t in list(self._tasks):
             t.cancel()
-        _fail([fut for _, _, fut in self._pending], errors.CancelledError("the client was closed"))
-        self._pending.clear()
+        _Sent(self._pending, b"").fail(errors.CancelledError("the client was closed"))
+        self._pending, self._earliest = [], _NEVER
 
 
 class Mux:
     """Per-address batching of single ops for one AsyncClient."""
 
-    def __init__(self, stub_for: Callable[[str], state_pb2_grpc.StateStub], max_ops: int = 1000,
+    def __init__(self, stub_for: Callable[[str], state_pb2_grpc.StateStub],
+                 pipeline_for: Callable[[str], Any], max_ops: int = 1000,
                  timeout: float | None = None) -> None:
         self._stub_for = stub_for
+        self._pipeline_for = pipeline_for
         self._max_ops = max_ops
         self._timeout = timeout
-        self._conns: dict[str, _Conn] = {}
+        self._conns: dict[str, Conn] = {}
 
-    def _conn(self, address: str) -> _Conn:
+    def conn(self, address: str) -> Conn:
         conn = self._conns.get(address)
         if conn is None:
-            conn = self._conns[address] = _Conn(self._stub_for(address), self._max_ops, self._timeout)
+            conn = self._conns[address] = Conn(self._stub_for(address), self._pipeline_for(address),
+                                               self._max_ops, self._timeout)
         return conn
-
-    def accepts(self, address: str) -> bool:
-        """False once the server at address answered UNIMPLEMENTED to Pipeline and Batch."""
-        return self._conn(address).mode != UNARY
-
-    def mode(self, address: str) -> str:
-        return self._conn(address).mode
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per address: mode, batches sent, ops sent (resends after a fallback included)."""
         return {a: {"mode": c.mode, "batches": c.batches, "ops": c.ops} for a, c in self._conns.items()}
-
-    async def op(self, address: str, field: str, request: Any, timeout: float | None) -> Any:
-        """One op through the next batch to address: its response message, or its error."""
-        conn = self._conn(address)
-        fut = conn.submit(field, request)
-        if timeout is None:
-            result = await fut
-        else:
-            # cheaper than asyncio.wait_for, which wraps every op in another future
-            timer = asyncio.get_running_loop().call_later(timeout, conn.expire, fut, timeout)
-            try:
-                result = await fut
-            finally:
-                timer.cancel()
-        return codec.batch_response(result, field)
 
     def close(self) -> None:
         for conn in self._conns.values():

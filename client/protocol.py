@@ -112,6 +112,8 @@ class ClientCore:
         self.revision = 0
 
     def seen(self, resp: Any) -> None:
+        """Note the revision of a response (every op that receives one calls this, or
+        SessionCore.saw with its header revision)."""
         rev = codec.revision_of(resp)
         if isinstance(resp, state_pb2.BatchResponse):
             for r in resp.results:
@@ -130,18 +132,29 @@ class ClientCore:
             try:
                 resp = yield Attempt(call, address)
             except ShardstateError as exc:
-                if isinstance(exc, UnavailableError):
-                    self.pool.mark_down(address)
                 failures += 1
-                delay = self.retry.delay(exc, failures)
-                if delay is None:
-                    raise
-                if delay > 0 and not (isinstance(exc, UnavailableError) and self.pool.other_up(address)):
+                delay = self.failed(address, exc, failures)
+                if delay:
                     yield Sleep(delay)
                 continue
-            self.pool.mark_up(address)
-            self.seen(resp)
+            self.succeeded(address)
             return resp
+
+    def failed(self, address: str, exc: ShardstateError, failures: int) -> float:
+        """After the `failures`-th failed attempt of a call (at `address`): the seconds to
+        wait before the next attempt, or `exc` raised when the call gives up."""
+        unavailable = isinstance(exc, UnavailableError)
+        if unavailable:
+            self.pool.mark_down(address)
+        delay = self.retry.delay(exc, failures)
+        if delay is None:
+            raise exc
+        if unavailable and self.pool.other_up(address):
+            return 0.0  # another address can take the retry at once
+        return delay
+
+    def succeeded(self, address: str) -> None:
+        self.pool.mark_up(address)
 
     # ---- client-level operations ----
 
@@ -154,6 +167,7 @@ class ClientCore:
         while True:
             req = state_pb2.ListSessionsRequest(namespace=ns, prefix=prefix, limit=size, page_token=token)
             resp = yield Call("ListSessions", req, codec.timeout(timeout))
+            self.seen(resp)
             for s in resp.sessions:
                 yield Emit(SessionInfo.from_pb(s))
             token = resp.next_page_token
@@ -173,6 +187,7 @@ class ClientCore:
                 ops=[state_pb2.BatchOp(**{str(c.batch_field): c.request}) for c in calls]
             )
             resp = yield Call("Batch", req, codec.timeout(timeout))
+            self.seen(resp)
             if len(resp.results) != len(calls):
                 raise ShardstateError(f"batch of {len(calls)} ops got {len(resp.results)} results")
             for gen, call, result in zip(chunk, calls, resp.results, strict=True):
@@ -195,6 +210,16 @@ class ClientCore:
 # ---- one session's operations ----
 
 
+def conflict_pause(n: int) -> float:
+    """Seconds to wait after the n-th (0-based) conflicting attempt of an update: none at
+    first; under heavy contention a little, at random, to spread the writers out."""
+    return random.random() * 0.001 * min(n, 20) if n >= 2 else 0.0
+
+
+def gave_up(key: str, attempts: int, old: Record | None) -> ConflictError:
+    return ConflictError(f"update of key {key!r} gave up after {attempts} conflicting attempts", current=old)
+
+
 UpdateFn = Callable[[Record | None], Any]
 
 
@@ -215,10 +240,15 @@ class SessionCore:
 
     def _rpc(self, method: str, request: Any, timeout: Any, batch_field: str | None = None) -> Op[Any]:
         resp = yield Call(method, request, codec.timeout(timeout), batch_field)
-        rev = codec.revision_of(resp)
+        self.saw(resp.header.revision)
+        return resp
+
+    def saw(self, rev: int) -> None:
+        """Note a response's header revision, for this handle and its client."""
         if rev > self.revision:
             self.revision = rev
-        return resp
+            if rev > self.client.revision:
+                self.client.revision = rev
 
     # ---- keys ----
 
@@ -239,33 +269,64 @@ class SessionCore:
 
     def put(self, key: str, value: Any, expect: int | None = None, ttl: Any = None,
             timeout: Any = None) -> Op[int]:
-        rec = yield from self._put(key, value, expect, ttl, timeout, "put")
+        args = self.put_args(key, value, expect, ttl, timeout)
+        rec = yield from self._put(*args, "put")
         return rec.version
 
-    def _put(self, key: str, value: Any, expect: int | None, ttl: Any, timeout: Any,
-             what: str) -> Op[Record]:
+    def put_args(self, key: str, value: Any, expect: int | None, ttl: Any,
+                 timeout: Any) -> tuple[str, bytes, int | None, int, float | None]:
+        """put()'s arguments validated: key, data, expected version, ttl_ms, timeout."""
         key = codec.key(key)
         data = codec.to_bytes(value)
         ttl_ms = codec.ms(ttl, "ttl")
         expected = None if expect is None else codec.version(expect)
-        req = state_pb2.PutRequest(
-            **self._ids(), key=key, value=data, expected_version=expected, ttl_ms=ttl_ms,
-            request_id=codec.new_request_id(), session_ttl_ms=self.ttl_ms,
-        )
-        old = self.cache.lookup(key)
-        resp = yield from self._rpc("Put", req, timeout, "put")
+        return key, data, expected, ttl_ms, codec.timeout(timeout)
+
+    def _put(self, key: str, data: bytes, expected: int | None, ttl_ms: int, timeout: float | None,
+             what: str, old: Any = UNKNOWN) -> Op[Record]:
+        call = self.put_call(key, data, expected, ttl_ms, timeout)
+        if old is UNKNOWN:
+            old = self.cache.lookup(key)
+        resp = yield call
+        return self.put_done(resp, key, data, expected, ttl_ms, old, what)
+
+    def put_call(self, key: str, data: bytes, expected: int | None, ttl_ms: int,
+                 timeout: float | None) -> Call:
+        """The Call of one (compare-and-)swap, from validated arguments."""
+        # field by field, zeros left out: half the cost of PutRequest(**fields) on upb
+        req = state_pb2.PutRequest()
+        req.namespace = self.namespace
+        req.session_id = self.session_id
+        req.key = key
+        req.value = data
+        if expected is not None:
+            req.expected_version = expected
+        if ttl_ms:
+            req.ttl_ms = ttl_ms
+        req.request_id = codec.new_request_id()
+        if self.ttl_ms:
+            req.session_ttl_ms = self.ttl_ms
+        return Call("Put", req, timeout, "put")
+
+    def put_done(self, resp: state_pb2.PutResponse, key: str, data: bytes, expected: int | None,
+                 ttl_ms: int, old: Any, what: str) -> Record:
+        """The record a Put's answer left behind (remembered), or ConflictError when it was
+        not applied. `old`: the cached record when the call was made."""
+        self.saw(resp.header.revision)
+        cache = self.cache
         if not resp.applied:
             current = codec.record(resp.current)
-            self.cache.remember(key, current)
+            cache.remember(key, current)
             raise codec.conflict(what, key, expected or 0, current)
+        version = resp.version
         if expected == 0:
-            create = resp.version
+            create = version
         elif expected and isinstance(old, Record) and old.version == expected:
             create = old.create_version
         else:
             create = 0  # not known whether this write created the key
-        rec = codec.written(key, data, resp.version, create, ttl_ms)
-        self.cache.remember_if_newer(key, rec, rec.version)
+        rec = codec.written(key, data, version, create, ttl_ms)
+        cache.remember_if_newer(key, rec, version)
         return rec
 
     def delete(self, key: str, expect: int | None = None, timeout: Any = None) -> Op[bool]:
@@ -303,26 +364,33 @@ class SessionCore:
         """Read-modify-write with compare-and-swap, retried on conflict. `fn(old)` gets the
         current Record (or None) and returns the new value (bytes or str), or None to write
         nothing. Starts from the cached record when there is one: a single writer pays one
-        CAS; a conflict answers with the current record, so a retry needs no read."""
-        key = codec.key(key)
-        if not callable(fn):
-            raise InvalidArgumentError(f"update() needs a function old -> new value, got {type(fn).__name__}")
-        cached = self.cache.lookup(key)
-        if cached is UNKNOWN:
-            old: Record | None = yield from self.get(key, timeout=timeout)
-        else:
-            old = cached  # type: ignore[assignment]
+        CAS; a conflict answers with the current record, so a retry needs no read.
+        (AsyncSession.update runs this same loop with awaits, for speed.)"""
+        key, ttl_ms, timeout = self.update_args(key, fn, ttl, timeout)
+        old = self.cache.lookup(key)
+        if old is UNKNOWN:
+            old = yield from self.get(key, timeout=timeout)
         for n in range(max(1, attempts)):
             new = fn(old)
             if new is None:
                 return old
             try:
-                return (yield from self._put(key, new, old.version if old else 0, ttl, timeout, "update"))
+                return (yield from self._put(key, codec.to_bytes(new), old.version if old else 0, ttl_ms,
+                                             timeout, "update", old))
             except ConflictError as e:
                 old = e.current
-                if n >= 2:  # heavy contention: spread the writers out a little
-                    yield Sleep(random.random() * 0.001 * min(n, 20))
-        raise ConflictError(f"update of key {key!r} gave up after {attempts} conflicting attempts", current=old)
+                pause = conflict_pause(n)
+                if pause:
+                    yield Sleep(pause)
+        raise gave_up(key, attempts, old)
+
+    def update_args(self, key: str, fn: Any, ttl: Any, timeout: Any) -> tuple[str, int, float | None]:
+        """update()'s arguments validated: key, ttl_ms, timeout."""
+        key = codec.key(key)
+        if not callable(fn):
+            raise InvalidArgumentError(f"update() needs a function old -> new value, got {type(fn).__name__}")
+        return (key, codec.ms(ttl, "ttl") if ttl is not None else 0,
+                codec.timeout(timeout) if timeout is not None else None)
 
     def scan(self, prefix: str = "", limit: int | None = 100, start_after: str = "",
              keys_only: bool = False, consistency: Any = None, min_revision: int = 0,
