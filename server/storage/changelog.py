@@ -46,15 +46,9 @@ class Tail:
         ops = p.ops
         if p.changes == 1 and len(ops) >= 2:  # the usual layout: ..., c|entry, _|revision
             key, raw = ops[-2]
-            if key[:1] == _CHANGE and raw is not None:
-                rev: int = _U64_AT_1(key, 1)[0]
-                items = self.items
-                if (not items or rev > items[-1][0]) and rev >= self.start:
-                    items.append((rev, raw))
-                    self.size += len(raw)
-                    if self.size > self.max_bytes:
-                        self._drop()
-                    return
+            if key[:1] == _CHANGE:
+                self._add(_U64_AT_1(key, 1)[0], raw)
+                return
         if p.changes:
             for key, raw in ops:
                 if key[:1] == _CHANGE:
@@ -173,7 +167,7 @@ def replica_pending(store: Store, entries: Sequence[bytes | replication_pb2.Chan
     # entry of this batch set (a deleted session created again). Another stays out of it
     # (the next read loads it from LevelDB), unless a group commit leaves time for a reader
     # to cache the old value before this write lands.
-    cache = None if store.group_commit else store._meta
+    cached = None if store.group_commit else store.meta_cached
     for raw in entries:
         if not isinstance(raw, bytes):
             raw = raw.SerializeToString()
@@ -191,7 +185,7 @@ def replica_pending(store: Store, entries: Sequence[bytes | replication_pb2.Chan
             else:
                 value = op.value
                 ops.append((key, value))
-                if key and key[0] == meta_tag and (cache is None or key in cache or key in metas):
+                if key and key[0] == meta_tag and (cached is None or cached(key) or key in metas):
                     metas[key] = types_pb2.SessionInfo.FromString(value)
         ops.append((enc.change_key(top), raw))
     if not n:

@@ -135,7 +135,7 @@ def data_key(ns: bytes, sid: bytes, key: bytes) -> bytes:
 
 
 def data_prefix(ns: bytes, sid: bytes) -> bytes:
-    return b"".join((DATA, component(ns), component(sid)))
+    return data_prefix_in(session_part(ns, sid))
 
 
 def meta_key(ns: bytes, sid: bytes) -> bytes:
@@ -160,11 +160,11 @@ def change_key(revision: int) -> bytes:
 
 
 def idempotency_key(ns: bytes, sid: bytes, request_id: bytes) -> bytes:
-    return b"".join((IDEMPOTENCY, component(ns), component(sid), component(request_id)))
+    return idempotency_key_in(session_part(ns, sid), request_id)
 
 
 def idempotency_expiry_key(expires_at: int, ns: bytes, sid: bytes, request_id: bytes) -> bytes:
-    return b"".join((IDEMPOTENCY_EXPIRY, _U64.pack(expires_at), component(ns), component(sid), component(request_id)))
+    return idempotency_expiry_key_in(expires_at, session_part(ns, sid), request_id)
 
 
 def session_expiry_key(expires_at: int, ns: bytes, sid: bytes) -> bytes:

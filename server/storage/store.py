@@ -81,6 +81,9 @@ class Store:
             return None
         return meta
 
+    def meta_cached(self, mkey: bytes) -> bool:
+        return mkey in self._meta
+
     def forget_meta(self, mkey: bytes | None = None) -> None:
         """Drop the cached meta of `mkey`; without one (after a bulk write: a snapshot), every
         cached meta and record."""
