@@ -23,28 +23,27 @@ import grpc
 
 from shardstate import codec, errors
 from shardstate.errors import DeadlineExceededError, ShardstateError, UnimplementedError
-from shardstate.protowire import varint
+from shardstate.protowire import field_head, varint
 from shardstate.v1 import state_pb2, state_pb2_grpc
 
 PIPELINE, BATCH, UNARY = "pipeline", "batch", "unary"
 PIPELINE_METHOD = "/shardstate.v1.State/Pipeline"
 
-# BatchOp oneof name -> its length-delimited field tag (every field number is below 16: one byte)
-_OP_TAG = {f.name: bytes([f.number << 3 | 2]) for f in state_pb2.BatchOp.DESCRIPTOR.fields}
-_OPS_TAG = b"\x0a"  # BatchRequest.ops = 1
+# BatchOp oneof name -> its field number (every one is below 16: a one-byte tag)
+_OP_NUMBER = {f.name: f.number for f in state_pb2.BatchOp.DESCRIPTOR.fields}
 _ID_TAG, _BATCH_TAG = b"\x08", b"\x12"  # PipelineRequest.id = 1, .batch = 2
 
 
 _NEVER = float("inf")
 # BatchOp oneof name -> {request length: what precedes the request in BatchRequest.ops}
-_OP_HEADS: dict[str, dict[int, bytes]] = {name: {} for name in _OP_TAG}
+_OP_HEADS: dict[str, dict[int, bytes]] = {name: {} for name in _OP_NUMBER}
 
 
 def _op_head(field: str, n: int) -> bytes:
     """The bytes before an n-byte request of `field` in a BatchRequest: the ops tag and
     length, the BatchOp field's tag and length (the first 4096 lengths met are memoized)."""
-    inner = _OP_TAG[field] + varint(n)
-    head = _OPS_TAG + varint(len(inner) + n) + inner
+    inner = field_head(_OP_NUMBER[field], n)
+    head = field_head(1, len(inner) + n) + inner  # BatchRequest.ops = 1
     memo = _OP_HEADS[field]
     if len(memo) < 4096:
         memo[n] = head

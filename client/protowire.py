@@ -15,3 +15,19 @@ def varint(n: int) -> bytes:
         else:
             out.append(b)
             return bytes(out)
+
+
+_HEADS: dict[int, bytes] = {}
+
+
+def field_head(field: int, n: int) -> bytes:
+    """What precedes an n-byte length-delimited value of `field` (< 16): its tag and length.
+    Remembered for lengths below 16 KiB (two-byte varints): the sizes that repeat when one
+    kind of message is framed again and again (ops in a batch, change-log entries)."""
+    key = field << 32 | n
+    head = _HEADS.get(key)
+    if head is None:
+        head = bytes((field << 3 | 2,)) + varint(n)
+        if n < 16384:
+            _HEADS[key] = head
+    return head

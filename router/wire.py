@@ -23,7 +23,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from shardstate.protowire import varint
+from shardstate.protowire import field_head, varint
 from shardstate.v1 import state_pb2, types_pb2
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -156,26 +156,16 @@ def watch_position(response: bytes) -> int:
 
 
 
-_OP_HEADS: dict[int, bytes] = {}
-
-
 def repeated_bytes(field: int, items: Sequence[bytes]) -> tuple[list[bytes], int]:
     """The parts (to join) and total size of a repeated length-delimited `field` (< 16) over
     already encoded `items`: the router frames forwarded ops without copying them twice."""
-    heads = _OP_HEADS
-    key = field << 32
     parts: list[bytes] = []
     size = 0
     for item in items:
-        n = len(item)
-        head = heads.get(key | n)
-        if head is None:
-            head = bytes([field << 3 | 2]) + varint(n)
-            if n < 16384:  # remembered for the sizes ops have (bounded: two-byte lengths)
-                heads[key | n] = head
+        head = field_head(field, len(item))
         parts.append(head)
         parts.append(item)
-        size += len(head) + n
+        size += len(head) + len(item)
     return parts, size
 
 

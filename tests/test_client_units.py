@@ -387,3 +387,18 @@ def test_batch_builder_validates_on_add() -> None:
     assert isinstance(out[1], ConflictError) and out[1].current.version == 4
     assert isinstance(out[2], UnavailableError)
     assert out[3] == [7]
+
+
+def test_field_head_frames_length_delimited_fields() -> None:
+    from shardstate.protowire import field_head
+    from shardstate.v1 import state_pb2
+
+    assert field_head(1, 5) == b"\x0a\x05"
+    assert field_head(2, 300) == b"\x12\xac\x02"
+    assert field_head(2, 300) == b"\x12\xac\x02"  # remembered, same bytes
+    assert field_head(1, 20_000) == b"\x0a\xa0\x9c\x01"  # beyond the memo, still right
+    ops = [state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="s", key="k" * n)).SerializeToString()
+           for n in (1, 200, 17_000)]
+    body = b"".join(field_head(1, len(o)) + o for o in ops)
+    parsed = state_pb2.BatchRequest.FromString(body)
+    assert [op.get.key for op in parsed.ops] == ["k", "k" * 200, "k" * 17_000]

@@ -11,10 +11,9 @@ Zero-valued scalars are omitted, as protobuf itself does.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
-from shardstate.protowire import varint
+from shardstate.protowire import field_head, varint
 
 SERVICE = "shardstate.v1.Replication"
 FOLLOW_METHOD = f"/{SERVICE}/Follow"
@@ -24,8 +23,6 @@ CHANGES = 2
 HEARTBEAT = 3
 
 
-# Entry lengths repeat (same-shaped writes): their varints are cached.
-_length = functools.lru_cache(maxsize=4096)(varint)
 
 
 def _tag(field: int, wire: int) -> bytes:
@@ -38,11 +35,10 @@ def _scalar(field: int, n: int) -> bytes:
 
 def change_batch(entries: Sequence[bytes], leader_revision: int, leader_ts_ms: int, backlog: int = 0,
                  ack_lazily: bool = False) -> bytes:
-    e1 = _tag(1, _LEN)
     parts: list[bytes] = []
     add = parts.extend
     for e in entries:
-        add((e1, _length(len(e)), e))
+        add((field_head(1, len(e)), e))
     parts.append(_scalar(2, leader_revision))
     parts.append(_scalar(3, leader_ts_ms))
     parts.append(_scalar(4, backlog))
