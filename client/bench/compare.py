@@ -277,6 +277,22 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"ratios": ratios, "targets": targets}
 
 
+def run_notes(r: dict[str, Any], cores: int | None) -> list[str]:
+    """What limits one store's figures besides the store: a saturated load generator, or
+    other processes busy on the machine during its window (report and console alike)."""
+    notes = []
+    window = r["window_s"]
+    client = r.get("cpu_s", {}).get("client")
+    if client is not None and client > CLIENT_BOUND * window:
+        notes.append(f"the load generator (one Python process) used {client / window:.0%} of a core: "
+                     "this store's throughput is bounded by the client side, not the server")
+    other = other_load(r)
+    if other is not None and other > 0.05 * window * (cores or 1):
+        notes.append(f"other processes on the machine used {other:.1f} CPU-s during its {window:g} s window "
+                     f"({100 * other / (window * (cores or 1)):.0f}% of all cores): its figures are pessimistic")
+    return notes
+
+
 def other_load(r: dict[str, Any]) -> float | None:
     """CPU seconds the machine spent in the window on processes the run did not account for."""
     busy = r.get("machine_busy_cpu_s")
@@ -382,15 +398,7 @@ def markdown(doc: dict[str, Any], png: str | None) -> str:
         d = r.get("backend", {})
         lines.append(f"- **{r['store']}** ({r['server']['version']}): {d.get('client', '')}; "
                      f"step: {d.get('step', '')}")
-        client = r.get("cpu_s", {}).get("client")
-        if client is not None and client > CLIENT_BOUND * r["window_s"]:
-            lines.append(f"  - note: the load generator (one Python process) used {client / r['window_s']:.0%} of a "
-                         "core: this store's throughput is bounded by the client side, not the server")
-        other = other_load(r)
-        if other is not None and other > 0.05 * r["window_s"] * (m["cores"] or 1):
-            lines.append(f"  - note: other processes on the machine used {other:.1f} CPU-s during its "
-                         f"{r['window_s']:g} s window ({100 * other / (r['window_s'] * (m['cores'] or 1)):.0f}% "
-                         "of all cores): its figures are pessimistic")
+        lines += [f"  - note: {n}" for n in run_notes(r, m["cores"])]
         if r.get("machine_busy_before_pct", 0) > IDLE_PCT:
             lines.append(f"  - note: the machine was {r['machine_busy_before_pct']}% busy just before "
                          "this store started")
@@ -466,14 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"  target {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} -> {mark}")
     console.print(cpu_table(results))
     for r in ok:
-        client = r.get("cpu_s", {}).get("client")
-        if client is not None and client > CLIENT_BOUND * r["window_s"]:
-            console.print(f"[yellow]note: the {r['store']} load generator used {client / r['window_s']:.0%} of a core: "
-                          "that figure is bounded by the (single-process Python) client[/]")
-        other = other_load(r)
-        if other is not None and other > 0.05 * r["window_s"] * (machine["cores"] or 1):
-            console.print(f"[yellow]note: during the {r['store']} window other processes used {other:.1f} CPU-s "
-                          f"({100 * other / (r['window_s'] * (machine['cores'] or 1)):.0f}% of the machine)[/]")
+        for n in run_notes(r, machine["cores"]):
+            console.print(f"[yellow]note ({r['store']}): {n}[/]", markup=True, highlight=False)
     console.print(f"machine: {machine['cores']} cores, {machine['cpu_model']}; date {date}")
     console.print(f"command: {command}")
     console.print(f"report: {out / 'report.md'}" + ("" if png else f" (no PNG: {doc.get('plot_note')})"))
