@@ -68,6 +68,7 @@ class ShardConfig(Limits):
     grace_s: float = opt(10.0, "graceful shutdown: time in-flight requests get to finish")
     port_file: str = opt("", "write the bound port to this file once serving (for tests and dev)")
     cluster: str = opt("", "cluster file (TOML) to adopt at start")
+    background_replica: bool = opt(False, "while this node is a replica, run its threads at the lowest CPU priority (Linux SCHED_IDLE): catching up uses only CPU the primaries and routers on the same machine leave idle (shardstate dev sets it). Replication lag grows while the machine is saturated (shown by admin status). A promotion returns the node to normal priority, which needs root, CAP_SYS_NICE or RLIMIT_NICE; without, it logs a warning and stays in the background until restarted")
 
     def validate(self) -> None:
         super().validate()

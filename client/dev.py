@@ -59,16 +59,22 @@ class Node:
         return self.popen.poll() is None
 
 
-def plan(shards: int, replicas: int, port: int, data: Path) -> list[list[NodeSpec]]:
+def plan(
+    shards: int, replicas: int, port: int, data: Path, background_replicas: bool = True,
+) -> list[list[NodeSpec]]:
     """Start stages, in order: primaries, then replicas (they need their primary's address),
-    then the router. Each stage is started together and waited for before the next."""
+    then the router. Each stage is started together and waited for before the next.
+    background_replicas: every shard node gets --background-replica (whichever node is a
+    replica, after failovers too, runs on the CPU the others leave idle)."""
+    bg = ["--background-replica"] if background_replicas else []
     prim = [
-        NodeSpec(f"s{i}", "shard", port + i if port else 0, ["--id", f"s{i}", "--data-dir", str(data / f"s{i}")], f"s{i}")
+        NodeSpec(f"s{i}", "shard", port + i if port else 0,
+                 ["--id", f"s{i}", "--data-dir", str(data / f"s{i}"), *bg], f"s{i}")
         for i in range(1, shards + 1)
     ]
     reps = [
         NodeSpec(f"s{i}-r{r}", "shard", port + r * shards + i if port else 0,
-                 ["--id", f"s{i}", "--data-dir", str(data / f"s{i}-r{r}")], f"s{i}", replica_of=f"s{i}")
+                 ["--id", f"s{i}", "--data-dir", str(data / f"s{i}-r{r}"), *bg], f"s{i}", replica_of=f"s{i}")
         for r in range(1, replicas + 1) for i in range(1, shards + 1)
     ]
     router = NodeSpec("router", "router", port, [])
@@ -228,6 +234,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--replicas", type=int, default=1, help="replicas per shard [default 1]")
     p.add_argument("--data-dir", default=os.environ.get("SHARDSTATE_DEV_DATA_DIR", ".shardstate"),
                    help="where the shards keep their data [default .shardstate]")
+    p.add_argument("--replica-priority", choices=("background", "normal"),
+                   default=os.environ.get("SHARDSTATE_DEV_REPLICA_PRIORITY", "background"),
+                   help="CPU priority of the replicas: background (Linux SCHED_IDLE: they catch up on "
+                        "CPU the primaries and the router leave idle) or normal [default background]")
     a = p.parse_args(argv)
     if a.shards < 1 or a.replicas < 0:
         p.error("--shards must be at least 1 and --replicas not negative")
@@ -249,7 +259,7 @@ def main(argv: list[str]) -> int:
     cluster = DevCluster(data, console)
     console.print(f"[bold]shardstate dev[/]: {a.shards} shards, {a.replicas} replicas each, data in {data}")
     try:
-        stages = plan(a.shards, a.replicas, a.port, data)
+        stages = plan(a.shards, a.replicas, a.port, data, a.replica_priority == "background")
         if a.port:
             # Fixed ports: start every shard at once. After a failover the map, not the plan,
             # says which node is primary, and a node waits for the primary it must follow.

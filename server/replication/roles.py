@@ -28,6 +28,7 @@ from shardstate import errors
 from shardstate.config import ShardConfig
 from shardstate.v1 import admin_pb2
 
+from .. import cpu
 from ..node import Node
 from ..service import StateService
 from ..storage.engine import Engine
@@ -201,8 +202,19 @@ class Replication:
             if node.serving:
                 log.warning("demoted: the cluster map names another primary", extra={"fields": {
                     "primary": target, "epoch": node.epoch, "revision": engine.revision()}})
+        self._priority(background=True)
         self.follower = Follower(node, engine, target, self._set_aside)
         self.follower.start()
+
+    def _priority(self, background: bool) -> None:
+        """--background-replica: replicas run in the background, primaries at normal priority."""
+        if not self.cfg.background_replica:
+            return
+        why = cpu.set_background(background)
+        if why:
+            log.warning("CPU priority unchanged", extra={"fields": {"background": background, "why": why}})
+        else:
+            log.info("CPU priority set", extra={"fields": {"background": background}})
 
     async def _promote(self) -> int:
         """This replica becomes the primary of its shard (idempotent under the lock)."""
@@ -223,6 +235,7 @@ class Replication:
         node.role = admin_pb2.PRIMARY
         node.primary = ""
         node.readable = True
+        self._priority(background=False)
         self._promoted_epoch = node.epoch
         engine.sweeping = True
         log.warning("promoted to primary", extra={"fields": {

@@ -1,0 +1,54 @@
+"""CPU priority of a shard process: a replica sharing a machine with primaries and routers can
+run in the background (Linux SCHED_IDLE), so its catch-up work uses only the CPU they leave
+idle instead of preempting the request path.
+
+The policy is per thread: `set_background` changes every thread of the process, and threads
+started later inherit it from the thread that starts them (gRPC's pollers, LevelDB's
+compaction thread). Returning to normal priority needs root, CAP_SYS_NICE or a RLIMIT_NICE
+that allows it; without, the process stays in the background and the caller is told why.
+"""
+
+from __future__ import annotations
+
+import os
+
+SCHED_IDLE: int = getattr(os, "SCHED_IDLE", 5)
+SCHED_OTHER: int = getattr(os, "SCHED_OTHER", 0)
+
+
+def supported() -> bool:
+    return hasattr(os, "sched_setscheduler") and os.path.isdir("/proc/self/task")
+
+
+def threads(pid: int | str = "self") -> list[int]:
+    """The thread ids of process `pid` (Linux)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def policy_of(tid: int) -> int:
+    return os.sched_getscheduler(tid)
+
+
+def set_background(on: bool) -> str:
+    """Put every thread of this process in the background (on) or back to normal; "" when
+    done, else why not (the threads it could not change keep their policy)."""
+    if not supported():
+        return "per-thread CPU scheduling policies need Linux"
+    policy = SCHED_IDLE if on else SCHED_OTHER
+    failed: list[str] = []
+    for tid in threads():
+        try:
+            if os.sched_getscheduler(tid) != policy:
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
+        except OSError as e:
+            failed.append(f"thread {tid}: {e.strerror}")
+    if failed:
+        what = "SCHED_IDLE" if on else "normal priority (SCHED_OTHER)"
+        hint = "" if on else " (needs root, CAP_SYS_NICE or RLIMIT_NICE; restart the process to run at normal priority)"
+        return f"could not switch to {what}: {'; '.join(failed[:3])}{hint}"
+    return ""

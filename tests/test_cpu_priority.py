@@ -1,0 +1,90 @@
+"""--background-replica: a replica's threads run under SCHED_IDLE and still apply every write;
+promoted, the node serves at normal priority (as root; otherwise it says why it cannot);
+without the flag nothing changes. Real processes; the policy read from the kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from shardstate.server import cpu
+from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
+from tests.procs import Procs
+from tests.test_replication import EVENTUAL, T, dump, status, wait_converged, wait_for, workload
+
+pytestmark = pytest.mark.skipif(not cpu.supported(), reason="per-thread scheduling policies are Linux-only")
+
+
+def policies(pid: int) -> set[int]:
+    out = set()
+    for tid in cpu.threads(pid):
+        try:
+            out.add(cpu.policy_of(tid))
+        except ProcessLookupError:
+            pass
+    return out
+
+
+def test_background_replica_applies_everything_and_promotion_restores_priority(procs: Procs) -> None:
+    primary = procs.shard("s1", "--background-replica")
+    replica = procs.shard("s1", "--replica-of", primary.address, "--background-replica")
+    plain = procs.shard("s1", "--replica-of", primary.address)
+    assert primary.popen is not None and replica.popen is not None and plain.popen is not None
+    # The flag acts only while a node is a replica, and only where it is given.
+    assert policies(primary.popen.pid) == {cpu.SCHED_OTHER}
+    assert policies(replica.popen.pid) == {cpu.SCHED_IDLE}
+    assert policies(plain.popen.pid) == {cpu.SCHED_OTHER}
+
+    assert asyncio.run(workload(primary.address, 1200, seed=7)) == 1200
+    wait_converged(primary.address, replica.address)
+    assert dump(replica.address, consistency=EVENTUAL) == dump(primary.address)
+    # Threads started after the switch (gRPC, LevelDB compaction) inherited it.
+    assert policies(replica.popen.pid) == {cpu.SCHED_IDLE}
+
+    want = dump(primary.address)
+    primary.kill()
+    with grpc.insecure_channel(replica.address) as ch:
+        admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s1"), timeout=60)
+    wait_for(lambda: status(replica.address).role == admin_pb2.PRIMARY, "the replica to become primary")
+    assert dump(replica.address) == want  # every write the old primary had replicated
+    with grpc.insecure_channel(replica.address) as ch:
+        put = state_pb2_grpc.StateStub(ch).Put(state_pb2.PutRequest(session_id="after", key="k", value=b"v"), timeout=T)
+        assert put.applied
+        got = state_pb2_grpc.StateStub(ch).Get(
+            state_pb2.GetRequest(session_id="after", key="k", consistency=types_pb2.STRONG), timeout=T)
+        assert got.record.value == b"v"
+    if os.geteuid() == 0:
+        assert policies(replica.popen.pid) == {cpu.SCHED_OTHER}
+    else:
+        assert "CPU priority unchanged" in replica.log_tail(200)
+
+
+def test_set_background_switches_every_thread_and_back() -> None:
+    """In a fresh process with a few threads: every thread goes to SCHED_IDLE, a thread
+    started afterwards inherits it, and the way back works as root or says why it cannot."""
+    code = """
+import os, sys, threading, time
+from shardstate.server import cpu
+stop = threading.Event()
+for _ in range(3):
+    threading.Thread(target=stop.wait, daemon=True).start()
+print(repr(cpu.set_background(True)))
+late = threading.Thread(target=stop.wait, daemon=True); late.start()
+print(sorted({cpu.policy_of(t) for t in cpu.threads()}))
+print(repr(cpu.set_background(False)))
+print(sorted({cpu.policy_of(t) for t in cpu.threads()}))
+stop.set()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    on, during, off, after = out.stdout.splitlines()
+    assert on == "''"
+    assert during == str([cpu.SCHED_IDLE])
+    if os.geteuid() == 0:
+        assert off == "''" and after == str([cpu.SCHED_OTHER])
+    else:
+        assert "could not switch to normal priority" in off and after == str([cpu.SCHED_IDLE])
