@@ -61,6 +61,7 @@ class ShardConfig(Limits):
     replica_ack_timeout_s: float = opt(5.0, "with --min-replica-acks: how long a write waits for replica acks before the caller gets UNAVAILABLE (the write stays durable on the primary)")
     compression: str = opt("none", "LevelDB block compression: none, or snappy (smaller files for compressible values such as JSON, more CPU per write and compaction; set it when the store is created or later, both read back)")
     fsync: bool = opt(False, "sync every write to disk (survives power loss; writes are group-committed). Off: a killed process loses nothing, a power cut may")
+    compaction_nice: int = opt(10, "nice value (0-19) of LevelDB's flush and compaction thread: above 0 that work yields the CPU to requests when both want it, so a flush or compaction does not stall the writes around it; LevelDB still slows writes down itself when compaction falls behind. 0 = same priority as requests")
     changelog_retention: int = opt(100_000, "change-log entries kept for replicas, watches and migration")
     changelog_retention_s: int = opt(3600, "oldest change-log entry age kept, seconds")
     idempotency_window_s: int = opt(600, "how long a request_id's response is kept for retries")
@@ -78,6 +79,8 @@ class ShardConfig(Limits):
             raise InvalidArgumentError(f"--listen must be HOST:PORT, got {self.listen!r}")
         if self.min_replica_acks < 0:
             raise InvalidArgumentError("--min-replica-acks cannot be negative")
+        if not 0 <= self.compaction_nice <= 19:
+            raise InvalidArgumentError(f"--compaction-nice must be 0..19 (a nice value), got {self.compaction_nice}")
         if self.compression not in COMPRESSIONS:
             raise InvalidArgumentError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
 

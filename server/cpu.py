@@ -11,6 +11,8 @@ that allows it; without, the process stays in the background and the caller is t
 from __future__ import annotations
 
 import os
+import threading
+from typing import Any
 
 SCHED_IDLE: int = getattr(os, "SCHED_IDLE", 5)
 SCHED_OTHER: int = getattr(os, "SCHED_OTHER", 0)
@@ -52,3 +54,31 @@ def set_background(on: bool) -> str:
         hint = "" if on else " (needs root, CAP_SYS_NICE or RLIMIT_NICE; restart the process to run at normal priority)"
         return f"could not switch to {what}: {'; '.join(failed[:3])}{hint}"
     return ""
+
+
+def start_leveldb_background(db: Any, nice: int) -> None:
+    """LevelDB flushes memtables and compacts on one background thread per process, started
+    by the first thread that schedules such work and inheriting that thread's priority. Start
+    it now from a helper thread running at `nice`, so the flushes and compactions of a busy
+    shard take CPU the request path leaves idle before they take it from requests. (Raising a
+    thread's nice value needs no privilege. When opening the DB already started the thread,
+    it keeps normal priority.)"""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+
+    def body() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)  # Linux: the calling thread only
+        except OSError:
+            return
+        # A manual compaction of a range no key lives in: it flushes the memtable (usually
+        # empty at open), which schedules background work and so starts the thread here.
+        db.compact_range(start=b"\x00", stop=b"\x00\x00")
+
+    t = threading.Thread(target=body, name="leveldb-background-start", daemon=True)
+    t.start()
+    t.join()
+
+
+def nice_of(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)

@@ -88,3 +88,33 @@ stop.set()
         assert off == "''" and after == str([cpu.SCHED_OTHER])
     else:
         assert "could not switch to normal priority" in off and after == str([cpu.SCHED_IDLE])
+
+
+def nices(pid: int) -> list[int]:
+    out = []
+    for tid in cpu.threads(pid):
+        try:
+            out.append(cpu.nice_of(tid))
+        except ProcessLookupError:
+            pass
+    return sorted(out)
+
+
+def test_leveldb_background_thread_runs_at_compaction_nice(procs: Procs) -> None:
+    """The one thread at the lowered priority is LevelDB's: the shard's own threads (event
+    loop, gRPC) stay at 0; --compaction-nice 0 leaves every thread at 0. Writes land either way."""
+    default = procs.shard("s1")
+    same = procs.shard("s2", "--compaction-nice", "0")
+    assert default.popen is not None and same.popen is not None
+    for p in (default, same):
+        assert asyncio.run(workload(p.address, 320, seed=11)) == 320
+    got = nices(default.popen.pid)
+    assert got.count(10) == 1 and set(got) == {0, 10}, got
+    assert set(nices(same.popen.pid)) == {0}
+
+
+def test_compaction_nice_out_of_range_is_refused(procs: Procs) -> None:
+    out = subprocess.run([sys.executable, "-m", "shardstate", "shard", "--id", "s1", "--compaction-nice", "20"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "--compaction-nice must be 0..19" in out.stderr

@@ -61,7 +61,8 @@ class Engine:
         self.config = config
         self.limits = config
         self.shard_id = config.id
-        self.store = Store(config.data_dir, config, fsync=config.fsync, compression=config.compression)
+        self.store = Store(config.data_dir, config, fsync=config.fsync, compression=config.compression,
+                           background_nice=config.compaction_nice)
         self._locks = SessionLocks() if self.store.group_commit else None
         self._window_ms = int(config.idempotency_window_s * 1000)
         self.retention_hold: Callable[[], int] | None = None

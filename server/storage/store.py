@@ -15,6 +15,7 @@ import plyvel
 from shardstate.config import Limits
 from shardstate.v1 import types_pb2
 
+from .. import cpu
 from . import encoding as enc
 from .commit import REVISION_KEY, GroupCommitter, Pending, write_batch
 from .revision import RevisionClock
@@ -31,7 +32,8 @@ MB = 1024 * 1024
 
 
 class Store:
-    def __init__(self, path: str, limits: Limits, *, fsync: bool = False, compression: str = "none") -> None:
+    def __init__(self, path: str, limits: Limits, *, fsync: bool = False, compression: str = "none",
+                 background_nice: int = 0) -> None:
         # LevelDB records each block's compression, so a store written with either setting
         # opens with the other; only new blocks follow the current one.
         self.db: Any = plyvel.DB(
@@ -39,6 +41,7 @@ class Store:
             lru_cache_size=64 * MB, bloom_filter_bits=10,
             compression=None if compression == "none" else compression,
         )
+        cpu.start_leveldb_background(self.db, background_nice)
         self.path = path
         self.limits = limits
         self.fsync = fsync
