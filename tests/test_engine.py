@@ -632,3 +632,16 @@ def test_compression_setting_validated_and_either_reads_the_other(tmp_path: Path
         assert h.get("s199", "k").record.value == value
     finally:
         h.close()
+
+
+def test_write_buffer_sizes_spread_around_the_mean() -> None:
+    """Shards with the same write rate must not flush and compact in lockstep: each store
+    draws its memtable size within +-25% of the mean, and different draws differ."""
+    import random
+
+    from shardstate.server.storage.store import WRITE_BUFFER_MEAN, write_buffer_size
+
+    sizes = [write_buffer_size(random.Random(seed)) for seed in range(50)]
+    assert all(0.75 * WRITE_BUFFER_MEAN <= s < 1.25 * WRITE_BUFFER_MEAN for s in sizes)
+    assert len(set(sizes)) == 50
+    assert min(sizes) < 0.85 * WRITE_BUFFER_MEAN and max(sizes) > 1.15 * WRITE_BUFFER_MEAN

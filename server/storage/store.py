@@ -8,6 +8,7 @@ disk at open, and every write lands in LevelDB before its effects reach them.
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import plyvel
@@ -31,13 +32,26 @@ _MISSING: Any = object()
 MB = 1024 * 1024
 
 
+# LevelDB's memtable: flushed to a level-0 file when full, and four such files start a
+# compaction. Shards (and their replicas) that take the same write rate would fill theirs
+# together and flush and compact at the same moment, every one of them competing for the CPU
+# at once: each process draws its size from +-25% around the mean so they drift apart.
+WRITE_BUFFER_MEAN = 32 * MB
+WRITE_BUFFER_JITTER = 0.25
+
+
+def write_buffer_size(rng: random.Random | None = None) -> int:
+    r = (rng or random).random()
+    return int(WRITE_BUFFER_MEAN * (1 - WRITE_BUFFER_JITTER + 2 * WRITE_BUFFER_JITTER * r))
+
+
 class Store:
     def __init__(self, path: str, limits: Limits, *, fsync: bool = False, compression: str = "none",
                  background_nice: int = 0) -> None:
         # LevelDB records each block's compression, so a store written with either setting
         # opens with the other; only new blocks follow the current one.
         self.db: Any = plyvel.DB(
-            path, create_if_missing=True, write_buffer_size=32 * MB,
+            path, create_if_missing=True, write_buffer_size=write_buffer_size(),
             lru_cache_size=64 * MB, bloom_filter_bits=10,
             compression=None if compression == "none" else compression,
         )
