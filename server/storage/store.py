@@ -32,6 +32,14 @@ _MISSING: Any = object()
 MB = 1024 * 1024
 
 
+# LevelDB's table block: 32 KiB instead of its 4 KiB default. A write puts ~2.4 KB in 5-6 keys
+# (record, change-log entry, meta, idempotency); with 4 KiB blocks, flushes and compactions
+# spend their time per block (index entries, checksums, bloom probes). Measured with that
+# key pattern (400k writes, compactions included): 4 KiB 28 us/op, 32 KiB 23, 64 KiB 22 -
+# larger blocks make a cold point read copy more, so 32 KiB. The record and meta caches keep
+# hot reads out of LevelDB.
+BLOCK_SIZE = 32 * 1024
+
 # LevelDB's memtable: flushed to a level-0 file when full, and four such files start a
 # compaction. Shards (and their replicas) that take the same write rate would fill theirs
 # together and flush and compact at the same moment, every one of them competing for the CPU
@@ -52,7 +60,7 @@ class Store:
         # opens with the other; only new blocks follow the current one.
         self.db: Any = plyvel.DB(
             path, create_if_missing=True, write_buffer_size=write_buffer_size(),
-            lru_cache_size=64 * MB, bloom_filter_bits=10,
+            lru_cache_size=64 * MB, bloom_filter_bits=10, block_size=BLOCK_SIZE,
             compression=None if compression == "none" else compression,
         )
         cpu.start_leveldb_background(self.db, background_nice)
