@@ -118,3 +118,25 @@ def test_compaction_nice_out_of_range_is_refused(procs: Procs) -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "--compaction-nice must be 0..19" in out.stderr
+
+
+def test_background_replica_killed_mid_stream_restarts_in_background_and_converges(procs: Procs) -> None:
+    """kill -9 of a background replica while the primary takes writes: restarted with the same
+    flag it is in the background again, resumes from its own revision and ends with exactly
+    the primary's data - every acknowledged write."""
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address, "--background-replica")
+
+    async def writes_around_a_kill() -> int:
+        first = asyncio.create_task(workload(primary.address, 960, seed=21))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(replica.kill)
+        ran = await first
+        return ran + await workload(primary.address, 480, seed=22)
+
+    assert asyncio.run(writes_around_a_kill()) == 1440
+    replica.start()
+    assert replica.popen is not None
+    assert policies(replica.popen.pid) == {cpu.SCHED_IDLE}
+    wait_converged(primary.address, replica.address)
+    assert dump(replica.address, consistency=EVENTUAL) == dump(primary.address)
