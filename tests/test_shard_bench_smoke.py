@@ -42,3 +42,14 @@ def test_shard_bench_runs_briefly(tmp_path: Path) -> None:
         assert c["ops"] > 0 and c["errors"] == 0 and c["conflicts"] == 0
         assert c["shard_cpu_us_per_op"] is not None
     assert "CAS Put" in done.stdout
+
+
+@pytest.mark.bench
+def test_leveldb_blocks_runs_briefly(tmp_path: Path) -> None:
+    """benchmarks/leveldb_blocks.py writes the shard pattern and prints one row per block size."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "leveldb_blocks.py"), "--writes", "2200", "--block-kib", "4,32"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if "KiB │" in line]
+    assert [r.split("│")[1].strip() for r in rows] == ["4 KiB", "32 KiB"]
+    assert all(float(r.split("│")[2]) > 0 for r in rows)

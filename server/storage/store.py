@@ -35,8 +35,9 @@ MB = 1024 * 1024
 # LevelDB's table block: 32 KiB instead of its 4 KiB default. A write puts ~2.4 KB in 5-6 keys
 # (record, change-log entry, meta, idempotency); with 4 KiB blocks, flushes and compactions
 # spend their time per block (index entries, checksums, bloom probes). Measured with that
-# key pattern (400k writes, compactions included): 4 KiB 28 us/op, 32 KiB 23, 64 KiB 22 -
-# larger blocks make a cold point read copy more, so 32 KiB. The record and meta caches keep
+# key pattern by benchmarks/leveldb_blocks.py (400k writes, compactions included): 4 KiB
+# 25 us/write, 16 KiB 24, 32 KiB 20, 64 KiB 20 - larger blocks make a cold point read copy
+# more, so 32 KiB. The record and meta caches keep
 # hot reads out of LevelDB.
 BLOCK_SIZE = 32 * 1024
 
