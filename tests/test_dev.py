@@ -107,3 +107,12 @@ def test_plan_gives_fixed_consecutive_ports_and_replica_hooks(tmp_path: Path) ->
     assert [(s.name, s.port) for s in router] == [("router", 7400)]
     assert all(s.port == 0 for stage in plan(2, 0, 0, tmp_path) for s in stage)
     assert len(plan(2, 0, 0, tmp_path)) == 2  # no replica stage without replicas
+
+
+def test_plan_puts_every_shard_node_in_background_replica_mode_unless_asked_not_to(tmp_path: Path) -> None:
+    """Whichever node is a replica (after a failover too) runs in the background by default;
+    --replica-priority normal leaves the flag off everywhere; the router never gets it."""
+    on = [s for stage in plan(2, 1, 0, tmp_path) for s in stage]
+    assert all(("--background-replica" in s.args) == (s.kind == "shard") for s in on)
+    off = [s for stage in plan(2, 1, 0, tmp_path, background_replicas=False) for s in stage]
+    assert not any("--background-replica" in s.args for s in off)
