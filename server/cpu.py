@@ -73,7 +73,10 @@ def start_leveldb_background(db: Any, nice: int) -> None:
             return
         # A manual compaction of a range no key lives in: it flushes the memtable (usually
         # empty at open), which schedules background work and so starts the thread here.
-        db.compact_range(start=b"\x00", stop=b"\x00\x00")
+        try:
+            db.compact_range(start=b"\x00", stop=b"\x00\x00")
+        except Exception:
+            pass  # the thread then starts with the first flush, at normal priority
 
     t = threading.Thread(target=body, name="leveldb-background-start", daemon=True)
     t.start()
