@@ -3,7 +3,7 @@ for several table block sizes (and write-buffer / table-file sizes).
 
 Each write is what a CAS step stores on a primary: the record (1 KiB value, 10 000 sessions),
 the session meta, an idempotency record and its expiry-index key, and the change-log entry
-(sequential key, the value again); a WriteBatch holds 11 such writes plus `_|revision`, as a
+(sequential key, the value again), with the shard's own key encoding; a WriteBatch holds 11 such writes plus `_|revision`, as a
 shard's grouped batch does. CPU is the process's (every LevelDB thread included), measured
 until the background compactions have finished.
 
@@ -25,6 +25,8 @@ import plyvel
 from rich.console import Console
 from rich.table import Table
 
+from shardstate.server.storage import encoding as enc
+
 MB = 1 << 20
 PER_BATCH = 11
 
@@ -38,20 +40,20 @@ def run(block_kib: int, writes: int, write_buffer_mb: int, file_mb: int) -> dict
         value, entry = os.urandom(1056), os.urandom(1321)
         rng = random.Random(1)
         rev = 1 << 60
+        revision_key = enc.node_key("revision")
         t0, w0 = time.process_time(), time.perf_counter()
         for _ in range(0, writes, PER_BATCH):
             wb = db.write_batch()
             for _ in range(PER_BATCH):
                 rev += 1
-                s = rng.randrange(10_000)
+                sid = b"agent-%d" % rng.randrange(10_000)
                 rid = rng.randbytes(8).hex().encode()
-                sess = b"default\x00\x01agent-%d\x00\x01" % s
-                wb.put(b"d" + sess + b"state\x00\x01", value)
-                wb.put(b"m" + sess, value[:29])
-                wb.put(b"i" + sess + rid + b"\x00\x01", value[:21])
-                wb.put(b"j" + struct.pack(">Q", rev) + sess + rid, b"")
-                wb.put(b"c" + struct.pack(">Q", rev), entry)
-            wb.put(b"_revision\x00\x01", struct.pack(">Q", rev))
+                wb.put(enc.data_key(b"default", sid, b"state"), value)
+                wb.put(enc.meta_key(b"default", sid), value[:29])
+                wb.put(enc.idempotency_key(b"default", sid, rid), value[:21])
+                wb.put(enc.idempotency_expiry_key(rev >> 20, b"default", sid, rid), b"")
+                wb.put(enc.change_key(rev), entry)
+            wb.put(revision_key, struct.pack(">Q", rev))
             wb.write()
         writing = time.process_time() - t0
         last = -1.0

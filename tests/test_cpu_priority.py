@@ -9,6 +9,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -43,14 +44,23 @@ def can_leave_idle_policy() -> bool:
     return ok == [True]
 
 
-def policies(pid: int) -> set[int]:
-    out = set()
+def per_thread(pid: int, read: Callable[[int], int]) -> list[int]:
+    """`read(tid)` of every thread of process `pid` (threads that end meanwhile are skipped)."""
+    out = []
     for tid in cpu.threads(pid):
         try:
-            out.add(cpu.policy_of(tid))
+            out.append(read(tid))
         except ProcessLookupError:
             pass
-    return out
+    return sorted(out)
+
+
+def policies(pid: int) -> set[int]:
+    return set(per_thread(pid, cpu.policy_of))
+
+
+def nices(pid: int) -> list[int]:
+    return per_thread(pid, cpu.nice_of)
 
 
 def test_background_replica_applies_everything_and_promotion_restores_priority(procs: Procs) -> None:
@@ -112,16 +122,6 @@ stop.set()
         assert off == "''" and after == str([cpu.SCHED_OTHER])
     else:
         assert "could not switch to normal priority" in off and after == str([cpu.SCHED_IDLE])
-
-
-def nices(pid: int) -> list[int]:
-    out = []
-    for tid in cpu.threads(pid):
-        try:
-            out.append(cpu.nice_of(tid))
-        except ProcessLookupError:
-            pass
-    return sorted(out)
 
 
 def test_leveldb_background_thread_runs_at_compaction_nice(procs: Procs) -> None:

@@ -36,9 +36,8 @@ MB = 1024 * 1024
 # (record, change-log entry, meta, idempotency); with 4 KiB blocks, flushes and compactions
 # spend their time per block (index entries, checksums, bloom probes). Measured with that
 # key pattern by benchmarks/leveldb_blocks.py (400k writes, compactions included): 4 KiB
-# 25 us/write, 16 KiB 24, 32 KiB 20, 64 KiB 20 - larger blocks make a cold point read copy
-# more, so 32 KiB. The record and meta caches keep
-# hot reads out of LevelDB.
+# 29 us/write, 16 KiB 24, 32 KiB 21, 64 KiB 20 - larger blocks make a cold point read copy
+# more, so 32 KiB. The record and meta caches keep hot reads out of LevelDB.
 BLOCK_SIZE = 32 * 1024
 
 # LevelDB's memtable: flushed to a level-0 file when full, and four such files start a
