@@ -3,6 +3,10 @@
 `Client("router:port").session("agent-42")` is the whole entry point; see README.md.
 """
 
+# First: grpcio reads its transport settings when it is imported (see grpc_env).
+import shardstate.grpc_env  # noqa: F401
+
+# isort: split
 from shardstate.aio import AsyncClient, AsyncSession
 from shardstate.batch import Batch
 from shardstate.client import Client, Session
