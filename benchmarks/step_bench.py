@@ -1,4 +1,4 @@
-"""The `step` workload against `shardstate dev` (3 shards x 1 replica + router by default), with
+"""The `step` workload against `shardstate dev` (its defaults: a shard per core up to 3, 1 replica each, a router), with
 CPU per step of every process: the measuring stick for performance work on the whole path.
 
 A step is `await handle.update("state", fn)` on one long-lived AsyncSession handle per session
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shardstate import AsyncClient, eventloop
+from shardstate.dev import default_shards, usable_cpus
 
 VALUE = b"x" * 1024
 TICK = os.sysconf("SC_CLK_TCK")
@@ -131,7 +132,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default="", help="an already running router (CPU of the client only)")
     p.add_argument("--port", type=int, default=17400)
-    p.add_argument("--shards", type=int, default=3)
+    p.add_argument("--shards", type=int, default=default_shards(usable_cpus()), help="[default: dev's, a shard per core up to 3]")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--sessions", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, default=32)

@@ -18,6 +18,7 @@ import pytest
 from shardstate.bench import procstat
 from shardstate.bench.stats import CONFLICT, ERROR, OK, Recorder
 from shardstate.bench.workloads import SessionPicker
+from shardstate.dev import default_shards, usable_cpus
 from tests.devcluster import Dev
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +144,9 @@ def test_compare_runs_all_three_stores(tmp_path: Path) -> None:
         check_result(r, r["store"], "step")
         assert r["cpu_s"], r["store"]
     shard = doc["results"][2]
-    assert {"router", "s1", "s2", "s3", "s1-r1", "client"} <= set(shard["cpu_s"])
+    # dev's default: one shard per core (at most 3), one replica each.
+    primaries = {f"s{i}" for i in range(1, default_shards(usable_cpus()) + 1)}
+    assert {"router", "client", *primaries, *(f"{p}-r1" for p in primaries)} <= set(shard["cpu_s"])
     assert doc["results"][0]["cpu_s"].get("redis-server") is not None
     assert doc["results"][1]["cpu_s"].get("etcd") is not None
     assert set(doc["summary"]["ratios"]) == {"redis", "etcd", "shardstate"}
@@ -168,7 +171,7 @@ def test_compare_runs_all_three_stores(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     model = json.loads((tmp_path / "cost" / "cost-model.json").read_text())
-    assert model["costs"]["shards"] == 3 and model["costs"]["replicas_per_shard"] == 1
+    assert model["costs"]["shards"] == len(primaries) and model["costs"]["replicas_per_shard"] == 1
     assert model["costs"]["router"] > 0 and model["costs"]["primary"] > 0
     assert [r["cores"] for r in model["model"]["by_cores"]][:2] == [2, 4]
     assert "Assumptions" in (tmp_path / "cost" / "cost-model.md").read_text()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from shardstate.dev import existing_shards, plan
+from shardstate.dev import MAX_DEFAULT_SHARDS, default_shards, existing_shards, plan
 from shardstate.v1 import state_pb2, state_pb2_grpc
 from tests.devcluster import Dev
 
@@ -76,7 +76,8 @@ def test_dev_starts_serves_stops_and_restarts_with_the_data(tmp_path: Path, devs
     assert all(gone(p) for p in pids), [p for p in pids if not gone(p)]
     assert not (data / "dev.json").exists()
 
-    dev2 = Dev(data, "--shards", "3", "--replicas", "0")
+    # Without --shards a restart takes the cluster the data directory holds (3 here).
+    dev2 = Dev(data, "--replicas", "0")
     devs.append(dev2)
     with grpc.insecure_channel(dev2.router) as ch:
         st = state_pb2_grpc.StateStub(ch)
@@ -86,6 +87,7 @@ def test_dev_starts_serves_stops_and_restarts_with_the_data(tmp_path: Path, devs
     r = cli("get", "--router", dev2.router, "--namespace", "cli", "sess", "greeting")
     assert r.stdout == "hello"
     pids = dev2.child_pids()
+    assert len(pids) == 4
     assert dev2.terminate() == 0
     assert all(gone(p) for p in pids)
 
@@ -116,3 +118,8 @@ def test_plan_puts_every_shard_node_in_background_replica_mode_unless_asked_not_
     assert all(("--background-replica" in s.args) == (s.kind == "shard") for s in on)
     off = [s for stage in plan(2, 1, 0, tmp_path, background_replicas=False) for s in stage]
     assert not any("--background-replica" in s.args for s in off)
+
+
+def test_default_shards_is_one_per_core_up_to_three() -> None:
+    assert [default_shards(c) for c in (0, 1, 2, 3, 4, 64)] == [1, 1, 2, 3, 3, 3]
+    assert MAX_DEFAULT_SHARDS == 3
