@@ -11,25 +11,40 @@ step fell 16% and steps/s rose 5-10%.
 
 grpcio reads GRPC_EXPERIMENTS once, when it is imported, so this module runs before anything
 imports grpc: `import shardstate` (every shardstate process, and a program using the client
-library) sets it unless GRPC_EXPERIMENTS is already set - an empty GRPC_EXPERIMENTS keeps
-grpcio's defaults - or grpc was imported first (then nothing changes).
+library) sets it, imports grpc, and removes it again, so the programs this process starts
+(other gRPC implementations among them) do not inherit it; shardstate's own child processes
+set it themselves. Nothing changes when GRPC_EXPERIMENTS is already set - an empty value keeps
+grpcio's defaults - or when grpc was imported first.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 
 EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 
 
-def tune(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Set GRPC_EXPERIMENTS when it is unset and grpc is not loaded yet; True when it did."""
-    if "GRPC_EXPERIMENTS" in environ or "grpc" in sys.modules:
+def _load_grpc() -> None:
+    import grpc  # noqa: F401  (grpcio reads GRPC_EXPERIMENTS now)
+
+
+def tune(environ: MutableMapping[str, str] = os.environ,
+         loaded: Callable[[], bool] = lambda: "grpc" in sys.modules,
+         load: Callable[[], None] = _load_grpc) -> bool:
+    """Load grpc with EXPERIMENTS when GRPC_EXPERIMENTS is unset and grpc is not loaded yet,
+    then unset the variable again; True when it did."""
+    if "GRPC_EXPERIMENTS" in environ or loaded():
         return False
     environ["GRPC_EXPERIMENTS"] = EXPERIMENTS
+    try:
+        load()
+    finally:
+        del environ["GRPC_EXPERIMENTS"]
     return True
 
 
-tune()
+# The experiments this process's grpcio was loaded with ("": grpcio's own defaults or the
+# caller's GRPC_EXPERIMENTS).
+applied = EXPERIMENTS if tune() else ""

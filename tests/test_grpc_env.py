@@ -1,4 +1,4 @@
-"""shardstate.grpc_env: the grpcio transport setting every shardstate process starts with."""
+"""shardstate.grpc_env: the grpcio transport every shardstate process starts with."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import sys
 
 from shardstate import grpc_env
 
-# A real server and channel in a fresh interpreter that imports shardstate before grpc.
+# A fresh interpreter that imports shardstate before grpc, then serves a real server and channel.
 PROBE = """
-import asyncio, os, shardstate, grpc
+import asyncio, os, sys
+import shardstate
+from shardstate import grpc_env
 from grpc import aio
-print(os.environ.get("GRPC_EXPERIMENTS"))
+print(grpc_env.applied or "-")
+print(os.environ.get("GRPC_EXPERIMENTS", "<unset>"))
 
 async def main():
     server = aio.server()
@@ -27,45 +30,48 @@ asyncio.run(main())
 """
 
 
-def _probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60)
+def _probe(env: dict[str, str]) -> tuple[list[str], str]:
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines(), out.stderr
 
 
 def _env_without_experiments() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
 
 
-def test_import_sets_the_experiments_and_grpcio_knows_them() -> None:
-    out = _probe(_env_without_experiments())
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [grpc_env.EXPERIMENTS, "connected"]
-    # grpcio logs "Unknown experiment: NAME" for names it no longer has.
-    assert "Unknown experiment" not in out.stderr
+def test_import_loads_grpc_with_the_experiments_and_children_do_not_inherit_them() -> None:
+    lines, stderr = _probe(_env_without_experiments())
+    assert lines == [grpc_env.EXPERIMENTS, "<unset>", "connected"]
+    # grpcio logs "Unknown experiment: NAME" for a name it no longer has.
+    assert "Unknown experiment" not in stderr
 
 
-def test_a_set_variable_wins_and_empty_keeps_grpcio_defaults() -> None:
+def test_a_set_variable_wins_and_stays() -> None:
     for value in ("", "-event_engine_client"):
-        out = _probe({**_env_without_experiments(), "GRPC_EXPERIMENTS": value})
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.splitlines() == [value, "connected"]
+        lines, _ = _probe({**_env_without_experiments(), "GRPC_EXPERIMENTS": value})
+        assert lines == ["-", value, "connected"]
 
 
-def test_tune_leaves_the_environment_alone_once_grpc_is_loaded() -> None:
-    import grpc  # noqa: F401  (loaded by the test process already; made explicit)
-
+def test_tune_does_nothing_once_grpc_is_loaded() -> None:
     env: dict[str, str] = {}
-    assert grpc_env.tune(env) is False
+    assert grpc_env.tune(env) is False  # this test process has grpc loaded
     assert env == {}
 
 
-def test_tune_sets_it_only_when_unset() -> None:
-    saved = sys.modules.pop("grpc")
+def test_tune_sets_the_variable_only_while_grpc_loads() -> None:
+    env: dict[str, str] = {}
+    seen: list[str | None] = []
+    assert grpc_env.tune(env, loaded=lambda: False, load=lambda: seen.append(env.get("GRPC_EXPERIMENTS")))
+    assert seen == [grpc_env.EXPERIMENTS] and env == {}
+    # a failing load leaves the environment as it was, too
+    def boom() -> None:
+        raise ImportError("no grpc")
     try:
-        env: dict[str, str] = {}
-        assert grpc_env.tune(env) is True
-        assert env == {"GRPC_EXPERIMENTS": grpc_env.EXPERIMENTS}
-        env = {"GRPC_EXPERIMENTS": ""}
-        assert grpc_env.tune(env) is False
-        assert env == {"GRPC_EXPERIMENTS": ""}
-    finally:
-        sys.modules["grpc"] = saved
+        grpc_env.tune(env, loaded=lambda: False, load=boom)
+    except ImportError:
+        pass
+    assert env == {}
+    set_env = {"GRPC_EXPERIMENTS": ""}
+    assert grpc_env.tune(set_env, loaded=lambda: False, load=boom) is False
+    assert set_env == {"GRPC_EXPERIMENTS": ""}
