@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from shardstate import grpc_env
 
 # A fresh interpreter that imports shardstate before grpc, then serves a real server and channel.
@@ -64,13 +66,12 @@ def test_tune_sets_the_variable_only_while_grpc_loads() -> None:
     seen: list[str | None] = []
     assert grpc_env.tune(env, loaded=lambda: False, load=lambda: seen.append(env.get("GRPC_EXPERIMENTS")))
     assert seen == [grpc_env.EXPERIMENTS] and env == {}
-    # a failing load leaves the environment as it was, too
+    # a failing load raises and leaves the environment as it was, too
     def boom() -> None:
         raise ImportError("no grpc")
-    try:
+
+    with pytest.raises(ImportError):
         grpc_env.tune(env, loaded=lambda: False, load=boom)
-    except ImportError:
-        pass
     assert env == {}
     set_env = {"GRPC_EXPERIMENTS": ""}
     assert grpc_env.tune(set_env, loaded=lambda: False, load=boom) is False
