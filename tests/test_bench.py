@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from shardstate.bench import procstat
+from shardstate.bench import compare, procstat
 from shardstate.bench.stats import CONFLICT, ERROR, OK, Recorder
 from shardstate.bench.workloads import SessionPicker
 from shardstate.dev import default_shards, usable_cpus
@@ -191,6 +191,58 @@ def test_memory_scale_loads_a_shard_and_redis(tmp_path: Path) -> None:
     assert shard["rss_bytes"] > 0 and shard["disk_bytes"] > 3000 * 1024
     assert redis["keys"] == 3000 and redis["used_memory"] > 3000 * 1024
     assert "used_memory" in done.stdout
+
+
+def _run(store: str, ops_s: float, p99: float) -> dict[str, Any]:
+    return {"store": store, "throughput_ops_s": ops_s, "latency_ms": {"p99": p99}}
+
+
+def test_compare_rounds_pick_each_stores_median_run() -> None:
+    rounds = [
+        [_run("redis", 100, 5), _run("shardstate", 90, 7)],
+        [_run("redis", 120, 6), {"store": "shardstate", "error": "RuntimeError: boom"}],
+        [_run("redis", 80, 4), _run("shardstate", 110, 6)],
+        [_run("redis", 110, 5), _run("shardstate", 100, 8)],
+    ]
+    redis, shard = compare.median_results(rounds)
+    # redis: 80, 100, 110, 120 -> the lower middle (100, round 1); shardstate: 90, 100, 110 of 3 ok.
+    assert (redis["throughput_ops_s"], redis["round"], redis["rounds_ok"]) == (100, 1, 4)
+    assert (shard["throughput_ops_s"], shard["round"], shard["rounds_ok"]) == (100, 4, 3)
+    assert "round" not in rounds[0][0]  # the runs themselves are left as they were
+    failed = compare.median_results([[{"store": "etcd", "error": "x"}], [{"store": "etcd", "error": "y"}]])
+    assert failed == [{"store": "etcd", "error": "x"}]
+    rows = compare.round_rows(rounds)
+    assert [r["ops_s"]["shardstate"] for r in rows] == [90, None, 110, 100]
+    assert rows[1]["targets"] == []  # no shardstate result in round 2: nothing to compare
+    assert [t["met"] for t in rows[2]["targets"]] == [True, True]  # >= Redis, p99 <= 1.5 x Redis
+    assert [t["met"] for t in rows[0]["targets"]] == [False, True]
+
+
+@pytest.mark.bench
+def test_compare_rounds_interleave_the_stores(tmp_path: Path) -> None:
+    require_peers()
+    out = tmp_path / "report"
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = subprocess.run([str(ROOT / "benchmarks" / "compare"), *TINY, "--stores", "redis,shardstate",
+                           "--rounds", "2", "--out", str(out), "--quiet", "--no-install"],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["rounds"] == 2 and [row["round"] for row in doc["rounds"]] == [1, 2]
+    for k in (1, 2):
+        for store in ("redis", "shardstate"):
+            r = json.loads((out / f"round{k}" / f"{store}.json").read_text())
+            check_result(r, store, "step")
+            assert doc["rounds"][k - 1]["ops_s"][store] == r["throughput_ops_s"]
+    for r in doc["results"]:  # each store's median run is one of its rounds, as stored
+        assert r["rounds_ok"] == 2 and r["round"] in (1, 2)
+        stored = json.loads((out / f"round{r['round']}" / f"{r['store']}.json").read_text())
+        assert r["throughput_ops_s"] == stored["throughput_ops_s"] == min(
+            doc["rounds"][0]["ops_s"][r["store"]], doc["rounds"][1]["ops_s"][r["store"]])
+    assert len(doc["rounds"][0]["targets"]) == 2 and len(doc["summary"]["targets"]) == 2
+    md = (out / "report.md").read_text()
+    assert "median run of 2 rounds" in md and "| 2 |" in md and "the median runs" in md
+    assert "every round (2)" in done.stdout and "median of 2 rounds" in done.stdout
 
 
 def test_compare_help_says_what_it_installs() -> None:

@@ -1,5 +1,7 @@
 """`benchmarks/compare`: the same workload, same harness, against Redis, etcd and shardstate in
 one invocation, one store after another; a table with ratios to shardstate and a report folder.
+With `--rounds N` the stores run N times, interleaved, and the report gives every round and
+each store's median run: one run's figures on a shared machine vary by 5-10%.
 
 Each store is started here on free ports in a temp dir, loaded by a `shardstate bench` child
 process (so every store gets a fresh load generator), measured, and stopped before the next.
@@ -99,6 +101,10 @@ def parser() -> argparse.ArgumentParser:
                    help="on a shared machine: before each store, wait up to S seconds for the machine "
                         f"to be under {IDLE_PCT:g}%% busy (default 0: start at once; the report records "
                         "the load either way)")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="run the stores N times, interleaved (each store once per round, in order), and "
+                        "report every round and each store's median run (the main table, the targets and "
+                        "the plot): one run's figures on a shared machine vary by 5-10%% (default 1)")
     return p
 
 
@@ -235,6 +241,50 @@ def run_with_reruns(store: str, ns: argparse.Namespace, workdir: Path, out: Path
     best["attempts"] = len(runs)
     report.write_json(best, out / f"{store}.json")
     return best
+
+
+def median_results(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per store (the position in each round), the run with the median throughput among those
+    that succeeded (the lower middle one for an even count), marked with its round (1-based) and
+    how many rounds it had; the first round's error when every round failed."""
+    out = []
+    for i in range(len(rounds[0])):
+        runs = [(k, rnd[i]) for k, rnd in enumerate(rounds, 1)]
+        ok = sorted(((k, r) for k, r in runs if "error" not in r), key=lambda kr: kr[1]["throughput_ops_s"])
+        if not ok:
+            out.append(runs[0][1])
+            continue
+        k, r = ok[(len(ok) - 1) // 2]
+        out.append({**r, "round": k, "rounds_ok": len(ok)})
+    return out
+
+
+def round_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One line per round: each store's ops/s and p99 (None when it failed), and the targets."""
+    rows = []
+    for k, rnd in enumerate(rounds, 1):
+        ok = [r for r in rnd if "error" not in r]
+        rows.append({
+            "round": k,
+            "ops_s": {r["store"]: (None if "error" in r else r["throughput_ops_s"]) for r in rnd},
+            "p99_ms": {r["store"]: r["latency_ms"]["p99"] for r in ok},
+            "targets": summarize(rnd)["targets"],
+        })
+    return rows
+
+
+def rounds_table(rows: list[dict[str, Any]], stores: Sequence[str]) -> Table:
+    t = Table(title=f"every round ({len(rows)}); the tables below show each store's median run")
+    t.add_column("round", justify="right")
+    for s in stores:
+        t.add_column(f"{s} ops/s", justify="right")
+    t.add_column("targets met", justify="right")
+    for row in rows:
+        met = [x["met"] for x in row["targets"]]
+        t.add_row(str(row["round"]), *[f"{v:,.0f}" if (v := row["ops_s"].get(s)) is not None else "failed"
+                                       for s in stores],
+                  f"{sum(met)} of {len(met)}" if met else "-")
+    return t
 
 
 def idle_check(seconds: float = 1.0) -> float:
@@ -378,8 +428,19 @@ def markdown(doc: dict[str, Any], png: str | None) -> str:
             f"| {r['store']} | {report.workload_label(r)} | {r['throughput_ops_s']:,.0f} | "
             f"{r['success_ops_s']:,.0f} | {lat['p50']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | "
             f"{lat['max']:.2f} | {r['completed']:,} | {r['conflicts']:,} | {r['errors']:,} | {tp} | {p99} |")
+    rows = doc.get("rounds")
+    if rows:
+        picked = ", ".join(f"{r['store']} round {r['round']}" for r in ok if "round" in r)
+        lines += ["", f"Each store's median run of {len(rows)} rounds, run interleaved ({picked}).", "",
+                  "| round | " + " | ".join(f"{s} ops/s" for s in doc["stores"]) + " | targets met |",
+                  "|--:|" + "--:|" * len(doc["stores"]) + "--:|"]
+        for row in rows:
+            met = [t["met"] for t in row["targets"]]
+            cells = [f"{v:,.0f}" if (v := row["ops_s"].get(s)) is not None else "failed" for s in doc["stores"]]
+            lines.append(f"| {row['round']} | " + " | ".join(cells) + f" | {sum(met)} of {len(met)} |")
     if doc["summary"]["targets"]:
-        lines += ["", "Issue 5 targets (step workload, this run):", ""]
+        which = "the median runs" if rows else "this run"
+        lines += ["", f"Issue 5 targets (step workload, {which}):", ""]
         for t in doc["summary"]["targets"]:
             lines.append(f"- {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} "
                          f"-> **{'met' if t['met'] else 'NOT met'}**")
@@ -426,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"compare: unknown store(s) {bad}; choose from {', '.join(BACKENDS)}")
     if ns.sessions < 1 or ns.concurrency < 1 or ns.value_size < 1 or ns.duration <= 0 or ns.warmup < 0:
         raise SystemExit("compare: --sessions, --concurrency, --value-size must be >= 1, --duration > 0")
+    if ns.rounds < 1:
+        raise SystemExit(f"compare: --rounds must be >= 1, got {ns.rounds}")
     ensure_peers(stores, not ns.no_install, console)
     out = Path(ns.out) if ns.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
@@ -435,12 +498,17 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     machine = procstat.machine()
     console.print(f"compare: {', '.join(stores)}; {ns.workload}, {ns.value_size} B, {ns.sessions:,} sessions, "
-                  f"{ns.concurrency} concurrent, {ns.warmup:g} s warm-up + {ns.duration:g} s each; "
+                  f"{ns.concurrency} concurrent, {ns.warmup:g} s warm-up + {ns.duration:g} s each"
+                  f"{f', {ns.rounds} rounds' if ns.rounds > 1 else ''}; "
                   f"{machine['cores']} cores ({machine['cpu_model']}); report in {out}")
-    results: list[dict[str, Any]] = []
+    rounds: list[list[dict[str, Any]]] = []
     try:
-        for store in stores:
-            results.append(run_with_reruns(store, ns, workdir, out, console))
+        for k in range(1, ns.rounds + 1):
+            rdir = out if ns.rounds == 1 else out / f"round{k}"
+            rdir.mkdir(parents=True, exist_ok=True)
+            if ns.rounds > 1:
+                console.rule(f"[bold]round {k} of {ns.rounds}")
+            rounds.append([run_with_reruns(store, ns, workdir / f"round{k}", rdir, console) for store in stores])
     except KeyboardInterrupt:
         console.print("[yellow]compare: interrupted; servers stopped[/]")
         return 130
@@ -450,12 +518,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    results = median_results(rounds)
     doc: dict[str, Any] = {
         "date": date, "command": command, "machine": machine,
         "config": {k: getattr(ns, k) for k in ("workload", "value_size", "sessions", "concurrency",
-                                                "duration", "warmup", "zipf", "seed", "step_impl")},
+                                                "duration", "warmup", "zipf", "seed", "step_impl", "rounds")},
         "stores": stores, "results": results, "summary": summarize(results),
     }
+    if ns.rounds > 1:
+        doc["rounds"] = round_rows(rounds)
     png: str | None = "compare.png"
     ok = [r for r in results if "error" not in r]
     try:
@@ -469,8 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(doc, out / "results.json")
     (out / "report.md").write_text(markdown(doc, png))
 
+    if ns.rounds > 1:
+        console.print(rounds_table(doc["rounds"], stores))
     console.print(ratio_table(results, f"{ns.workload}: {ns.value_size} B, {ns.sessions:,} sessions, "
-                                       f"{ns.concurrency} concurrent, {ns.duration:g} s"))
+                                       f"{ns.concurrency} concurrent, {ns.duration:g} s"
+                                       + (f"; each store's median of {ns.rounds} rounds" if ns.rounds > 1 else "")))
     for t in doc["summary"]["targets"]:
         mark = "[green]met[/]" if t["met"] else "[red]NOT met[/]"
         console.print(f"  target {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} -> {mark}")
@@ -481,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"machine: {machine['cores']} cores, {machine['cpu_model']}; date {date}")
     console.print(f"command: {command}")
     console.print(f"report: {out / 'report.md'}" + ("" if png else f" (no PNG: {doc.get('plot_note')})"))
-    failed = [r["store"] for r in results if "error" in r or r.get("bench_exit_code")]
+    failed = sorted({r["store"] for rnd in rounds for r in rnd if "error" in r or r.get("bench_exit_code")})
     if failed:
         console.print(f"[red]compare: failed: {', '.join(failed)}[/]")
         return 1
