@@ -273,6 +273,13 @@ def round_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
+def round_cells(row: dict[str, Any], stores: Sequence[str]) -> list[str]:
+    """A round's line as text (console and report alike): round, each store's ops/s, targets met."""
+    met = [x["met"] for x in row["targets"]]
+    return [str(row["round"]), *[f"{v:,.0f}" if (v := row["ops_s"].get(s)) is not None else "failed" for s in stores],
+            f"{sum(met)} of {len(met)}" if met else "-"]
+
+
 def rounds_table(rows: list[dict[str, Any]], stores: Sequence[str]) -> Table:
     t = Table(title=f"every round ({len(rows)}); the tables below show each store's median run")
     t.add_column("round", justify="right")
@@ -280,10 +287,7 @@ def rounds_table(rows: list[dict[str, Any]], stores: Sequence[str]) -> Table:
         t.add_column(f"{s} ops/s", justify="right")
     t.add_column("targets met", justify="right")
     for row in rows:
-        met = [x["met"] for x in row["targets"]]
-        t.add_row(str(row["round"]), *[f"{v:,.0f}" if (v := row["ops_s"].get(s)) is not None else "failed"
-                                       for s in stores],
-                  f"{sum(met)} of {len(met)}" if met else "-")
+        t.add_row(*round_cells(row, stores))
     return t
 
 
@@ -434,10 +438,7 @@ def markdown(doc: dict[str, Any], png: str | None) -> str:
         lines += ["", f"Each store's median run of {len(rows)} rounds, run interleaved ({picked}).", "",
                   "| round | " + " | ".join(f"{s} ops/s" for s in doc["stores"]) + " | targets met |",
                   "|--:|" + "--:|" * len(doc["stores"]) + "--:|"]
-        for row in rows:
-            met = [t["met"] for t in row["targets"]]
-            cells = [f"{v:,.0f}" if (v := row["ops_s"].get(s)) is not None else "failed" for s in doc["stores"]]
-            lines.append(f"| {row['round']} | " + " | ".join(cells) + f" | {sum(met)} of {len(met)} |")
+        lines += ["| " + " | ".join(round_cells(row, doc["stores"])) + " |" for row in rows]
     if doc["summary"]["targets"]:
         which = "the median runs" if rows else "this run"
         lines += ["", f"Issue 5 targets (step workload, {which}):", ""]
