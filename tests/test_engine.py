@@ -21,7 +21,7 @@ from shardstate.errors import (
 )
 from shardstate.server.storage import encoding as enc
 from shardstate.server.storage import entries, idempotency
-from shardstate.server.storage.engine import Engine
+from shardstate.server.storage.engine import TRIM_CHUNK, Engine
 from shardstate.server.storage.revision import LOGICAL_BITS, wall_ms
 from shardstate.v1 import replication_pb2, types_pb2
 from shardstate.v1 import state_pb2 as s
@@ -536,6 +536,26 @@ def test_change_log_retention_and_history_compacted(tmp_path: Path) -> None:
         assert e.value.oldest_revision == versions[6] + 1
         h.reopen()
         assert h.e.oldest_revision() == versions[6] + 1
+    finally:
+        h.close()
+
+
+def test_change_log_trim_in_chunks_and_again_after_more_writes(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "db", changelog_retention=5)
+    try:
+        n = 2 * TRIM_CHUNK + 500  # more than two chunks in one sweep
+        versions = [h.put("a", f"k{i % 7}", b"v").version for i in range(n)]
+        assert h.run(h.e.sweep_once())["changes_trimmed"] == n - 5
+        assert h.e.oldest_revision() == versions[-6] + 1
+        assert [e.revision for e in h.e.changes_since(h.e.oldest_revision(), 100)] == versions[-5:]
+        more = [h.put("b", f"k{i}", b"w").version for i in range(20)]
+        assert h.run(h.e.sweep_once())["changes_trimmed"] == 20  # from where the last trim stopped
+        assert [e.revision for e in h.e.changes_since(h.e.oldest_revision(), 100)] == more[-5:]
+        assert h.e.store.change_count == 5
+        h.reopen()
+        assert h.e.store.change_count == 5 and h.e.oldest_revision() == more[-6] + 1
+        assert h.run(h.e.sweep_once())["changes_trimmed"] == 0
+        assert h.get("a", "k3").record.value == b"v" and h.get("b", "k19").record.value == b"w"
     finally:
         h.close()
 

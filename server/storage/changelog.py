@@ -125,12 +125,17 @@ def changes_since(store: Store, from_revision: int, limit: int) -> list[replicat
 
 def trim(store: Store, now_ms: int, keep: int, keep_s: float, hold_from: int = 0, max_ops: int = 10_000) -> int:
     """Delete the oldest entries beyond `keep` entries or older than `keep_s`, never one at or
-    above `hold_from` (> 0: a follower still needs it). Local: not itself a change."""
+    above `hold_from` (> 0: a follower still needs it), at most `max_ops` of them. Local: not
+    itself a change.
+
+    It reads from just after `store.compacted` (every entry up to it is gone): LevelDB keeps the
+    deletions of earlier trims until compaction drops them, and a scan from the start of the
+    log would step over all of them, once a second, more each time."""
     excess = store.change_count - keep
     cutoff = max(0, now_ms - int(keep_s * 1000)) << LOGICAL_BITS
     victims: list[bytes] = []
     last = 0
-    for k in store.db.iterator(prefix=enc.CHANGE, include_value=False):
+    for k in store.db.iterator(start=enc.change_key(store.compacted + 1), stop=_CHANGE_END, include_value=False):
         rev = enc.revision_of_change_key(k)
         if (hold_from and rev >= hold_from) or (excess <= 0 and rev >= cutoff):
             break
