@@ -21,7 +21,7 @@ from shardstate.errors import (
 )
 from shardstate.server.storage import encoding as enc
 from shardstate.server.storage import entries, idempotency
-from shardstate.server.storage.engine import TRIM_CHUNK, Engine
+from shardstate.server.storage.engine import SWEEP_BATCH, TRIM_CHUNK, Engine
 from shardstate.server.storage.revision import LOGICAL_BITS, wall_ms
 from shardstate.v1 import replication_pb2, types_pb2
 from shardstate.v1 import state_pb2 as s
@@ -260,6 +260,25 @@ def test_idempotency_window_expires_and_is_collected(h: Harness) -> None:
     done = h.run(h.e.sweep_once())
     assert done["idempotency"] == 1
     assert h.raw_keys(enc.IDEMPOTENCY) == [] and h.raw_keys(enc.IDEMPOTENCY_EXPIRY) == []
+
+
+def test_idempotency_collector_takes_every_due_record_and_resumes(h: Harness) -> None:
+    h.e._window_ms = 30
+    n = SWEEP_BATCH + 100  # more index entries than one of its WriteBatches takes
+    for i in range(n):
+        h.put("a", f"k{i % 10}", b"v", request_id=f"r{i}")
+    wait_past(30)
+    assert h.run(h.e.sweep_once())["idempotency"] == n
+    assert h.raw_keys(enc.IDEMPOTENCY) == [] and h.raw_keys(enc.IDEMPOTENCY_EXPIRY) == []
+    h.e._window_ms = 60_000
+    h.put("b", "k", b"v", request_id="kept")  # due in a minute
+    h.e._window_ms = 30
+    for i in range(5):
+        h.put("c", "k", b"v", request_id=f"late{i}")
+    wait_past(30)
+    assert h.run(h.e.sweep_once())["idempotency"] == 5  # read on from where the last scan stopped
+    assert len(h.raw_keys(enc.IDEMPOTENCY)) == len(h.raw_keys(enc.IDEMPOTENCY_EXPIRY)) == 1
+    assert h.put("b", "k", b"v", request_id="kept").header.replayed
 
 
 def test_a_node_that_wrote_before_sees_what_replication_stored(tmp_path: Path) -> None:

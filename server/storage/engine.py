@@ -53,6 +53,7 @@ from .values import pack_u64
 log = logging.getLogger("shardstate.engine")
 R = TypeVar("R")
 SWEEP_BATCH = 500
+IDEMPOTENCY_RESCAN_MS = 60_000  # the idempotency collector reads its index from the start this often
 TRIM_CHUNK = 1000  # change-log entries deleted per WriteBatch by the sweeper (~1-2 ms each)
 REF_CACHE_SIZE = 100_000
 
@@ -75,6 +76,10 @@ class Engine:
         # The latest expiry of a record this process stored: a new filter waits for it too,
         # since records still held in a group or an fsync are not in LevelDB yet.
         self._recorded_until = 0
+        # Where the idempotency index's entries not yet collected start (None: not known), and
+        # when the collector last read it from the beginning.
+        self._idem_from: bytes | None = None
+        self._idem_from_ms = 0
 
     @classmethod
     def open(cls, config: ShardConfig) -> Engine:
@@ -204,7 +209,7 @@ class Engine:
 
     async def apply_changes(self, entries: Sequence[bytes | replication_pb2.ChangeEntry]) -> int:
         """Replica: apply a primary's entries in one WriteBatch; returns the applied revision."""
-        self._absent = None  # the entries may store idempotency records
+        self._absent = self._idem_from = None  # the entries may store idempotency records
         pending = changelog.replica_pending(self.store, entries)
         if pending is not None:
             await self.store.commit(pending)
@@ -218,7 +223,7 @@ class Engine:
     ) -> None:
         """Follower: `first` clears all data (node meta kept); `revision` (last chunk) sets the
         applied revision and makes it the start of the follower's change-log history."""
-        self._absent = None  # the chunk may store idempotency records
+        self._absent = self._idem_from = None  # the chunk may store idempotency records
         if first:
             snapshot.clear_data(self.store)
         snapshot.write_chunk(self.store, ops, revision)
@@ -252,10 +257,7 @@ class Engine:
             for (ns, sid), due in expiry.due_keys(store, wall_ms(), SWEEP_BATCH).items():
                 done["keys"] += await self._reclaim_keys(ns, sid, due)
                 await asyncio.sleep(0)
-            ops = idempotency.expired(store, wall_ms(), SWEEP_BATCH, self._busy)
-            if ops:
-                await store.commit(node_write(store, ops, wall_ms()))
-                done["idempotency"] = sum(1 for k, _ in ops if k[:1] == enc.IDEMPOTENCY)
+            await self._collect_idempotency(done)
         # In chunks, letting requests in between: a busy shard has thousands of entries to drop
         # every second, and one WriteBatch of them held the event loop for ~10 ms.
         while True:
@@ -266,6 +268,23 @@ class Engine:
             if n < TRIM_CHUNK:
                 return done
             await asyncio.sleep(0)
+
+    async def _collect_idempotency(self, done: dict[str, int]) -> None:
+        """Every record whose window has passed, SWEEP_BATCH index entries per write (a busy
+        shard stores thousands a second), resuming where the last scan stopped; from the
+        beginning again every IDEMPOTENCY_RESCAN_MS, so nothing can stay behind for longer."""
+        now = wall_ms()
+        if self._idem_from is not None and not 0 <= now - self._idem_from_ms < IDEMPOTENCY_RESCAN_MS:
+            self._idem_from = None
+        if self._idem_from is None:
+            self._idem_from_ms = now
+        while True:
+            ops, self._idem_from = idempotency.expired(self.store, wall_ms(), SWEEP_BATCH, self._busy, self._idem_from)
+            if ops:
+                await self.store.commit(node_write(self.store, ops, wall_ms()))
+                done["idempotency"] += sum(1 for k, _ in ops if k[:1] == enc.IDEMPOTENCY)
+            if len(ops) < SWEEP_BATCH:
+                return
 
     def _busy(self, mkey: bytes) -> bool:
         return self._locks is not None and self._locks.busy(mkey)

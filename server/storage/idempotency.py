@@ -129,22 +129,31 @@ class Absent:
         return not ((cur[ia] & ma and cur[ib] & mb) or (prev[ia] & ma and prev[ib] & mb))
 
 
-def expired(store: Store, now: int, limit: int, busy: Callable[[bytes], bool]) -> list[Op]:
-    """Deletes for up to `limit` records whose window has passed. Sessions with a write in
-    flight (`busy(meta_key)`) are left for the next round: their write may renew a record."""
+def expired(store: Store, now: int, limit: int, busy: Callable[[bytes], bool],
+            start: bytes | None = None) -> tuple[list[Op], bytes]:
+    """Deletes for up to `limit` index entries whose window has passed (and their records),
+    reading the index from `start` (None: its beginning); and where the next call may start:
+    the first index key this one leaves in place. Sessions with a write in flight
+    (`busy(meta_key)`) are left for a later round: their write may renew a record.
+
+    Starting where the last call stopped matters: LevelDB keeps the deletions of earlier rounds
+    until compaction drops them, and a scan from the beginning steps over every one of them."""
     ops: list[Op] = []
     db = store.db
     stop = enc.expiry_bound(enc.IDEMPOTENCY_EXPIRY, now)
-    for k in db.iterator(start=enc.IDEMPOTENCY_EXPIRY, stop=stop, include_value=False):
+    resume: bytes | None = None
+    for k in db.iterator(start=start or enc.IDEMPOTENCY_EXPIRY, stop=stop, include_value=False):
+        if len(ops) >= limit:
+            resume = resume or k
+            break
         expires, ns, sid, rid = enc.decode(k, "qbbb")
         assert isinstance(ns, bytes) and isinstance(sid, bytes) and isinstance(rid, bytes)
         if busy(enc.meta_key(ns, sid)):
+            resume = resume or k
             continue
         ops.append((k, None))
         ikey = enc.idempotency_key(ns, sid, rid)
         raw = db.get(ikey)
         if raw is not None and unpack_idempotency(raw)[0] == expires:
             ops.append((ikey, None))
-        if len(ops) >= limit:
-            break
-    return ops
+    return ops, resume or stop
