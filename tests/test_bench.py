@@ -216,6 +216,11 @@ def test_compare_rounds_pick_each_stores_median_run() -> None:
     assert rows[1]["targets"] == []  # no shardstate result in round 2: nothing to compare
     assert [t["met"] for t in rows[2]["targets"]] == [True, True]  # >= Redis, p99 <= 1.5 x Redis
     assert [t["met"] for t in rows[0]["targets"]] == [False, True]
+    stores = ["redis", "shardstate"]
+    assert compare.round_header(stores) == ["round", "redis ops/s", "shardstate ops/s", "steps/s >= Redis (has / needs)",
+                                            "p99 <= 1.5 x Redis (has / needs)", "targets met"]
+    assert compare.round_cells(rows[0], stores) == ["1", "100", "90", "90.00 / 100.00 NOT met", "7.00 / 7.50 met", "1 of 2"]
+    assert compare.round_cells(rows[1], stores) == ["2", "120", "failed", "-", "-", "-"]
 
 
 @pytest.mark.bench
@@ -242,6 +247,7 @@ def test_compare_rounds_interleave_the_stores(tmp_path: Path) -> None:
     assert len(doc["rounds"][0]["targets"]) == 2 and len(doc["summary"]["targets"]) == 2
     md = (out / "report.md").read_text()
     assert "median run of 2 rounds" in md and "| 2 |" in md and "the median runs" in md
+    assert "steps/s >= Redis (has / needs)" in md and "p99 <= 1.5 x Redis (has / needs)" in md
     assert "every round (2)" in done.stdout and "median of 2 rounds" in done.stdout
 
 

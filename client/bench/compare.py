@@ -273,19 +273,33 @@ def round_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
+def target_labels(stores: Sequence[str]) -> list[str]:
+    """The targets a run of these stores can be held to (shardstate and the peer both in it)."""
+    return [label for peer, _, _, label in TARGETS if peer in stores and BASELINE in stores]
+
+
+def round_header(stores: Sequence[str]) -> list[str]:
+    """The columns of the rounds table: round, each store's ops/s, each target that applies
+    (shardstate's figure / the figure needed), targets met."""
+    return ["round", *[f"{s} ops/s" for s in stores], *[f"{t} (has / needs)" for t in target_labels(stores)],
+            "targets met"]
+
+
 def round_cells(row: dict[str, Any], stores: Sequence[str]) -> list[str]:
-    """A round's line as text (console and report alike): round, each store's ops/s, targets met."""
-    met = [x["met"] for x in row["targets"]]
-    return [str(row["round"]), *[f"{v:,.0f}" if (v := row["ops_s"].get(s)) is not None else "failed" for s in stores],
-            f"{sum(met)} of {len(met)}" if met else "-"]
+    """A round's line as text (console and report alike), in round_header's columns."""
+    by_label = {t["target"]: t for t in row["targets"]}
+    cells = [str(row["round"]), *[f"{v:,.0f}" if (v := row["ops_s"].get(s)) is not None else "failed" for s in stores]]
+    for label in target_labels(stores):
+        t = by_label.get(label)
+        cells.append("-" if t is None else f"{t['shardstate']:,.2f} / {t['needed']:,.2f} {'met' if t['met'] else 'NOT met'}")
+    met = [t["met"] for t in row["targets"]]
+    return [*cells, f"{sum(met)} of {len(met)}" if met else "-"]
 
 
 def rounds_table(rows: list[dict[str, Any]], stores: Sequence[str]) -> Table:
     t = Table(title=f"every round ({len(rows)}); the tables below show each store's median run")
-    t.add_column("round", justify="right")
-    for s in stores:
-        t.add_column(f"{s} ops/s", justify="right")
-    t.add_column("targets met", justify="right")
+    for name in round_header(stores):
+        t.add_column(name, justify="right")
     for row in rows:
         t.add_row(*round_cells(row, stores))
     return t
@@ -436,8 +450,8 @@ def markdown(doc: dict[str, Any], png: str | None) -> str:
     if rows:
         picked = ", ".join(f"{r['store']} round {r['round']}" for r in ok if "round" in r)
         lines += ["", f"Each store's median run of {len(rows)} rounds, run interleaved ({picked}).", "",
-                  "| round | " + " | ".join(f"{s} ops/s" for s in doc["stores"]) + " | targets met |",
-                  "|--:|" + "--:|" * len(doc["stores"]) + "--:|"]
+                  "| " + " | ".join(round_header(doc["stores"])) + " |",
+                  "|" + "--:|" * len(round_header(doc["stores"]))]
         lines += ["| " + " | ".join(round_cells(row, doc["stores"])) + " |" for row in rows]
     if doc["summary"]["targets"]:
         which = "the median runs" if rows else "this run"
