@@ -276,7 +276,7 @@ def test_idempotency_collector_takes_every_due_record_and_resumes(h: Harness) ->
     for i in range(5):
         h.put("c", "k", b"v", request_id=f"late{i}")
     wait_past(30)
-    assert h.run(h.e.sweep_once())["idempotency"] == 5  # read on from where the last scan stopped
+    assert h.run(h.e.sweep_once())["idempotency"] == 5  # what expired since, and only that
     assert len(h.raw_keys(enc.IDEMPOTENCY)) == len(h.raw_keys(enc.IDEMPOTENCY_EXPIRY)) == 1
     assert h.put("b", "k", b"v", request_id="kept").header.replayed
 
@@ -568,7 +568,7 @@ def test_change_log_trim_in_chunks_and_again_after_more_writes(tmp_path: Path) -
         assert h.e.oldest_revision() == versions[-6] + 1
         assert [e.revision for e in h.e.changes_since(h.e.oldest_revision(), 100)] == versions[-5:]
         more = [h.put("b", f"k{i}", b"w").version for i in range(20)]
-        assert h.run(h.e.sweep_once())["changes_trimmed"] == 20  # from where the last trim stopped
+        assert h.run(h.e.sweep_once())["changes_trimmed"] == 20  # what came since, and only that
         assert [e.revision for e in h.e.changes_since(h.e.oldest_revision(), 100)] == more[-5:]
         assert h.e.store.change_count == 5
         h.reopen()

@@ -28,7 +28,6 @@ from . import timeline, wire
 from .acks import AckTracker
 
 log = logging.getLogger("shardstate.replication.leader")
-CHANGE_END = enc.prefix_end(enc.CHANGE)
 
 BATCH = 256  # entries per ChangeBatch
 HEARTBEAT_S = 0.5
@@ -105,7 +104,7 @@ class Leader:
 
     def count_after(self, revision: int, cap: int = BACKLOG_CAP) -> int:
         n = 0
-        for _ in self.engine.store.db.iterator(start=enc.change_key(revision + 1), stop=CHANGE_END,
+        for _ in self.engine.store.db.iterator(start=enc.change_key(revision + 1), stop=enc.CHANGE_END,
                                                include_value=False):
             n += 1
             if n >= cap:
@@ -121,7 +120,7 @@ class Leader:
             lag = self.count_after(f.acked) if f.acked < committed else 0
             lag_ms = 0
             if lag:
-                nxt = self.engine.store.db.iterator(start=enc.change_key(f.acked + 1), stop=CHANGE_END)
+                nxt = self.engine.store.db.iterator(start=enc.change_key(f.acked + 1), stop=enc.CHANGE_END)
                 for _, raw in nxt:
                     lag_ms = max(0, now - replication_pb2.ChangeEntry.FromString(raw).ts_ms)
                     break

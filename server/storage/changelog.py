@@ -22,7 +22,6 @@ from .store import COMPACTED_KEY, REVISION_KEY, Store
 from .values import pack_u64
 
 _CHANGE = enc.CHANGE
-_CHANGE_END = enc.prefix_end(enc.CHANGE)
 _U64_AT_1 = struct.Struct(">Q").unpack_from  # a change key's revision: enc.revision_of_change_key
 
 
@@ -111,7 +110,7 @@ def changes_since_raw(store: Store, from_revision: int, limit: int) -> list[tupl
         if recent is not None:
             return recent
     start = enc.change_key(max(from_revision, 0))
-    for k, v in store.db.iterator(start=start, stop=_CHANGE_END):
+    for k, v in store.db.iterator(start=start, stop=enc.CHANGE_END):
         out.append((enc.revision_of_change_key(k), v))
         if len(out) >= limit:
             break
@@ -135,7 +134,7 @@ def trim(store: Store, now_ms: int, keep: int, keep_s: float, hold_from: int = 0
     cutoff = max(0, now_ms - int(keep_s * 1000)) << LOGICAL_BITS
     victims: list[bytes] = []
     last = 0
-    for k in store.db.iterator(start=enc.change_key(store.compacted + 1), stop=_CHANGE_END, include_value=False):
+    for k in store.db.iterator(start=enc.change_key(store.compacted + 1), stop=enc.CHANGE_END, include_value=False):
         rev = enc.revision_of_change_key(k)
         if (hold_from and rev >= hold_from) or (excess <= 0 and rev >= cutoff):
             break

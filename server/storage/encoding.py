@@ -110,6 +110,9 @@ def prefix_end(p: bytes) -> bytes | None:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
+CHANGE_END = prefix_end(CHANGE)  # the bound after every change-log key
+
+
 # ---- the families (hot paths build keys with these, so they skip the generic loop) ----
 
 

@@ -71,7 +71,7 @@ class Store:
         self.compacted = unpack_u64(self.db.get(COMPACTED_KEY))
         self.change_count = 0
         # Entries up to `compacted` are gone (their deletions may not be: start after them).
-        for k in self.db.iterator(start=enc.change_key(self.compacted + 1), stop=enc.prefix_end(enc.CHANGE),
+        for k in self.db.iterator(start=enc.change_key(self.compacted + 1), stop=enc.CHANGE_END,
                                   include_value=False):
             self.change_count += 1
             last = max(last, enc.revision_of_change_key(k))
