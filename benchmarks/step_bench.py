@@ -6,6 +6,10 @@ A step is `await handle.update("state", fn)` on one long-lived AsyncSession hand
 
     .venv/bin/python -m benchmarks.step_bench --duration 10            # from the repository root
     .venv/bin/python -m benchmarks.step_bench --address 127.0.0.1:7400  # an already running cluster
+    .venv/bin/python -m benchmarks.step_bench --duration 20 --tail      # and where the p99 comes from
+
+--tail sets every op against the flushes and compactions each node's LevelDB logged meanwhile
+(shardstate.bench.tails): how much likelier an op is to be slow while one runs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shardstate import AsyncClient, eventloop
+from shardstate.bench import tails
 from shardstate.dev import default_shards, usable_cpus
 
 VALUE = b"x" * 1024
@@ -36,7 +41,8 @@ def cpu_s(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / TICK
 
 
-def start_dev(port: int, data: Path, shards: int, replicas: int) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+def start_dev(port: int, data: Path, shards: int, replicas: int) -> tuple[subprocess.Popen[bytes], dict[str, int], str]:
+    """The dev cluster's process, its nodes' pids by name, and the router's address."""
     proc = subprocess.Popen([sys.executable, "-m", "shardstate", "dev", "--port", str(port), "--data-dir", str(data),
                              "--shards", str(shards), "--replicas", str(replicas)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
@@ -53,7 +59,8 @@ def start_dev(port: int, data: Path, shards: int, replicas: int) -> tuple[subpro
                 pids = _pids(nodes)
                 if len(pids) == shards * (1 + replicas) + 1:
                     time.sleep(1.0)
-                    return proc, pids
+                    router = nodes.get("router", {}) if isinstance(nodes, dict) else {}
+                    return proc, pids, str(router.get("address") or f"127.0.0.1:{port}")
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("dev cluster did not start")
@@ -68,7 +75,7 @@ def _pids(nodes: Any) -> dict[str, int]:
     return out
 
 
-async def run(address: str, pids: dict[str, int], args: argparse.Namespace) -> None:
+async def run(address: str, pids: dict[str, int], args: argparse.Namespace, data: Path | None = None) -> None:
     client = AsyncClient(address, max_batch_ops=args.max_batch_ops)
     sessions = [f"step-{i}" for i in range(args.sessions)]
     handles = {sid: client.session(sid) for sid in sessions}
@@ -80,6 +87,7 @@ async def run(address: str, pids: dict[str, int], args: argparse.Namespace) -> N
 
     await asyncio.gather(*(loader() for _ in range(64)))
     lat: list[float] = []
+    ends: list[float] = []  # wall-clock end of each op in `lat` (--tail)
     done = 0
     stop = False
 
@@ -94,11 +102,14 @@ async def run(address: str, pids: dict[str, int], args: argparse.Namespace) -> N
             t0 = time.perf_counter()
             await h.update("state", new)
             lat.append(time.perf_counter() - t0)
+            if args.tail:
+                ends.append(time.time())
             done += 1
 
     tasks = [asyncio.ensure_future(caller()) for _ in range(args.concurrency)]
     await asyncio.sleep(args.warmup)
     lat.clear()
+    ends.clear()
     done0 = done
     me = os.getpid()
     b0 = {a: (st["batches"], st["ops"]) for a, st in client.batching_stats().items()}
@@ -112,6 +123,7 @@ async def run(address: str, pids: dict[str, int], args: argparse.Namespace) -> N
     s1 = cpu_s(me)
     stop = True
     await asyncio.gather(*tasks, return_exceptions=True)
+    timed = list(zip(ends, lat, strict=False))
     lat.sort()
 
     def p(q: float) -> float:
@@ -126,12 +138,24 @@ async def run(address: str, pids: dict[str, int], args: argparse.Namespace) -> N
     total = sum(per.values())
     print("CPU us/step: " + "  ".join(f"{k} {v:.0f}" for k, v in sorted(per.items())) + f"  total {total:.0f}")
     await client.close()
+    if args.tail and data is not None and timed:
+        print_tail(tails.attribute(timed, tails.node_events(data, [n for n in pids if n not in ("router", "dev")])))
+
+
+def print_tail(a: tails.Attribution) -> None:
+    print(f"tail: p{a.quantile * 100:g} {a.threshold_ms:.2f} ms over {a.ops:,} ops ({a.tail_ops:,} above it)")
+    print(f"  {'node':<8} {'LevelDB work':<11} {'busy s':>7} {'of all ops':>11} {'of tail ops':>12} {'likelier':>9}")
+    for r in a.rows:
+        x = f"{r.enrichment:.1f}x" if r.enrichment is not None else "-"
+        print(f"  {r.node:<8} {r.kind:<11} {r.busy_s:7.2f} {r.share_all:11.1%} {r.share_tail:12.1%} {x:>9}")
+    clear = f"{a.clear_quantile_ms:.2f} ms" if a.clear_quantile_ms is not None else "-"
+    print(f"  ops overlapping none of it: {a.clear_share:.1%}, their p{a.quantile * 100:g} {clear}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default="", help="an already running router (CPU of the client only)")
-    p.add_argument("--port", type=int, default=17400)
+    p.add_argument("--port", type=int, default=17400, help="the router's (0: any free ports)")
     p.add_argument("--shards", type=int, default=default_shards(usable_cpus()), help="[default: dev's, a shard per core up to 3]")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--sessions", type=int, default=10_000)
@@ -140,15 +164,16 @@ def main() -> None:
     p.add_argument("--max-batch-ops", type=int, default=1000, help="the client's largest batch (a full one leaves at once)")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--hold", type=float, default=0.0, help="keep the cluster this many seconds after (profiling)")
+    p.add_argument("--tail", action="store_true", help="attribute the slowest ops to LevelDB flushes and compactions")
     args = p.parse_args()
     if args.address:
         eventloop.run(run(args.address, {}, args))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        proc, pids = start_dev(args.port, Path(tmp), args.shards, args.replicas)
+        proc, pids, address = start_dev(args.port, Path(tmp), args.shards, args.replicas)
         try:
             print("pids", pids, flush=True)
-            eventloop.run(run(f"127.0.0.1:{args.port}", pids, args))
+            eventloop.run(run(address, pids, args, Path(tmp)))
             time.sleep(args.hold)
         finally:
             proc.send_signal(signal.SIGINT)

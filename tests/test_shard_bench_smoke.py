@@ -53,3 +53,20 @@ def test_leveldb_blocks_runs_briefly(tmp_path: Path) -> None:
     rows = [line for line in done.stdout.splitlines() if "KiB │" in line]
     assert [r.split("│")[1].strip() for r in rows] == ["4 KiB", "32 KiB"]
     assert all(float(r.split("│")[2]) > 0 for r in rows)
+
+
+@pytest.mark.bench
+def test_step_bench_attributes_the_tail(tmp_path: Path) -> None:
+    """benchmarks/step_bench.py --tail against its own dev cluster (free ports): a step rate,
+    CPU per step of every process, and the tail set against each node's LevelDB LOG."""
+    cmd = [sys.executable, "-m", "benchmarks.step_bench", "--port", "0", "--sessions", "200",
+           "--duration", "1", "--warmup", "0.5", "--tail"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "steps/s" in out and "CPU us/step:" in out
+    tail = [line for line in out.splitlines() if line.startswith("tail: p99")]
+    assert len(tail) == 1, out
+    ops = int(tail[0].split(" over ")[1].split(" ops")[0].replace(",", ""))
+    assert ops > 0
+    assert "ops overlapping none of it:" in out
