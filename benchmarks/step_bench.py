@@ -167,6 +167,8 @@ def main() -> None:
     p.add_argument("--tail", action="store_true", help="attribute the slowest ops to LevelDB flushes and compactions")
     args = p.parse_args()
     if args.address:
+        if args.tail:
+            print("--tail reads the LevelDB logs of the cluster this script starts: not with --address")
         eventloop.run(run(args.address, {}, args))
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,8 +4,8 @@ LevelDB logged in each node's data directory (its `LOG` file) during the run.
 For every (node, kind) it reports the share of all ops that overlapped such an event and the
 share of the slowest ops (above the `quantile` latency) that did; their ratio says how much more
 likely an op is to be slow while that work runs (1 = no more than any other op). It also gives
-the quantile latency of the ops that overlapped none of the events: what the tail would be
-without that background work.
+the quantile latency of the ops that overlapped none of the events (ops that ran while LevelDB
+did nothing in the background, which are not all ops minus the work's effect: an estimate).
 """
 
 from __future__ import annotations
