@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import plyvel
 import pytest
 
 from shardstate.config import ShardConfig
@@ -21,6 +22,7 @@ from shardstate.errors import (
 )
 from shardstate.server.storage import encoding as enc
 from shardstate.server.storage import entries, idempotency
+from shardstate.server.storage import store as store_mod
 from shardstate.server.storage.engine import SWEEP_BATCH, TRIM_CHUNK, Engine
 from shardstate.server.storage.revision import LOGICAL_BITS, wall_ms
 from shardstate.v1 import replication_pb2, types_pb2
@@ -575,6 +577,48 @@ def test_change_log_trim_in_chunks_and_again_after_more_writes(tmp_path: Path) -
         assert h.e.store.change_count == 5 and h.e.oldest_revision() == more[-6] + 1
         assert h.run(h.e.sweep_once())["changes_trimmed"] == 0
         assert h.get("a", "k3").record.value == b"v" and h.get("b", "k19").record.value == b"w"
+    finally:
+        h.close()
+
+
+def test_change_log_keys_sort_after_every_other_family() -> None:
+    """New change-log tables must lie beyond everything else in LevelDB's key space (so they
+    move down the levels without being merged with the data): the tag sorts last."""
+    others = [enc.DATA, enc.META, enc.TOMBSTONE, enc.LOG, enc.IDEMPOTENCY, enc.IDEMPOTENCY_EXPIRY,
+              enc.SESSION_EXPIRY, enc.KEY_EXPIRY, enc.NODE, enc.LEGACY_CHANGE]
+    assert all(len(t) == 1 and t < enc.CHANGE for t in others)
+    highest_other = max(others) + b"\xff" * 64  # above any key of those families
+    assert enc.change_key(0) > highest_other
+    assert enc.CHANGE_END is not None and enc.change_key(2**64 - 1) < enc.CHANGE_END
+
+
+def test_a_store_with_the_legacy_change_log_tag_is_moved_at_open(tmp_path: Path) -> None:
+    """A data directory written before the tag change: its entries (under `c`) are moved at
+    open, in chunks, and read back the same; new writes continue the log."""
+    h = Harness(tmp_path / "db")
+    try:
+        versions = [h.put(f"s{i % 3}", f"k{i}", b"v%d" % i).version for i in range(25)]
+        before = h.e.changes_since_raw(versions[0], 100)
+        h.run(h.e.close())
+        db = plyvel.DB(str(tmp_path / "db"))
+        with db.write_batch() as wb:  # what the old code left: the same entries under `c`
+            for k, v in db.iterator(prefix=enc.CHANGE):
+                wb.put(enc.LEGACY_CHANGE + k[1:], v)
+                wb.delete(k)
+        assert sum(1 for _ in db.iterator(prefix=enc.LEGACY_CHANGE)) == 25
+        db.close()
+        chunk, store_mod.LEGACY_MOVE_CHUNK = store_mod.LEGACY_MOVE_CHUNK, 10  # three chunks
+        try:
+            h.e = Engine(h.cfg)
+        finally:
+            store_mod.LEGACY_MOVE_CHUNK = chunk
+        assert h.e.changes_since_raw(versions[0], 100) == before
+        assert h.e.store.change_count == 25 and h.e.revision() == versions[-1]
+        assert not list(h.e.store.db.iterator(prefix=enc.LEGACY_CHANGE))
+        nxt = h.put("s0", "k", b"after").version
+        assert nxt > versions[-1]
+        assert [e.revision for e in h.e.changes_since(versions[-1], 10)] == [versions[-1], nxt]
+        assert h.get("s1", "k4").record.value == b"v4"
     finally:
         h.close()
 

@@ -181,7 +181,7 @@ def raw_dump(data_dir: Path) -> tuple[dict[bytes, bytes], bytes | None]:
     `_|revision`."""
     db = plyvel.DB(str(data_dir))
     try:
-        data = {k: v for k, v in db.iterator() if k[:1] not in (b"c", b"_")}
+        data = {k: v for k, v in db.iterator() if k[:1] not in (enc.CHANGE, enc.NODE)}
         return data, db.get(enc.node_key("revision"))
     finally:
         db.close()

@@ -1,4 +1,4 @@
-"""The change log (`c|revision` -> ChangeEntry): reading it from a revision, retention
+"""The change log (`~|revision` -> ChangeEntry): reading it from a revision, retention
 (count + age), and applying a primary's entries on a replica.
 
 History is complete for revisions above `_|compacted` (the highest revision trimmed, or the
@@ -43,7 +43,7 @@ class Tail:
 
     def add(self, p: Pending) -> None:
         ops = p.ops
-        if p.changes == 1 and len(ops) >= 2:  # the usual layout: ..., c|entry, _|revision
+        if p.changes == 1 and len(ops) >= 2:  # the usual layout: ..., ~|entry, _|revision
             key, raw = ops[-2]
             if key[:1] == _CHANGE:
                 self._add(_U64_AT_1(key, 1)[0], raw)
@@ -156,7 +156,7 @@ def trim(store: Store, now_ms: int, keep: int, keep_s: float, hold_from: int = 0
 
 
 def replica_pending(store: Store, entries: Sequence[bytes | replication_pb2.ChangeEntry]) -> Pending | None:
-    """One WriteBatch applying a primary's entries (raw ops + c| entries + revision); entries
+    """One WriteBatch applying a primary's entries (raw ops + ~| entries + revision); entries
     at or below the applied revision are skipped, so re-sending a batch is harmless.
 
     Entries are best given serialized (as they come off the wire): each is stored verbatim

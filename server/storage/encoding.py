@@ -26,12 +26,21 @@ Families (strings are UTF-8; "" namespace is stored as "default"):
     m ns session                        -> session meta (SessionInfo protobuf, values.py)
     t ns session                        -> tombstone: u64 max_version of a deleted session
     l ns session stream seq:u64         -> log entry (values.py)
-    c revision:u64                      -> change-log entry (replication_pb2.ChangeEntry)
+    ~ revision:u64                      -> change-log entry (replication_pb2.ChangeEntry)
     i ns session request_id             -> idempotency record (values.py)
     j expires_at:u64 ns session request_id -> ""  (idempotency expiry index)
     x expires_at:u64 ns session         -> ""  (session expiry index)
     y expires_at:u64 ns session key     -> ""  (key expiry index)
     _ name                              -> node meta ("revision", "compacted", "clustermap")
+
+The change log's tag sorts after every other family (DESIGN names it `c|`; stores written
+before this used `c`, moved at open by store.py). Its keys only ever grow, so with nothing
+after them in the key space each new table of entries lies beyond every older table and
+LevelDB moves it down the levels without rewriting it. Under `c`, between the node meta and
+the data, the table at the end of the log's range also covered the start of the `d` range, so
+every new table of entries overlapped it and was merged with it, level after level (with
+the step benchmark: ~40 such merges and 1.4-2.3 s of compaction per primary in 20 s, against
+0.5-0.8 s after the move).
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ DATA = b"d"
 META = b"m"
 TOMBSTONE = b"t"
 LOG = b"l"
-CHANGE = b"c"
+CHANGE = b"~"  # sorts last: see the module docstring
+LEGACY_CHANGE = b"c"  # the change log's tag in stores written before
 IDEMPOTENCY = b"i"
 IDEMPOTENCY_EXPIRY = b"j"
 SESSION_EXPIRY = b"x"

@@ -14,10 +14,10 @@ API for replication / migration / routers (all on the event loop thread):
                                              # HistoryCompactedError below oldest_revision()
     await engine.wait_for_revision(rev, timeout_s) -> bool  # True once rev is committed
     await engine.wait_for_change(timeout_s)  # returns at the next commit (or timeout / close)
-    await engine.apply_changes(entries) -> int   # replica: raw ops + c| entries + revision in
+    await engine.apply_changes(entries) -> int   # replica: raw ops + ~| entries + revision in
                                              # one WriteBatch; entries <= revision() skipped
     engine.snapshot() -> Snapshot            # `with` it; .revision; iterates raw (key, value)
-                                             # of all data (no c|, no _|)
+                                             # of all data (no ~|, no _|)
     engine.install_snapshot_chunk(ops, first, revision_or_None)   # follower side
     await engine.raise_revision(floor)       # never hand out a revision <= floor (persisted)
     engine.retention_hold = lambda: rev      # change-log trim keeps revisions >= rev (0 = none)

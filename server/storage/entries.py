@@ -1,4 +1,4 @@
-"""Change-log entries (`c|revision` -> shardstate.v1.ChangeEntry): encoding one from a
+"""Change-log entries (`~|revision` -> shardstate.v1.ChangeEntry): encoding one from a
 write's ops and events, and the logical view (events) readers get back.
 
 A write's entry is encoded by hand (no nested RawOp/Event/Record objects): building those

@@ -1,7 +1,7 @@
 """Consistent snapshots of a shard's data (for a follower behind the retained change log, and
 for backups), and installing one on a follower.
 
-A snapshot carries every key but the change log and node meta (`c|`, `_|`); its revision is the
+A snapshot carries every key but the change log and node meta (`~|`, `_|`); its revision is the
 `_|revision` inside the snapshot, so the follower continues the log from revision + 1.
 """
 

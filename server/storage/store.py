@@ -8,6 +8,7 @@ disk at open, and every write lands in LevelDB before its effects reach them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from typing import Any
 
@@ -53,6 +54,25 @@ def write_buffer_size(rng: random.Random | None = None) -> int:
     return int(WRITE_BUFFER_MEAN * (1 - WRITE_BUFFER_JITTER + 2 * WRITE_BUFFER_JITTER * r))
 
 
+LEGACY_MOVE_CHUNK = 1000
+
+
+def move_legacy_changes(db: Any) -> int:
+    """Move change-log entries a store written before the tag change keeps under the old tag
+    to the current one (encoding.py says why), LEGACY_MOVE_CHUNK per WriteBatch: each entry's
+    move is atomic, so an interrupted open finishes the rest at the next. Returns how many."""
+    moved = 0
+    while True:
+        chunk = list(itertools.islice(db.iterator(prefix=enc.LEGACY_CHANGE), LEGACY_MOVE_CHUNK))
+        if not chunk:
+            return moved
+        with db.write_batch() as wb:
+            for k, v in chunk:
+                wb.put(enc.CHANGE + k[1:], v)
+                wb.delete(k)
+        moved += len(chunk)
+
+
 class Store:
     def __init__(self, path: str, limits: Limits, *, fsync: bool = False, compression: str = "none",
                  background_nice: int = 0) -> None:
@@ -67,6 +87,7 @@ class Store:
         self.path = path
         self.limits = limits
         self.fsync = fsync
+        move_legacy_changes(self.db)
         last = unpack_u64(self.db.get(REVISION_KEY))
         self.compacted = unpack_u64(self.db.get(COMPACTED_KEY))
         self.change_count = 0

@@ -5,7 +5,7 @@
     idempotency(i|)  = expires_at_ms:u64 kind:u8 response   ; response = serialized reply proto
     tombstone  (t|)  = max_version:u64
     meta       (m|)  = shardstate.v1.SessionInfo without namespace/session_id/shard_id
-    change     (c|)  = shardstate.v1.ChangeEntry
+    change     (~|)  = shardstate.v1.ChangeEntry
     _|revision, _|compacted = u64; _|clustermap = shardstate.v1.ClusterMap
 """
 
