@@ -62,8 +62,11 @@ def move_legacy_changes(db: Any) -> int:
     to the current one (encoding.py says why), LEGACY_MOVE_CHUNK per WriteBatch: each entry's
     move is atomic, so an interrupted open finishes the rest at the next. Returns how many."""
     moved = 0
+    start = enc.LEGACY_CHANGE  # reading on after the last key moved, not over its deletion
     while True:
-        chunk = list(itertools.islice(db.iterator(prefix=enc.LEGACY_CHANGE), LEGACY_MOVE_CHUNK))
+        chunk = list(itertools.islice(
+            db.iterator(start=start, stop=enc.prefix_end(enc.LEGACY_CHANGE), include_start=not moved),
+            LEGACY_MOVE_CHUNK))
         if not chunk:
             return moved
         with db.write_batch() as wb:
@@ -71,6 +74,7 @@ def move_legacy_changes(db: Any) -> int:
                 wb.put(enc.CHANGE + k[1:], v)
                 wb.delete(k)
         moved += len(chunk)
+        start = chunk[-1][0]
 
 
 class Store:
