@@ -139,7 +139,7 @@ async def run(address: str, pids: dict[str, int], args: argparse.Namespace, data
     print("CPU us/step: " + "  ".join(f"{k} {v:.0f}" for k, v in sorted(per.items())) + f"  total {total:.0f}")
     await client.close()
     if args.tail and data is not None and timed:
-        print_tail(tails.attribute(timed, tails.node_events(data, [n for n in pids if n not in ("router", "dev")])))
+        print_tail(tails.attribute(timed, tails.node_events(data, pids)))  # the router has no LOG
 
 
 def print_tail(a: tails.Attribution) -> None:

@@ -113,7 +113,8 @@ def attribute(ops: Sequence[tuple[float, float]], events: dict[str, list[Event]]
         raise ValueError("no ops to attribute")
     threshold = _quantile(sorted(lat for _, lat in ops), quantile)
     first, last = min(e - lat for e, lat in ops), max(e for e, _ in ops)
-    tail = [(e, lat) for e, lat in ops if lat > threshold]
+    slow = [lat > threshold for _, lat in ops]
+    n_tail = sum(slow)
     rows: list[Row] = []
     touched = [False] * len(ops)
     for node in sorted(events):
@@ -122,17 +123,17 @@ def attribute(ops: Sequence[tuple[float, float]], events: dict[str, list[Event]]
             if not evs:
                 continue
             starts = [ev.start for ev in evs]
-            hit_all = 0
+            hit_all = hit_tail = 0
             for i, (e, lat) in enumerate(ops):
                 if _overlaps(evs, starts, e - lat, e):
                     hit_all += 1
+                    hit_tail += slow[i]
                     touched[i] = True
-            hit_tail = sum(_overlaps(evs, starts, e - lat, e) for e, lat in tail)
             busy = sum(max(0.0, min(ev.end, last) - max(ev.start, first)) for ev in evs)
-            rows.append(Row(node, kind, busy, hit_all / len(ops), hit_tail / len(tail) if tail else 0.0))
+            rows.append(Row(node, kind, busy, hit_all / len(ops), hit_tail / n_tail if n_tail else 0.0))
     clear = sorted(lat for (_, lat), t in zip(ops, touched, strict=True) if not t)
     return Attribution(
-        quantile=quantile, threshold_ms=threshold * 1000, ops=len(ops), tail_ops=len(tail), rows=rows,
+        quantile=quantile, threshold_ms=threshold * 1000, ops=len(ops), tail_ops=n_tail, rows=rows,
         clear_share=len(clear) / len(ops),
         clear_quantile_ms=_quantile(clear, quantile) * 1000 if clear else None,
     )

@@ -121,6 +121,7 @@ def prefix_end(p: bytes) -> bytes | None:
 
 
 CHANGE_END = prefix_end(CHANGE)  # the bound after every change-log key
+LEGACY_CHANGE_END = prefix_end(LEGACY_CHANGE)
 
 
 # ---- the families (hot paths build keys with these, so they skip the generic loop) ----

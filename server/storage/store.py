@@ -65,7 +65,7 @@ def move_legacy_changes(db: Any) -> int:
     start = enc.LEGACY_CHANGE  # reading on after the last key moved, not over its deletion
     while True:
         chunk = list(itertools.islice(
-            db.iterator(start=start, stop=enc.prefix_end(enc.LEGACY_CHANGE), include_start=not moved),
+            db.iterator(start=start, stop=enc.LEGACY_CHANGE_END, include_start=not moved),
             LEGACY_MOVE_CHUNK))
         if not chunk:
             return moved
