@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from shardstate import config, eventloop, jsonlog
 from shardstate.clustermap import load_cluster_file
 from shardstate.errors import InvalidArgumentError
+from shardstate.supervision import DirectoryInUse, describe_pid, die_with_supervisor, lock_holder
 from shardstate.v1 import admin_pb2, state_pb2
 
 from . import handlers
@@ -75,6 +76,9 @@ async def serve(cfg: config.ShardConfig) -> int:
     try:
         engine = Engine.open(cfg)
     except Exception as e:
+        # LevelDB's LOCK is an fcntl lock: EAGAIN means another process holds the directory.
+        if "LOCK" in str(e) and "temporarily unavailable" in str(e):
+            raise DirectoryInUse(Path(cfg.data_dir), lock_holder(Path(cfg.data_dir) / "LOCK")) from None
         raise StartupError(f"cannot open the data directory {cfg.data_dir!r}: {e}") from e
     try:
         return await _serve(cfg, engine)
@@ -163,6 +167,7 @@ async def settle(state: StateService, deadline: float) -> None:
 
 
 def main(argv: list[str]) -> int:
+    die_with_supervisor()
     parser = argparse.ArgumentParser(prog="shardstate shard", description="Run one shard server.")
     config.add_arguments(parser, config.ShardConfig)
     cfg = config.from_args(config.ShardConfig, parser.parse_args(argv))
@@ -174,6 +179,11 @@ def main(argv: list[str]) -> int:
     jsonlog.setup(component="shard", shard_id=cfg.id)
     try:
         return eventloop.run(serve(cfg))
+    except DirectoryInUse as e:
+        who = describe_pid(e.pid) if e.pid else "another process"
+        print(f"shardstate shard: the data directory {e.path} is in use: {who} holds its lock; "
+              "stop it first or use another --data-dir", file=sys.stderr)
+        return 1
     except (StartupError, InvalidArgumentError) as e:
         log.error("cannot start", extra={"fields": {"error": str(e)}})
         print(f"shardstate shard: {e}", file=sys.stderr)
