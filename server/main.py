@@ -31,6 +31,7 @@ from . import handlers
 from .admin import AdminService
 from .node import Node
 from .replication import Replication
+from .replication.roles import ADDRESS_META
 from .service import StateService
 from .storage.engine import Engine
 
@@ -117,10 +118,18 @@ async def _serve(cfg: config.ShardConfig, engine: Engine) -> int:
     for name in ("", STATE_SERVICE.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    previous = (engine.node_meta(ADDRESS_META) or b"").decode()  # repl.start() records the new one
     # A replica serves once it has caught up with its primary (Admin answers meanwhile).
     await repl.start()
     await asyncio.wait([asyncio.ensure_future(repl.ready()), asyncio.ensure_future(stop.wait())],
                        return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        # Back under a new address (port 0): take the old one's place in the map before
+        # reporting ready, so routers and replicas find this node again (DESIGN §6).
+        try:
+            await repl.maps.announce(previous)
+        except Exception:
+            log.exception("announcing the new address in the cluster map failed")
     for name in ("", STATE_SERVICE.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     node.serving = True
