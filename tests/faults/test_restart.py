@@ -16,6 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shardstate import errors
+from shardstate.router.admin import drop_node
+from shardstate.server.replication.mapsync import replace_address
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc
 from tests.devcluster import Dev, cli, gone
 from tests.faults.report import Tally, fault_line
@@ -262,3 +265,40 @@ def test_a_dead_node_can_be_removed_from_the_map(tmp_path: Path, devs: list[Dev]
     assert (pb.epoch, pb.shards[0].primary, list(pb.shards[0].replicas)) == (epoch + 1, primary, [live])
     assert own_status(primary).epoch == epoch + 1 and own_status(live).epoch == epoch + 1
     assert cli("admin", "--router", dev.router, "status").returncode == 0
+
+
+# ---- the pure map edits behind the scenarios ----
+
+
+def shard_map(primary: str, *replicas: str) -> admin_pb2.ClusterMap:
+    pb = admin_pb2.ClusterMap(epoch=4)
+    pb.shards.add(id="s1", primary=primary, replicas=list(replicas), state=admin_pb2.ACTIVE)
+    pb.shards.add(id="s2", primary="b:1", replicas=["b:2"], state=admin_pb2.ACTIVE)
+    return pb
+
+
+def test_replace_address_puts_the_new_address_in_the_old_ones_place() -> None:
+    pb = shard_map("a:1", "a:2", "a:3")
+    assert replace_address(pb, "s1", "a:1", "a:9")
+    assert (pb.shards[0].primary, list(pb.shards[0].replicas)) == ("a:9", ["a:2", "a:3"])
+    pb = shard_map("a:1", "a:2", "a:3")
+    assert replace_address(pb, "s1", "a:2", "a:9")
+    assert list(pb.shards[0].replicas) == ["a:9", "a:3"]
+    pb = shard_map("a:1", "a:2", "a:9")  # the primary registered the new address first
+    assert replace_address(pb, "s1", "a:2", "a:9")
+    assert list(pb.shards[0].replicas) == ["a:9"]
+    pb = shard_map("a:1", "a:2")
+    assert not replace_address(pb, "s1", "b:2", "a:9")  # another shard's node: untouched
+    assert not replace_address(pb, "s3", "a:1", "a:9")
+    assert pb == shard_map("a:1", "a:2") and pb.epoch == 4  # the caller sets the epoch
+
+
+def test_drop_node_removes_a_replica_and_refuses_anything_else() -> None:
+    pb = shard_map("a:1", "a:2", "a:3")
+    drop_node(pb, "a:2")
+    assert list(pb.shards[0].replicas) == ["a:3"]
+    with pytest.raises(errors.FailedPreconditionError, match="a:1 is the primary of shard s1"):
+        drop_node(pb, "a:1")
+    with pytest.raises(errors.NotFoundError, match="a:7 is not in the cluster map"):
+        drop_node(pb, "a:7")
+    assert list(pb.shards[0].replicas) == ["a:3"] and pb.shards[0].primary == "a:1"
