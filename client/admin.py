@@ -60,6 +60,15 @@ def promote_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int
     return 0
 
 
+def remove_node_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    pb = stub.RemoveNode(admin_pb2.RemoveNodeRequest(address=args.address), timeout=TIMEOUT_S)
+    if args.json:
+        print(json_format.MessageToJson(pb))
+        return 0
+    print(f"{args.address} removed from the cluster map (epoch {pb.epoch})")
+    return 0
+
+
 def status_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     resp = stub.Status(admin_pb2.StatusRequest(), timeout=TIMEOUT_S)
     if args.json:
@@ -105,6 +114,7 @@ COMMANDS: dict[str, tuple[Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace
     "status": (status_cmd, "the router and every node: role, up/down, revision, sessions, sizes"),
     "map": (map_cmd, "the cluster map the router holds"),
     "promote": (promote_cmd, "make a replica the primary of its shard (failover): promote SHARD [--replica ADDR]"),
+    "remove-node": (remove_node_cmd, "remove a dead replica from the cluster map: remove-node ADDR"),
 }
 
 
@@ -119,6 +129,8 @@ def main(argv: list[str]) -> int:
         if name == "promote":
             sp.add_argument("shard", help="shard id")
             sp.add_argument("--replica", default="", help="replica address to promote (default: the most caught-up)")
+        if name == "remove-node":
+            sp.add_argument("address", help="the node's host:port as `shardstate admin map` lists it")
     args = p.parse_args(argv)
     fn = COMMANDS[args.command][0]
     with grpc.insecure_channel(args.router) as ch:

@@ -2,7 +2,9 @@
 router), started in order, health-checked, and stopped gracefully together.
 
 Layout of the data directory:  DATA/s1 ... (LevelDB per shard), DATA/s1-r1 ... (replicas),
-DATA/logs/<node>.log, DATA/run/<node>.port, DATA/dev.json (pids and addresses while running).
+DATA/logs/<node>.log, DATA/run/<node>.port, DATA/dev.json (pids and addresses while running),
+DATA/dev.lock (held by the running dev, with its pid: a second dev on DATA is refused and
+touches nothing). Children get SIGTERM when dev dies, however it dies (supervision.py).
 Ports: router at --port, shard i at --port+i, replica r of shard i at --port+r*N+i, so a
 restart keeps every address; with --port 0 free ports are picked and, on a restart, the map
 the shards persisted is re-published with the new addresses (same shard ids: no data moves).
@@ -23,9 +25,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
+
+from shardstate.supervision import SUPERVISOR_ENV, DirectoryInUse, describe_pid, hold, lock_holder
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -125,7 +129,7 @@ class DevCluster:
             cmd += ["--replica-of", self.nodes[spec.replica_of].address]
         if spec.kind == "router":
             cmd += ["--seeds", ",".join(seeds)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{SUPERVISOR_ENV: str(os.getpid())})
         with open(log_path, "ab") as log:
             # Own process group: a terminal's Ctrl-C reaches only dev, which then stops the
             # router before the shards so in-flight calls drain in order.
@@ -244,6 +248,26 @@ def tail(path: Path, n: int = 15) -> str:
         return ""
 
 
+class Refused(Exception):
+    """The data directory cannot be started now; nothing was touched."""
+
+
+def claim(data: Path) -> IO[str]:
+    """DATA/dev.lock, held for this process's life. Refused when another dev holds it, or when
+    a process (an orphan of an old dev, a node restarted by hand) holds a node's LevelDB lock."""
+    try:
+        lock = hold(data / "dev.lock")
+    except DirectoryInUse as e:
+        who = describe_pid(e.pid) if e.pid else "another shardstate dev"
+        raise Refused(f"{data} is in use by {who}; stop it first or use another --data-dir") from None
+    for d in sorted(p for p in data.iterdir() if p.is_dir() and re.fullmatch(r"s\d+(-r\d+)?", p.name)):
+        pid = lock_holder(d / "LOCK")
+        if pid:
+            lock.close()
+            raise Refused(f"{d} is in use by {describe_pid(pid)}; stop it first")
+    return lock
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="shardstate dev", description="Run a whole shardstate cluster on this machine.")
     p.add_argument("--port", type=int, default=int(os.environ.get("SHARDSTATE_DEV_PORT", 7400)),
@@ -265,6 +289,12 @@ def main(argv: list[str]) -> int:
 
     console = Console(stderr=True, highlight=False)
     data = Path(a.data_dir).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    try:
+        dev_lock = claim(data)
+    except Refused as e:
+        print(f"shardstate dev: {e}", file=sys.stderr)
+        return 1
     have = existing_shards(data)
     if a.shards is None:
         a.shards = len(have) if have else default_shards(usable_cpus())
@@ -321,4 +351,5 @@ def main(argv: list[str]) -> int:
     console.print("stopping …")
     cluster.stop()
     console.print("stopped")
+    dev_lock.close()
     return 0

@@ -1,4 +1,5 @@
-"""The Admin service on a router: its cluster map, map publication, and cluster-wide Status.
+"""The Admin service on a router: its cluster map, map publication, cluster-wide Status,
+promotion and the removal of dead nodes from the map.
 
 Membership changes, failover and backups are coordinated here in later work; until then those
 RPCs answer UNIMPLEMENTED saying so.
@@ -121,8 +122,49 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
         except Exception as e:
             await errors.abort(context, e)
 
+    async def RemoveNode(self, request: admin_pb2.RemoveNodeRequest, context: Any) -> Any:
+        try:
+            return await remove_node(self.maps, self.nodes, request.address)
+        except Exception as e:
+            await errors.abort(context, e)
+
     async def Backup(self, request: Any, context: Any) -> Any:
         await self._later(context, "Backup")
 
     async def Restore(self, request: Any, context: Any) -> Any:
         await self._later(context, "Restore")
+
+
+def drop_node(pb: admin_pb2.ClusterMap, address: str) -> None:
+    """`pb` without the replica at `address`; NOT_FOUND / FAILED_PRECONDITION when the map does
+    not list it as a replica (a primary is replaced by promotion, not removed)."""
+    for s in pb.shards:
+        if s.primary == address:
+            raise errors.FailedPreconditionError(
+                f"{address} is the primary of shard {s.id}; promote a replica first "
+                f"(shardstate admin promote {s.id}) or restart it; nothing changed")
+        if address in s.replicas:
+            reps = [r for r in s.replicas if r != address]
+            del s.replicas[:]
+            s.replicas.extend(reps)
+            return
+    named = ", ".join(node_addresses(pb)) or "none"
+    raise errors.NotFoundError(f"{address} is not in the cluster map (epoch {pb.epoch}; nodes: {named}); nothing changed")
+
+
+async def remove_node(maps: MapHolder, nodes: NodePool, address: str) -> admin_pb2.ClusterMap:
+    """Admin.RemoveNode: a dead replica leaves the map at the next epoch. A node that answers
+    stays (its primary would list it again once it catches up): stop it first."""
+    if not address:
+        raise errors.InvalidArgumentError("address is required: the host:port the cluster map names")
+    view = await maps.refresh()
+    drop_node(admin_pb2.ClusterMap(shards=view.pb.shards, epoch=view.pb.epoch), address)  # checks only
+    try:
+        st = await nodes.admin(address).Status(admin_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S)
+    except grpc.RpcError:
+        st = None
+    if st is not None:
+        shard = st.nodes[0].shard_id if st.nodes else "?"
+        raise errors.FailedPreconditionError(
+            f"{address} is up (it answers as a node of shard {shard}); stop it before removing it; nothing changed")
+    return await maps.change(lambda pb: drop_node(pb, address))

@@ -31,6 +31,7 @@ from shardstate.router.pipeline import PipelineHandler
 from shardstate.router.service import SERVICE, StateService
 from shardstate.router.shardpipe import ShardLinks
 from shardstate.router.watch import WatchProxy
+from shardstate.supervision import die_with_supervisor
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger("shardstate.router")
@@ -133,6 +134,7 @@ async def serve(cfg: config.RouterConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_supervisor()
     parser = argparse.ArgumentParser(prog="shardstate router", description="Run one shardstate router.")
     config.add_arguments(parser, config.RouterConfig)
     ns = parser.parse_args(argv)

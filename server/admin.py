@@ -15,8 +15,8 @@ from shardstate.v1 import admin_pb2
 from .node import Node
 from .service import StateService
 
-ROUTER_ONLY = ("AddShard", "RemoveShard", "SetWeight", "Rebalance", "PromoteReplica", "Backup", "Restore")
-STREAMING = ("Rebalance", "Backup", "Restore")
+ROUTER_ONLY = ("AddShard", "RemoveShard", "SetWeight", "Rebalance", "PromoteReplica", "Backup", "Restore", "RemoveNode")
+STREAMING = ("Rebalance", "Backup", "Restore", "RemoveNode")
 
 
 class AdminService:

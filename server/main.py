@@ -24,12 +24,14 @@ from grpc_reflection.v1alpha import reflection
 from shardstate import config, eventloop, jsonlog
 from shardstate.clustermap import load_cluster_file
 from shardstate.errors import InvalidArgumentError
+from shardstate.supervision import DirectoryInUse, describe_pid, die_with_supervisor, lock_holder
 from shardstate.v1 import admin_pb2, state_pb2
 
 from . import handlers
 from .admin import AdminService
 from .node import Node
 from .replication import Replication
+from .replication.roles import ADDRESS_META
 from .service import StateService
 from .storage.engine import Engine
 
@@ -75,6 +77,9 @@ async def serve(cfg: config.ShardConfig) -> int:
     try:
         engine = Engine.open(cfg)
     except Exception as e:
+        # LevelDB's LOCK is an fcntl lock: EAGAIN means another process holds the directory.
+        if "LOCK" in str(e) and "temporarily unavailable" in str(e):
+            raise DirectoryInUse(Path(cfg.data_dir), lock_holder(Path(cfg.data_dir) / "LOCK")) from None
         raise StartupError(f"cannot open the data directory {cfg.data_dir!r}: {e}") from e
     try:
         return await _serve(cfg, engine)
@@ -113,10 +118,18 @@ async def _serve(cfg: config.ShardConfig, engine: Engine) -> int:
     for name in ("", STATE_SERVICE.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    previous = (engine.node_meta(ADDRESS_META) or b"").decode()  # repl.start() records the new one
     # A replica serves once it has caught up with its primary (Admin answers meanwhile).
     await repl.start()
     await asyncio.wait([asyncio.ensure_future(repl.ready()), asyncio.ensure_future(stop.wait())],
                        return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        # Back under a new address (port 0): take the old one's place in the map before
+        # reporting ready, so routers and replicas find this node again (DESIGN §6).
+        try:
+            await repl.maps.announce(previous)
+        except Exception:
+            log.exception("announcing the new address in the cluster map failed")
     for name in ("", STATE_SERVICE.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     node.serving = True
@@ -163,6 +176,7 @@ async def settle(state: StateService, deadline: float) -> None:
 
 
 def main(argv: list[str]) -> int:
+    die_with_supervisor()
     parser = argparse.ArgumentParser(prog="shardstate shard", description="Run one shard server.")
     config.add_arguments(parser, config.ShardConfig)
     cfg = config.from_args(config.ShardConfig, parser.parse_args(argv))
@@ -174,6 +188,11 @@ def main(argv: list[str]) -> int:
     jsonlog.setup(component="shard", shard_id=cfg.id)
     try:
         return eventloop.run(serve(cfg))
+    except DirectoryInUse as e:
+        who = describe_pid(e.pid) if e.pid else "another process"
+        print(f"shardstate shard: the data directory {e.path} is in use: {who} holds its lock; "
+              "stop it first or use another --data-dir", file=sys.stderr)
+        return 1
     except (StartupError, InvalidArgumentError) as e:
         log.error("cannot start", extra={"fields": {"error": str(e)}})
         print(f"shardstate shard: {e}", file=sys.stderr)

@@ -15,6 +15,23 @@ from pathlib import Path
 START_TIMEOUT_S = 120.0  # generous: the machine is shared; never asserted
 
 
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie still answers kill(0); it has exited all the same.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """`python -m shardstate ARGS...`, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "shardstate", *args], capture_output=True, text=True, timeout=timeout)
+
+
 class Dev:
     def __init__(self, data: Path, *extra: str) -> None:
         self.data = data

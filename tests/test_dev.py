@@ -5,32 +5,13 @@ The small CLI helpers (put/get/ls, admin status) are exercised against it too.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 
 from shardstate.dev import MAX_DEFAULT_SHARDS, default_shards, existing_shards, plan
 from shardstate.v1 import state_pb2, state_pb2_grpc
-from tests.devcluster import Dev
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    # A zombie still answers kill(0); it has exited all the same.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardstate", *args], capture_output=True, text=True, timeout=120)
+from tests.devcluster import Dev, cli, gone
 
 
 def test_dev_starts_serves_stops_and_restarts_with_the_data(tmp_path: Path, devs: list[Dev]) -> None:

@@ -1,6 +1,6 @@
 """The shard's side of cluster-map traffic for replication: learning a newer map from its
 peers (at start-up, so a returning old primary sees it was replaced), and changing the map
-(registering a replica) with an epoch bump published to every node.
+(registering a replica, announcing a new address) with an epoch bump published to every node.
 
 Concurrent map changes at the same epoch are possible (another primary registering its
 replica, a router promoting): a change that finds another map at its epoch rebuilds on top
@@ -34,6 +34,25 @@ def map_addresses(pb: admin_pb2.ClusterMap) -> list[str]:
             if a and a not in out:
                 out.append(a)
     return out
+
+
+def replace_address(pb: admin_pb2.ClusterMap, shard_id: str, old: str, new: str) -> bool:
+    """In shard `shard_id` of `pb`, `old` (its primary, or one of its replicas) becomes `new`;
+    False when the shard does not name `old`."""
+    for s in pb.shards:
+        if s.id != shard_id:
+            continue
+        if s.primary == old:
+            s.primary = new
+            reps = [r for r in s.replicas if r != new]
+        elif old in s.replicas:
+            reps = list(dict.fromkeys(new if r == old else r for r in s.replicas))
+        else:
+            return False
+        del s.replicas[:]
+        s.replicas.extend(reps)
+        return True
+    return False
 
 
 class MapSync:
@@ -112,6 +131,20 @@ class MapSync:
             await asyncio.sleep(random.uniform(0.02, 0.2))
         log.warning("cluster map change did not settle", extra={"fields": {"why": why}})
         return None
+
+    async def announce(self, previous: str) -> admin_pb2.ClusterMap | None:
+        """This node came back under a new address: where the map names it by `previous` (the
+        primary or a replica of its shard), put the new address in its place. Conditional like
+        every change: built on the newest map, taking effect at the next epoch."""
+        node = self.node
+        new = node.address
+        if not previous or previous == new:
+            return None
+
+        def mutate(pb: admin_pb2.ClusterMap) -> bool:
+            return replace_address(pb, node.shard_id, previous, new)
+
+        return await self.change(mutate, f"node {previous} of shard {node.shard_id} is back at {new}")
 
     async def close(self) -> None:
         chans, self._channels = list(self._channels.values()), {}

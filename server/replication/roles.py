@@ -187,7 +187,7 @@ class Replication:
             elif not timeline.load(self.engine).terms:
                 timeline.save(self.engine, timeline.new_term(timeline.load(self.engine), self.node.epoch, 0))
         if not self.node.is_replica:
-            self._spawn(self._register([f.id for f in self.leader.followers.values() if f.caught_up]))
+            self._spawn(self._register([f.id for f in self.leader.followers.values() if f.caught_up and f.connected]))
 
     async def _become_replica(self, target: str) -> None:
         node, engine = self.node, self.engine

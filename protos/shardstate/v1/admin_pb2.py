@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from shardstate.v1 import types_pb2 as shardstate_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardstate/v1/admin.proto\x12\rshardstate.v1\x1a\x19shardstate/v1/types.proto\"t\n\tShardInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x0f\n\x07primary\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x03(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.shardstate.v1.ShardState\"Q\n\tMigration\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x15\n\rstarted_epoch\x18\x03 \x01(\x04\x12\r\n\x05phase\x18\x04 \x01(\t\"\x87\x01\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12(\n\x06shards\x18\x02 \x03(\x0b\x32\x18.shardstate.v1.ShardInfo\x12,\n\nmigrations\x18\x03 \x03(\x0b\x32\x18.shardstate.v1.Migration\x12\x12\n\ncluster_id\x18\x04 \x01(\t\"\x16\n\x14GetClusterMapRequest\";\n\x19PublishClusterMapResponse\x12\x0f\n\x07\x61\x64opted\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x0f\n\rStatusRequest\"\xcd\x02\n\nNodeStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.shardstate.v1.NodeRole\x12\x10\n\x08shard_id\x18\x03 \x01(\t\x12\n\n\x02up\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x04\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x10\n\x08sessions\x18\x08 \x01(\x04\x12\x0c\n\x04keys\x18\t \x01(\x04\x12\r\n\x05\x62ytes\x18\n \x01(\x04\x12\x15\n\rlag_revisions\x18\x0b \x01(\x04\x12\x0e\n\x06lag_ms\x18\x0c \x01(\x04\x12\x17\n\x0f\x64iverged_writes\x18\r \x01(\x04\x12\x0f\n\x07primary\x18\x0e \x01(\t\x12\x10\n\x08uptime_s\x18\x0f \x01(\x04\x12\x0f\n\x07serving\x18\x10 \x01(\x08\x12\x16\n\x0eload_ops_per_s\x18\x11 \x01(\x01\"\x99\x01\n\x0eStatusResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1d.shardstate.v1.ResponseHeader\x12.\n\x0b\x63luster_map\x18\x02 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\x12(\n\x05nodes\x18\x03 \x03(\x0b\x32\x19.shardstate.v1.NodeStatus\"P\n\x0f\x41\x64\x64ShardRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07primary\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x03(\t\x12\x0e\n\x06weight\x18\x04 \x01(\r\" \n\x12RemoveShardRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x10SetWeightRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\x12\n\x10RebalanceRequest\"\xb3\x01\n\x11RebalanceProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x16\n\x0esessions_total\x18\x02 \x01(\x04\x12\x16\n\x0esessions_moved\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x04\x12\r\n\x05\x65ta_s\x18\x05 \x01(\x01\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x0e\n\x06target\x18\x07 \x01(\t\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x0c\n\x04\x64one\x18\t \x01(\x08\":\n\x15PromoteReplicaRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\"o\n\x16PromoteReplicaResponse\x12.\n\x0b\x63luster_map\x18\x01 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\x12\x13\n\x0bnew_primary\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\"/\n\rBackupRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"0\n\x0eRestoreRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x7f\n\x0e\x42\x61\x63kupProgress\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x04*O\n\nShardState\x12\x1b\n\x17SHARD_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0b\n\x07JOINING\x10\x02\x12\x0b\n\x07LEAVING\x10\x03*K\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PRIMARY\x10\x01\x12\x0b\n\x07REPLICA\x10\x02\x12\n\n\x06ROUTER\x10\x03\x32\x9b\x06\n\x05\x41\x64min\x12O\n\rGetClusterMap\x12#.shardstate.v1.GetClusterMapRequest\x1a\x19.shardstate.v1.ClusterMap\x12X\n\x11PublishClusterMap\x12\x19.shardstate.v1.ClusterMap\x1a(.shardstate.v1.PublishClusterMapResponse\x12\x45\n\x06Status\x12\x1c.shardstate.v1.StatusRequest\x1a\x1d.shardstate.v1.StatusResponse\x12\x45\n\x08\x41\x64\x64Shard\x12\x1e.shardstate.v1.AddShardRequest\x1a\x19.shardstate.v1.ClusterMap\x12K\n\x0bRemoveShard\x12!.shardstate.v1.RemoveShardRequest\x1a\x19.shardstate.v1.ClusterMap\x12G\n\tSetWeight\x12\x1f.shardstate.v1.SetWeightRequest\x1a\x19.shardstate.v1.ClusterMap\x12P\n\tRebalance\x12\x1f.shardstate.v1.RebalanceRequest\x1a .shardstate.v1.RebalanceProgress0\x01\x12]\n\x0ePromoteReplica\x12$.shardstate.v1.PromoteReplicaRequest\x1a%.shardstate.v1.PromoteReplicaResponse\x12G\n\x06\x42\x61\x63kup\x12\x1c.shardstate.v1.BackupRequest\x1a\x1d.shardstate.v1.BackupProgress0\x01\x12I\n\x07Restore\x12\x1d.shardstate.v1.RestoreRequest\x1a\x1d.shardstate.v1.BackupProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardstate/v1/admin.proto\x12\rshardstate.v1\x1a\x19shardstate/v1/types.proto\"t\n\tShardInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x0f\n\x07primary\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x03(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.shardstate.v1.ShardState\"Q\n\tMigration\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x15\n\rstarted_epoch\x18\x03 \x01(\x04\x12\r\n\x05phase\x18\x04 \x01(\t\"\x87\x01\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12(\n\x06shards\x18\x02 \x03(\x0b\x32\x18.shardstate.v1.ShardInfo\x12,\n\nmigrations\x18\x03 \x03(\x0b\x32\x18.shardstate.v1.Migration\x12\x12\n\ncluster_id\x18\x04 \x01(\t\"\x16\n\x14GetClusterMapRequest\";\n\x19PublishClusterMapResponse\x12\x0f\n\x07\x61\x64opted\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x0f\n\rStatusRequest\"\xcd\x02\n\nNodeStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.shardstate.v1.NodeRole\x12\x10\n\x08shard_id\x18\x03 \x01(\t\x12\n\n\x02up\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x04\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x10\n\x08sessions\x18\x08 \x01(\x04\x12\x0c\n\x04keys\x18\t \x01(\x04\x12\r\n\x05\x62ytes\x18\n \x01(\x04\x12\x15\n\rlag_revisions\x18\x0b \x01(\x04\x12\x0e\n\x06lag_ms\x18\x0c \x01(\x04\x12\x17\n\x0f\x64iverged_writes\x18\r \x01(\x04\x12\x0f\n\x07primary\x18\x0e \x01(\t\x12\x10\n\x08uptime_s\x18\x0f \x01(\x04\x12\x0f\n\x07serving\x18\x10 \x01(\x08\x12\x16\n\x0eload_ops_per_s\x18\x11 \x01(\x01\"\x99\x01\n\x0eStatusResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1d.shardstate.v1.ResponseHeader\x12.\n\x0b\x63luster_map\x18\x02 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\x12(\n\x05nodes\x18\x03 \x03(\x0b\x32\x19.shardstate.v1.NodeStatus\"P\n\x0f\x41\x64\x64ShardRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07primary\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x03(\t\x12\x0e\n\x06weight\x18\x04 \x01(\r\" \n\x12RemoveShardRequest\x12\n\n\x02id\x18\x01 \x01(\t\"$\n\x11RemoveNodeRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\".\n\x10SetWeightRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\x12\n\x10RebalanceRequest\"\xb3\x01\n\x11RebalanceProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x16\n\x0esessions_total\x18\x02 \x01(\x04\x12\x16\n\x0esessions_moved\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x04\x12\r\n\x05\x65ta_s\x18\x05 \x01(\x01\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x0e\n\x06target\x18\x07 \x01(\t\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x0c\n\x04\x64one\x18\t \x01(\x08\":\n\x15PromoteReplicaRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\"o\n\x16PromoteReplicaResponse\x12.\n\x0b\x63luster_map\x18\x01 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\x12\x13\n\x0bnew_primary\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\"/\n\rBackupRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"0\n\x0eRestoreRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x7f\n\x0e\x42\x61\x63kupProgress\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x04*O\n\nShardState\x12\x1b\n\x17SHARD_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0b\n\x07JOINING\x10\x02\x12\x0b\n\x07LEAVING\x10\x03*K\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PRIMARY\x10\x01\x12\x0b\n\x07REPLICA\x10\x02\x12\n\n\x06ROUTER\x10\x03\x32\xe6\x06\n\x05\x41\x64min\x12O\n\rGetClusterMap\x12#.shardstate.v1.GetClusterMapRequest\x1a\x19.shardstate.v1.ClusterMap\x12X\n\x11PublishClusterMap\x12\x19.shardstate.v1.ClusterMap\x1a(.shardstate.v1.PublishClusterMapResponse\x12\x45\n\x06Status\x12\x1c.shardstate.v1.StatusRequest\x1a\x1d.shardstate.v1.StatusResponse\x12\x45\n\x08\x41\x64\x64Shard\x12\x1e.shardstate.v1.AddShardRequest\x1a\x19.shardstate.v1.ClusterMap\x12K\n\x0bRemoveShard\x12!.shardstate.v1.RemoveShardRequest\x1a\x19.shardstate.v1.ClusterMap\x12G\n\tSetWeight\x12\x1f.shardstate.v1.SetWeightRequest\x1a\x19.shardstate.v1.ClusterMap\x12P\n\tRebalance\x12\x1f.shardstate.v1.RebalanceRequest\x1a .shardstate.v1.RebalanceProgress0\x01\x12]\n\x0ePromoteReplica\x12$.shardstate.v1.PromoteReplicaRequest\x1a%.shardstate.v1.PromoteReplicaResponse\x12G\n\x06\x42\x61\x63kup\x12\x1c.shardstate.v1.BackupRequest\x1a\x1d.shardstate.v1.BackupProgress0\x01\x12I\n\x07Restore\x12\x1d.shardstate.v1.RestoreRequest\x1a\x1d.shardstate.v1.BackupProgress0\x01\x12I\n\nRemoveNode\x12 .shardstate.v1.RemoveNodeRequest\x1a\x19.shardstate.v1.ClusterMapb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardstate.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHARDSTATE']._serialized_start=1771
-  _globals['_SHARDSTATE']._serialized_end=1850
-  _globals['_NODEROLE']._serialized_start=1852
-  _globals['_NODEROLE']._serialized_end=1927
+  _globals['_SHARDSTATE']._serialized_start=1809
+  _globals['_SHARDSTATE']._serialized_end=1888
+  _globals['_NODEROLE']._serialized_start=1890
+  _globals['_NODEROLE']._serialized_end=1965
   _globals['_SHARDINFO']._serialized_start=71
   _globals['_SHARDINFO']._serialized_end=187
   _globals['_MIGRATION']._serialized_start=189
@@ -56,22 +56,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADDSHARDREQUEST']._serialized_end=1084
   _globals['_REMOVESHARDREQUEST']._serialized_start=1086
   _globals['_REMOVESHARDREQUEST']._serialized_end=1118
-  _globals['_SETWEIGHTREQUEST']._serialized_start=1120
-  _globals['_SETWEIGHTREQUEST']._serialized_end=1166
-  _globals['_REBALANCEREQUEST']._serialized_start=1168
-  _globals['_REBALANCEREQUEST']._serialized_end=1186
-  _globals['_REBALANCEPROGRESS']._serialized_start=1189
-  _globals['_REBALANCEPROGRESS']._serialized_end=1368
-  _globals['_PROMOTEREPLICAREQUEST']._serialized_start=1370
-  _globals['_PROMOTEREPLICAREQUEST']._serialized_end=1428
-  _globals['_PROMOTEREPLICARESPONSE']._serialized_start=1430
-  _globals['_PROMOTEREPLICARESPONSE']._serialized_end=1541
-  _globals['_BACKUPREQUEST']._serialized_start=1543
-  _globals['_BACKUPREQUEST']._serialized_end=1590
-  _globals['_RESTOREREQUEST']._serialized_start=1592
-  _globals['_RESTOREREQUEST']._serialized_end=1640
-  _globals['_BACKUPPROGRESS']._serialized_start=1642
-  _globals['_BACKUPPROGRESS']._serialized_end=1769
-  _globals['_ADMIN']._serialized_start=1930
-  _globals['_ADMIN']._serialized_end=2725
+  _globals['_REMOVENODEREQUEST']._serialized_start=1120
+  _globals['_REMOVENODEREQUEST']._serialized_end=1156
+  _globals['_SETWEIGHTREQUEST']._serialized_start=1158
+  _globals['_SETWEIGHTREQUEST']._serialized_end=1204
+  _globals['_REBALANCEREQUEST']._serialized_start=1206
+  _globals['_REBALANCEREQUEST']._serialized_end=1224
+  _globals['_REBALANCEPROGRESS']._serialized_start=1227
+  _globals['_REBALANCEPROGRESS']._serialized_end=1406
+  _globals['_PROMOTEREPLICAREQUEST']._serialized_start=1408
+  _globals['_PROMOTEREPLICAREQUEST']._serialized_end=1466
+  _globals['_PROMOTEREPLICARESPONSE']._serialized_start=1468
+  _globals['_PROMOTEREPLICARESPONSE']._serialized_end=1579
+  _globals['_BACKUPREQUEST']._serialized_start=1581
+  _globals['_BACKUPREQUEST']._serialized_end=1628
+  _globals['_RESTOREREQUEST']._serialized_start=1630
+  _globals['_RESTOREREQUEST']._serialized_end=1678
+  _globals['_BACKUPPROGRESS']._serialized_start=1680
+  _globals['_BACKUPPROGRESS']._serialized_end=1807
+  _globals['_ADMIN']._serialized_start=1968
+  _globals['_ADMIN']._serialized_end=2838
 # @@protoc_insertion_point(module_scope)

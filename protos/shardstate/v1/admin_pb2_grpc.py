@@ -84,6 +84,11 @@ class AdminStub:
                 request_serializer=shardstate_dot_v1_dot_admin__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=shardstate_dot_v1_dot_admin__pb2.BackupProgress.FromString,
                 _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/shardstate.v1.Admin/RemoveNode',
+                request_serializer=shardstate_dot_v1_dot_admin__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=shardstate_dot_v1_dot_admin__pb2.ClusterMap.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -150,6 +155,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveNode(self, request, context):
+        """Remove a node that is gone for good (a dead replica) from the cluster map, at the next
+        epoch. Refused for a node that answers, and for a shard's primary (promote first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +215,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=shardstate_dot_v1_dot_admin__pb2.RestoreRequest.FromString,
                     response_serializer=shardstate_dot_v1_dot_admin__pb2.BackupProgress.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=shardstate_dot_v1_dot_admin__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=shardstate_dot_v1_dot_admin__pb2.ClusterMap.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -474,6 +492,33 @@ class Admin:
             '/shardstate.v1.Admin/Restore',
             shardstate_dot_v1_dot_admin__pb2.RestoreRequest.SerializeToString,
             shardstate_dot_v1_dot_admin__pb2.BackupProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardstate.v1.Admin/RemoveNode',
+            shardstate_dot_v1_dot_admin__pb2.RemoveNodeRequest.SerializeToString,
+            shardstate_dot_v1_dot_admin__pb2.ClusterMap.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,10 @@ class AdminStub:
     PromoteReplica: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PromoteReplicaRequest, _admin_pb2.PromoteReplicaResponse]
     Backup: _grpc.UnaryStreamMultiCallable[_admin_pb2.BackupRequest, _admin_pb2.BackupProgress]
     Restore: _grpc.UnaryStreamMultiCallable[_admin_pb2.RestoreRequest, _admin_pb2.BackupProgress]
+    RemoveNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveNodeRequest, _admin_pb2.ClusterMap]
+    """Remove a node that is gone for good (a dead replica) from the cluster map, at the next
+    epoch. Refused for a node that answers, and for a shard's primary (promote first).
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -59,6 +63,10 @@ class AdminAsyncStub(AdminStub):
     PromoteReplica: _aio.UnaryUnaryMultiCallable[_admin_pb2.PromoteReplicaRequest, _admin_pb2.PromoteReplicaResponse]  # type: ignore[assignment]
     Backup: _aio.UnaryStreamMultiCallable[_admin_pb2.BackupRequest, _admin_pb2.BackupProgress]  # type: ignore[assignment]
     Restore: _aio.UnaryStreamMultiCallable[_admin_pb2.RestoreRequest, _admin_pb2.BackupProgress]  # type: ignore[assignment]
+    RemoveNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveNodeRequest, _admin_pb2.ClusterMap]  # type: ignore[assignment]
+    """Remove a node that is gone for good (a dead replica) from the cluster map, at the next
+    epoch. Refused for a node that answers, and for a shard's primary (promote first).
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -131,5 +139,15 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.RestoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_admin_pb2.BackupProgress], _abc.AsyncIterator[_admin_pb2.BackupProgress]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveNode(
+        self,
+        request: _admin_pb2.RemoveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ClusterMap, _abc.Awaitable[_admin_pb2.ClusterMap]]:
+        """Remove a node that is gone for good (a dead replica) from the cluster map, at the next
+        epoch. Refused for a node that answers, and for a shard's primary (promote first).
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
