@@ -56,6 +56,13 @@ def test_a_failed_cas_that_saw_a_stale_version_is_caught() -> None:
     assert kinds(h) == ["stale_read"]
 
 
+def test_a_read_going_back_after_an_earlier_read_is_caught() -> None:
+    # the write never completed (unknown), so only the earlier read shows the regression
+    h = [w(0, 1, 10), cas(2, 9, 10, outcome=UNKNOWN), rd(3, 4, 20), rd(5, 6, 10)]
+    assert kinds(h) == ["read_regress"]
+    assert kinds([w(0, 1, 10), cas(2, 9, 10, outcome=UNKNOWN), rd(3, 6, 20), rd(5, 7, 10)]) == []  # overlapping
+
+
 def test_a_read_of_a_later_write_is_caught() -> None:
     h = [w(0, 1, 10), rd(2, 3, 20), cas(4, 5, 10, 20)]
     assert kinds(h) == ["future_read"]
@@ -92,7 +99,7 @@ def test_versions_going_backwards_in_real_time_are_caught() -> None:
 def test_keys_are_independent() -> None:
     h = [w(0, 1, 10, key="a"), w(0, 1, 5, key="b"), rd(2, 3, 5, key="b"), rd(2, 3, 10, key="a")]
     assert check(h) == []
-    assert kinds([*h, rd(4, 5, 5, key="a")]) == ["stale_read", "unwritten_read"]  # b's version, on a
+    assert kinds([*h, rd(4, 5, 5, key="a")]) == ["read_regress", "stale_read", "unwritten_read"]  # b's version, on a
 
 
 # ---- random linearizable histories: each op takes effect at a point inside its interval ----

@@ -8,6 +8,8 @@ Pure logic, no I/O. An operation has invoke/complete times (time.monotonic) and 
 Violations found (each a `Violation.kind`):
 - "stale_read": a read (or a failed CAS's observed version) that started after a write
   completed returns a version below that write's;
+- "read_regress": a read that started after another read completed returns a lower version
+  (e.g. the first one saw a write that was later lost);
 - "future_read": a read returns a version whose write started only after the read completed;
 - "unwritten_read": a read returns a version no write could have produced;
 - "double_cas": two applied CAS on one key from the same expected version;
@@ -98,6 +100,16 @@ def _check_key(key: str, ops: list[Op]) -> list[Violation]:
             v, w = floor(o.invoke)
             if o.expected < v:
                 out.append(Violation("stale_cas", key, f"{o} applied from version {o.expected} after {w} completed"))
+
+    observed = sorted((o for o in ops if o.observes), key=lambda o: o.complete)
+    seen_at = [o.complete for o in observed]
+    best: list[Op] = []  # the read with the highest version among those completed by seen_at[i]
+    for o in observed:
+        best.append(o if not best or o.read > best[-1].read else best[-1])
+    for o in observed:
+        i = bisect.bisect_left(seen_at, o.invoke)
+        if i and best[i - 1].read > o.read:
+            out.append(Violation("read_regress", key, f"{o} returned version {o.read} after {best[i - 1]} returned a later one"))
 
     seen: dict[int, Op] = {}
     for o in sorted((o for o in ops if o.kind == CAS and o.outcome == OK), key=lambda o: o.invoke):
