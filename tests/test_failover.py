@@ -207,7 +207,7 @@ def test_async_failover_loses_only_the_tail_and_audits_it(procs: Procs) -> None:
     assert st.primary == replica.address
     audit = primary.data_dir / "diverged-writes.jsonl"  # type: ignore[attr-defined]
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
-    writes = [x for x in lines if "session" in x]
+    writes = [x for x in lines if x.get("kind") == "diverged"]  # not the reconciled lines
     in_audit = {(x["session"], x["revision"]): x for x in writes}
     for (sid, key), version in lost.items():
         line = in_audit.get((sid, version))
