@@ -88,8 +88,8 @@ def test_reads_and_cas_stay_linearizable_through_kill_and_promote(procs: Procs) 
     rec.thread.start()
     try:
         time.sleep(PHASE_S)
+        killed_at = time.monotonic()  # before: callers see the kill before kill() returns
         primary.kill()
-        killed_at = time.monotonic()
         assert promote(router) == replica.address
         promoted_at = time.monotonic()
         n = len(rec.history)
