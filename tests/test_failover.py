@@ -377,3 +377,23 @@ def test_semi_sync_strong_read_never_shows_a_write_a_failover_can_lose(procs: Pr
     history.append(lin.Op(1, lin.READ, "k", t2, time.monotonic(), lin.OK, read=after.record.version))
     p.close()
     assert lin.check(history) == []
+
+
+def test_semi_sync_failover_hands_out_no_acknowledged_seq_or_counter_value_again(procs: Procs) -> None:
+    primary = procs.shard("s1", "--min-replica-acks", "1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    router = procs.router([primary.address, replica.address])
+    p = Conn(primary)
+    values = [p.state.Increment(state_pb2.IncrementRequest(session_id="a", key="n", delta=1), timeout=T).value
+              for _ in range(5)]
+    seqs = [p.append("a", "log", b"x%d" % i).seqs[0] for i in range(5)]
+    p.close()
+    primary.kill()  # no wait for the replica: every acknowledged write is on it already
+    with grpc.insecure_channel(router.address) as ch:
+        admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s1"), timeout=60)
+    replica.wait_ready()
+    n = Conn(replica)
+    assert (values, seqs) == ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5])
+    assert n.state.Increment(state_pb2.IncrementRequest(session_id="a", key="n", delta=1), timeout=T).value == 6
+    assert list(n.append("a", "log", b"after").seqs) == [6]
+    n.close()

@@ -117,9 +117,13 @@ def test_kill_primary_async_every_lost_write_is_audited(procs: Procs) -> None:
             audited.update(("append", x["session"], s["stream"], s["seq"]) for s in x["seqs"])
     found = [w for w in lost if audited[w] == 1]
     summary = next(x for x in lines if x.get("kind") == "reconcile_summary")
+    # How far a promoted primary would have had to skip to avoid reusing seqs: the most seqs
+    # any one stream handed out that the replica never received (not knowable at promotion).
+    per_stream = Counter((sid, stream) for kind, sid, stream, _ in lost if kind == "append")
     t = Tally("kill -9 primary + promote (async)", acked=load.acknowledged(), lost=len(lost),
               caller_errors=len(load.errors),
               note=f"audited={len(found)} reused_seqs={summary['seqs_reused']} "
+                   f"max_lost_seqs_per_stream={max(per_stream.values(), default=0)} "
                    f"diverged_writes={status(primary.address).diverged_writes}")
     fault_line(t)
     assert t.lost > 0 and len(found) == t.lost  # every lost write is in the audit, once
