@@ -12,7 +12,7 @@ from shardstate import errors
 from shardstate.config import ShardConfig
 from shardstate.router.failover import promoted_map
 from shardstate.router.replicas import ReplicaPicker, relaxed_read
-from shardstate.server.replication import timeline, wire
+from shardstate.server.replication import audit, timeline, wire
 from shardstate.server.replication.acks import AckTracker
 from shardstate.server.storage import changelog
 from shardstate.server.storage import encoding as enc
@@ -213,3 +213,23 @@ def test_change_tail_serves_what_leveldb_holds_and_falls_back(tmp_path: Path) ->
             await e.close()
 
     asyncio.run(run())
+
+
+def test_audit_summary_names_seqs_keys_counters_and_request_ids() -> None:
+    e = replication_pb2.ChangeEntry(revision=7, namespace="ns", session_id="s", events=[
+        types_pb2.Event(type=types_pb2.APPEND, stream="log", entries=[types_pb2.LogEntry(seq=4), types_pb2.LogEntry(seq=5)]),
+        types_pb2.Event(type=types_pb2.PUT, record=types_pb2.Record(key="n", value=b"-12", version=7)),
+        types_pb2.Event(type=types_pb2.PUT, record=types_pb2.Record(key="blob", value=b"\xff12", version=7)),
+        types_pb2.Event(type=types_pb2.PUT, record=types_pb2.Record(key="big", value=b"9" * 30, version=7)),
+        types_pb2.Event(type=types_pb2.DELETE, record=types_pb2.Record(key="gone", version=7)),
+    ], ops=[
+        replication_pb2.RawOp(key=enc.idempotency_key(b"ns", b"s", b"req-1"), value=b"x"),
+        replication_pb2.RawOp(key=enc.idempotency_key(b"ns", b"s", b"old"), delete=True),
+        replication_pb2.RawOp(key=enc.data_key(b"ns", b"s", b"n"), value=b"x"),
+    ])
+    assert audit.summary(e) == {
+        "seqs": [{"stream": "log", "seq": 4}, {"stream": "log", "seq": 5}],
+        "keys": [{"key": "n", "version": 7, "counter": -12}, {"key": "blob", "version": 7},
+                 {"key": "big", "version": 7}, {"key": "gone", "version": 7, "deleted": True}],
+        "request_ids": ["req-1"],
+    }

@@ -52,11 +52,13 @@ class Diverged(Exception):
 
 class Follower:
     def __init__(self, node: Node, engine: Engine, target: str,
-                 set_aside: Callable[[int, str], Awaitable[None]]) -> None:
+                 set_aside: Callable[[int, str], Awaitable[None]],
+                 resynced: Callable[[], None] | None = None) -> None:
         self.node = node
         self.engine = engine
         self.target = target
         self.set_aside = set_aside
+        self.resynced = resynced  # called once a full snapshot is installed
         self.synced = asyncio.Event()  # the first full catch-up since start
         self.connected = False
         self.leader_revision = 0  # highest revision the leader told us about
@@ -275,3 +277,5 @@ class Follower:
             self._resync = False
             log.info("snapshot installed", extra={"fields": {"revision": chunk.revision}})
             self._heard(replication_pb2.ChangeBatchRaw(leader_revision=chunk.revision))
+            if self.resynced is not None:
+                self.resynced()

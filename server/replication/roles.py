@@ -203,7 +203,7 @@ class Replication:
                 log.warning("demoted: the cluster map names another primary", extra={"fields": {
                     "primary": target, "epoch": node.epoch, "revision": engine.revision()}})
         self._priority(background=True)
-        self.follower = Follower(node, engine, target, self._set_aside)
+        self.follower = Follower(node, engine, target, self._set_aside, self._resynced)
         self.follower.start()
 
     def _priority(self, background: bool) -> None:
@@ -247,6 +247,18 @@ class Replication:
         n = await asyncio.to_thread(audit.set_aside, self.engine, fork, new_primary, self.node.epoch)
         self.engine.set_node_meta(RESYNC_META, b"1")
         log.warning("resyncing from the new primary", extra={"fields": {"primary": new_primary, "set_aside": n}})
+
+    def _resynced(self) -> None:
+        """The new primary's snapshot is in: say in the audit file what it did with the seqs
+        and keys of the writes set aside (in the background; the stream goes on)."""
+        if self.engine.node_meta(audit.RECONCILE_META):
+            self._spawn(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        try:
+            await asyncio.to_thread(audit.reconcile, self.engine)
+        except Exception:
+            log.exception("reconciling the diverged writes with the new primary failed")
 
     # ---- replica registration ----
 
