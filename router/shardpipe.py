@@ -92,8 +92,9 @@ class _Stream:
         except aio.AioRpcError as e:
             self.pending.pop(rid, None)
             raise SubBatchError(e.code(), e.details() or "", e) from None
-        except (aio.UsageError, grpc.RpcError, RuntimeError) as e:
+        except Exception as e:  # e.g. asyncio.InvalidStateError "RPC already finished"
             self.pending.pop(rid, None)
+            self.closed = True  # the next batch opens a new stream
             raise SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} broke: {e}") from None
 
     async def close(self) -> None:
@@ -238,7 +239,12 @@ class ShardLinks:
                     await idle
                     continue
                 for chunk in self._chunks(units):
-                    await self._dispatch(address, chunk)
+                    try:
+                        await self._dispatch(address, chunk)
+                    except Exception as e:  # one bad answer or a bug never ends the writer
+                        log.exception("a shard batch failed in the router", extra=fields(address=address))
+                        _fail(chunk, SubBatchError(grpc.StatusCode.UNAVAILABLE,
+                                                   f"sending to shard at {address} failed: {e}"))
         finally:
             self._idle.pop(address, None)
             self._writers.pop(address, None)
