@@ -13,6 +13,7 @@ good ones run. A Pipeline message that cannot be taken apart fails only its own 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -156,11 +157,15 @@ def _unary_unary(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return handler
 
 
-def _unary_stream(fn: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], AsyncIterator[Any]]:
+def _unary_stream(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def handler(request: Any, context: Any) -> AsyncIterator[Any]:
         if type(request) is Malformed:
             await errors.abort(context, request.error())
-        async for response in fn(request, context):
+        out = fn(request, context)
+        if inspect.isawaitable(out):  # a coroutine that aborts or writes with context.write
+            await out
+            return
+        async for response in out:
             yield response
 
     return handler
@@ -188,3 +193,9 @@ def register(server: grpc.aio.Server, service: ServiceDescriptor, behaviors: dic
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(_unary_unary(fn), **kw)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def register_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> None:
+    """`register` for a servicer object whose methods are named like the RPCs (a generated
+    *Servicer subclass): its requests get the same never-raising deserializers."""
+    register(server, service, {m.name: getattr(servicer, m.name) for m in service.methods})
