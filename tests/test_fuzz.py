@@ -1,6 +1,7 @@
 """Fuzzing at the gRPC level: random and mutated (bit-flipped, truncated, field-shuffled) valid
 messages for every RPC of State and Admin, as raw bytes, against a real router with 2 shards
-behind it and against one of those shards directly.
+behind it and against one of those shards directly; and valid messages whose fields take
+extreme values (0, 2^64-1, -2^63, unknown enum numbers, NUL and long strings).
 
 Asserted: no INTERNAL or UNKNOWN status, every process alive at the end, the data stored before
 read back exactly, and a normal client writing through the router meanwhile sees no error.
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor as FD
 
 import shardstate
 from shardstate.protowire import WireError, read_fields, varint
@@ -24,6 +26,7 @@ from tests.test_router_cluster import RouterCluster, T, uid
 
 SEED = 1313
 PER_METHOD = 24  # mutated messages per method and target
+EXTREMES = 80  # messages with extreme field values per target
 STREAM_TIMEOUT_S = 0.5  # a valid Watch never ends by itself
 BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
@@ -119,6 +122,39 @@ def mutate(data: bytes, rnd: random.Random) -> bytes:
     return bytes(bytearray(data)[::-1])  # reversed
 
 
+_U64 = [0, 2**32 - 1, 2**63 - 1, 2**64 - 1]
+_EXTREME: dict[int, list[Any]] = {
+    FD.TYPE_UINT64: _U64, FD.TYPE_FIXED64: _U64, FD.TYPE_UINT32: [0, 2**31, 2**32 - 1],
+    FD.TYPE_SINT64: [-(2**63), -1, 2**63 - 1], FD.TYPE_INT64: [-(2**63), 2**63 - 1],
+    FD.TYPE_INT32: [-1, 2**31 - 1], FD.TYPE_ENUM: [-1, 5, 2**31 - 1],
+    FD.TYPE_STRING: ["", "\x00", "\U0010ffff", "a" * 2000], FD.TYPE_BYTES: [b"", b"\x00" * 100],
+}
+
+
+def extremes(msg: Any, depth: int = 0) -> list[Any]:
+    """Copies of `msg` with one scalar field (also inside its sub-messages) set to an extreme."""
+    out: list[Any] = []
+    for f in msg.DESCRIPTOR.fields:
+        if f.type == FD.TYPE_MESSAGE:
+            subs = list(getattr(msg, f.name)) if f.is_repeated else (
+                [getattr(msg, f.name)] if msg.HasField(f.name) else [])
+            for i, sub in enumerate(subs):
+                for changed in extremes(sub, depth + 1) if depth < 2 else []:
+                    m = type(msg)()
+                    m.CopyFrom(msg)
+                    (getattr(m, f.name)[i] if f.is_repeated else getattr(m, f.name)).CopyFrom(changed)
+                    out.append(m)
+            continue
+        if f.is_repeated:
+            continue
+        for v in _EXTREME.get(f.type, []):
+            m = type(msg)()
+            m.CopyFrom(msg)
+            setattr(m, f.name, v)
+            out.append(m)
+    return out
+
+
 def unparseable(cls: Any, rnd: random.Random) -> bytes:
     while True:
         data = rnd.randbytes(rnd.randrange(1, 30))
@@ -178,6 +214,9 @@ class Fuzzer:
                 for _ in range(n):
                     data = mutate(seed.SerializeToString(), rnd) if mutated else unparseable(type(seed), rnd)
                     self.call(service, method, data)
+        pool = [(m, x) for m, seed in SEEDS.items() for x in extremes(seed)]
+        for method, msg in rnd.sample(pool, EXTREMES):
+            self.call("State", method, msg.SerializeToString())
 
     def close(self) -> None:
         self.channel.close()
@@ -228,6 +267,10 @@ def test_fuzz_router_and_shard(procs: Procs) -> None:
         assert [b for f in fuzzers for b in f.bad] == []
         assert 1000 <= sent <= 1500
         assert all(p.alive() for p in [*c.shards, *c.routers])
+        for p in [*c.shards, *c.routers]:  # nothing the servers took for a bug of their own
+            log = p.log_path.read_text(errors="replace")
+            for sign in ("Task exception was never retrieved", "unexpected error", "internal error", "Traceback"):
+                assert sign not in log, f"{p.name}: {sign}\n{p.log_tail()}"
         assert normal_errors == []
         with shardstate.Client(router) as client:
             for sid, value in sentinels.items():

@@ -174,5 +174,8 @@ def test_poison_client_beside_normal_clients(procs: Procs) -> None:
         assert (tally.lost, tally.duplicated, tally.caller_errors) == (0, 0, 0)
         assert poison.calls >= ROUNDS * 8
         assert all(p.alive() for p in [*c.shards, *c.routers])
+        for p in [*c.shards, *c.routers]:  # e.g. the router's shard writer dying on a bad answer
+            log = p.log_path.read_text(errors="replace")
+            assert "Task exception was never retrieved" not in log and "Traceback" not in log, p.log_tail()
     finally:
         c.close()
