@@ -137,6 +137,7 @@ class StateService:
         return self.header(await self.engine.increment(req))
 
     async def txn(self, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
+        validation.compares(req.compares)
         self._write_gate(req)
         return self.header(await self.engine.txn(req))
 

@@ -434,3 +434,16 @@ def test_list_sessions_page_tokens_are_checked_and_page_through(shard: Conn, sen
             break
     assert seen == sids
     sentinel.check()
+
+
+def test_unknown_compare_result_is_invalid_whether_or_not_the_key_exists(shard: Conn, sentinel: Sentinel) -> None:
+    sid = uid()
+    shard.put(sid, "present", b"v")
+    for key in ["present", "absent"]:
+        req = state_pb2.TxnRequest(
+            session_id=sid, compares=[state_pb2.Compare(result=9, key=key, version=1)],  # type: ignore[arg-type]
+            success=[state_pb2.TxnOp(put=state_pb2.PutRequest(key="w", value=b"x"))])
+        err = expect_error(INVALID, shard.state.Txn, req, timeout=T)
+        assert "compares[0].result 9" in err.message, err.message
+    assert not shard.get(sid, "w").found
+    sentinel.check()

@@ -15,11 +15,11 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from shardstate.config import Limits
 from shardstate.errors import InvalidArgumentError, LimitExceededError
-from shardstate.v1 import types_pb2
+from shardstate.v1 import state_pb2, types_pb2
 
 from . import encoding
 
@@ -79,15 +79,26 @@ def namespace_bytes(namespace: str, limits: Limits | None = None) -> tuple[str, 
 
 
 CONSISTENCIES = {v.number: v.name for v in types_pb2.Consistency.DESCRIPTOR.values}
+COMPARE_RESULTS = {v.number: v.name for v in state_pb2.Compare.Result.DESCRIPTOR.values}
+
+
+def _enum(value: int, field: str, known: dict[int, str]) -> int:
+    if value not in known:
+        names = ", ".join(f"{n} ({v})" for v, n in sorted(known.items()))
+        raise InvalidArgumentError(f"{field} {value} is not one of {names}")
+    return value
 
 
 def consistency(value: int) -> int:
     """A read's `consistency`: an enum value this server knows, else InvalidArgumentError (an
     unknown value must not be served as some other level)."""
-    if value not in CONSISTENCIES:
-        known = ", ".join(f"{n} ({v})" for v, n in sorted(CONSISTENCIES.items()))
-        raise InvalidArgumentError(f"consistency {value} is not one of {known}")
-    return value
+    return _enum(value, "consistency", CONSISTENCIES)
+
+
+def compares(cmps: Any) -> None:
+    """Every Txn compare's `result` is a Compare.Result this server knows."""
+    for i, c in enumerate(cmps):
+        _enum(c.result, f"compares[{i}].result", COMPARE_RESULTS)
 
 
 def key_bytes(key: str, limits: Limits, field: str = "key") -> bytes:
