@@ -19,7 +19,7 @@ from shardstate.router.forward import Forwarder, Route
 from shardstate.router.replicas import from_replicas, replica_reads
 from shardstate.router.shardpipe import ShardLinks, SubBatchError, expire_at
 from shardstate.router.wire import RawBatchResponse, error_result, op_session, redirect_of
-from shardstate.v1 import types_pb2
+from shardstate.v1 import state_pb2, types_pb2
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
@@ -59,6 +59,14 @@ def sessions_of(ops: Sequence[bytes], results: list[bytes | None]) -> tuple[list
             bad.add(i)
             results[i] = error_result(INVALID_ARGUMENT, e.message)
     return sessions, bad
+
+
+def limit_result(e: errors.ShardstateError) -> bytes:
+    """The BatchResult of an op the router refused itself, typed details included."""
+    r = state_pb2.BatchResult(code=errors.to_code_int(e), message=e.message)
+    if isinstance(e.detail, types_pb2.LimitExceeded):
+        r.limit_exceeded.CopyFrom(e.detail)
+    return bytes(r.SerializeToString())
 
 
 def place(results: list[bytes | None], indexes: Sequence[int], sub_results: Sequence[bytes]) -> list[int]:
@@ -148,8 +156,10 @@ class BatchRunner:
                     msg = outcome.message
                     if outcome.code == grpc.StatusCode.UNAVAILABLE:
                         msg = f"shard {shard.id} at {shard.primary} is unavailable: {outcome.message}"
+                    failed = (error_result(outcome.code.value[0], msg) if outcome.error is None
+                              else limit_result(outcome.error))
                     for i in idx:
-                        results[i] = error_result(outcome.code.value[0], msg)
+                        results[i] = failed
                     continue
                 header, subs = outcome
                 headers[sid] = header

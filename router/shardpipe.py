@@ -35,13 +35,16 @@ log = logging.getLogger("shardstate.router.shardpipe")
 
 
 class SubBatchError(Exception):
-    """The whole sub-batch failed: `code`/`message` for every op in it."""
+    """The whole sub-batch failed: `code`/`message` for every op in it (`error`: the typed
+    error when the router refused it itself)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, rpc_error: grpc.RpcError | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, rpc_error: grpc.RpcError | None = None,
+                 error: errors.ShardstateError | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.rpc_error = rpc_error
+        self.error = error
 
 
 class _Stream:
@@ -200,10 +203,17 @@ class ShardLinks:
         whole. It has no deadline of its own: the caller bounds its wait (expire_at) and a
         unit whose future is done before it is sent is dropped."""
         fut: asyncio.Future[tuple[bytes, list[bytes]]] = asyncio.get_running_loop().create_future()
+        size = sum([len(o) for o in ops])
+        if size > self.max_bytes:
+            # The shard would refuse the message carrying it, and with it the stream and every
+            # other caller's ops on it: refused here, alone.
+            err = errors.LimitExceededError.of("max_request_bytes", self.max_bytes, size, "request size")
+            fut.set_exception(SubBatchError(err.code, err.message, error=err))
+            return fut
         q = self._queued.get(address)
         if q is None:
             q = self._queued[address] = []
-        q.append(_Unit(ops, sum([len(o) for o in ops]), deadline, fut))
+        q.append(_Unit(ops, size, deadline, fut))
         self.units += 1
         idle = self._idle.pop(address, None)
         if idle is not None:

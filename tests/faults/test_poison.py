@@ -1,7 +1,8 @@
 """A poison client beside normal ones, through one router in front of 2 shards.
 
 The poison client sends, raw: unary Puts whose session id is not UTF-8, Batches holding an op
-that does not parse and one with a bad session id, oversize values, unknown enum values
+that does not parse and one with a bad session id, oversize values and requests a few bytes
+under the router's receive limit (over the shard's once framed), unknown enum values
 (`consistency`, a Txn compare's `result`), and the same over the router's Pipeline stream.
 The router coalesces every caller's ops into shared shard messages, so before issue 13 one
 bad op failed the good ops it shared a message with.
@@ -47,7 +48,7 @@ class Poison:
     """Bad calls in a loop; counts what came back by status."""
 
     def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)])
         self.codes: dict[str, int] = {}
         self.unexpected: list[str] = []
         self.calls = 0
@@ -75,6 +76,12 @@ class Poison:
         good = ST.BatchOp(put=ST.PutRequest(session_id=sid, key="g", value=b"g")).SerializeToString()
         bad_batch = b"".join(_framed(1, op) for op in (good, TRUNCATED_OP, BAD_SID_OP))
         big = ST.PutRequest(session_id=sid, key="big", value=b"x" * (MiB + 10)).SerializeToString()
+        # Requests the router takes (up to max_request_bytes + 64 KiB) that the shard would
+        # not once framed in its Pipeline message: refused by the router, alone.
+        receive = 4 * MiB + 64 * 1024
+        n = len(ST.PutRequest(session_id=sid, key="huge", value=b"x" * (receive - 64)).SerializeToString())
+        huge = [ST.PutRequest(session_id=sid, key="huge", value=b"x" * (receive - 64 + receive - n - k)).SerializeToString()
+                for k in range(10)]
         get7 = ST.GetRequest(session_id=sid, key="k", consistency=7).SerializeToString()  # type: ignore[arg-type]
         txn9 = ST.TxnRequest(session_id=sid, compares=[ST.Compare(result=9, key="k", version=1)],  # type: ignore[arg-type]
                              success=[ST.TxnOp(put=ST.PutRequest(key="k", value=b"t"))]).SerializeToString()
@@ -85,6 +92,7 @@ class Poison:
             self.unary("Txn", txn9)
             if i % 4 == 0:
                 self.unary("Put", big)
+                self.unary("Put", huge[i // 4 % len(huge)])
             try:
                 resp = ST.BatchResponse.FromString(
                     self.channel.unary_unary("/shardstate.v1.State/Batch")(bad_batch, timeout=T))
@@ -173,6 +181,7 @@ def test_poison_client_beside_normal_clients(procs: Procs) -> None:
         assert tally.acked == 2 * SYNC_WRITES + ASYNC_WRITES
         assert (tally.lost, tally.duplicated, tally.caller_errors) == (0, 0, 0)
         assert poison.calls >= ROUNDS * 8
+        assert poison.codes.get("RESOURCE_EXHAUSTED", 0) >= ROUNDS // 2
         assert all(p.alive() for p in [*c.shards, *c.routers])
         for p in [*c.shards, *c.routers]:  # e.g. the router's shard writer dying on a bad answer
             log = p.log_path.read_text(errors="replace")
