@@ -30,6 +30,7 @@ class Limits:
     or RESOURCE_EXHAUSTED naming the limit; nothing is written."""
 
     max_session_id_bytes: int = opt(256, "longest session id, in UTF-8 bytes")
+    max_namespace_bytes: int = opt(256, "longest namespace, in UTF-8 bytes (\"\" is the namespace \"default\")")
     max_key_bytes: int = opt(1024, "longest key, in UTF-8 bytes")
     max_stream_name_bytes: int = opt(256, "longest log stream name, in UTF-8 bytes")
     max_value_bytes: int = opt(1 * MiB, "largest value or log entry")

@@ -19,7 +19,7 @@ from shardstate.router.forward import Forwarder, Route
 from shardstate.router.replicas import from_replicas, replica_reads
 from shardstate.router.shardpipe import ShardLinks, SubBatchError, expire_at
 from shardstate.router.wire import RawBatchResponse, error_result, op_session, redirect_of
-from shardstate.v1 import types_pb2
+from shardstate.v1 import state_pb2, types_pb2
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
@@ -42,6 +42,31 @@ def split(
         else:
             groups.setdefault(owner(*s), []).append(i)
     return groups, empty
+
+
+def sessions_of(ops: Sequence[bytes], results: list[bytes | None]) -> tuple[list[tuple[str, str] | None], set[int]]:
+    """Each op's (namespace, session_id) (None: no op set), checked at the edge: an op that
+    does not parse or names a session in bad UTF-8 gets its INVALID_ARGUMENT result here and
+    is never sent, so it cannot fail the shard message it would share with other callers' ops.
+    Returns the sessions and the indexes of those bad ops."""
+    sessions: list[tuple[str, str] | None] = []
+    bad: set[int] = set()
+    for i, op in enumerate(ops):
+        try:
+            sessions.append(op_session(op, i))
+        except errors.InvalidArgumentError as e:
+            sessions.append(None)
+            bad.add(i)
+            results[i] = error_result(INVALID_ARGUMENT, e.message)
+    return sessions, bad
+
+
+def limit_result(e: errors.ShardstateError) -> bytes:
+    """The BatchResult of an op the router refused itself, typed details included."""
+    r = state_pb2.BatchResult(code=errors.to_code_int(e), message=e.message)
+    if isinstance(e.detail, types_pb2.LimitExceeded):
+        r.limit_exceeded.CopyFrom(e.detail)
+    return bytes(r.SerializeToString())
 
 
 def place(results: list[bytes | None], indexes: Sequence[int], sub_results: Sequence[bytes]) -> list[int]:
@@ -96,13 +121,13 @@ class BatchRunner:
     async def run(self, ops: Sequence[bytes], deadline: float, replicas: bool = True) -> bytes:
         """Encoded BatchResponse for encoded ops."""
         self.check(len(ops))
-        sessions = [op_session(op) for op in ops]
         results: list[bytes | None] = [None] * len(ops)
+        sessions, bad = sessions_of(ops, results)
         # EVENTUAL / min_revision reads go to replicas meanwhile (router/replicas.py).
         view0 = self.fwd.maps.view
         relaxed = replica_reads(view0, ops, self.fwd.replicas) if replicas and any(s.replicas for s in view0.pb.shards) else {}
         on_replicas = asyncio.ensure_future(from_replicas(self.links, self.fwd.replicas, ops, relaxed, deadline)) if relaxed else None
-        pending = [i for i in range(len(ops)) if i not in relaxed]
+        pending = [i for i in range(len(ops)) if i not in relaxed and i not in bad]
         headers: dict[str, bytes] = {}
         last_redirect = ""
         for _ in range(self.fwd.max_hops + 1):
@@ -131,8 +156,10 @@ class BatchRunner:
                     msg = outcome.message
                     if outcome.code == grpc.StatusCode.UNAVAILABLE:
                         msg = f"shard {shard.id} at {shard.primary} is unavailable: {outcome.message}"
+                    failed = (error_result(outcome.code.value[0], msg) if outcome.error is None
+                              else limit_result(outcome.error))
                     for i in idx:
-                        results[i] = error_result(outcome.code.value[0], msg)
+                        results[i] = failed
                     continue
                 header, subs = outcome
                 headers[sid] = header

@@ -165,6 +165,8 @@ class Forwarder:
         try:
             _, results = await self.links.batch(address, [as_batch_op(method, request)], deadline)
         except SubBatchError as e:
+            if e.error is not None:
+                raise e.error from None
             if e.rpc_error is not None:
                 raise errors.from_rpc_error(e.rpc_error) from None
             raise errors.from_status(e.code, e.message) from None

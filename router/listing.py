@@ -1,10 +1,10 @@
 """ListSessions across every shard: scatter, merge into one sorted page, and the page token.
 
-Page token (opaque to callers) = urlsafe-base64 of JSON:
+Page token (opaque to callers; one format at routers and shards, server/storage/validation.py):
 
     {"v": 1, "after": LAST_ID, "done": [SHARD_ID, ...]}
 
-Every shard not in `done` resumes after LAST_ID (a shard's own page token is the last session
+Every shard not in `done` resumes after LAST_ID (a shard's own cursor is the last session
 id it returned, so the router's global cursor is every shard's cursor); shards in `done` have
 nothing left past it and are not asked again. A shard that joins the map between pages is not
 in `done`, so it is asked too.
@@ -13,50 +13,19 @@ in `done`, so it is asked too.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc import aio
 
 from shardstate import errors
 from shardstate.router.forward import Forwarder, Relay, unavailable
+from shardstate.server.storage.validation import Cursor, decode_token, encode_token
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-
-
-@dataclass
-class Cursor:
-    after: str = ""
-    done: set[str] = field(default_factory=set)
-
-
-def encode_token(cursor: Cursor) -> str:
-    raw = json.dumps({"v": 1, "after": cursor.after, "done": sorted(cursor.done)}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_token(token: str) -> Cursor:
-    if not token:
-        return Cursor()
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        data = json.loads(raw)
-        if not isinstance(data, dict) or data.get("v") != 1:
-            raise ValueError("unknown version")
-        after, done = data["after"], data["done"]
-        if not isinstance(after, str) or not isinstance(done, list) or not all(isinstance(d, str) for d in done):
-            raise ValueError("bad fields")
-    except (ValueError, KeyError, binascii.Error, UnicodeDecodeError) as e:
-        raise errors.InvalidArgumentError(
-            f"page_token is not a ListSessions token issued by a router ({e})"
-        ) from None
-    return Cursor(after, set(done))
 
 
 @dataclass
@@ -110,7 +79,8 @@ class Lister:
 
         async def one(shard: admin_pb2.ShardInfo) -> ShardPage:
             sub = state_pb2.ListSessionsRequest(
-                namespace=req.namespace, prefix=req.prefix, limit=req.limit, page_token=cursor.after
+                namespace=req.namespace, prefix=req.prefix, limit=req.limit,
+                page_token=encode_token(Cursor(cursor.after)) if cursor.after else "",
             )
             try:
                 raw = await self.fwd.nodes.unary(shard.primary, "ListSessions")(

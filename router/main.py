@@ -31,8 +31,9 @@ from shardstate.router.pipeline import PipelineHandler
 from shardstate.router.service import SERVICE, StateService
 from shardstate.router.shardpipe import ShardLinks
 from shardstate.router.watch import WatchProxy
+from shardstate.server.handlers import register_servicer
 from shardstate.supervision import die_with_supervisor
-from shardstate.v1 import admin_pb2, admin_pb2_grpc
+from shardstate.v1 import admin_pb2
 
 log = logging.getLogger("shardstate.router")
 
@@ -76,7 +77,7 @@ class Router:
         )
         self.admin = RouterAdmin(self.maps, self.nodes, self.address, self.stats, lambda: self.serving)
         self.server.add_generic_rpc_handlers((self.state.handler(),))
-        admin_pb2_grpc.add_AdminServicer_to_server(self.admin, self.server)
+        register_servicer(self.server, admin_pb2.DESCRIPTOR.services_by_name["Admin"], self.admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE, admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,

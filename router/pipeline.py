@@ -2,7 +2,8 @@
 answered by id as soon as it completes, out of order.
 
 A bounded number of batches run at once per stream, so a fast writer gets back-pressure from
-gRPC flow control instead of piling tasks up in the router.
+gRPC flow control instead of piling tasks up in the router. A message that does not parse is
+answered INVALID_ARGUMENT under its id (when its id can be read, else 0); the stream goes on.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from shardstate import errors
+from shardstate.protowire import last_varint
 from shardstate.router.batching import BatchRunner
 from shardstate.router.wire import RawPipelineRequest, RawPipelineResponse, length_delimited, varint
 
 log = logging.getLogger("shardstate.router.pipeline")
 
 MAX_IN_FLIGHT = 256
+
+
+def malformed(raw: bytes, e: Exception) -> bytes:
+    """The answer to a PipelineRequest that does not parse: INVALID_ARGUMENT for its id."""
+    rid = last_varint(raw, 1)
+    err = errors.InvalidArgumentError(f"malformed request: not a valid shardstate.v1.PipelineRequest ({e})")
+    return bytes(RawPipelineResponse(id=rid, code=errors.to_code_int(err), message=err.message).SerializeToString())
 
 
 def response_bytes(rid: int, batch_response: bytes) -> bytes:
@@ -74,8 +83,8 @@ class PipelineHandler:
                     try:
                         req = RawPipelineRequest.FromString(raw)
                     except DecodeError as e:
-                        ending.append(errors.InvalidArgumentError(f"PipelineRequest is not a valid message: {e}"))
-                        break
+                        out.put_nowait(malformed(raw, e))
+                        continue
                     await slots.acquire()
                     t = asyncio.ensure_future(run(req))
                     running.add(t)

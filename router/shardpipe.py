@@ -35,13 +35,16 @@ log = logging.getLogger("shardstate.router.shardpipe")
 
 
 class SubBatchError(Exception):
-    """The whole sub-batch failed: `code`/`message` for every op in it."""
+    """The whole sub-batch failed: `code`/`message` for every op in it (`error`: the typed
+    error when the router refused it itself)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, rpc_error: grpc.RpcError | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, rpc_error: grpc.RpcError | None = None,
+                 error: errors.ShardstateError | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.rpc_error = rpc_error
+        self.error = error
 
 
 class _Stream:
@@ -92,8 +95,9 @@ class _Stream:
         except aio.AioRpcError as e:
             self.pending.pop(rid, None)
             raise SubBatchError(e.code(), e.details() or "", e) from None
-        except (aio.UsageError, grpc.RpcError, RuntimeError) as e:
+        except Exception as e:  # e.g. asyncio.InvalidStateError "RPC already finished"
             self.pending.pop(rid, None)
+            self.closed = True  # the next batch opens a new stream
             raise SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} broke: {e}") from None
 
     async def close(self) -> None:
@@ -199,10 +203,17 @@ class ShardLinks:
         whole. It has no deadline of its own: the caller bounds its wait (expire_at) and a
         unit whose future is done before it is sent is dropped."""
         fut: asyncio.Future[tuple[bytes, list[bytes]]] = asyncio.get_running_loop().create_future()
+        size = sum([len(o) for o in ops])
+        if size > self.max_bytes:
+            # The shard would refuse the message carrying it, and with it the stream and every
+            # other caller's ops on it: refused here, alone.
+            err = errors.LimitExceededError.of("max_request_bytes", self.max_bytes, size, "request size")
+            fut.set_exception(SubBatchError(err.code, err.message, error=err))
+            return fut
         q = self._queued.get(address)
         if q is None:
             q = self._queued[address] = []
-        q.append(_Unit(ops, sum([len(o) for o in ops]), deadline, fut))
+        q.append(_Unit(ops, size, deadline, fut))
         self.units += 1
         idle = self._idle.pop(address, None)
         if idle is not None:
@@ -238,7 +249,12 @@ class ShardLinks:
                     await idle
                     continue
                 for chunk in self._chunks(units):
-                    await self._dispatch(address, chunk)
+                    try:
+                        await self._dispatch(address, chunk)
+                    except Exception as e:  # one bad answer or a bug never ends the writer
+                        log.exception("a shard batch failed in the router", extra=fields(address=address))
+                        _fail(chunk, SubBatchError(grpc.StatusCode.UNAVAILABLE,
+                                                   f"sending to shard at {address} failed: {e}"))
         finally:
             self._idle.pop(address, None)
             self._writers.pop(address, None)

@@ -12,8 +12,10 @@ Each view declares only the fields the router acts on and keeps the rest as unkn
     WatchRef            = events(2)*: {revision(2)} progress_revision(3)
     ResultBody          = code(1) message(2) r3..r12: bytes (the response) details(13..15): Opaque
 
-Namespaces and ids are declared `bytes` so a malformed request reaches the shard (which owns
-validation) instead of failing in the router; they are decoded leniently for hashing only.
+Namespaces and ids are declared `bytes` so the view never fails on them; the router checks
+their UTF-8 itself (server/storage/validation.py, the checks the shard makes) before routing:
+a request that would make the shard refuse a coalesced message is answered here, alone. The
+limits (lengths, values) are the shard's: it answers them per op.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
+from shardstate.errors import InvalidArgumentError
 from shardstate.protowire import field_head, varint
+from shardstate.server.storage.validation import utf8
 from shardstate.v1 import state_pb2, types_pb2
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -109,19 +114,30 @@ def _text(b: bytes) -> str:
 
 
 def session_of(request: bytes) -> tuple[str, str]:
-    """(namespace, session_id) of an encoded session-scoped request; namespace "" = default."""
+    """(namespace, session_id) of an encoded session-scoped request; namespace "" = default.
+    Raises DecodeError (not a message) or InvalidArgumentError (a name is not UTF-8)."""
     ref = SessionRef.FromString(request)
-    return _text(ref.namespace) or "default", _text(ref.session_id)
+    return utf8(ref.namespace, "namespace") or "default", utf8(ref.session_id, "session_id")
 
 
-def op_session(op: bytes) -> tuple[str, str] | None:
-    """(namespace, session_id) of an encoded BatchOp, or None when no op is set."""
-    ref = OpRef.FromString(op)
+_OP_NAMES = {f"op{f.number}": f.name for f in state_pb2.BatchOp.DESCRIPTOR.fields}
+
+
+def op_session(op: bytes, i: int = 0) -> tuple[str, str] | None:
+    """(namespace, session_id) of encoded BatchOp `ops[i]`, or None when no op is set.
+    Raises InvalidArgumentError naming the op when it does not parse or a name is not UTF-8."""
+    try:
+        ref = OpRef.FromString(op)
+    except DecodeError as e:
+        raise InvalidArgumentError(f"ops[{i}] is not a valid shardstate.v1.BatchOp ({e})") from None
     name = ref.WhichOneof("op")
     if name is None:
         return None
     inner = getattr(ref, name)
-    return inner.namespace.decode("utf-8", "replace") or "default", inner.session_id.decode("utf-8", "replace")
+    try:
+        return utf8(inner.namespace, "namespace") or "default", utf8(inner.session_id, "session_id")
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"ops[{i}].{_OP_NAMES[name]}: {e.message}") from None
 
 
 def redirect_of(result: bytes) -> types_pb2.WrongShard | types_pb2.NotPrimary | None:

@@ -15,7 +15,9 @@ from typing import Any
 from shardstate import errors
 from shardstate.v1 import state_pb2, types_pb2
 
+from .handlers import Partial
 from .node import Node
+from .storage import validation
 from .storage.engine import Engine
 from .streams import DRAIN, pipeline_behavior, shutting_down, watch_behavior
 
@@ -66,13 +68,19 @@ class StateService:
         return resp
 
     def _write_gate(self, req: Any) -> None:
+        """The names first (an invalid request is INVALID_ARGUMENT on every node, never a
+        redirect), then ownership and role."""
+        self.engine.ref(req.namespace, req.session_id)
         self.node.check_owner(req.namespace, req.session_id)
         self.node.check_writable()
 
     async def _read_gate(self, req: Any) -> None:
-        """Ownership; on a replica: STRONG (the default without min_revision) goes to the
-        primary, EVENTUAL is served, min_revision is served once applied."""
+        """The names and `consistency` first, then ownership; on a replica: STRONG (the
+        default without min_revision) goes to the primary, EVENTUAL is served, min_revision
+        is served once applied."""
         node = self.node
+        self.engine.ref(req.namespace, req.session_id)
+        validation.consistency(req.consistency)
         node.check_owner(req.namespace, req.session_id)
         if not node.is_replica:
             return
@@ -103,9 +111,18 @@ class StateService:
         return self.header(self.engine.get_session(req))
 
     async def list_sessions(self, req: state_pb2.ListSessionsRequest) -> state_pb2.ListSessionsResponse:
+        """Page tokens are the routers' format (validation.decode_token): garbage is
+        INVALID_ARGUMENT here as at a router."""
         node = self.node
         owned = node.owns if node.view.epoch else None
-        return self.header(self.engine.list_sessions(req, owned))
+        validation.namespace_bytes(req.namespace, self.engine.limits)
+        cursor = validation.decode_token(req.page_token)
+        if req.page_token:
+            req.page_token = cursor.after  # the engine resumes after a session id
+        resp = self.engine.list_sessions(req, owned)
+        if resp.next_page_token:
+            resp.next_page_token = validation.encode_token(validation.Cursor(resp.next_page_token))
+        return self.header(resp)
 
     async def put(self, req: state_pb2.PutRequest) -> state_pb2.PutResponse:
         self._write_gate(req)
@@ -120,6 +137,7 @@ class StateService:
         return self.header(await self.engine.increment(req))
 
     async def txn(self, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
+        validation.compares(req.compares)
         self._write_gate(req)
         return self.header(await self.engine.txn(req))
 
@@ -174,26 +192,34 @@ class StateService:
             await barrier(self.engine.store.committed)
 
     async def batch(
-        self, req: state_pb2.BatchRequest, out: state_pb2.BatchResponse | None = None
+        self, req: state_pb2.BatchRequest | Partial, out: state_pb2.BatchResponse | None = None
     ) -> state_pb2.BatchResponse:
-        """Run every op; `out` (e.g. a PipelineResponse's batch) is filled in place."""
+        """Run every op; `out` (e.g. a PipelineResponse's batch) is filled in place. A
+        `Partial` request's bad ops each get their own INVALID_ARGUMENT result."""
+        bad: dict[int, errors.InvalidArgumentError] = {}
+        if type(req) is Partial:
+            req, bad = req.batch, req.bad
+        assert isinstance(req, state_pb2.BatchRequest)
         n = len(req.ops)
         if n > self.engine.limits.max_batch_ops:
             raise errors.LimitExceededError.of("max_batch_ops", self.engine.limits.max_batch_ops, n, "ops in one Batch")
         resp = state_pb2.BatchResponse() if out is None else out
         before = self.engine.store.committed
         if not self.concurrent:
-            await self._run_grouped(req, resp)
+            await self._run_grouped(req, resp, bad)
             await self.replicated(before)
             return self.header(resp)
         # Ops of one session stay in request order; different sessions run concurrently.
         groups: dict[tuple[str, str], list[int]] = {}
+        results: list[state_pb2.BatchResult | None] = [None] * n
         for i, op in enumerate(req.ops):
+            if i in bad:
+                results[i] = batch_error(bad[i])
+                continue
             kind = op.WhichOneof("op")
             inner = getattr(op, kind) if kind else None
             key = (inner.namespace or "default", inner.session_id) if inner is not None else ("", "")
             groups.setdefault(key, []).append(i)
-        results: list[state_pb2.BatchResult | None] = [None] * n
 
         async def run_group(idx: list[int]) -> None:
             for i in idx:
@@ -204,7 +230,8 @@ class StateService:
         await self.replicated(before)
         return self.header(resp)
 
-    async def _run_grouped(self, req: state_pb2.BatchRequest, resp: state_pb2.BatchResponse) -> None:
+    async def _run_grouped(self, req: state_pb2.BatchRequest, resp: state_pb2.BatchResponse,
+                           bad: dict[int, errors.InvalidArgumentError]) -> None:
         """Ops in order; the writes of a run of ops on distinct sessions go to LevelDB as one
         WriteBatch (each op keeps its own revision, change-log entry and idempotency record).
         An op on a session already in the run closes the run first, so it sees those writes.
@@ -218,7 +245,10 @@ class StateService:
         # A replica's reads may wait for a revision (yielding): it writes nothing here anyway.
         grouped = not self.node.is_replica and store.begin_group()
         try:
-            for op in req.ops:
+            for i, op in enumerate(req.ops):
+                if bad and i in bad:
+                    results.add().CopyFrom(batch_error(bad[i]))
+                    continue
                 kind = op.WhichOneof("op")
                 inner = getattr(op, kind) if kind else None
                 if grouped:

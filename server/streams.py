@@ -1,6 +1,10 @@
 """The long-lived streams of the State service: Pipeline (batches tagged with ids, answered
 out of order) and Watch (a session's changes from the change log, resumable by revision).
 
+A Pipeline message that does not parse fails alone: its bad ops get their own results
+(handlers.Partial), or, when it cannot be taken apart, its id gets INVALID_ARGUMENT; the stream
+and the other messages on it carry on (a router's stream carries many callers' ops).
+
 Both end promptly at shutdown: Pipeline answers what it has read, Watch sends what it has,
 then each ends with UNAVAILABLE so the client reconnects elsewhere or later.
 """
@@ -14,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from shardstate import errors
 from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 
-from .handlers import Malformed
+from .handlers import Malformed, Partial
 from .storage.entries import events_of
 
 if TYPE_CHECKING:
@@ -32,10 +36,10 @@ def shutting_down() -> errors.UnavailableError:
     return errors.UnavailableError("shard is shutting down; retry on another node or later")
 
 
-async def _answer(svc: StateService, req: state_pb2.PipelineRequest) -> state_pb2.PipelineResponse:
+async def _answer(svc: StateService, req: state_pb2.PipelineRequest | Partial) -> state_pb2.PipelineResponse:
     resp = state_pb2.PipelineResponse(id=req.id)
     try:
-        await svc.batch(req.batch, out=resp.batch)
+        await svc.batch(req if type(req) is Partial else req.batch, out=resp.batch)
     except Exception as e:
         err = errors.as_shardstate_error(e)
         resp = state_pb2.PipelineResponse(id=req.id, code=errors.to_code_int(err), message=err.message)
@@ -72,7 +76,7 @@ def pipeline_behavior(svc: StateService) -> Callable[[AsyncIterator[Any], Any], 
                 item = await inbox.get()
                 if type(item) is state_pb2.PipelineResponse:
                     yield item
-                elif type(item) is state_pb2.PipelineRequest:
+                elif type(item) is state_pb2.PipelineRequest or type(item) is Partial:
                     if ending is not None:
                         continue  # read after DRAIN: not accepted
                     if not svc.concurrent:
@@ -82,7 +86,9 @@ def pipeline_behavior(svc: StateService) -> Callable[[AsyncIterator[Any], Any], 
                         workers.add(task)
                         task.add_done_callback(done)
                 elif type(item) is Malformed:
-                    await errors.abort(context, item.error())
+                    if ending is None:
+                        yield state_pb2.PipelineResponse(
+                            id=item.id, code=errors.to_code_int(item.error()), message=item.message)
                 elif ending is None:
                     ending = item  # EOF_ or DRAIN: answer what is in flight, then end
             if ending is DRAIN:

@@ -163,3 +163,97 @@ def test_router_sigterm_answers_in_flight_then_ends_streams_unavailable(procs: P
         assert router.popen is not None and router.popen.wait(60) == 0
     finally:
         c.close()
+
+
+# ---- bad input through a router (issue 13: defects 2, 3, 7) ----
+
+BAD_SID_PUT = b"\x12\x02\xff\xfe\x1a\x01k"  # PutRequest{session_id=<not UTF-8>, key="k"}
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_one_callers_malformed_ops_fail_only_themselves(procs: Procs) -> None:
+    """Raw Puts with a session id that is not UTF-8, and Batches with ops that do not parse,
+    sent while other callers write through the same router (whose shard link coalesces
+    callers' ops): the bad ones get INVALID_ARGUMENT alone, every good op succeeds."""
+    c = RouterCluster(procs, shards=2, routers=1)
+    try:
+        r = c.stub(c.routers[0])
+        raw_put = r.channel.unary_unary("/shardstate.v1.State/Put")
+        raw_batch = r.channel.unary_unary("/shardstate.v1.State/Batch")
+        good_errors: list[str] = []
+        acked: dict[tuple[str, str], bytes] = {}
+        stop = threading.Event()
+
+        def writer(w: int) -> None:
+            sid = uid(f"good{w}")
+            for i in range(150):
+                if stop.is_set():
+                    return
+                try:
+                    r.put(sid, f"k{i}", b"v%d" % i)
+                    acked[(sid, f"k{i}")] = b"v%d" % i
+                except grpc.RpcError as e:
+                    good_errors.append(f"{e.code()}: {e.details()}")  # type: ignore[attr-defined]
+
+        bad_codes: list[grpc.StatusCode] = []
+
+        def poison() -> None:
+            good = state_pb2.BatchOp(put=state_pb2.PutRequest(session_id=uid("pb"), key="k", value=b"v"))
+            batch = state_pb2.BatchRequest(ops=[good]).SerializeToString() + b"\x0a\x03\x12\x09a"  # ops[1] truncated
+            for _ in range(150):
+                try:
+                    raw_put(BAD_SID_PUT, timeout=T)
+                except grpc.RpcError as e:
+                    bad_codes.append(e.code())  # type: ignore[attr-defined]
+                resp = state_pb2.BatchResponse.FromString(raw_batch(batch, timeout=T))
+                assert [x.code for x in resp.results] == [0, INVALID.value[0]], resp
+                assert "ops[1] is not a valid shardstate.v1.BatchOp" in resp.results[1].message
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)] + [threading.Thread(target=poison)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stop.set()
+        assert good_errors == []
+        assert bad_codes == [INVALID] * 150
+        assert len(acked) == 600
+        for (sid, key), value in acked.items():
+            assert r.get(sid, key).record.value == value
+        err = expect_error(INVALID, raw_put, BAD_SID_PUT, timeout=T)
+        assert "session_id is not valid UTF-8" in err.message
+        # The shard gives the same answer to the same bytes.
+        shard_put = c.stub(c.shards[0]).channel.unary_unary("/shardstate.v1.State/Put")
+        assert "session_id is not valid UTF-8" in expect_error(INVALID, shard_put, BAD_SID_PUT, timeout=T).message
+        assert "Task exception was never retrieved" not in c.routers[0].log_tail(10_000)
+    finally:
+        c.close()
+
+
+def test_router_and_shards_validate_alike_before_routing(procs: Procs) -> None:
+    c = RouterCluster(procs, shards=2, routers=1)
+    try:
+        r = c.stub(c.routers[0])
+        view = r.view()
+        s1 = c.shard_stub("s1")
+        other = next(s for s in (uid("o") for _ in range(100)) if view.owner("", s).id == "s2")
+        expect_error(grpc.StatusCode.FAILED_PRECONDITION, s1.put, other, "k", b"v")  # s1 holds the map
+        long_sid = next(s for s in ("x" * 300 + str(i) for i in range(100)) if view.owner("", s).id == "s2")
+        for target in (r, s1):
+            err = expect_error(INVALID, target.put, long_sid, "k", b"v")  # not WrongShard at s1
+            assert "max_session_id_bytes=256" in err.message
+            err = expect_error(INVALID, target.put, uid(), "k", b"v", ns="n" * 257)
+            assert "max_namespace_bytes=256" in err.message
+            err = expect_error(INVALID, target.state.Get, state_pb2.GetRequest(
+                session_id=other, key="k", consistency=9), timeout=T)  # type: ignore[arg-type]
+            assert "consistency 9" in err.message
+            err = expect_error(INVALID, target.state.ListSessions,
+                               state_pb2.ListSessionsRequest(page_token="garbage"), timeout=T)
+            assert "page_token" in err.message
+        for i in range(5):
+            r.put(uid(f"list{i}"), "k", b"v", ns="lst")
+        via_router = [s for page in r.list_all(ns="lst", limit=2) for s in page]
+        via_shards = [s for sh in ("s1", "s2") for page in c.shard_stub(sh).list_all(ns="lst", limit=2) for s in page]
+        assert len(via_router) == 5 and via_router == sorted(via_shards)
+    finally:
+        c.close()

@@ -233,3 +233,68 @@ def test_validate_map_explains_what_is_wrong() -> None:
     pb.shards[0].primary = ""
     with pytest.raises(errors.InvalidArgumentError, match="primary"):
         maps.validate_map(pb)
+
+
+# ---- bad input at the edge (issue 13) ----
+
+BAD_SID_PUT = b"\x12\x02\xff\xfe\x1a\x01k"  # PutRequest{session_id=<not UTF-8>, key="k"}
+
+
+def test_names_that_are_not_utf8_are_refused_at_the_edge_naming_the_field() -> None:
+    with pytest.raises(errors.InvalidArgumentError, match="session_id is not valid UTF-8"):
+        wire.session_of(BAD_SID_PUT)
+    with pytest.raises(errors.InvalidArgumentError, match="namespace is not valid UTF-8"):
+        wire.session_of(b"\x0a\x01\x80")
+    op = b"\x12" + bytes([len(BAD_SID_PUT)]) + BAD_SID_PUT
+    with pytest.raises(errors.InvalidArgumentError, match=r"ops\[4\]\.put: session_id is not valid UTF-8"):
+        wire.op_session(op, 4)
+    with pytest.raises(errors.InvalidArgumentError, match=r"ops\[2\] is not a valid shardstate.v1.BatchOp"):
+        wire.op_session(b"\x12\x09a", 2)
+
+
+def test_bad_ops_get_their_own_result_and_are_not_sent() -> None:
+    good = state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="g")).SerializeToString()
+    ops = [good, b"\x12\x09a", b"\x12" + bytes([len(BAD_SID_PUT)]) + BAD_SID_PUT, b""]
+    results: list[bytes | None] = [None] * len(ops)
+    sessions, bad = batching.sessions_of(ops, results)
+    assert sessions == [("default", "g"), None, None, None] and bad == {1, 2}
+    assert results[0] is None and results[3] is None  # ops[3] (no op set) is split() 's to answer
+    for i in (1, 2):
+        r = state_pb2.BatchResult.FromString(results[i])  # type: ignore[arg-type]
+        assert r.code == 3 and f"ops[{i}]" in r.message
+
+
+def test_a_malformed_pipeline_message_is_answered_under_its_id() -> None:
+    for raw, rid in [(b"\x08\x2a\x12\x40ab", 42), (b"\xff\xff\xff", 0), (b"\x08\x05\x08\x07\x12\x05", 7)]:
+        resp = state_pb2.PipelineResponse.FromString(pipeline.malformed(raw, ValueError("x")))
+        assert (resp.id, resp.code) == (rid, 3) and "PipelineRequest" in resp.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=40), st.text(max_size=20), st.integers(0, 2**64 - 1), st.lists(st.binary(max_size=30), max_size=4))
+def test_read_fields_takes_a_message_apart_as_encoded(value: bytes, key: str, version: int, entries: list[bytes]) -> None:
+    from shardstate.protowire import WireError, last_varint, read_fields
+
+    put = state_pb2.PutRequest(session_id="s", key=key, value=value, expected_version=version).SerializeToString()
+    fields = read_fields(put)
+    assert dict(fields)[2] == b"s" and dict(fields)[5] == version and dict(fields).get(4, b"") == value
+    app = state_pb2.AppendRequest(session_id="s", entries=entries).SerializeToString()
+    assert [v for n, v in read_fields(app) if n == 4] == entries
+    assert last_varint(put, 5) == version
+    with pytest.raises(WireError):
+        read_fields(put + b"\x80")  # a tag that never ends
+    with pytest.raises(WireError):
+        read_fields(put + b"\x22\x05ab")  # field 4 claims 5 bytes, has 2
+
+
+def test_shard_takes_a_batch_that_does_not_parse_apart_op_by_op() -> None:
+    from shardstate.server.handlers import split_batch
+
+    good = state_pb2.BatchOp(put=state_pb2.PutRequest(session_id="g", key="k")).SerializeToString()
+    bad_sid = b"\x12" + bytes([len(BAD_SID_PUT)]) + BAD_SID_PUT
+    raw = b"".join(b"\x0a" + bytes([len(o)]) + o for o in (good, bad_sid, b"\x12\x09a", good))
+    part = split_batch(raw)
+    assert len(part.batch.ops) == 4 and sorted(part.bad) == [1, 2]
+    assert part.batch.ops[0].put.session_id == "g" and part.batch.ops[3].put.key == "k"
+    assert "ops[1].put: session_id is not valid UTF-8" in part.bad[1].message
+    assert "ops[2]" in part.bad[2].message

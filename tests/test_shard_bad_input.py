@@ -303,7 +303,6 @@ GARBAGE = [
 ]
 # session_id (field 2) that is not UTF-8; for Batch, inside ops[0].put
 BAD_UTF8 = b"\x12\x02\xff\xfe"
-BAD_UTF8_BY_METHOD = {"Batch": b"\x0a\x06\x12\x04" + BAD_UTF8}
 
 
 @pytest.mark.parametrize("method", ["Put", "Get", "Batch", "Append", "Txn"])
@@ -311,21 +310,140 @@ def test_malformed_protobuf_is_rejected_and_server_keeps_serving(
     shard: Conn, sentinel: Sentinel, method: str
 ) -> None:
     raw = shard.channel.unary_unary(f"/shardstate.v1.State/{method}")
-    for garbage in [*GARBAGE, BAD_UTF8_BY_METHOD.get(method, BAD_UTF8)]:
+    for garbage in [*GARBAGE, *([] if method == "Batch" else [BAD_UTF8])]:
         with pytest.raises(grpc.RpcError) as info:
             raw(garbage, timeout=T)
         # grpc-python's own deserializer failure would say INTERNAL; bad input is INVALID_ARGUMENT
         assert info.value.code() == INVALID, (garbage, info.value.code(), info.value.details())  # type: ignore[attr-defined]
+    if method != "Batch":
+        with pytest.raises(grpc.RpcError) as info:
+            raw(BAD_UTF8, timeout=T)
+        assert "session_id is not valid UTF-8" in info.value.details()  # type: ignore[attr-defined]
+    sentinel.check()
+
+
+def _op_bytes(op: state_pb2.BatchOp) -> bytes:
+    return op.SerializeToString()
+
+
+def _batch_bytes(ops: list[bytes]) -> bytes:
+    return b"".join(b"\x0a" + bytes([len(o)]) + o for o in ops)  # every op < 128 bytes
+
+
+def _bad_sid_put() -> bytes:
+    """A BatchOp{put{session_id=<not UTF-8>, key="k"}}: valid framing, invalid string."""
+    put = b"\x12\x02\xff\xfe\x1a\x01k"
+    return b"\x12" + bytes([len(put)]) + put
+
+
+def test_a_bad_op_in_a_batch_fails_alone_and_the_others_run(shard: Conn, sentinel: Sentinel) -> None:
+    sid = uid("batch-neighbour")
+    good = [_op_bytes(state_pb2.BatchOp(put=state_pb2.PutRequest(session_id=sid, key=f"k{i}", value=b"v")))
+            for i in range(3)]
+    truncated = good[0][:-3]
+    ops = [good[0], _bad_sid_put(), good[1], truncated, good[2]]
+    raw = shard.channel.unary_unary("/shardstate.v1.State/Batch")
+    resp = state_pb2.BatchResponse.FromString(raw(_batch_bytes(ops), timeout=T))
+    codes = [r.code for r in resp.results]
+    assert codes == [0, INVALID.value[0], 0, INVALID.value[0], 0], resp
+    assert "ops[1].put: session_id is not valid UTF-8" in resp.results[1].message
+    assert "ops[3]" in resp.results[3].message
+    for i in range(3):
+        assert shard.get(sid, f"k{i}").record.value == b"v"
+    sentinel.check()
+
+
+def test_pipeline_bad_ops_and_bad_messages_fail_alone_and_the_stream_goes_on(
+    shard: Conn, sentinel: Sentinel
+) -> None:
+    sid = uid("pipe-neighbour")
+    good = _op_bytes(state_pb2.BatchOp(put=state_pb2.PutRequest(session_id=sid, key="k", value=b"v")))
+    mixed = _batch_bytes([good, _bad_sid_put()])
+    msgs = [
+        b"\x08\x01\x12" + bytes([len(mixed)]) + mixed,  # id 1: one good op, one bad op
+        b"\x08\x02\x12\x40ab",  # id 2: its batch claims 64 bytes, has 2
+        state_pb2.PipelineRequest(id=3, batch=state_pb2.BatchRequest(
+            ops=[state_pb2.BatchOp(get=state_pb2.GetRequest(session_id=sid, key="k"))])).SerializeToString(),
+    ]
+    pipe = shard.channel.stream_stream("/shardstate.v1.State/Pipeline")
+    got = {r.id: r for r in map(state_pb2.PipelineResponse.FromString, pipe(iter(msgs), timeout=T))}
+    assert sorted(got) == [1, 2, 3]
+    assert got[1].code == 0 and [r.code for r in got[1].batch.results] == [0, INVALID.value[0]]
+    assert got[2].code == INVALID.value[0] and not got[2].batch.results
+    assert got[3].code == 0 and got[3].batch.results[0].get.record.value == b"v"
     sentinel.check()
 
 
 def test_malformed_protobuf_on_streams(shard: Conn, sentinel: Sentinel) -> None:
     pipe = shard.channel.stream_stream("/shardstate.v1.State/Pipeline")
-    with pytest.raises(grpc.RpcError) as info:
-        list(pipe(iter([GARBAGE[0]]), timeout=T))
-    assert info.value.code() == INVALID, info.value.details()  # type: ignore[attr-defined]
+    # A message that cannot be taken apart fails under id 0; the stream stays usable.
+    ok = state_pb2.PipelineRequest(id=9, batch=state_pb2.BatchRequest()).SerializeToString()
+    got = [state_pb2.PipelineResponse.FromString(r) for r in pipe(iter([GARBAGE[0], ok]), timeout=T)]
+    assert [(r.id, r.code) for r in got] == [(0, INVALID.value[0]), (9, 0)], got
     watch = shard.channel.unary_stream("/shardstate.v1.State/Watch")
     with pytest.raises(grpc.RpcError) as info:
         list(watch(GARBAGE[1], timeout=T))
     assert info.value.code() == INVALID, info.value.details()  # type: ignore[attr-defined]
+    sentinel.check()
+
+
+# ---- namespace, consistency, page tokens ----
+
+
+def test_namespace_has_a_length_limit(shard: Conn, sentinel: Sentinel) -> None:
+    assert shard.put(uid(), "k", b"v", ns="n" * 256).applied
+    for ns in ["n" * 257, "x" * 3_000_000]:
+        err = expect_error(INVALID, shard.put, uid(), "k", b"v", ns=ns)
+        assert "namespace" in err.message and "max_namespace_bytes=256" in err.message, err.message
+        err = expect_error(INVALID, shard.state.ListSessions, state_pb2.ListSessionsRequest(namespace=ns), timeout=T)
+        assert "max_namespace_bytes" in err.message
+    assert not [s for s in shard.state.ListSessions(state_pb2.ListSessionsRequest(), timeout=T).sessions
+                if len(s.namespace) > 256]
+    sentinel.check()
+
+
+@pytest.mark.parametrize("method", ["Get", "Scan", "ReadLog", "GetSession"])
+def test_unknown_consistency_is_invalid_naming_the_field(shard: Conn, sentinel: Sentinel, method: str) -> None:
+    sid = uid()
+    req: Any = {
+        "Get": state_pb2.GetRequest(session_id=sid, key="k", consistency=7),  # type: ignore[arg-type]
+        "Scan": state_pb2.ScanRequest(session_id=sid, consistency=7),  # type: ignore[arg-type]
+        "ReadLog": state_pb2.ReadLogRequest(session_id=sid, stream="s", consistency=7),  # type: ignore[arg-type]
+        "GetSession": state_pb2.GetSessionRequest(session_id=sid, consistency=7),  # type: ignore[arg-type]
+    }[method]
+    err = expect_error(INVALID, getattr(shard.state, method), req, timeout=T)
+    assert "consistency 7" in err.message and "EVENTUAL" in err.message, err.message
+    sentinel.check()
+
+
+def test_list_sessions_page_tokens_are_checked_and_page_through(shard: Conn, sentinel: Sentinel) -> None:
+    for bad in ["garbage!", "eyJ2IjoyfQ", "x" * 40]:
+        err = expect_error(INVALID, shard.state.ListSessions,
+                           state_pb2.ListSessionsRequest(page_token=bad), timeout=T)
+        assert "page_token" in err.message
+    ns = uid("pages")
+    sids = sorted(uid() for _ in range(7))
+    for s in sids:
+        shard.put(s, "k", b"v", ns=ns)
+    seen, token = [], ""
+    while True:
+        resp = shard.state.ListSessions(state_pb2.ListSessionsRequest(namespace=ns, limit=3, page_token=token), timeout=T)
+        seen += [s.session_id for s in resp.sessions]
+        token = resp.next_page_token
+        if not token:
+            break
+    assert seen == sids
+    sentinel.check()
+
+
+def test_unknown_compare_result_is_invalid_whether_or_not_the_key_exists(shard: Conn, sentinel: Sentinel) -> None:
+    sid = uid()
+    shard.put(sid, "present", b"v")
+    for key in ["present", "absent"]:
+        req = state_pb2.TxnRequest(
+            session_id=sid, compares=[state_pb2.Compare(result=9, key=key, version=1)],  # type: ignore[arg-type]
+            success=[state_pb2.TxnOp(put=state_pb2.PutRequest(key="w", value=b"x"))])
+        err = expect_error(INVALID, shard.state.Txn, req, timeout=T)
+        assert "compares[0].result 9" in err.message, err.message
+    assert not shard.get(sid, "w").found
     sentinel.check()

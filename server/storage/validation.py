@@ -2,14 +2,24 @@
 
 Empty or oversize names -> InvalidArgumentError naming the field and the limit; values, batches
 and sessions over a size limit -> LimitExceededError (RESOURCE_EXHAUSTED) naming the limit.
+
+The one module both sides use where they check the same thing: the router (which reads raw
+bytes) checks UTF-8 with `utf8` and decodes ListSessions page tokens with `decode_token`; the
+shard runs every check here before its ownership check, so an invalid request gets the same
+answer from a router, from the owning shard and from any other shard.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from shardstate.config import Limits
 from shardstate.errors import InvalidArgumentError, LimitExceededError
+from shardstate.v1 import state_pb2, types_pb2
 
 from . import encoding
 
@@ -43,16 +53,52 @@ def _name(value: str, field: str, limit_name: str, limit: int) -> bytes:
     return b
 
 
+def utf8(raw: bytes, field: str) -> str:
+    """A string field read as raw bytes (routers, malformed messages): its text, or
+    InvalidArgumentError naming the field when it is not UTF-8 (protobuf requires it)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{field} is not valid UTF-8 (byte {e.start} of {len(raw)})") from None
+
+
 def session_ref(namespace: str, session_id: str, limits: Limits) -> SessionRef:
-    ns = namespace or DEFAULT_NAMESPACE
-    nsb = ns.encode()
+    ns, nsb = namespace_bytes(namespace, limits)
     sidb = _name(session_id, "session_id", "max_session_id_bytes", limits.max_session_id_bytes)
     return SessionRef.of(ns, session_id, nsb, sidb)
 
 
-def namespace_bytes(namespace: str) -> tuple[str, bytes]:
+def namespace_bytes(namespace: str, limits: Limits | None = None) -> tuple[str, bytes]:
+    """"" is the namespace "default"; longer than max_namespace_bytes is invalid (checked when
+    `limits` is given)."""
     ns = namespace or DEFAULT_NAMESPACE
-    return ns, ns.encode()
+    nsb = ns.encode()
+    if limits is not None and len(nsb) > limits.max_namespace_bytes:
+        _name(ns, "namespace", "max_namespace_bytes", limits.max_namespace_bytes)
+    return ns, nsb
+
+
+CONSISTENCIES = {v.number: v.name for v in types_pb2.Consistency.DESCRIPTOR.values}
+COMPARE_RESULTS = {v.number: v.name for v in state_pb2.Compare.Result.DESCRIPTOR.values}
+
+
+def _enum(value: int, field: str, known: dict[int, str]) -> int:
+    if value not in known:
+        names = ", ".join(f"{n} ({v})" for v, n in sorted(known.items()))
+        raise InvalidArgumentError(f"{field} {value} is not one of {names}")
+    return value
+
+
+def consistency(value: int) -> int:
+    """A read's `consistency`: an enum value this server knows, else InvalidArgumentError (an
+    unknown value must not be served as some other level)."""
+    return _enum(value, "consistency", CONSISTENCIES)
+
+
+def compares(cmps: Any) -> None:
+    """Every Txn compare's `result` is a Compare.Result this server knows."""
+    for i, c in enumerate(cmps):
+        _enum(c.result, f"compares[{i}].result", COMPARE_RESULTS)
 
 
 def key_bytes(key: str, limits: Limits, field: str = "key") -> bytes:
@@ -84,3 +130,39 @@ def ttl(ms: int, field: str) -> int:
     if ms > MAX_TTL_MS:
         raise InvalidArgumentError(f"{field} is {ms} ms, over the maximum {MAX_TTL_MS} ms (100 years)")
     return ms
+
+
+# ---- ListSessions page tokens (one format at routers and shards) ----
+#
+# token = urlsafe-base64 (unpadded) of JSON {"v": 1, "after": LAST_ID, "done": [SHARD_ID, ...]}
+#
+# The listing resumes after LAST_ID; `done` names the shards a router need not ask again (a
+# shard's own tokens have it empty). Anything else is INVALID_ARGUMENT, at a router and a shard.
+
+
+@dataclass
+class Cursor:
+    after: str = ""
+    done: set[str] = field(default_factory=set)
+
+
+def encode_token(cursor: Cursor) -> str:
+    raw = json.dumps({"v": 1, "after": cursor.after, "done": sorted(cursor.done)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_token(token: str) -> Cursor:
+    if not token:
+        return Cursor()
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.get("v") != 1:
+            raise ValueError("unknown version")
+        after, done = data["after"], data["done"]
+        if not isinstance(after, str) or not isinstance(done, list) or not all(isinstance(d, str) for d in done):
+            raise ValueError("bad fields")
+        after.encode()  # a lone surrogate from JSON escapes is no session id
+    except (ValueError, KeyError, binascii.Error, UnicodeError, RecursionError) as e:
+        raise InvalidArgumentError(f"page_token is not a ListSessions page token ({e})") from None
+    return Cursor(after, set(done))
