@@ -185,11 +185,24 @@ class StateService:
         return reply
 
     async def replicated(self, before: int, replayed: bool = False) -> None:
-        """With --min-replica-acks: a call that wrote (the revision moved past `before`, or a
-        replayed write) waits until enough replicas applied everything up to now."""
+        """With --min-replica-acks: every answer waits until enough replicas applied everything
+        up to now — a write's ack, and a read's too, so that no read shows a write that a
+        failover could lose (returns at once when nothing is waiting to be acknowledged)."""
         barrier = self.ack_barrier
-        if barrier is not None and (self.engine.store.committed > before or replayed):
-            await barrier(self.engine.store.committed)
+        if barrier is None:
+            return
+        committed = self.engine.store.committed
+        if committed > before or replayed:
+            await barrier(committed)
+            return
+        try:
+            await barrier(committed)
+        except errors.UnavailableError:
+            raise errors.UnavailableError(
+                f"this read would show writes up to revision {committed} that fewer replicas "
+                "acknowledged than --min-replica-acks requires, so a failover could lose them; "
+                "nothing was changed, retry once a replica has caught up"
+            ) from None
 
     async def batch(
         self, req: state_pb2.BatchRequest | Partial, out: state_pb2.BatchResponse | None = None

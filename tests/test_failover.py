@@ -340,11 +340,6 @@ def test_async_failover_reuses_seqs_and_counter_values_and_the_audit_says_which(
     assert status(primary.address).diverged_writes == 4
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect in server/service.py (owned by another helper): with --min-replica-acks a strong "
-    "read (and a failed CAS's current record) is answered without the ack barrier, so it can "
-    "show a write no replica has and that a failover then loses; fix: StateService.replicated "
-    "waits for the barrier on every call of a primary, not only after a write"))
 def test_semi_sync_strong_read_never_shows_a_write_a_failover_can_lose(procs: Procs) -> None:
     """A read must not return a version that a later read, after kill -9 + promote, does not
     see (tests/faults/linearizability.py: read_regress)."""
