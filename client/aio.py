@@ -167,9 +167,10 @@ class AsyncClient:
                     resp = await conn.submit(field, call.request, timeout)  # type: ignore[arg-type]
                 else:
                     resp = await self._unary(call, address)
-            except ShardstateError as exc:
-                if conn is not None and conn.mode == UNARY and isinstance(exc, UnimplementedError):
+            except ShardstateError as e:
+                if conn is not None and conn.mode == UNARY and isinstance(e, UnimplementedError):
                     continue  # the server has neither Pipeline nor Batch: unary calls from now on
+                exc = core.pool.explain(address, e)
                 failures += 1
                 delay = core.failed(address, exc, failures)
                 if delay:
