@@ -13,16 +13,18 @@ A broken stream fails its in-flight ops with UnavailableError; the retry policy 
 (same request_ids, so nothing applies twice) and the next flush opens a new stream.
 
 A batch is answered whole, so an op to a healthy shard in a batch with an op to a slow shard
-waits for the slow one. A batch in flight may hold its ops back for `hold_s` at most: then its
-ops are re-sent as one batch per owning shard (the cluster map from the address tells which,
-fetched then; same request_ids, so nothing applies twice, and the first answer wins), and ops
-to the shards that were in it go in batches of their own until the shard has answered within
-`hold_s` for a while. Healthy, every batch stays whole.
+waits for the slow one. A batch in flight may hold its ops back for `hold_s` at most (or 20
+times the usual answer time, when that is longer: an overloaded cluster, slow everywhere, gets
+no extra work from this): then its ops are re-sent as one batch per owning shard (the cluster
+map from the address tells which, fetched then; same request_ids, so nothing applies twice,
+and the first answer wins), and ops to the shards that were in it go in batches of their own
+until the shard has not held a batch back for CALM_S. Healthy, every batch stays whole.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -46,6 +48,8 @@ _ID_TAG, _BATCH_TAG = b"\x08", b"\x12"  # PipelineRequest.id = 1, .batch = 2
 _NEVER = float("inf")
 HOLD_S = 0.3  # the longest a batch in flight holds back its ops before they go per shard
 CALM_S = 1.0  # a shard answering within HOLD_S for this long has its ops batched with others again
+USUAL_FACTOR = 20.0  # held back means unanswered for this many times the usual answer time ...
+USUAL_WEIGHT = 0.05  # ... an exponentially weighted mean of the answer times
 VIEW_TTL_S = 5.0  # a cluster map fetched for splitting is fetched again when older
 # BatchOp oneof name -> {request length: what precedes the request in BatchRequest.ops}
 _OP_HEADS: dict[str, dict[int, bytes]] = {name: {} for name in _OP_NUMBER}
@@ -117,13 +121,13 @@ class _Sent:
         self.body = body  # the serialized BatchRequest, kept for a resend as a unary Batch
         self.timer: asyncio.TimerHandle | None = None
         self.shard = shard  # the one shard owning every op, when the batch was split by shard
-        self.at = 0.0  # loop time it was sent
-        self.answered = False
+        self.at = 0.0  # time.monotonic() when it was sent
+        self.answered = 0.0  # time.monotonic() when it was answered (0: not yet)
         self.rescued = False  # its ops were re-sent per shard after it held them back too long
 
     def deliver(self, results: Any) -> None:
         """Resolve each op with its response message, or its error."""
-        self.answered = True
+        self.answered = time.monotonic()
         if self.timer is not None:
             self.timer.cancel()
         ops = self.ops
@@ -144,7 +148,7 @@ class _Sent:
                 pass  # expired or cancelled meanwhile
 
     def fail(self, exc: BaseException) -> None:
-        self.answered = True
+        self.answered = time.monotonic()
         if self.timer is not None:
             self.timer.cancel()
         for op in self.ops:
@@ -256,6 +260,7 @@ class Conn:
         self._flight: deque[_Sent] = deque()  # batches sent, oldest first (answered ones pruned)
         self._watch: asyncio.TimerHandle | None = None
         self._split: dict[str, float] = {}  # shard id -> when it was last seen holding ops back
+        self._usual = 0.0  # the usual answer time of a batch (USUAL_WEIGHT)
         self.rescued = 0  # ops re-sent per shard because their batch held them back
 
     def submit(self, field: str, request: Any, timeout: float | None) -> asyncio.Future[Any]:
@@ -322,11 +327,11 @@ class Conn:
         self.batches += 1
         self.ops += len(sent.ops)
         self._arm(sent, earliest)
-        assert self._loop is not None
-        sent.at = self._loop.time()
+        sent.at = time.monotonic()
         self._flight.append(sent)
         if self._watch is None:
-            self._watch = self._loop.call_at(sent.at + self.hold_s, self._check_held)
+            assert self._loop is not None
+            self._watch = self._loop.call_later(self.hold_s, self._check_held)
         if self.mode == PIPELINE:
             if self._stream is None or self._stream.broken:
                 assert self._loop is not None
@@ -362,20 +367,26 @@ class Conn:
             stream.abandon(errors.UnavailableError(f"the pipeline stream gave no answer for {longest} s"))
 
     def _check_held(self) -> None:
-        """Every hold_s while batches are in flight: a batch of several shards' ops unanswered
-        for hold_s has its ops re-sent per shard, and its shards' ops go apart for a while."""
+        """Every hold_s while batches are in flight: a batch of several shards' ops held back
+        (unanswered for hold_s, or USUAL_FACTOR times the usual answer time when longer) has
+        its ops re-sent per shard, and its shards' ops go apart until they stop holding back."""
         assert self._loop is not None
         self._watch = None
-        now = self._loop.time()
+        now = time.monotonic()
         flight = self._flight
+        usual = self._usual
         while flight and flight[0].answered:
-            flight.popleft()
+            sent = flight.popleft()
+            if sent.shard is None and not sent.rescued:  # whole batches: not a slow shard's own
+                usual += USUAL_WEIGHT * (sent.answered - sent.at - usual)
+        self._usual = usual
         if not flight:
             self._split.clear()
             return
+        hold = max(self.hold_s, USUAL_FACTOR * usual)
         held: list[_Sent] = []
         for sent in flight:
-            if now - sent.at < self.hold_s:
+            if now - sent.at < hold:
                 break  # sent in order: the rest are younger
             if sent.answered:
                 continue
@@ -391,7 +402,7 @@ class Conn:
                 self._refresh_view(now)
             if self._view is not None:
                 self._rescue(held, now)
-        self._watch = self._loop.call_at(now + self.hold_s, self._check_held)
+        self._watch = self._loop.call_later(self.hold_s, self._check_held)
 
     def _rescue(self, held: list[_Sent], now: float) -> None:
         for sent in held:
