@@ -11,6 +11,7 @@ from shardstate.aio import AsyncClient, AsyncSession
 from shardstate.batch import Batch
 from shardstate.client import Client, Session
 from shardstate.errors import (
+    ClientClosedError,
     ConflictError,
     DeadlineExceededError,
     HistoryCompactedError,
@@ -32,6 +33,7 @@ __all__ = [
     "Batch",
     "Change",
     "Client",
+    "ClientClosedError",
     "ConflictError",
     "ConstantBackoff",
     "DeadlineExceededError",

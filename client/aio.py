@@ -25,8 +25,9 @@ from shardstate.channels import (
     parse_addresses,
 )
 from shardstate.client import DEFAULT_TIMEOUT_S
+from shardstate.clustermap import ClusterView
 from shardstate.errors import ConflictError, ShardstateError, UnimplementedError
-from shardstate.pipeline import UNARY, Mux, raw_pipeline
+from shardstate.pipeline import HOLD_S, UNARY, Mux, raw_pipeline
 from shardstate.protocol import (
     Call,
     ClientCore,
@@ -42,16 +43,20 @@ from shardstate.protocol import (
 from shardstate.records import Change, Entry, Record, SessionInfo
 from shardstate.retry import Retry
 from shardstate.txn import Txn, TxnResult
+from shardstate.v1 import admin_pb2, admin_pb2_grpc
 from shardstate.versions import UNKNOWN
 
 T = TypeVar("T")
+VIEW_TIMEOUT_S = 5.0
 
 
 class AsyncClient:
     """asyncio connection to one or more routers (or shards); use from one event loop.
 
-    Keywords as Client, plus `batching` (coalesce concurrent ops into Pipeline batches) and
-    `max_batch_ops` (largest batch sent)."""
+    Keywords as Client, plus `batching` (coalesce concurrent ops into Pipeline batches),
+    `max_batch_ops` (largest batch sent) and `batch_hold_s` (the longest a batch in flight may
+    hold its ops back before they are re-sent per shard, so a slow shard does not stall ops to
+    the others; shardstate.pipeline)."""
 
     def __init__(
         self,
@@ -62,6 +67,7 @@ class AsyncClient:
         retry: Retry | None = None,
         batching: bool = True,
         max_batch_ops: int = 1000,
+        batch_hold_s: float = HOLD_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
@@ -71,7 +77,8 @@ class AsyncClient:
         self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache)
         self._channels = AsyncChannels(channel_options(max_message_bytes, options), credentials)
         self._max_batch_ops = max_batch_ops
-        self._mux = (Mux(self._channels.stub, self._pipeline, max_batch_ops, self._core.timeout)
+        self._mux = (Mux(self._channels.stub, self._pipeline, max_batch_ops, self._core.timeout,
+                         self._cluster_view, codec.timeout(batch_hold_s, "batch_hold_s") or HOLD_S)
                      if batching else None)
 
     # ---- public surface ----
@@ -132,6 +139,16 @@ class AsyncClient:
     def _pipeline(self, address: str) -> Any:
         return raw_pipeline(self._channels.channel(address))
 
+    async def _cluster_view(self, address: str) -> ClusterView | None:
+        """The cluster map as `address` knows it (None when it cannot tell): which shard owns
+        which session, for splitting a held-back batch by shard."""
+        try:
+            pb = await admin_pb2_grpc.AdminStub(self._channels.channel(address)).GetClusterMap(
+                admin_pb2.GetClusterMapRequest(), timeout=VIEW_TIMEOUT_S)
+        except grpc.RpcError:
+            return None
+        return ClusterView.of(pb) if pb.shards else None
+
     async def _call(self, call: Call) -> Any:
         """One logical call with retries (ClientCore decides them): its response message.
         Ops that can ride in a batch go through the address's batching Conn."""
@@ -150,9 +167,10 @@ class AsyncClient:
                     resp = await conn.submit(field, call.request, timeout)  # type: ignore[arg-type]
                 else:
                     resp = await self._unary(call, address)
-            except ShardstateError as exc:
-                if conn is not None and conn.mode == UNARY and isinstance(exc, UnimplementedError):
+            except ShardstateError as e:
+                if conn is not None and conn.mode == UNARY and isinstance(e, UnimplementedError):
                     continue  # the server has neither Pipeline nor Batch: unary calls from now on
+                exc = core.pool.explain(address, e)
                 failures += 1
                 delay = core.failed(address, exc, failures)
                 if delay:

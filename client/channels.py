@@ -15,12 +15,24 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from shardstate.errors import InvalidArgumentError
+from shardstate.errors import (
+    ClientClosedError,
+    InvalidArgumentError,
+    ShardstateError,
+    UnavailableError,
+)
 from shardstate.v1 import state_pb2_grpc
 
 MiB = 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB  # above the server's request limit, so the server names it
 DOWN_FOR_S = 1.0
+CLOSED = "the client is closed; calls after close() need a new client"
+# gRPC's text for a connection that could not be made: refused at first, then (its poll-based
+# client endpoint, grpc_env) "FD Shutdown (connect() timed out)" or "tcp handshaker shutdown"
+# for the same refused connection while it backs off.
+_CONNECT_FAILED = "failed to connect"
+_REFUSED = "Connection refused"
+_BACKING_OFF = ("FD Shutdown", "handshaker shutdown")
 
 
 def parse_addresses(addresses: str | Iterable[str]) -> tuple[str, ...]:
@@ -64,6 +76,23 @@ class AddressPool:
         self.down_for = down_for
         self._counter = itertools.count()  # next() on a count is atomic under the GIL
         self._down_until: dict[str, float] = {}
+        self._refused: set[str] = set()  # addresses whose last connect attempt was refused
+
+    def explain(self, address: str, exc: ShardstateError) -> ShardstateError:
+        """A failure to connect said plainly, naming the address; any other error as it is."""
+        if not isinstance(exc, UnavailableError) or _CONNECT_FAILED not in exc.message:
+            return exc
+        msg = exc.message
+        if _REFUSED in msg:
+            self._refused.add(address)
+            reason = "connection refused (is a router or shard listening there?)"
+        elif address in self._refused and any(s in msg for s in _BACKING_OFF):
+            reason = "connection refused (is a router or shard listening there?)"
+        else:
+            reason = msg.split("last error: ", 1)[-1]
+        out = UnavailableError(f"cannot connect to {address}: {reason}")
+        out.__cause__ = exc
+        return out
 
     def pick(self) -> str:
         n = len(self.addresses)
@@ -82,6 +111,7 @@ class AddressPool:
         self._down_until[address] = time.monotonic() + self.down_for
 
     def mark_up(self, address: str) -> None:
+        self._refused.discard(address)
         if address in self._down_until:
             self._down_until.pop(address, None)
 
@@ -103,11 +133,14 @@ class SyncChannels:
         self._stubs: dict[str, state_pb2_grpc.StateStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
+        self.closed = False
 
     def stub(self, address: str) -> state_pb2_grpc.StateStub:
         stub = self._stubs.get(address)
         if stub is None:
             with self._lock:
+                if self.closed:
+                    raise ClientClosedError(CLOSED)
                 stub = self._stubs.get(address)
                 if stub is None:
                     if self._credentials is not None:
@@ -120,6 +153,7 @@ class SyncChannels:
 
     def close(self) -> None:
         with self._lock:
+            self.closed = True
             for ch in self._channels:
                 ch.close()
             self._channels.clear()
@@ -135,10 +169,13 @@ class AsyncChannels:
         self._credentials = credentials
         self._stubs: dict[str, state_pb2_grpc.StateStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.closed = False
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
+            if self.closed:
+                raise ClientClosedError(CLOSED)
             if self._credentials is not None:
                 ch = grpc.aio.secure_channel(address, self._credentials, options=self._options)
             else:
@@ -153,6 +190,7 @@ class AsyncChannels:
         return stub
 
     async def close(self) -> None:
+        self.closed = True
         channels, self._channels = self._channels, {}
         self._stubs.clear()
         for ch in channels.values():

@@ -7,6 +7,7 @@ and only when their subcommand runs, so `import shardstate` stays light.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module, function taking argv); each module owns its own argparse.
@@ -14,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dev": ("shardstate.dev", "main", "start a whole local cluster (shards, replicas, a router)"),
     "shard": ("shardstate.server.main", "main", "run one shard server (primary or replica)"),
     "router": ("shardstate.router.main", "main", "run one router"),
-    "admin": ("shardstate.admin", "main", "cluster administration: status, add/remove shard, promote"),
+    "admin": ("shardstate.admin", "main", "cluster administration: status, map, promote"),
     "bench": ("shardstate.bench.cli", "main", "load a cluster and print throughput and latency"),
     "get": ("shardstate.poke", "get_main", "print one key of a session"),
     "put": ("shardstate.poke", "put_main", "write one key of a session"),
@@ -23,16 +24,43 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def usage() -> str:
-    lines = ["usage: shardstate COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: shardstate COMMAND [ARGS...]  |  shardstate --version", "", "commands:"]
     lines += [f"  {name:<8} {help}" for name, (_, _, help) in COMMANDS.items()]
     lines += ["", "`shardstate COMMAND --help` for the options of one command."]
     return "\n".join(lines)
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("shardstate")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        # The reader went away (`shardstate ls | head`): stop quietly, as Unix tools do when
+        # SIGPIPE ends them; stdout goes to /dev/null so the exit-time flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13  # 128 + SIGPIPE, what a shell reports for a tool SIGPIPE ended
+
+
+def _main(args: list[str]) -> int:
+    if not args:
+        print(usage(), file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if args[0] in ("-V", "--version", "version"):
+        print(f"shardstate {version()}")
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:

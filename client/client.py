@@ -123,7 +123,7 @@ class Client:
             try:
                 return method(call.request, timeout=timeout)
             except grpc.RpcError as e:
-                raise errors.from_rpc_error(e) from e
+                raise self._core.pool.explain(instr.address, errors.from_rpc_error(e)) from e
         if isinstance(instr, Sleep):
             time.sleep(instr.seconds)
             return None

@@ -6,6 +6,7 @@ status back into the same exception with `from_rpc_error()`. Nothing else maps c
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
@@ -151,6 +152,12 @@ class DeadlineExceededError(TransientError):
 # ---- raised by the client library itself ----
 
 
+class ClientClosedError(ShardstateError):
+    """A call on a Client or AsyncClient after its close(): make a new client instead."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class ConflictError(ShardstateError):
     """A compare-and-swap did not match; `current` is the record as it is now (None if absent)."""
 
@@ -191,6 +198,25 @@ def code_from_int(code: int) -> grpc.StatusCode:
     return _INT_TO_CODE.get(code, grpc.StatusCode.UNKNOWN)
 
 
+# gRPC itself refuses a message over its size limit, before shardstate sees it, with a bare
+# RESOURCE_EXHAUSTED; these name the limit like every other one. Servers and routers let gRPC
+# take max_request_bytes plus this much envelope (server/main.py, router/main.py).
+RECEIVE_SLACK_BYTES = 64 * 1024
+_GRPC_SIZE = re.compile(r"(SERVER|CLIENT): (Received|Sent) message larger than max \((\d+) vs\. (\d+)\)")
+
+
+def _size_limit(message: str) -> LimitExceededError | None:
+    m = _GRPC_SIZE.search(message)
+    if m is None:
+        return None
+    side, verb, actual, cap = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+    if side == "SERVER":
+        limit = max(cap - RECEIVE_SLACK_BYTES, 0)
+        return LimitExceededError.of("max_request_bytes", limit, actual, "the request message (bytes)")
+    what = "the request message (bytes)" if verb == "Sent" else "the response message (bytes)"
+    return LimitExceededError.of("max_message_bytes", cap, actual, f"{what}, the client's limit,")
+
+
 def from_status(code: grpc.StatusCode | int, message: str, details: list[Any] | None = None) -> ShardstateError:
     """Build the exception for a status code, message and unpacked typed details."""
     if isinstance(code, int):
@@ -199,6 +225,10 @@ def from_status(code: grpc.StatusCode | int, message: str, details: list[Any] | 
         cls = DETAIL_TO_ERROR.get(type(d))
         if cls is not None:
             return cls(message, detail=d)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        sized = _size_limit(message)
+        if sized is not None:
+            return sized
     return CODE_TO_ERROR.get(code, ShardstateError)(message)
 
 

@@ -11,17 +11,28 @@ Fallbacks, per address: a server without Pipeline gets the same batches as unary
 calls; without Batch either, `mode` turns UNARY and callers make plain unary calls.
 A broken stream fails its in-flight ops with UnavailableError; the retry policy resends them
 (same request_ids, so nothing applies twice) and the next flush opens a new stream.
+
+A batch is answered whole, so an op to a healthy shard in a batch with an op to a slow shard
+waits for the slow one. A batch in flight may hold its ops back for `hold_s` at most (or 20
+times the usual answer time, when that is longer: an overloaded cluster, slow everywhere, gets
+no extra work from this): then its ops are re-sent as one batch per owning shard (the cluster
+map from the address tells which, fetched then; same request_ids, so nothing applies twice,
+and the first answer wins), and ops to the shards that were in it go in batches of their own
+until the shard has not held a batch back for CALM_S. Healthy, every batch stays whole.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from shardstate import codec, errors
+from shardstate.clustermap import ClusterView
 from shardstate.errors import DeadlineExceededError, ShardstateError, UnimplementedError
 from shardstate.protowire import field_head, varint
 from shardstate.v1 import state_pb2, state_pb2_grpc
@@ -35,6 +46,11 @@ _ID_TAG, _BATCH_TAG = b"\x08", b"\x12"  # PipelineRequest.id = 1, .batch = 2
 
 
 _NEVER = float("inf")
+HOLD_S = 0.3  # the longest a batch in flight holds back its ops before they go per shard
+CALM_S = 1.0  # a shard answering within HOLD_S for this long has its ops batched with others again
+USUAL_FACTOR = 20.0  # held back means unanswered for this many times the usual answer time ...
+USUAL_WEIGHT = 0.05  # ... an exponentially weighted mean of the answer times
+VIEW_TTL_S = 5.0  # a cluster map fetched for splitting is fetched again when older
 # BatchOp oneof name -> {request length: what precedes the request in BatchRequest.ops}
 _OP_HEADS: dict[str, dict[int, bytes]] = {name: {} for name in _OP_NUMBER}
 
@@ -76,18 +92,42 @@ def _stream_error(exc: ShardstateError) -> ShardstateError:
 Pending = tuple[str, Any, "asyncio.Future[Any]", float | None, float]
 
 
+def _encode(pending: list[Pending]) -> tuple[list[Pending], bytes]:
+    """The ops still wanted (not cancelled or expired) and their BatchRequest bytes: each op's
+    serialized request framed as a BatchOp."""
+    parts: list[bytes] = []
+    add = parts.append
+    dropped = False
+    for field, request, fut, _, _ in pending:
+        if fut.done():  # cancelled (or expired) before it left
+            dropped = True
+            continue
+        data = request.SerializeToString()
+        n = len(data)
+        add(_OP_HEADS[field].get(n) or _op_head(field, n))
+        add(data)
+    if dropped:
+        pending = [p for p in pending if not p[2].done()]
+    return pending, b"".join(parts)
+
+
 class _Sent:
     """The ops of one batch in flight: answered together, each op failing on its own."""
 
-    __slots__ = ("body", "ops", "timer")
+    __slots__ = ("answered", "at", "body", "ops", "rescued", "shard", "timer")
 
-    def __init__(self, ops: list[Pending], body: bytes) -> None:
+    def __init__(self, ops: list[Pending], body: bytes, shard: str | None = None) -> None:
         self.ops = ops
         self.body = body  # the serialized BatchRequest, kept for a resend as a unary Batch
         self.timer: asyncio.TimerHandle | None = None
+        self.shard = shard  # the one shard owning every op, when the batch was split by shard
+        self.at = 0.0  # time.monotonic() when it was sent
+        self.answered = 0.0  # time.monotonic() when it was answered (0: not yet)
+        self.rescued = False  # its ops were re-sent per shard after it held them back too long
 
     def deliver(self, results: Any) -> None:
         """Resolve each op with its response message, or its error."""
+        self.answered = time.monotonic()
         if self.timer is not None:
             self.timer.cancel()
         ops = self.ops
@@ -108,6 +148,7 @@ class _Sent:
                 pass  # expired or cancelled meanwhile
 
     def fail(self, exc: BaseException) -> None:
+        self.answered = time.monotonic()
         if self.timer is not None:
             self.timer.cancel()
         for op in self.ops:
@@ -194,7 +235,9 @@ class Conn:
     """The batching state for one address."""
 
     def __init__(self, stub: state_pb2_grpc.StateStub, pipeline: Any, max_ops: int,
-                 timeout: float | None) -> None:
+                 timeout: float | None,
+                 fetch_view: Callable[[], Awaitable[ClusterView | None]] | None = None,
+                 hold_s: float = HOLD_S) -> None:
         self.stub = stub
         self.pipeline = pipeline
         self.max_ops = max_ops
@@ -208,6 +251,17 @@ class Conn:
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # batches sent, ops in them: how well calls coalesce
         self.ops = 0
+        # Keeping a slow shard from holding back the others (the module docstring):
+        self.hold_s = hold_s
+        self._fetch_view = fetch_view
+        self._view: ClusterView | None = None
+        self._view_at = -_NEVER  # loop time the view was fetched (or its fetch failed)
+        self._fetching = False
+        self._flight: deque[_Sent] = deque()  # batches sent, oldest first (answered ones pruned)
+        self._watch: asyncio.TimerHandle | None = None
+        self._split: dict[str, float] = {}  # shard id -> when it was last seen holding ops back
+        self._usual = 0.0  # the usual answer time of a batch (USUAL_WEIGHT)
+        self.rescued = 0  # ops re-sent per shard because their batch held them back
 
     def submit(self, field: str, request: Any, timeout: float | None) -> asyncio.Future[Any]:
         """One op into the next batch: a future of its response message (or its error),
@@ -238,30 +292,46 @@ class Conn:
             self._send_pending()
 
     def _send_pending(self) -> None:
-        """The pending ops as one batch: each op's serialized request framed as a BatchOp."""
+        """The pending ops as one batch; ops to a shard that held a batch back go apart, one
+        batch per such shard."""
         pending, earliest = self._pending, self._earliest
         self._pending, self._earliest = [], _NEVER
-        parts: list[bytes] = []
-        add = parts.append
-        dropped = False
-        for field, request, fut, _, _ in pending:
-            if fut.done():  # cancelled (or expired) before it left
-                dropped = True
-                continue
-            data = request.SerializeToString()
-            n = len(data)
-            add(_OP_HEADS[field].get(n) or _op_head(field, n))
-            add(data)
-        if dropped:
-            pending = [p for p in pending if not p[2].done()]
-            if not pending:
-                return
-        self._send(_Sent(pending, b"".join(parts)), earliest)
+        if self._split and self._view is not None:
+            self._send_split(pending)
+            return
+        pending, body = _encode(pending)
+        if pending:
+            self._send(_Sent(pending, body), earliest)
+
+    def _owner(self, request: Any) -> str:
+        assert self._view is not None
+        try:
+            return self._view.ring.owner(request.namespace, request.session_id)
+        except LookupError:
+            return ""
+
+    def _send_split(self, pending: list[Pending]) -> None:
+        split = self._split
+        groups: dict[str | None, list[Pending]] = {}
+        for p in pending:
+            sid: str | None = self._owner(p[1])
+            if sid not in split:
+                sid = None  # batched with the other healthy shards' ops
+            groups.setdefault(sid, []).append(p)
+        for sid, ops in groups.items():
+            ops, body = _encode(ops)
+            if ops:
+                self._send(_Sent(ops, body, sid))
 
     def _send(self, sent: _Sent, earliest: float | None = None) -> None:
         self.batches += 1
         self.ops += len(sent.ops)
         self._arm(sent, earliest)
+        sent.at = time.monotonic()
+        self._flight.append(sent)
+        if self._watch is None:
+            assert self._loop is not None
+            self._watch = self._loop.call_later(self.hold_s, self._check_held)
         if self.mode == PIPELINE:
             if self._stream is None or self._stream.broken:
                 assert self._loop is not None
@@ -296,6 +366,80 @@ class Conn:
         if longest and stream is not None and stream.silent_for(now) >= longest:
             stream.abandon(errors.UnavailableError(f"the pipeline stream gave no answer for {longest} s"))
 
+    def _check_held(self) -> None:
+        """Every hold_s while batches are in flight: a batch of several shards' ops held back
+        (unanswered for hold_s, or USUAL_FACTOR times the usual answer time when longer) has
+        its ops re-sent per shard, and its shards' ops go apart until they stop holding back."""
+        assert self._loop is not None
+        self._watch = None
+        now = time.monotonic()
+        flight = self._flight
+        usual = self._usual
+        while flight and flight[0].answered:
+            sent = flight.popleft()
+            if sent.shard is None and not sent.rescued:  # whole batches: not a slow shard's own
+                usual += USUAL_WEIGHT * (sent.answered - sent.at - usual)
+        self._usual = usual
+        if not flight:
+            self._split.clear()
+            return
+        hold = max(self.hold_s, USUAL_FACTOR * usual)
+        held: list[_Sent] = []
+        for sent in flight:
+            if now - sent.at < hold:
+                break  # sent in order: the rest are younger
+            if sent.answered:
+                continue
+            if sent.shard is not None:
+                self._split[sent.shard] = now  # still slow
+            elif not sent.rescued:
+                held.append(sent)
+        for sid, since in list(self._split.items()):
+            if now - since >= CALM_S:
+                del self._split[sid]
+        if held:
+            if self._view is None or now - self._view_at >= VIEW_TTL_S:
+                self._refresh_view(now)
+            if self._view is not None:
+                self._rescue(held, now)
+        self._watch = self._loop.call_later(self.hold_s, self._check_held)
+
+    def _rescue(self, held: list[_Sent], now: float) -> None:
+        for sent in held:
+            sent.rescued = True
+            groups: dict[str, list[Pending]] = {}
+            for p in sent.ops:
+                if not p[2].done():
+                    groups.setdefault(self._owner(p[1]), []).append(p)
+            for sid in groups:
+                self._split[sid] = now
+            if len(groups) < 2:
+                continue  # one shard's ops only: nothing else waits on them
+            for sid, ops in groups.items():
+                ops, body = _encode(ops)
+                if ops:
+                    self.rescued += len(ops)
+                    self._send(_Sent(ops, body, sid))
+
+    def _refresh_view(self, now: float) -> None:
+        if self._fetch_view is None or self._fetching:
+            return
+        self._fetching = True
+        self._view_at = now
+
+        async def fetch() -> None:
+            try:
+                view = await self._fetch_view()  # type: ignore[misc]
+            finally:
+                self._fetching = False
+            if view is not None:
+                self._view = view
+                if self._watch is not None:  # act on it now rather than at the next check
+                    self._watch.cancel()
+                    self._check_held()
+
+        self._spawn(fetch())
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -321,6 +465,9 @@ class Conn:
         sent.deliver(resp.results)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._stream is not None:
             self._stream.close()
         for t in list(self._tasks):
@@ -334,23 +481,31 @@ class Mux:
 
     def __init__(self, stub_for: Callable[[str], state_pb2_grpc.StateStub],
                  pipeline_for: Callable[[str], Any], max_ops: int = 1000,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None,
+                 view_for: Callable[[str], Awaitable[ClusterView | None]] | None = None,
+                 hold_s: float = HOLD_S) -> None:
         self._stub_for = stub_for
         self._pipeline_for = pipeline_for
         self._max_ops = max_ops
         self._timeout = timeout
+        self._view_for = view_for
+        self._hold_s = hold_s
         self._conns: dict[str, Conn] = {}
 
     def conn(self, address: str) -> Conn:
         conn = self._conns.get(address)
         if conn is None:
+            view_for = self._view_for
+            fetch = (lambda: view_for(address)) if view_for is not None else None
             conn = self._conns[address] = Conn(self._stub_for(address), self._pipeline_for(address),
-                                               self._max_ops, self._timeout)
+                                               self._max_ops, self._timeout, fetch, self._hold_s)
         return conn
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per address: mode, batches sent, ops sent (resends after a fallback included)."""
-        return {a: {"mode": c.mode, "batches": c.batches, "ops": c.ops} for a, c in self._conns.items()}
+        """Per address: mode, batches sent, ops sent (resends after a fallback and ops re-sent
+        per shard after their batch held them back included), and those re-sent ops."""
+        return {a: {"mode": c.mode, "batches": c.batches, "ops": c.ops, "rescued": c.rescued}
+                for a, c in self._conns.items()}
 
     def close(self) -> None:
         for conn in self._conns.values():
