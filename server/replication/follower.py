@@ -129,7 +129,12 @@ class Follower:
                     backoff = BACKOFF_MIN_S
                     continue
                 except asyncio.CancelledError:
-                    raise
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise  # this follower is being stopped
+                    # The watchdog cancelled a silent stream's call (its pending read raises
+                    # CancelledError): the primary stopped answering; reconnect like any failure.
+                    self.error = f"{target}: no message from the primary for {DEAD_AFTER_S:g}s"
                 except grpc.RpcError as e:
                     err = errors.from_rpc_error(e)
                     self.error = f"{target}: {err.code.name} {err.message}"

@@ -4,6 +4,11 @@ primary's), and an eventual read from it sees every writer's last acknowledged w
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
+from shardstate.server.replication.follower import DEAD_AFTER_S
 from tests.faults.report import Tally, fault_line
 from tests.faults.test_failover import lost_writes
 from tests.procs import Procs
@@ -50,3 +55,46 @@ def test_kill_replica_under_load(procs: Procs) -> None:
     fault_line(t)
     assert load.ack_count >= 600 and len(load.last) == 6
     assert t.caller_errors == 0 and t.lost == 0 and stale == 0
+
+
+def test_semi_sync_primary_stopped_past_the_watchdog_then_resumed(procs: Procs) -> None:
+    """SIGSTOP of a semi-sync primary for longer than the replica's dead-stream watchdog: the
+    replica drops the silent stream and must reconnect once the primary runs again, so that
+    writes are acknowledged again (they once waited for ever: the watchdog's cancel ended the
+    follower for good)."""
+    primary = procs.shard("s1", "--min-replica-acks", "1", "--replica-ack-timeout-s", "2")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    p = Conn(primary)
+    sid = "stopped"
+    before = [p.put(sid, f"k{j}", b"v").version for j in range(20)]
+    wait_converged(primary.address, replica.address)
+    assert primary.popen is not None
+    os.kill(primary.popen.pid, signal.SIGSTOP)
+    try:
+        time.sleep(DEAD_AFTER_S + 1.5)  # past the watchdog: the replica gives the stream up
+    finally:
+        os.kill(primary.popen.pid, signal.SIGCONT)
+    acked, errors_seen = 0, 0
+
+    def one_write() -> bool:
+        nonlocal acked, errors_seen
+        try:
+            p.put(sid, f"after{acked}", b"w")
+            acked += 1
+        except Exception:
+            errors_seen += 1
+        return acked >= 20
+
+    wait_until(one_write, timeout=60, every=0.05)
+    wait_converged(primary.address, replica.address)
+    r = Conn(replica)
+    lost = sum(not r.state.Get(state_pb2.GetRequest(session_id=sid, key=f"k{j}", consistency=types_pb2.EVENTUAL),
+                               timeout=CALL_TIMEOUT_S).found for j in range(20))
+    lost += sum(not r.state.Get(state_pb2.GetRequest(session_id=sid, key=f"after{j}", consistency=types_pb2.EVENTUAL),
+                                timeout=CALL_TIMEOUT_S).found for j in range(20))
+    r.close()
+    p.close()
+    t = Tally("SIGSTOP semi-sync primary past the watchdog", acked=len(before) + acked, lost=lost,
+              caller_errors=errors_seen)
+    fault_line(t)
+    assert acked == 20 and t.lost == 0
