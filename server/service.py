@@ -184,10 +184,13 @@ class StateService:
         reply.CopyFrom(resp)
         return reply
 
-    async def replicated(self, before: int, replayed: bool = False) -> None:
-        """With --min-replica-acks: every answer waits until enough replicas applied everything
-        up to now — a write's ack, and a read's too, so that no read shows a write that a
-        failover could lose (returns at once when nothing is waiting to be acknowledged)."""
+    async def replicated(self, before: int, replayed: bool = False, req: Any = None) -> None:
+        """With --min-replica-acks, no answer shows a write that a failover could lose. A call
+        that wrote (the revision moved past `before`, or a replayed write) waits until enough
+        replicas applied everything up to now; a read (or a write that changed nothing, e.g. a
+        failed CAS showing the current record) waits only for the last write of the sessions
+        it read — at once when that is acknowledged already, so one session's unacknowledged
+        write never holds up reads of the others."""
         barrier = self.ack_barrier
         if barrier is None:
             return
@@ -195,14 +198,36 @@ class StateService:
         if committed > before or replayed:
             await barrier(committed)
             return
+        shown = self._shown_revision(req, committed)
+        if not shown:
+            return
         try:
-            await barrier(committed)
+            await barrier(shown)
         except errors.UnavailableError:
             raise errors.UnavailableError(
-                f"this read would show writes up to revision {committed} that fewer replicas "
-                "acknowledged than --min-replica-acks requires, so a failover could lose them; "
+                f"this read would show a write (revision {shown}) that fewer replicas "
+                "acknowledged than --min-replica-acks requires, so a failover could lose it; "
                 "nothing was changed, retry once a replica has caught up"
             ) from None
+
+    def _shown_revision(self, req: Any, committed: int) -> int:
+        """The newest revision an answer to `req` can show: its session's last write; over a
+        batch's ops, the newest of theirs; `committed` for a request of no single session."""
+        engine = self.engine
+        try:
+            if isinstance(req, state_pb2.BatchRequest):
+                top = 0
+                for op in req.ops:
+                    kind = op.WhichOneof("op")
+                    if kind:
+                        inner = getattr(op, kind)
+                        top = max(top, engine.session_revision(inner.namespace, inner.session_id))
+                return top
+            if req is not None and hasattr(req, "session_id"):
+                return engine.session_revision(req.namespace, req.session_id)
+        except errors.ShardstateError:
+            return 0  # an invalid name: its op was answered with its own error, showing nothing
+        return committed
 
     async def batch(
         self, req: state_pb2.BatchRequest | Partial, out: state_pb2.BatchResponse | None = None
@@ -220,7 +245,7 @@ class StateService:
         before = self.engine.store.committed
         if not self.concurrent:
             await self._run_grouped(req, resp, bad)
-            await self.replicated(before)
+            await self.replicated(before, req=req)
             return self.header(resp)
         # Ops of one session stay in request order; different sessions run concurrently.
         groups: dict[tuple[str, str], list[int]] = {}
@@ -240,7 +265,7 @@ class StateService:
 
         await asyncio.gather(*(run_group(idx) for idx in groups.values()))
         resp.results.extend(r for r in results if r is not None)
-        await self.replicated(before)
+        await self.replicated(before, req=req)
         return self.header(resp)
 
     async def _run_grouped(self, req: state_pb2.BatchRequest, resp: state_pb2.BatchResponse,
@@ -306,7 +331,7 @@ class StateService:
                 try:
                     before = self.engine.store.committed
                     resp = await op(req)
-                    await self.replicated(before, resp.header.replayed)
+                    await self.replicated(before, resp.header.replayed, req)
                     return resp
                 except Exception as e:
                     log_unexpected(e)

@@ -350,17 +350,22 @@ def test_semi_sync_write_without_replica_times_out_clearly_and_stays_durable(pro
             stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v1", request_id="r1"), timeout=T)
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "durable on the primary" in (ei.value.details() or "")
-        got = stub.Get(state_pb2.GetRequest(session_id="a", key="k"), timeout=T)
-        assert got.record.value == b"v1"  # committed, not rolled back
-        read = stub.Get(state_pb2.GetRequest(session_id="a", key="k"), timeout=T)  # reads never wait
-        assert read.found
+        # A read of the session would show the unacknowledged write: refused, saying why; a
+        # session with nothing unacknowledged is read at once.
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Get(state_pb2.GetRequest(session_id="a", key="k"), timeout=T)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "failover could lose it" in (ei.value.details() or "")
+        assert not stub.Get(state_pb2.GetRequest(session_id="b", key="k"), timeout=T).found
 
     replica = procs.shard("s1", "--replica-of", primary.address)
     with grpc.insecure_channel(primary.address) as ch:
         stub = state_pb2_grpc.StateStub(ch)
         # The retry of the timed-out write: replayed, and acknowledged now that a replica has it.
         again = stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v1", request_id="r1"), timeout=T)
-        assert again.header.replayed and again.version == got.record.version
+        assert again.header.replayed
+        got = stub.Get(state_pb2.GetRequest(session_id="a", key="k"), timeout=T)
+        assert got.record.value == b"v1" and got.record.version == again.version  # committed, not rolled back
         put = stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v2"), timeout=T)
     # Acknowledged means the replica has it already.
     with grpc.insecure_channel(replica.address) as ch:

@@ -48,7 +48,7 @@ from .locks import SessionLocks
 from .revision import wall_ms
 from .store import REVISION_KEY, Store
 from .validation import SessionRef, session_ref
-from .values import pack_u64
+from .values import pack_u64, unpack_u64
 
 log = logging.getLogger("shardstate.engine")
 R = TypeVar("R")
@@ -184,6 +184,17 @@ class Engine:
         return absent
 
     # ---- change log, replication, snapshots ----
+
+    def session_revision(self, namespace: str, session_id: str) -> int:
+        """The revision of the session's last write (deletes included: a deleted session's
+        tombstone keeps it); 0 for a session never written. A read of the session shows
+        nothing written after it."""
+        ref = self.ref(namespace, session_id)
+        meta = self.store.load_meta(ref.mkey)
+        if meta is not None:
+            return meta.max_version
+        tomb = self.store.get(enc.tombstone_key(ref.nsb, ref.sidb))
+        return unpack_u64(tomb) if tomb is not None else 0
 
     def revision(self) -> int:
         return self.store.committed
