@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import Message
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
@@ -477,10 +478,7 @@ class ModelMachine(RuleBasedStateMachine):
         """A copy without header (and, unless the driver's time is exact, without timestamps)."""
         out = type(msg)()
         out.CopyFrom(msg)
-        if out.DESCRIPTOR.fields_by_name.get("header") is not None:
-            out.ClearField("header")
-        if not self.d.exact_time:
-            _strip_times(out)
+        _strip(out, times=not self.d.exact_time)
         return out
 
     def session_pb(self, ns: str, sid: str, sess: Sess, got: types_pb2.SessionInfo) -> types_pb2.SessionInfo:
@@ -733,14 +731,15 @@ class ModelMachine(RuleBasedStateMachine):
         self.d.restart()
 
 
-def _strip_times(msg: Any) -> None:
-    """Clear every updated_at_ms / appended_at_ms / created_at_ms in msg, recursively."""
+def _strip(msg: Any, times: bool) -> None:
+    """Clear every header (and, with `times`, every updated_at_ms / appended_at_ms /
+    created_at_ms) in msg, recursively."""
     for fd, value in msg.ListFields():
-        if fd.name in ("updated_at_ms", "appended_at_ms", "created_at_ms"):
+        if fd.name == "header" or (times and fd.name in ("updated_at_ms", "appended_at_ms", "created_at_ms")):
             msg.ClearField(fd.name)
-        elif fd.type == fd.TYPE_MESSAGE:
-            for v in (value if fd.label == fd.LABEL_REPEATED else [value]):
-                _strip_times(v)
+        elif fd.message_type is not None:
+            for v in [value] if isinstance(value, Message) else value:
+                _strip(v, times)
 
 
 def machine(make_driver: Callable[[], Driver], name: str) -> type[ModelMachine]:
