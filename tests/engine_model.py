@@ -49,6 +49,7 @@ TTLS = [0, 0, 0, 0, 0, 1, 5, 50]
 ADVANCES = [1, 4, 5, 20, 60]
 SEQS = [0, 0, 1, 2, 3, 5, 8]
 COUNTS = [0, 0, 1, 2, 3, 7]
+RIDS = ["r", "r\x00", "r\xff"]
 
 _DECIMAL = re.compile(rb"-?[0-9]{1,19}")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -430,6 +431,7 @@ class ModelMachine(RuleBasedStateMachine):
         self.seen: dict[tuple[str, str, str], list[int]] = {}  # versions handed out per key
         self.max_seen: dict[tuple[str, str], int] = {}  # max_version GetSession showed per session
         self.restarts = 0
+        self.replies: dict[tuple[str, str, str], tuple[str, Any]] = {}  # request_id -> first answer
 
     def teardown(self) -> None:
         self.d.close()
@@ -565,6 +567,35 @@ class ModelMachine(RuleBasedStateMachine):
             token = got.next_page_token
             if not token or not paged:
                 return
+
+    @rule(n=ns_i, sid=sid_i, rid=st.sampled_from(RIDS), method=st.sampled_from(["put", "increment", "append"]),
+          key=key_s, value=value_s)
+    def with_request_id(self, n: int, sid: str, rid: str, method: str, key: str, value: bytes) -> None:
+        """A write with a request_id: applied once; a retry gets the first answer back with
+        header.replayed (after restarts and DeleteSession too), another kind of op is refused."""
+        ns = self.ns(n)
+        req: Any
+        if method == "put":
+            req, fn = s.PutRequest(namespace=ns, session_id=sid, key=key, value=value, request_id=rid), m_put
+        elif method == "increment":
+            req, fn = s.IncrementRequest(namespace=ns, session_id=sid, key=key, delta=1, request_id=rid), m_increment
+        else:
+            req, fn = s.AppendRequest(namespace=ns, session_id=sid, stream=key, entries=[value], request_id=rid), m_append
+        first = self.replies.get((ns, sid, rid))
+        if first is None:
+            got = self.write(method, ns, sid, req, fn)
+            if got is not None:
+                assert not got.header.replayed
+                self.replies[(ns, sid, rid)] = (method, got)
+                if method != "append":
+                    self.seen.setdefault((ns, sid, key), []).append(got.version)
+            return
+        got = self.d.call(method, req)
+        if first[0] != method:
+            assert isinstance(got, errors.InvalidArgumentError), f"{method} {req}: {got!r}"
+            return
+        assert not isinstance(got, Exception) and got.header.replayed, f"{method} {req}: {got!r}"
+        self.compare(method, req, got, first[1])
 
     # ---- logs ----
 
