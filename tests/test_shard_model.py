@@ -30,6 +30,7 @@ RPC = {
 class ShardDriver(Driver):
     """One shard process shared by every example; each example gets namespaces of its own."""
 
+    plain_tokens = False  # a shard's page tokens are opaque (the format routers share)
     max_restarts = 1  # a kill -9 and restart costs a process start: at most one per example
     _ids = itertools.count()
     calls = restarts = 0  # over the whole run: the test checks the run did something
