@@ -21,7 +21,7 @@ from shardstate.errors import (
     NotFoundError,
 )
 from shardstate.server.storage import encoding as enc
-from shardstate.server.storage import entries, idempotency
+from shardstate.server.storage import entries, idempotency, ranges
 from shardstate.server.storage import store as store_mod
 from shardstate.server.storage.engine import SWEEP_BATCH, TRIM_CHUNK, Engine
 from shardstate.server.storage.revision import LOGICAL_BITS, wall_ms
@@ -461,6 +461,89 @@ def test_logs_read_trim_pop(h: Harness) -> None:
         h.run(h.e.pop_last(s.PopLastRequest(session_id="a", stream="nope")))
     info = h.e.get_session(s.GetSessionRequest(session_id="a")).session
     assert info.bytes == len(b"e9") + len(b"next")
+
+
+def test_plyvel_reverse_iteration_drops_a_lone_key_at_the_start_bound(tmp_path: Path) -> None:
+    """The trap ranges.iterate works around (plyvel 1.5.1, plyvel alone): a reverse iterator
+    whose range's highest key is its start bound yields nothing. If this starts failing,
+    plyvel fixed it and ranges.iterate could hand reverse reads to plyvel again."""
+    db = plyvel.DB(str(tmp_path / "raw"), create_if_missing=True)
+    try:
+        for k in (b"a1", b"a2", b"b"):
+            db.put(k, b"")
+        keys = lambda **kw: list(db.iterator(include_value=False, **kw))  # noqa: E731
+        assert keys(start=b"a1", stop=b"a2") == [b"a1"]  # forward: right
+        assert keys(start=b"a1", stop=b"a2", reverse=True) == []  # reverse: a1 is lost
+        assert keys(start=b"a2", stop=b"a3", reverse=True) == []
+        assert keys(start=b"a2", stop=b"b", include_stop=False, reverse=True) == []
+        assert keys(prefix=b"b", reverse=True) == []  # prefix == the one key
+        assert keys(start=b"a0", stop=b"a2", reverse=True) == [b"a1"]  # start below the key: right
+        assert keys(start=b"a1", stop=b"a3", reverse=True) == [b"a2", b"a1"]  # two keys: right
+    finally:
+        db.close()
+
+
+def test_ranges_iterate_matches_sorted_filtering_for_every_bound(tmp_path: Path) -> None:
+    """ranges.iterate against the obvious model, over every bound drawn from keys around a
+    small key set (0x00 and 0xFF bytes, keys that are prefixes of each other)."""
+    stored = [b"a", b"a\x00", b"a\x00\x01", b"a\xff", b"ab", b"b", b"\xff", b"\xff\xff"]
+    bounds = sorted({*stored, b"", b"\x00", b"a\x01", b"a\xfe", b"aa", b"c", b"\xff\xff\xff"})
+    db = plyvel.DB(str(tmp_path / "raw"), create_if_missing=True)
+    try:
+        for k in stored:
+            db.put(k, k + b"!")
+        for lo in [None, *bounds]:
+            for hi in [None, *bounds]:
+                for inc_lo in (True, False):
+                    for inc_hi in (True, False):
+                        want = [k for k in sorted(stored)
+                                if (lo is None or k > lo or (inc_lo and k == lo))
+                                and (hi is None or k < hi or (inc_hi and k == hi))]
+                        kw = dict(start=lo, stop=hi, include_start=inc_lo, include_stop=inc_hi)
+                        fwd = list(ranges.iterate(db, include_value=False, **kw))  # type: ignore[arg-type]
+                        rev = list(ranges.iterate(db, reverse=True, **kw))  # type: ignore[arg-type]
+                        assert fwd == want, kw
+                        assert rev == [(k, k + b"!") for k in reversed(want)], kw
+        for p in bounds:
+            want = [k for k in sorted(stored) if k.startswith(p)]
+            assert list(ranges.iterate(db, prefix=p, include_value=False)) == want, p
+            assert list(ranges.iterate(db, prefix=p, reverse=True, include_value=False)) == want[::-1], p
+    finally:
+        db.close()
+
+
+def test_no_reverse_iteration_outside_ranges_iterate() -> None:
+    """Every reverse read in server/ goes through ranges.iterate (the plyvel trap above)."""
+    root = Path(__file__).resolve().parent.parent / "server"
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for path in root.rglob("*.py") if path.name != "ranges.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if ".iterator(" in line and "reverse" in line
+    ]
+    assert offenders == []
+
+
+def test_one_entry_ranges_read_back(h: Harness) -> None:
+    """Issue 13 defect 1: ReadLog(last=N) over a range holding one entry read as empty."""
+    h.append("a", "m", b"a")
+    assert h.read("a", "m", last=5) == [(1, b"a")]
+    assert h.read("a", "m", last=1) == [(1, b"a")]
+    h.append("a", "m", b"b", b"c")
+    assert [[q for q, _ in h.read("a", "m", last=n)] for n in range(1, 8)] == [
+        [3], [2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]]
+    assert h.read("a", "m", from_seq=2, to_seq=2, last=3) == [(2, b"b")]
+    assert h.read("a", "m", after_seq=2, last=3) == [(3, b"c")]
+    assert h.read("a", "m", from_seq=3, last=1) == [(3, b"c")]
+    h.run(h.e.trim_log(s.TrimLogRequest(session_id="a", stream="m", keep_last=1)))
+    assert h.read("a", "m", last=2) == [(3, b"c")]
+    p = h.run(h.e.pop_last(s.PopLastRequest(session_id="a", stream="m")))
+    assert p.found and p.entry.seq == 3 and h.read("a", "m", last=2) == []
+    # A stream name that is a prefix of another's, and one holding 0x00 / U+00FF.
+    for stream in ("x", "x\x00", "x\xff"):
+        h.append("a", stream, stream.encode())
+    for stream in ("x", "x\x00", "x\xff"):
+        assert h.read("a", stream, last=3) == [(1, stream.encode())], stream
 
 
 # ---- scan and list ----

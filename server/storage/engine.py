@@ -59,8 +59,11 @@ REF_CACHE_SIZE = 100_000
 
 
 class Engine:
-    def __init__(self, config: ShardConfig) -> None:
+    def __init__(self, config: ShardConfig, clock: Callable[[], int] = wall_ms) -> None:
         self.config = config
+        # The wall clock (ms) every TTL, expiry and timestamp is judged by; tests pass one
+        # they control. Revisions keep their own clock (revision.py): they only ever increase.
+        self.now_ms = clock
         self.limits = config
         self.shard_id = config.id
         self.store = Store(config.data_dir, config, fsync=config.fsync, compression=config.compression,
@@ -82,8 +85,8 @@ class Engine:
         self._idem_from_ms = 0
 
     @classmethod
-    def open(cls, config: ShardConfig) -> Engine:
-        return cls(config)
+    def open(cls, config: ShardConfig, clock: Callable[[], int] = wall_ms) -> Engine:
+        return cls(config, clock)
 
     def ref(self, namespace: str, session_id: str) -> SessionRef:
         # Validating and encoding the names costs more than the lookup: remember recent ones.
@@ -99,21 +102,21 @@ class Engine:
     # ---- reads: no locks, one DB read plus the (cached) session meta ----
 
     def get(self, req: state_pb2.GetRequest) -> state_pb2.GetResponse:
-        return keys.get(self.store, self.ref(req.namespace, req.session_id), req, wall_ms())
+        return keys.get(self.store, self.ref(req.namespace, req.session_id), req, self.now_ms())
 
     def scan(self, req: state_pb2.ScanRequest) -> state_pb2.ScanResponse:
-        return keys.scan(self.store, self.ref(req.namespace, req.session_id), req, wall_ms())
+        return keys.scan(self.store, self.ref(req.namespace, req.session_id), req, self.now_ms())
 
     def read_log(self, req: state_pb2.ReadLogRequest) -> state_pb2.ReadLogResponse:
-        return logs.read_log(self.store, self.ref(req.namespace, req.session_id), req, wall_ms())
+        return logs.read_log(self.store, self.ref(req.namespace, req.session_id), req, self.now_ms())
 
     def get_session(self, req: state_pb2.GetSessionRequest) -> state_pb2.GetSessionResponse:
-        return sessions.get_session(self.store, self.ref(req.namespace, req.session_id), wall_ms(), self.shard_id)
+        return sessions.get_session(self.store, self.ref(req.namespace, req.session_id), self.now_ms(), self.shard_id)
 
     def list_sessions(
         self, req: state_pb2.ListSessionsRequest, owned: Callable[[str, str], bool] | None = None
     ) -> state_pb2.ListSessionsResponse:
-        return sessions.list_sessions(self.store, req, wall_ms(), self.shard_id, owned)
+        return sessions.list_sessions(self.store, req, self.now_ms(), self.shard_id, owned)
 
     # ---- writes (each returns the coroutine of _write: one frame less per op) ----
 
@@ -151,7 +154,7 @@ class Engine:
         if locks is not None:
             await locks.acquire(ref.mkey)
         try:
-            now = wall_ms()
+            now = self.now_ms()
             extra = ikey = absent = None
             if ridb:
                 ikey = idempotency.key(ref, ridb)
@@ -261,11 +264,11 @@ class Engine:
         done = {"sessions": 0, "keys": 0, "idempotency": 0, "changes_trimmed": 0}
         store = self.store
         if self.sweeping:
-            for exp, ns, sid in expiry.due_sessions(store, wall_ms(), SWEEP_BATCH):
+            for exp, ns, sid in expiry.due_sessions(store, self.now_ms(), SWEEP_BATCH):
                 if await self._reclaim_session(ns, sid, exp):
                     done["sessions"] += 1
                 await asyncio.sleep(0)
-            for (ns, sid), due in expiry.due_keys(store, wall_ms(), SWEEP_BATCH).items():
+            for (ns, sid), due in expiry.due_keys(store, self.now_ms(), SWEEP_BATCH).items():
                 done["keys"] += await self._reclaim_keys(ns, sid, due)
                 await asyncio.sleep(0)
             await self._collect_idempotency(done)
@@ -273,7 +276,7 @@ class Engine:
         # every second, and one WriteBatch of 5 000 held the event loop for ~5 ms.
         while True:
             hold = self.retention_hold() if self.retention_hold is not None else 0
-            n = changelog.trim(store, wall_ms(), self.config.changelog_retention,
+            n = changelog.trim(store, self.now_ms(), self.config.changelog_retention,
                                self.config.changelog_retention_s, hold, max_ops=TRIM_CHUNK)
             done["changes_trimmed"] += n
             if n < TRIM_CHUNK:
@@ -284,15 +287,15 @@ class Engine:
         """Every record whose window has passed, SWEEP_BATCH index entries per write (a busy
         shard stores thousands a second), resuming where the last scan stopped; from the
         beginning again every IDEMPOTENCY_RESCAN_MS, so nothing can stay behind for longer."""
-        now = wall_ms()
+        now = self.now_ms()
         if self._idem_from is not None and not 0 <= now - self._idem_from_ms < IDEMPOTENCY_RESCAN_MS:
             self._idem_from = None
         if self._idem_from is None:
             self._idem_from_ms = now
         while True:
-            ops, self._idem_from = idempotency.expired(self.store, wall_ms(), SWEEP_BATCH, self._busy, self._idem_from)
+            ops, self._idem_from = idempotency.expired(self.store, self.now_ms(), SWEEP_BATCH, self._busy, self._idem_from)
             if ops:
-                await self.store.commit(node_write(self.store, ops, wall_ms()))
+                await self.store.commit(node_write(self.store, ops, self.now_ms()))
                 done["idempotency"] += sum(1 for k, _ in ops if k[:1] == enc.IDEMPOTENCY)
             if len(ops) < SWEEP_BATCH:
                 return
@@ -313,7 +316,7 @@ class Engine:
         ref = SessionRef.of(ns.decode(), sid.decode(), ns, sid)
 
         async def run() -> bool:
-            ctx = WriteContext(self.store, ref, wall_ms())
+            ctx = WriteContext(self.store, ref, self.now_ms())
             if not expiry.reclaim_session(ctx, expires_at):
                 # stale index entry; local clean-up
                 self.store.db.delete(enc.session_expiry_key(expires_at, ns, sid))
@@ -329,7 +332,7 @@ class Engine:
         ref = SessionRef.of(ns.decode(), sid.decode(), ns, sid)
 
         async def run() -> int:
-            ctx = WriteContext(self.store, ref, wall_ms())
+            ctx = WriteContext(self.store, ref, self.now_ms())
             n, stale = expiry.reclaim_keys(ctx, due)
             pending = ctx.finish()
             if pending is not None:
@@ -357,7 +360,7 @@ class Engine:
 
     def count_sessions(self) -> tuple[int, int]:
         """(live sessions, keys): a scan of the session metas; run it off the event loop."""
-        now = wall_ms()
+        now = self.now_ms()
         n = nkeys = 0
         for _, raw in self.store.db.iterator(prefix=enc.META):
             m = types_pb2.SessionInfo.FromString(raw)

@@ -15,6 +15,7 @@ from shardstate.v1 import state_pb2
 
 from . import encoding as enc
 from .commit import Op
+from .ranges import iterate
 from .store import Store
 from .validation import SessionRef
 from .values import pack_idempotency, unpack_idempotency
@@ -73,7 +74,7 @@ def record(ref: SessionRef, ridb: bytes, ikey: bytes, resp: Any, now: int, windo
 def latest_expiry(store: Store) -> int:
     """The highest expiry of any stored record (0: none): every record has its `j|` entry
     until the collector removes both, so the last `j|` key bounds them all."""
-    for k in store.db.iterator(prefix=enc.IDEMPOTENCY_EXPIRY, reverse=True, include_value=False):
+    for k in iterate(store.db, prefix=enc.IDEMPOTENCY_EXPIRY, reverse=True, include_value=False):
         return int(enc.decode(k, "qbbb")[0])
     return 0
 

@@ -6,11 +6,14 @@ Stream bookkeeping (first/last/next seq, count) lives in the session meta; entri
 
 from __future__ import annotations
 
+import itertools
+
 from shardstate.errors import InvalidArgumentError, LimitExceededError, NotFoundError
 from shardstate.v1 import state_pb2, types_pb2
 
 from . import encoding as enc
 from .context import WriteContext
+from .ranges import iterate
 from .store import Store
 from .validation import SessionRef, check_ops, check_value, stream_bytes, ttl
 from .values import entry_data_len, pack_entry, unpack_entry
@@ -86,7 +89,7 @@ def read_log(store: Store, ref: SessionRef, req: state_pb2.ReadLogRequest, now: 
     out = resp.entries
     if req.last:
         newest = []
-        for k, raw in store.db.iterator(start=start, stop=stop, reverse=True):
+        for k, raw in iterate(store.db, start=start, stop=stop, reverse=True):
             newest.append((k, raw))
             if len(newest) >= req.last:
                 break
@@ -146,10 +149,9 @@ def op_pop(ctx: WriteContext, req: state_pb2.PopLastRequest) -> state_pb2.PopLas
     if not cur.count:
         return state_pb2.PopLastResponse(found=False)
     prefix = enc.log_prefix(ctx.ref.nsb, ctx.ref.sidb, streamb)
-    it = ctx.db.iterator(prefix=prefix, reverse=True)
-    last_key, last_raw = next(it)
-    prev = next(it, None)
-    it.close()
+    newest = list(itertools.islice(iterate(ctx.db, prefix=prefix, reverse=True), 2))
+    last_key, last_raw = newest[0]
+    prev = newest[1] if len(newest) > 1 else None
     entry = unpack_entry(_seq(last_key), last_raw)
     meta = ctx.session()
     s = find_stream(meta, req.stream)
