@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "dev": ("shardstate.dev", "main", "start a whole local cluster (shards, replicas, a router)"),
     "shard": ("shardstate.server.main", "main", "run one shard server (primary or replica)"),
     "router": ("shardstate.router.main", "main", "run one router"),
-    "admin": ("shardstate.admin", "main", "cluster administration: status, map, promote"),
+    "admin": ("shardstate.admin", "main", "cluster administration: status, map, promote, remove-node"),
     "bench": ("shardstate.bench.cli", "main", "load a cluster and print throughput and latency"),
     "get": ("shardstate.poke", "get_main", "print one key of a session"),
     "put": ("shardstate.poke", "put_main", "write one key of a session"),
