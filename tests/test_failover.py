@@ -110,6 +110,17 @@ def primary_of(address: str, shard: str = "s1") -> str:
     return next(s.primary for s in cluster_map(address).shards if s.id == shard)
 
 
+def restart_and_promote(replica: Proc, router: Proc) -> tuple[int, admin_pb2.PromoteReplicaResponse]:
+    """Start a stopped replica of s1 again (same port and data; it cannot reach its dead
+    primary, so it does not report serving) and promote it through the router: (its revision
+    before the promotion, the promotion's answer)."""
+    replica.start(wait=False)
+    before = wait_for(lambda: status(replica.address).revision, "the replica's Admin to answer")
+    with grpc.insecure_channel(router.address) as ch:
+        resp = admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s1"), timeout=60)
+    return before, resp
+
+
 def test_semi_sync_failover_keeps_every_acknowledged_write(procs: Procs) -> None:
     primary = procs.shard("s1", "--min-replica-acks", "1")
     r1 = procs.shard("s1", "--replica-of", primary.address)
@@ -175,10 +186,7 @@ def test_async_failover_loses_only_the_tail_and_audits_it(procs: Procs) -> None:
     time.sleep(0.2)
     acked = writers.finish()
 
-    replica.start(wait=False)  # same port and data; cannot reach its primary, so not serving
-    fork = wait_for(lambda: status(replica.address).revision, "the replica's Admin to answer")
-    with grpc.insecure_channel(router.address) as ch:
-        resp = admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s1"), timeout=60)
+    fork, resp = restart_and_promote(replica, router)
     assert resp.new_primary == replica.address and resp.revision > fork
     replica.wait_ready()  # a primary now: serving
 
@@ -307,10 +315,7 @@ def test_async_failover_reuses_seqs_and_counter_values_and_the_audit_says_which(
     p.close()
     primary.kill()
 
-    replica.start(wait=False)
-    wait_for(lambda: status(replica.address).revision, "the replica's Admin to answer")
-    with grpc.insecure_channel(router.address) as ch:
-        admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s1"), timeout=60)
+    restart_and_promote(replica, router)
     replica.wait_ready()
     n = Conn(replica)
     # The new primary hands out counter value 4 and seq 4 again, for other writes.
@@ -362,10 +367,7 @@ def test_semi_sync_strong_read_never_shows_a_write_a_failover_can_lose(procs: Pr
         seen = lin.Op(1, lin.READ, "k", t1, time.monotonic(), lin.UNKNOWN)
     history.append(seen)
     primary.kill()
-    replica.start(wait=False)
-    wait_for(lambda: status(replica.address).revision, "the replica's Admin to answer")
-    with grpc.insecure_channel(router.address) as ch:
-        admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s1"), timeout=60)
+    restart_and_promote(replica, router)
     replica.wait_ready()
     t2 = time.monotonic()
     after = get(replica.address, "a", "k")

@@ -50,6 +50,17 @@ def promote(router: Proc) -> str:
     return resp.new_primary
 
 
+def promote_after_kill(load: WriteLoad, router: Proc, replica: Proc) -> Conn:
+    """Once the primary is dead: the writers stopped at their errors, the replica promoted
+    through the router and serving; a connection to it."""
+    wait_until(load.all_stopped, timeout=60)
+    load.join()
+    assert not load.unexpected, load.unexpected
+    assert promote(router) == replica.address
+    replica.wait_ready()
+    return Conn(replica)
+
+
 def test_kill_primary_semi_sync_loses_no_acknowledged_write(procs: Procs) -> None:
     primary = procs.shard("s1", "--min-replica-acks", "1")
     replica = procs.shard("s1", "--replica-of", primary.address)
@@ -57,12 +68,7 @@ def test_kill_primary_semi_sync_loses_no_acknowledged_write(procs: Procs) -> Non
     load = WriteLoad(primary.address, threads=6).start()
     wait_until(lambda: load.busy(400), timeout=60)
     primary.kill()
-    wait_until(load.all_stopped, timeout=60)
-    load.join()
-    assert not load.unexpected, load.unexpected
-    assert promote(router) == replica.address
-    replica.wait_ready()
-    new = Conn(replica)
+    new = promote_after_kill(load, router, replica)
     lost = lost_writes(load, new)
     checked = load.verify(new)  # values and versions of puts and overwrites, data at each seq
     # No acknowledged seq is handed out again: the next append to each stream goes above it.
@@ -94,12 +100,7 @@ def test_kill_primary_async_every_lost_write_is_audited(procs: Procs) -> None:
         primary.kill()
     finally:
         replica.popen.send_signal(signal.SIGCONT)
-    wait_until(load.all_stopped, timeout=60)
-    load.join()
-    assert not load.unexpected, load.unexpected
-    assert promote(router) == replica.address
-    replica.wait_ready()
-    new = Conn(replica)
+    new = promote_after_kill(load, router, replica)
     lost = lost_writes(load, new)
     # The new primary appends to every stream that lost entries: each reuses its first lost seq.
     lost_streams = {(sid, stream) for kind, sid, stream, _ in lost if kind == "append"}
