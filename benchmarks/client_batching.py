@@ -1,4 +1,4 @@
-"""Before/after figures for the AsyncClient's auto-batching (DESIGN §8): an agent step (read
+"""Before/after figures for the AsyncClient's auto-batching (docs/design.md §8): an agent step (read
 the session's state, then compare-and-swap 1 KiB) from C concurrent callers over N sessions.
 
     .venv/bin/python benchmarks/client_batching.py [--address HOST:PORT] [--duration 10]

@@ -64,7 +64,7 @@ async def step_load(router: str, replica: str | None, label: str, duration: floa
     stop_at = 0.0
     measuring = False
     ids = [f"bench-{i}" for i in range(sessions)]
-    # The client library: concurrent calls are auto-batched onto one Pipeline stream (DESIGN §8).
+    # The client library: concurrent calls are auto-batched onto one Pipeline stream (docs/design.md §8).
     async with AsyncClient(router) as client, grpc.aio.insecure_channel(router) as ch:
         stub = state_pb2_grpc.StateStub(ch)
 

@@ -1,6 +1,6 @@
 """Auto-batching for AsyncClient: single ops issued in the same event-loop tick are coalesced
 into one batch and multiplexed over one long-lived `Pipeline` stream per address (tagged ids,
-answered out of order) - DESIGN §8.
+answered out of order) - docs/design.md §8.
 
 Per op the hot path does little: a future and a pending entry at submit; at flush the ops'
 serialized requests are framed by hand into the PipelineRequest bytes (no message copies);

@@ -176,7 +176,7 @@ class MapHolder:
         await self.publish(self.view.pb, [address])
 
     async def change(self, mutate: Callable[[admin_pb2.ClusterMap], None]) -> admin_pb2.ClusterMap:
-        """A conditional map change (DESIGN §6): `mutate` turns the newest map, at epoch E,
+        """A conditional map change (docs/design.md §6): `mutate` turns the newest map, at epoch E,
         into the map at E + 1, which is published to every node it names. A node answering
         that it holds E + 1 or higher already means another change won that epoch: redone
         on top of the newest map. `mutate` raises (nothing published) when it does not apply."""

@@ -1,4 +1,4 @@
-"""Reads a replica may serve (DESIGN §5) and which replica serves them: `EVENTUAL` reads and
+"""Reads a replica may serve (docs/design.md §5) and which replica serves them: `EVENTUAL` reads and
 reads with `min_revision` go to the shard's replicas round-robin; a replica that failed one is
 skipped for a while, and the read falls back to the primary. Unary reads (forward.py) and the
 read ops of a Batch / Pipeline (batching.py) both go through here.

@@ -125,7 +125,7 @@ async def _serve(cfg: config.ShardConfig, engine: Engine) -> int:
                        return_when=asyncio.FIRST_COMPLETED)
     if not stop.is_set():
         # Back under a new address (port 0): take the old one's place in the map before
-        # reporting ready, so routers and replicas find this node again (DESIGN §6).
+        # reporting ready, so routers and replicas find this node again (docs/design.md §6).
         try:
             await repl.maps.announce(previous)
         except Exception:

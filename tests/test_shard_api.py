@@ -1,4 +1,4 @@
-"""Every State RPC of one real shard process, read back through the wire contract (DESIGN §3).
+"""Every State RPC of one real shard process, read back through the wire contract (docs/design.md §3).
 
 Keys, counters, scans, logs, sessions, Batch and Pipeline; one shard shared by the module.
 """

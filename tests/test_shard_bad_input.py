@@ -1,4 +1,4 @@
-"""Bad input against a real shard: the status code of DESIGN §3, a message naming the field and
+"""Bad input against a real shard: the status code of docs/design.md §3, a message naming the field and
 the limit, nothing written, and a server that keeps serving with its data intact.
 """
 

@@ -1,5 +1,5 @@
 """Txn on one real shard: compares on version, value, existence and log length decide between
-the success and the failure ops, atomically (etcd-style, DESIGN §3).
+the success and the failure ops, atomically (etcd-style, docs/design.md §3).
 """
 
 from __future__ import annotations

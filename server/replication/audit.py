@@ -20,7 +20,7 @@ line:
   "reconcile_summary"`) totals them.
 
 Asynchronous replication cannot avoid the reuse: a promoted replica does not know how many seqs
-the old primary handed out after what it received (DESIGN §2: seqs are per-stream consecutive,
+the old primary handed out after what it received (docs/design.md §2: seqs are per-stream consecutive,
 so it cannot skip an unknown number), and a counter's next value is computed from the value it
 holds.
 """

@@ -42,7 +42,7 @@ from .mapsync import MapSync
 log = logging.getLogger("shardstate.replication")
 ADDRESS_META = "address"  # the address this node served at last time (ports may change)
 
-# DESIGN §2: a promoted replica hands out revisions above anything the old primary could have
+# docs/design.md §2: a promoted replica hands out revisions above anything the old primary could have
 # issued: its last known leader revision plus this much HLC time (10 s).
 PROMOTION_MARGIN = 10_000 << LOGICAL_BITS
 

@@ -33,7 +33,7 @@ Families (strings are UTF-8; "" namespace is stored as "default"):
     y expires_at:u64 ns session key     -> ""  (key expiry index)
     _ name                              -> node meta ("revision", "compacted", "clustermap")
 
-The change log's tag sorts after every other family (DESIGN names it `c|`; stores written
+The change log's tag sorts after every other family (docs/design.md §4; stores written
 before this used `c`, moved at open by store.py). Its keys only ever grow, so with nothing
 after them in the key space each new table of entries lies beyond every older table and
 LevelDB moves it down the levels without rewriting it. Under `c`, between the node meta and
