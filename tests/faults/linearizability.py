@@ -71,11 +71,11 @@ def check(history: Iterable[Op]) -> list[Violation]:
 def _check_key(key: str, ops: list[Op]) -> list[Violation]:
     out: list[Violation] = []
     writes = sorted((o for o in ops if o.writes), key=lambda o: o.complete)
-    done_at = [w.complete for w in writes]
+    done_at = [wr.complete for wr in writes]
     top: list[int] = []  # highest version written by a write completed at or before done_at[i]
-    for w in writes:
-        top.append(max(top[-1] if top else 0, w.written))
-    by_version = {w.written: w for w in writes}
+    for wr in writes:
+        top.append(max(top[-1] if top else 0, wr.written))
+    by_version = {wr.written: wr for wr in writes}
     unknown = [o for o in ops if o.kind in (CAS, WRITE) and o.outcome == UNKNOWN]
 
     def floor(t: float) -> tuple[int, Op | None]:

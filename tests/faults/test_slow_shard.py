@@ -29,10 +29,8 @@ from tests.procs import Proc, Procs
 WRITERS = 4  # per shard
 WARM_ACKS = 100  # per shard, before the fault
 FAULT_ACKS = 100  # s2 acks that end the fault window early
-# The fault window's cap (a bound on the load, never asserted). Kept under the follower's
-# DEAD_AFTER_S (3 s): a replica whose stream to a stopped primary (or which was itself
-# stopped) goes silent that long stops following for good at the time of writing, and s1's
-# semi-sync writes would then never complete - a replication defect outside this test's part.
+# The fault window's cap (a bound on the load, never asserted); it usually ends at FAULT_ACKS.
+# A stop longer than the follower's watchdog (DEAD_AFTER_S) is tests/faults/test_replica.py's.
 FAULT_WINDOW_S = 2.0
 RECOVER_ACKS = 20  # s1 acks after recovery that end the scenario
 RECOVER_CAP_S = 90.0
