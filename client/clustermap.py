@@ -15,6 +15,16 @@ from shardstate.ring import Ring
 from shardstate.v1 import admin_pb2
 
 
+def node_addresses(pb: admin_pb2.ClusterMap) -> list[str]:
+    """Every primary and replica address the map names, primaries first, no duplicates."""
+    out: list[str] = []
+    for s in pb.shards:
+        for a in [s.primary, *s.replicas]:
+            if a and a not in out:
+                out.append(a)
+    return out
+
+
 @dataclass(frozen=True)
 class ClusterView:
     """An immutable cluster map plus its ring. Replace the whole view on a new epoch."""

@@ -14,8 +14,9 @@ from typing import Any
 import grpc
 
 from shardstate import errors
+from shardstate.clustermap import node_addresses
 from shardstate.router.failover import promote
-from shardstate.router.maps import MapHolder, node_addresses, validate_map
+from shardstate.router.maps import MapHolder, validate_map
 from shardstate.router.nodes import NodePool, describe
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 

@@ -14,8 +14,9 @@ import logging
 import grpc
 
 from shardstate import errors
+from shardstate.clustermap import node_addresses
 from shardstate.jsonlog import fields
-from shardstate.router.maps import MapHolder, node_addresses
+from shardstate.router.maps import MapHolder
 from shardstate.router.nodes import NodePool, describe
 from shardstate.v1 import admin_pb2
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 
-from shardstate.clustermap import ClusterView, empty_view, load_cluster_file
+from shardstate.clustermap import ClusterView, empty_view, load_cluster_file, node_addresses
 from shardstate.errors import InvalidArgumentError, UnavailableError
 from shardstate.jsonlog import fields
 from shardstate.router.nodes import NodePool, describe
@@ -39,16 +39,6 @@ def highest(maps: Iterable[admin_pb2.ClusterMap | None]) -> admin_pb2.ClusterMap
         if m is not None and (best is None or m.epoch > best.epoch):
             best = m
     return best
-
-
-def node_addresses(pb: admin_pb2.ClusterMap) -> list[str]:
-    """Every primary and replica address the map names, primaries first, no duplicates."""
-    out: list[str] = []
-    for s in pb.shards:
-        for a in [s.primary, *s.replicas]:
-            if a and a not in out:
-                out.append(a)
-    return out
 
 
 def bootstrap_map(statuses: Sequence[tuple[str, admin_pb2.StatusResponse]], cluster_id: str = "") -> admin_pb2.ClusterMap:

@@ -242,7 +242,8 @@ def test_falls_back_when_pipeline_is_unimplemented(shard: str, with_batch: bool)
         try:
             async with AsyncClient(addr, timeout=30) as c:
                 s = c.session(uid())
-                assert await asyncio.gather(*(s.incr("n") for _ in range(20))) is not None
+                # 20 concurrent increments: each answers a distinct new value, 1..20
+                assert sorted(await asyncio.gather(*(s.incr("n") for _ in range(20)))) == list(range(1, 21))
                 assert (await s.get("n")).value == b"20"
                 await s.put("k", b"v")
                 assert (await s.get("k")).value == b"v"
@@ -377,7 +378,8 @@ def test_silent_pipeline_stream_is_abandoned_and_retried(shard: str) -> None:
             retry = Retry(attempts=3, backoff=ConstantBackoff(0.01))
             async with AsyncClient(addr, retry=retry, timeout=1.0) as c:
                 s = c.session(uid())
-                assert await asyncio.gather(*(s.incr("n") for _ in range(5))) is not None
+                # each answered once with its own value, none applied twice by the retries
+                assert sorted(await asyncio.gather(*(s.incr("n") for _ in range(5)))) == [1, 2, 3, 4, 5]
                 assert (await s.get("n")).value == b"5"  # applied once each, after the reopen
                 assert fwd.streams == 2
         finally:

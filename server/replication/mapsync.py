@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 import grpc
 from grpc import aio
 
+from shardstate.clustermap import node_addresses
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 from ..node import Node
@@ -25,15 +26,6 @@ log = logging.getLogger("shardstate.replication.maps")
 
 TIMEOUT_S = 2.0
 CHANGE_ATTEMPTS = 8
-
-
-def map_addresses(pb: admin_pb2.ClusterMap) -> list[str]:
-    out: list[str] = []
-    for s in pb.shards:
-        for a in [s.primary, *s.replicas]:
-            if a and a not in out:
-                out.append(a)
-    return out
 
 
 def replace_address(pb: admin_pb2.ClusterMap, shard_id: str, old: str, new: str) -> bool:
@@ -68,7 +60,7 @@ class MapSync:
 
     def peers(self, extra: Iterable[str] = ()) -> list[str]:
         me = self.node.address
-        out = [a for a in map_addresses(self.node.view.pb) if a != me]
+        out = [a for a in node_addresses(self.node.view.pb) if a != me]
         return out + [a for a in extra if a and a != me and a not in out]
 
     async def fetch(self, addresses: list[str]) -> list[admin_pb2.ClusterMap]:
@@ -120,7 +112,7 @@ class MapSync:
                 return None
             new.epoch = max(base.epoch, self.node.epoch) + 1
             self.node.adopt(new)
-            targets = [a for a in map_addresses(new) if a != self.node.address]
+            targets = [a for a in node_addresses(new) if a != self.node.address]
             answers = await self.publish(new, targets)
             if all(r.adopted or r.epoch < new.epoch for r in answers):
                 log.info("cluster map changed", extra={"fields": {"epoch": new.epoch, "why": why}})
