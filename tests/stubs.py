@@ -5,12 +5,14 @@ No client library: tests speak the wire contract (shardstate.v1) over grpc.insec
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -82,6 +84,21 @@ class Conn:
         resp = self.admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT_S)
         assert len(resp.nodes) >= 1, resp
         return resp.nodes[0]
+
+
+R = TypeVar("R")
+
+
+def run(coro: Coroutine[Any, Any, R]) -> R:
+    """Run an async test body on a fresh event loop, bounded (a hung test fails, never waits)."""
+    return asyncio.run(asyncio.wait_for(coro, 240))
+
+
+def dead_address() -> str:
+    """An address nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def uid(prefix: str = "t") -> str:

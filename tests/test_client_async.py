@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -30,13 +30,7 @@ from shardstate import (
 )
 from shardstate.v1 import state_pb2, state_pb2_grpc
 from tests.procs import Procs
-from tests.test_client_sync import dead_address, uid
-
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 240))
+from tests.stubs import dead_address, run, uid
 
 
 @pytest.fixture(scope="module")

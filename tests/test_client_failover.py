@@ -12,8 +12,7 @@ from collections.abc import Callable
 
 from shardstate import AsyncClient, Change, Client, ConstantBackoff, Retry
 from tests.procs import Procs
-from tests.test_client_async import run
-from tests.test_client_sync import uid
+from tests.stubs import run, uid
 
 PATIENT = Retry(attempts=400, backoff=ConstantBackoff(0.1))
 

@@ -5,10 +5,8 @@ before any RPC, a dead address is skipped, and retries survive kill -9 without d
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,17 +31,7 @@ from shardstate import (
 )
 from shardstate.v1 import state_pb2, state_pb2_grpc
 from tests.procs import Procs
-
-
-def uid(prefix: str = "s") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def dead_address() -> str:
-    """An address nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+from tests.stubs import dead_address, uid
 
 
 @pytest.fixture(scope="module")

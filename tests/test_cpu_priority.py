@@ -17,7 +17,7 @@ import pytest
 from shardstate.server import cpu
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
 from tests.procs import Procs
-from tests.test_replication import EVENTUAL, T, dump, status, wait_converged, wait_for, workload
+from tests.replicas import EVENTUAL, T, dump, status, wait_converged, wait_for, workload
 
 pytestmark = pytest.mark.skipif(not cpu.supported(), reason="per-thread scheduling policies are Linux-only")
 

@@ -13,7 +13,6 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import pytest
@@ -21,9 +20,9 @@ import pytest
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
 from tests.faults import linearizability as lin
 from tests.procs import Proc, Procs
-from tests.stubs import Conn, expect_error
-from tests.test_replication import (
+from tests.replicas import (
     T,
+    audit_lines,
     cluster_map,
     dump,
     run_cli,
@@ -31,6 +30,7 @@ from tests.test_replication import (
     wait_converged,
     wait_for,
 )
+from tests.stubs import Conn, expect_error
 
 SIDS = [f"fo-{i:02d}" for i in range(50)]
 
@@ -291,11 +291,6 @@ def test_router_with_a_stale_map_follows_not_primary_after_a_switchover(procs: P
     assert status(primary.address).diverged_writes == 0  # nothing was written past the fork
 
 
-def _audit_lines(proc: Proc) -> list[dict[str, Any]]:
-    p = proc.data_dir / "diverged-writes.jsonl"  # type: ignore[attr-defined]
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
-
-
 def test_async_failover_reuses_seqs_and_counter_values_and_the_audit_says_which(procs: Procs) -> None:
     """README: in asynchronous mode the seqs and counter values of lost writes are handed out
     again; the audit file names each one and whether the new primary reused it."""
@@ -324,9 +319,9 @@ def test_async_failover_reuses_seqs_and_counter_values_and_the_audit_says_which(
     n.close()
 
     primary.start()
-    wait_for(lambda: any(x.get("kind") == "reconcile_summary" for x in _audit_lines(primary)),
+    wait_for(lambda: any(x.get("kind") == "reconcile_summary" for x in audit_lines(primary)),
              "the returned primary to reconcile its diverged writes")
-    lines = _audit_lines(primary)
+    lines = audit_lines(primary)
     diverged = [x for x in lines if x.get("kind") == "diverged"]
     assert [x["seqs"] for x in diverged if x["seqs"]] == [[{"stream": "log", "seq": 4}], [{"stream": "log", "seq": 5}]]
     assert [k["counter"] for x in diverged for k in x["keys"] if k["key"] == "n"] == [4, 5]

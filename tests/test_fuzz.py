@@ -22,7 +22,7 @@ import shardstate
 from shardstate.protowire import WireError, read_fields, varint
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
 from tests.procs import Procs
-from tests.test_router_cluster import RouterCluster, T, uid
+from tests.routercluster import RouterCluster, T, uid
 
 SEED = 1313
 PER_METHOD = 24  # mutated messages per method and target

@@ -13,7 +13,7 @@ import pytest
 
 from shardstate import AsyncClient, Client
 from tests.procs import Procs
-from tests.test_router_cluster import RouterCluster, owners_by_reading_shards, uid
+from tests.routercluster import RouterCluster, owners_by_reading_shards, uid
 
 THREADS = 6
 STEPS = 60

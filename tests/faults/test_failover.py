@@ -16,9 +16,8 @@ import grpc
 
 from tests.faults.report import Tally, fault_line
 from tests.procs import Proc, Procs
+from tests.replicas import audit_lines, status, wait_converged
 from tests.stubs import CALL_TIMEOUT_S, Conn, WriteLoad, state_pb2, wait_until
-from tests.test_failover import _audit_lines
-from tests.test_replication import status, wait_converged
 
 Lost = tuple[str, str, str, int]  # ("put" | "append", session, key or stream, version or seq)
 
@@ -109,8 +108,8 @@ def test_kill_primary_async_every_lost_write_is_audited(procs: Procs) -> None:
     new.close()
 
     primary.start()  # it returns, follows the new primary, sets aside and reconciles
-    wait_until(lambda: any(x.get("kind") == "reconcile_summary" for x in _audit_lines(primary)), timeout=90)
-    lines = _audit_lines(primary)
+    wait_until(lambda: any(x.get("kind") == "reconcile_summary" for x in audit_lines(primary)), timeout=90)
+    lines = audit_lines(primary)
     audited: Counter[Lost] = Counter()
     for x in lines:
         if x.get("kind") == "diverged":

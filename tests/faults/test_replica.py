@@ -12,8 +12,8 @@ from shardstate.server.replication.follower import DEAD_AFTER_S
 from tests.faults.report import Tally, fault_line
 from tests.faults.test_failover import lost_writes
 from tests.procs import Procs
+from tests.replicas import wait_converged
 from tests.stubs import CALL_TIMEOUT_S, Conn, WriteLoad, state_pb2, types_pb2, wait_until
-from tests.test_replication import wait_converged
 
 
 def test_kill_replica_under_load(procs: Procs) -> None:
