@@ -11,20 +11,18 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from shardstate.channels import channel_options
 from shardstate.v1 import admin_pb2_grpc
 
 STATE = "/shardstate.v1.State/"
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+# The router bounds what it forwards itself (max_request_bytes at its edge); keepalives find a
+# dead shard connection between calls.
+CHANNEL_OPTIONS = channel_options(-1, [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.enable_retries", 0),
-]
+])
 
 
 class NodePool:

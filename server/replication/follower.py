@@ -17,6 +17,7 @@ import grpc
 from grpc import aio
 
 from shardstate import errors
+from shardstate.channels import channel_options
 from shardstate.v1 import replication_pb2
 
 from ..node import Node
@@ -32,14 +33,8 @@ BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
 # When the leader says it waits for no ack (ChangeBatch.ack_lazily), ack at most this often.
 LAZY_ACK_S = 0.1
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.enable_retries", 0),
-]
+# Messages between nodes are bounded by their senders (change batches, snapshot chunks).
+CHANNEL_OPTIONS = channel_options(-1, [("grpc.enable_retries", 0)])
 
 
 class Diverged(Exception):
