@@ -1,18 +1,15 @@
 """`RouterCluster`: shards behind routers as real processes for the router tests (and the
-calls a test makes on them); `owners_by_reading_shards` asks each shard which sessions it owns."""
+calls a test makes on them; `uid`, `expect_error` and `wait_until` are tests/stubs.py's); `owners_by_reading_shards` asks each shard which sessions it owns."""
 
 from __future__ import annotations
 
 import collections
-import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
 import pytest
 
-from shardstate import errors
 from shardstate.clustermap import ClusterView
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc
 from tests.procs import Proc, Procs
@@ -96,30 +93,6 @@ def cluster_fixture(scope: str = "module", router_variants: Sequence[Sequence[st
             procs.close()
 
     return _fixture
-
-
-def uid(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def expect_error(code: grpc.StatusCode, fn: Callable[..., Any], *args: Any, **kw: Any) -> errors.ShardstateError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kw)
-    err: Any = info.value
-    assert err.code() == code, f"expected {code}, got {err.code()}: {err.details()}"
-    return errors.from_rpc_error(err)
-
-
-def wait_until(cond: Callable[[], Any], timeout: float = 30.0, every: float = 0.1) -> Any:
-    """Poll until cond() is truthy; fail after a generous bound (never asserts a time)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(every)
 
 
 def owners_by_reading_shards(c: RouterCluster, sids: Sequence[str], key: str, ns: str = "") -> dict[str, list[str]]:

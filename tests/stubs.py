@@ -117,7 +117,7 @@ def expect_error(
     return errors.from_rpc_error(err)  # type: ignore[arg-type]
 
 
-def wait_until(cond: Callable[[], Any], timeout: float = 20.0, every: float = 0.1) -> Any:
+def wait_until(cond: Callable[[], Any], timeout: float = 30.0, every: float = 0.1) -> Any:
     """Poll cond until it returns something truthy; fail (not assert a time) after a generous bound."""
     deadline = time.monotonic() + timeout
     while True:

@@ -22,7 +22,8 @@ import shardstate
 from shardstate.protowire import WireError, read_fields, varint
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
 from tests.procs import Procs
-from tests.routercluster import RouterCluster, T, uid
+from tests.routercluster import RouterCluster, T
+from tests.stubs import uid
 
 SEED = 1313
 PER_METHOD = 24  # mutated messages per method and target

@@ -13,7 +13,8 @@ import pytest
 
 from shardstate import AsyncClient, Client
 from tests.procs import Procs
-from tests.routercluster import RouterCluster, owners_by_reading_shards, uid
+from tests.routercluster import RouterCluster, owners_by_reading_shards
+from tests.stubs import uid
 
 THREADS = 6
 STEPS = 60

@@ -17,16 +17,8 @@ import pytest
 from shardstate import errors
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
 from tests.procs import Procs
-from tests.routercluster import (
-    RouterCluster,
-    Stubs,
-    T,
-    cluster_fixture,
-    expect_error,
-    owners_by_reading_shards,
-    uid,
-    wait_until,
-)
+from tests.routercluster import RouterCluster, Stubs, T, cluster_fixture, owners_by_reading_shards
+from tests.stubs import expect_error, uid, wait_until
 
 # Every test runs against routers with the coalesced Pipeline links to the shards (the default)
 # and against routers forwarding unary calls and unary Batch (--no-shard-pipeline).

@@ -15,7 +15,8 @@ import pytest
 from shardstate import errors
 from shardstate.v1 import admin_pb2, state_pb2
 from tests.procs import Procs
-from tests.routercluster import RouterCluster, T, expect_error, uid, wait_until
+from tests.routercluster import RouterCluster, T
+from tests.stubs import expect_error, uid, wait_until
 
 
 def test_dead_shard_gives_unavailable_naming_it_and_recovers(procs: Procs) -> None:

@@ -12,7 +12,8 @@ import grpc
 from shardstate.clustermap import ClusterView
 from shardstate.v1 import admin_pb2, state_pb2
 from tests.procs import Procs
-from tests.routercluster import RouterCluster, T, expect_error, owners_by_reading_shards, uid
+from tests.routercluster import RouterCluster, T, owners_by_reading_shards
+from tests.stubs import expect_error, uid
 
 NO_PERIODIC_REFRESH = ("--refresh-interval-s", "3600")
 

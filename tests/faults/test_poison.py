@@ -24,7 +24,8 @@ import shardstate
 from shardstate.v1 import state_pb2
 from tests.faults.report import Tally, fault_line
 from tests.procs import Procs
-from tests.routercluster import RouterCluster, T, uid
+from tests.routercluster import RouterCluster, T
+from tests.stubs import uid
 
 ROUNDS = 40  # poison rounds, each a handful of bad calls
 SYNC_WRITES = 300
