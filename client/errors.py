@@ -200,7 +200,8 @@ def code_from_int(code: int) -> grpc.StatusCode:
 
 # gRPC itself refuses a message over its size limit, before shardstate sees it, with a bare
 # RESOURCE_EXHAUSTED; these name the limit like every other one. Servers and routers let gRPC
-# take max_request_bytes plus this much envelope (server/main.py, router/main.py).
+# take max_request_bytes plus this much envelope (server/main.py, router/main.py), so that an
+# oversize value inside a message still reaches the shard, which names its limit.
 RECEIVE_SLACK_BYTES = 64 * 1024
 _GRPC_SIZE = re.compile(r"(SERVER|CLIENT): (Received|Sent) message larger than max \((\d+) vs\. (\d+)\)")
 

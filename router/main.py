@@ -37,10 +37,6 @@ from shardstate.v1 import admin_pb2
 
 log = logging.getLogger("shardstate.router")
 
-# Room above the request limit so an oversize value reaches the shard, which names the limit.
-RECEIVE_SLACK = 64 * 1024
-
-
 def write_port_file(path: str, port: int) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     Path(tmp).write_text(f"{port}\n")
@@ -62,7 +58,7 @@ class Router:
         self.stats = Stats()
         self.health = health.aio.HealthServicer()
         self.server = aio.server(options=[
-            ("grpc.max_receive_message_length", cfg.max_request_bytes + RECEIVE_SLACK),
+            ("grpc.max_receive_message_length", cfg.max_request_bytes + errors.RECEIVE_SLACK_BYTES),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
         ])

@@ -22,7 +22,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 
 from shardstate import errors
-from shardstate.protowire import WireError, last_varint, read_fields
+from shardstate.protowire import WireError, read_fields
 from shardstate.v1 import state_pb2
 
 from .storage.validation import utf8
@@ -131,12 +131,17 @@ def _pipeline_deserializer(data: bytes) -> Any:
     try:
         return state_pb2.PipelineRequest.FromString(data)
     except Exception as e:
-        rid = last_varint(data, 1)
+        fields: list[tuple[int, int | bytes]] = []
         try:
-            fields = read_fields(data)
-            ids = [v for n, v in fields if n == 1 and isinstance(v, int)]
+            read_fields(data, fields)
+            framed = True
+        except WireError:
+            framed = False  # `fields` holds what came before the break
+        ids = [v for n, v in fields if n == 1 and isinstance(v, int)]
+        rid = ids[-1] if ids else 0
+        try:
             batches = [v for n, v in fields if n == 2 and isinstance(v, bytes)]
-            if len(ids) + len(batches) != sum(1 for n, _ in fields if n in (1, 2)):
+            if not framed or len(ids) + len(batches) != sum(1 for n, _ in fields if n in (1, 2)):
                 raise WireError("id must be a varint and batch a message")
             part = split_batch(b"".join(batches))  # repeated embedded messages merge
             part.id = rid

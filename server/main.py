@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shardstate import config, eventloop, jsonlog
 from shardstate.clustermap import load_cluster_file
-from shardstate.errors import InvalidArgumentError
+from shardstate.errors import RECEIVE_SLACK_BYTES, InvalidArgumentError
 from shardstate.supervision import DirectoryInUse, describe_pid, die_with_supervisor, lock_holder
 from shardstate.v1 import admin_pb2, state_pb2
 
@@ -36,9 +36,6 @@ from .service import StateService
 from .storage.engine import Engine
 
 log = logging.getLogger("shardstate.shard")
-# Room for the envelope around a max_request_bytes payload; beyond it gRPC itself answers
-# RESOURCE_EXHAUSTED before the message is parsed.
-REQUEST_SLACK_BYTES = 64 * 1024
 SETTLE_QUIET_S = 0.05  # shutdown: no new call for this long means the queue is empty
 SETTLE_QUIET_MAX_S = 1.0  # ... but clients that keep retrying cannot hold shutdown longer
 STATE_SERVICE = state_pb2.DESCRIPTOR.services_by_name["State"]
@@ -67,7 +64,7 @@ def advertised(listen: str, port: int) -> str:
 
 def make_server(cfg: config.ShardConfig) -> grpc.aio.Server:
     return grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", cfg.max_request_bytes + REQUEST_SLACK_BYTES),
+        ("grpc.max_receive_message_length", cfg.max_request_bytes + RECEIVE_SLACK_BYTES),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share it
     ])

@@ -322,7 +322,9 @@ class StateService:
     # ---- gRPC behaviors ----
 
     def behaviors(self) -> dict[str, Callable[..., Any]]:
-        def unary(op: Op) -> Callable[[Any, Any], Awaitable[Any]]:
+        def unary(op: Op, waits: bool = True) -> Callable[[Any, Any], Awaitable[Any]]:
+            """`waits=False`: the op waits for the semi-sync barrier itself (batch)."""
+
             async def handler(req: Any, context: Any) -> Any:
                 self.arrivals += 1
                 if self.draining:
@@ -331,7 +333,8 @@ class StateService:
                 try:
                     before = self.engine.store.committed
                     resp = await op(req)
-                    await self.replicated(before, resp.header.replayed, req)
+                    if waits:
+                        await self.replicated(before, resp.header.replayed, req)
                     return resp
                 except Exception as e:
                     log_unexpected(e)
@@ -348,7 +351,7 @@ class StateService:
             "TrimLog": unary(self.trim_log), "PopLast": unary(self.pop_last),
             "Touch": unary(self.touch), "DeleteSession": unary(self.delete_session),
             "GetSession": unary(self.get_session), "ListSessions": unary(self.list_sessions),
-            "Batch": unary(self.batch), "Pipeline": pipeline_behavior(self), "Watch": watch_behavior(self),
+            "Batch": unary(self.batch, waits=False), "Pipeline": pipeline_behavior(self), "Watch": watch_behavior(self),
         }
 
     def drain(self) -> None:
