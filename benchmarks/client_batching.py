@@ -10,34 +10,21 @@ handle remembers the version it wrote, so a single writer's step is one CAS, no 
 
 from __future__ import annotations
 
+import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before grpc loads)
+
+# isort: split
+
 import argparse
 import asyncio
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from shardstate import AsyncClient, ConflictError
-
-
-def start_shard(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = tmp / "port"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shardstate", "shard", "--id", "s1", "--listen", "127.0.0.1:0",
-         "--data-dir", str(tmp / "data"), "--port-file", str(port_file)],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "shard.log", "wb"),  # noqa: SIM115
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if port_file.exists() and port_file.read_text().strip():
-            return proc, f"127.0.0.1:{port_file.read_text().strip()}"
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("shard did not start")
+from shardstate.bench import servers
 
 
 async def measure(address: str, variant: str, sessions: int, concurrency: int, duration: float,
@@ -101,7 +88,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         address = args.address
         if not address:
-            proc, address = start_shard(Path(tmp))
+            proc = servers.start_shard(Path(tmp))
+            address = proc.address
         try:
             print(f"{'one shard at ' if proc else 'target '}{address}; {args.sessions} sessions, {args.concurrency} concurrent, "
                   f"{args.value_size} B values, {args.duration:.0f} s per variant; {os.cpu_count()} cores")
@@ -113,8 +101,7 @@ def main() -> None:
                       f"{r['client_cpu_us_per_step']:>15.0f} {r['ops_per_batch']:>10.1f} {r['conflicts']:>10}")
         finally:
             if proc is not None:
-                proc.terminate()
-                proc.wait(30)
+                proc.stop()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ not claimed; the assumptions are printed with the figures.
 
 from __future__ import annotations
 
+import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before grpc loads)
+
+# isort: split
+
 import argparse
 import json
 import math
@@ -25,7 +29,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from shardstate.bench import compare, peers, procstat, report
+from shardstate.bench import compare, procstat, report, servers
 
 CORES = (2, 4, 8, 16, 32, 64, 128)
 SHARDS = (1, 3, 6, 12, 24, 48, 96)
@@ -223,7 +227,7 @@ def run_cluster(ns: argparse.Namespace, out: Path, console: Console) -> dict[str
         "--duration", str(ns.duration), "--warmup", str(ns.warmup), "--value-size", str(ns.value_size),
         "--step-impl", ns.step_impl, *(f"--dev-arg={a}" for a in ns.dev_arg)])
     workdir = Path(tempfile.mkdtemp(prefix="shardstate-cost-"))
-    peers.term_as_exit()
+    servers.term_as_exit()
     try:
         result = compare.run_store("shardstate", cns, workdir, out, console)
     finally:

@@ -14,6 +14,10 @@ memory on the client stays bounded whatever N is.
 
 from __future__ import annotations
 
+import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before grpc loads)
+
+# isort: split
+
 import argparse
 import asyncio
 import json
@@ -37,7 +41,7 @@ from rich.progress import (
 from rich.table import Table
 
 from shardstate import AsyncClient
-from shardstate.bench import peers, procstat
+from shardstate.bench import procstat, servers
 from shardstate.bench.backends import STATE_KEY
 
 SETTLE_S = 5.0  # after loading: let LevelDB finish flushing/compacting before sizes are read
@@ -179,7 +183,7 @@ async def load_redis(address: str, ns: argparse.Namespace, values: Values, conso
 
 
 def run_shard(ns: argparse.Namespace, workdir: Path, values: Values, console: Console) -> dict[str, Any]:
-    srv = peers.start_shard(workdir, "s1")
+    srv = servers.start_shard(workdir, "s1")
     try:
         rss0 = procstat.rss_bytes(srv.pid)
         took = asyncio.run(load_shard(srv.address, ns, values, console))
@@ -194,13 +198,13 @@ def run_shard(ns: argparse.Namespace, workdir: Path, values: Values, console: Co
 
 
 def run_redis(ns: argparse.Namespace, workdir: Path, values: Values, console: Console) -> dict[str, Any]:
-    srv = peers.start_redis(workdir)
+    srv = servers.start_redis(workdir)
     try:
         rss0 = procstat.rss_bytes(srv.pid)
         took, info = asyncio.run(load_redis(srv.address, ns, values, console))
         console.print(f"redis: loaded {ns.sessions:,} sessions in {took:.1f} s")
         assert srv.data_dir is not None
-        return {"store": f"Redis {peers.redis_version()}", "sessions": ns.sessions, "load_s": round(took, 1),
+        return {"store": f"Redis {servers.redis_version()}", "sessions": ns.sessions, "load_s": round(took, 1),
                 "load_rate": round(ns.sessions / took), "rss_before_bytes": rss0,
                 "rss_bytes": procstat.rss_bytes(srv.pid), "disk_bytes": procstat.dir_bytes(srv.data_dir), **info}
     finally:
@@ -250,12 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     stores = [s.strip() for s in ns.stores.split(",") if s.strip()]
     if not set(stores) <= {"shard", "redis"} or not stores:
         p.error("--stores takes shard and/or redis")
-    if "redis" in stores and not peers.have("redis-server"):
+    if "redis" in stores and not servers.have("redis-server"):
         p.error("redis-server is not installed: run benchmarks/install-peers.sh")
     console = Console(stderr=True)
     out = Console() if Console().is_terminal else Console(width=160)
     values = Values(ns.value_size)
-    peers.term_as_exit()
+    servers.term_as_exit()
     workdir = Path(tempfile.mkdtemp(prefix="shardstate-memory-"))
     free = shutil.disk_usage(workdir).free
     need = ns.sessions * ns.value_size * 3  # shard + redis AOF, with headroom

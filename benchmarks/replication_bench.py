@@ -15,6 +15,10 @@
 
 from __future__ import annotations
 
+import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before grpc loads)
+
+# isort: split
+
 import argparse
 import asyncio
 import random

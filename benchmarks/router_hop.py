@@ -15,6 +15,10 @@ utime+stime from /proc/<pid>/stat over the measured window.
 
 from __future__ import annotations
 
+import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before grpc loads)
+
+# isort: split
+
 import argparse
 import asyncio
 import itertools
@@ -31,8 +35,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shardstate.clustermap import ClusterView
-from shardstate.errors import ConflictError
+from shardstate.common.clustermap import ClusterView
+from shardstate.common.errors import ConflictError
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc
 from tests.procs import Procs
 

@@ -12,24 +12,30 @@ Each cell runs a short warm-up, then `--duration` seconds of measurement. CPU co
 
 from __future__ import annotations
 
+import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before grpc loads)
+
+# isort: split
+
 import argparse
 import asyncio
 import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from shardstate.common import portfile
+from shardstate.server import launch
 from shardstate.v1 import state_pb2, state_pb2_grpc
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -58,67 +64,34 @@ class Cell:
 # ---- the shard process ----
 
 
+class NoopNode(launch.Node):
+    """serve_noop below in its own process, started and health-checked like a shard."""
+
+    def command(self, listen: str, extra: Sequence[str] = ()) -> list[str]:
+        return [sys.executable, __file__, "--serve-noop", str(self.port_file)]
+
+
 class ShardProc:
     """A shard on 127.0.0.1:0 in a temporary data directory, stopped with SIGTERM at the end."""
 
     def __init__(self, extra: list[str], noop: bool = False) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="shard-bench-")
         d = Path(self.tmp.name)
-        self.port_file = d / "port"
-        self.log = open(d / "shard.log", "wb")  # noqa: SIM115 - closed in stop()
-        cmd = (
-            [sys.executable, __file__, "--serve-noop", str(self.port_file)]
-            if noop
-            else [
-                sys.executable,
-                "-m",
-                "shardstate",
-                "shard",
-                "--id",
-                "bench",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                str(d / "data"),
-                "--port-file",
-                str(self.port_file),
-                *extra,
-            ]
-        )
-        self.popen = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        self.address = ""
+        kind = NoopNode if noop else launch.Node
+        self.node = kind("shard", ["--id", "bench", "--data-dir", str(d / "data"), *extra],
+                         port_file=d / "port", log_path=d / "shard.log")
+        self.node.start(wait=False)
+
+    @property
+    def pid(self) -> int:
+        return self.node.pid
 
     def wait_ready(self, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(
-                    f"shard exited with {self.popen.returncode}; log in {self.tmp.name}"
-                )
-            text = self.port_file.read_text().strip() if self.port_file.exists() else ""
-            if text:
-                self.address = f"127.0.0.1:{text}"
-                with grpc.insecure_channel(self.address) as ch:
-                    try:
-                        r = health_pb2_grpc.HealthStub(ch).Check(
-                            health_pb2.HealthCheckRequest(), timeout=2
-                        )
-                        if r.status == health_pb2.HealthCheckResponse.SERVING:
-                            return self.address
-                    except grpc.RpcError:
-                        pass
-            time.sleep(0.05)
-        raise TimeoutError("shard not ready")
+        self.node.wait_ready(timeout)
+        return self.node.address
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(30)
-        self.log.close()
+        self.node.stop(30)
         self.tmp.cleanup()
 
 
@@ -146,7 +119,7 @@ async def serve_noop(port_file: str) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    Path(port_file).write_text(str(port))
+    portfile.write(port_file, port)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
@@ -365,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             address, pid = args.address, (args.pid or None)
         else:
             proc = ShardProc(args.shard_arg)
-            address, pid = proc.wait_ready(), proc.popen.pid
+            address, pid = proc.wait_ready(), proc.pid
         cells = asyncio.run(bench(args, address, pid))
     finally:
         if proc is not None:
@@ -373,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:
         noop = ShardProc([], noop=True)
         try:
-            floor = asyncio.run(bench(args, noop.wait_ready(), noop.popen.pid))
+            floor = asyncio.run(bench(args, noop.wait_ready(), noop.pid))
         finally:
             noop.stop()
         for c in floor:

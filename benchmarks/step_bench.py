@@ -14,22 +14,24 @@ A step is `await handle.update("state", fn)` on one long-lived AsyncSession hand
 
 from __future__ import annotations
 
+import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before grpc loads)
+
+# isort: split
+
 import argparse
 import asyncio
-import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from shardstate import AsyncClient, eventloop
+from shardstate import AsyncClient
 from shardstate.bench import tails
-from shardstate.dev import default_shards, usable_cpus
+from shardstate.common import eventloop
+from shardstate.server import launch
+from shardstate.server.cli.dev import default_shards, usable_cpus
 
 VALUE = b"x" * 1024
 TICK = os.sysconf("SC_CLK_TCK")
@@ -41,38 +43,11 @@ def cpu_s(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / TICK
 
 
-def start_dev(port: int, data: Path, shards: int, replicas: int) -> tuple[subprocess.Popen[bytes], dict[str, int], str]:
+def start_dev(port: int, data: Path, shards: int, replicas: int) -> tuple[launch.Dev, dict[str, int], str]:
     """The dev cluster's process, its nodes' pids by name, and the router's address."""
-    proc = subprocess.Popen([sys.executable, "-m", "shardstate", "dev", "--port", str(port), "--data-dir", str(data),
-                             "--shards", str(shards), "--replicas", str(replicas)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    info = data / "dev.json"
-    while time.time() < deadline:
-        if info.exists():
-            try:
-                d = json.loads(info.read_text())
-            except ValueError:
-                d = None
-            if d:
-                nodes = d.get("nodes", d)
-                pids = _pids(nodes)
-                if len(pids) == shards * (1 + replicas) + 1:
-                    time.sleep(1.0)
-                    router = nodes.get("router", {}) if isinstance(nodes, dict) else {}
-                    return proc, pids, str(router.get("address") or f"127.0.0.1:{port}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("dev cluster did not start")
-
-
-def _pids(nodes: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    items = nodes.items() if isinstance(nodes, dict) else ((n.get("name"), n) for n in nodes)
-    for name, n in items:
-        if isinstance(n, dict) and n.get("pid"):
-            out[str(name)] = int(n["pid"])
-    return out
+    dev = launch.Dev(data, "--shards", str(shards), "--replicas", str(replicas), port=port, log_path=data / "dev.log")
+    address = dev.wait_router()
+    return dev, dev.node_pids(), address
 
 
 async def run(address: str, pids: dict[str, int], args: argparse.Namespace, data: Path | None = None) -> None:
@@ -178,11 +153,7 @@ def main() -> None:
             eventloop.run(run(address, pids, args, Path(tmp)))
             time.sleep(args.hold)
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.stop()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The asyncio client: `AsyncClient` and its `AsyncSession` handles, the same surface as the
-sync Client with async/await, driving the same operation generators (shardstate.protocol).
+sync Client with async/await, driving the same operation generators (shardstate.operations).
 
 With `batching=True` (the default) concurrent single ops are coalesced per event-loop tick and
 multiplexed over one Pipeline stream per address (shardstate.pipeline).
@@ -15,20 +15,20 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from shardstate import codec, errors
+from shardstate import codec
 from shardstate.batch import Batch
 from shardstate.channels import (
-    DEFAULT_MAX_MESSAGE_BYTES,
     AddressPool,
     AsyncChannels,
-    channel_options,
     parse_addresses,
 )
 from shardstate.client import DEFAULT_TIMEOUT_S
-from shardstate.clustermap import ClusterView
-from shardstate.errors import ConflictError, ShardstateError, UnimplementedError
-from shardstate.pipeline import HOLD_S, UNARY, Mux, raw_pipeline
-from shardstate.protocol import (
+from shardstate.common import errors
+from shardstate.common.clustermap import ClusterView
+from shardstate.common.errors import ConflictError, ShardstateError, UnimplementedError
+from shardstate.common.records import Change, Entry, Record, SessionInfo
+from shardstate.common.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from shardstate.operations import (
     Call,
     ClientCore,
     Emit,
@@ -40,7 +40,7 @@ from shardstate.protocol import (
     conflict_pause,
     gave_up,
 )
-from shardstate.records import Change, Entry, Record, SessionInfo
+from shardstate.pipeline import HOLD_S, UNARY, Mux, raw_pipeline
 from shardstate.retry import Retry
 from shardstate.txn import Txn, TxnResult
 from shardstate.v1 import admin_pb2, admin_pb2_grpc

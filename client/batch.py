@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from shardstate.errors import InvalidArgumentError
-from shardstate.protocol import Call, ClientCore, Op, SessionCore
+from shardstate.common.errors import InvalidArgumentError
+from shardstate.operations import Call, ClientCore, Op, SessionCore
 
 R = TypeVar("R")
 

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from shardstate.errors import (
+from shardstate.common.errors import (
     ClientClosedError,
     InvalidArgumentError,
     ShardstateError,
@@ -23,12 +23,10 @@ from shardstate.errors import (
 )
 from shardstate.v1 import state_pb2_grpc
 
-MiB = 1024 * 1024
-DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB  # above the server's request limit, so the server names it
 DOWN_FOR_S = 1.0
 CLOSED = "the client is closed; calls after close() need a new client"
 # gRPC's text for a connection that could not be made: refused at first, then (its poll-based
-# client endpoint, grpc_env) "FD Shutdown (connect() timed out)" or "tcp handshaker shutdown"
+# client endpoint, shardstate.common.transport) "FD Shutdown (connect() timed out)" or "tcp handshaker shutdown"
 # for the same refused connection while it backs off.
 _CONNECT_FAILED = "failed to connect"
 _REFUSED = "Connection refused"
@@ -52,20 +50,6 @@ def parse_addresses(addresses: str | Iterable[str]) -> tuple[str, ...]:
     if not out:
         raise InvalidArgumentError("at least one address 'host:port' is required")
     return tuple(out)
-
-
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                    extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        # gRPC's reconnect backoff grows to 120 s by default; a restarted node must be found
-        # again within about a second, or every retry in between fails fast.
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-        *extra,
-    ]
 
 
 class AddressPool:

@@ -1,6 +1,6 @@
 """The synchronous client: `Client` (addresses, retry, defaults) and its `Session` handles.
 
-Every operation is the shared generator of shardstate.protocol; this module only drives it
+Every operation is the shared generator of shardstate.operations; this module only drives it
 with blocking gRPC calls.
 """
 
@@ -13,17 +13,17 @@ from typing import Any, TypeVar
 
 import grpc
 
-from shardstate import errors
 from shardstate.batch import Batch
 from shardstate.channels import (
-    DEFAULT_MAX_MESSAGE_BYTES,
     AddressPool,
     SyncChannels,
-    channel_options,
     parse_addresses,
 )
-from shardstate.errors import ShardstateError
-from shardstate.protocol import (
+from shardstate.common import errors
+from shardstate.common.errors import ShardstateError
+from shardstate.common.records import Change, Entry, Record, SessionInfo
+from shardstate.common.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from shardstate.operations import (
     Attempt,
     Call,
     ClientCore,
@@ -34,7 +34,6 @@ from shardstate.protocol import (
     SessionCore,
     Sleep,
 )
-from shardstate.records import Change, Entry, Record, SessionInfo
 from shardstate.retry import Retry
 from shardstate.txn import Txn, TxnResult
 

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from shardstate import errors
-from shardstate.config import Limits
-from shardstate.errors import ConflictError, InvalidArgumentError, ShardstateError
-from shardstate.records import Entry, Record
+from shardstate.common import errors
+from shardstate.common.config import Limits
+from shardstate.common.errors import ConflictError, InvalidArgumentError, ShardstateError
+from shardstate.common.records import Entry, Record
 from shardstate.v1 import state_pb2, types_pb2
 
 _LIMITS = Limits()

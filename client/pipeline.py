@@ -31,10 +31,11 @@ from typing import Any
 
 import grpc
 
-from shardstate import codec, errors
-from shardstate.clustermap import ClusterView
-from shardstate.errors import DeadlineExceededError, ShardstateError, UnimplementedError
-from shardstate.protowire import field_head, varint
+from shardstate import codec
+from shardstate.common import errors
+from shardstate.common.clustermap import ClusterView
+from shardstate.common.errors import DeadlineExceededError, ShardstateError, UnimplementedError
+from shardstate.common.protowire import field_head, varint
 from shardstate.v1 import state_pb2, state_pb2_grpc
 
 PIPELINE, BATCH, UNARY = "pipeline", "batch", "unary"

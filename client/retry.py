@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shardstate.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from shardstate.common.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
 
 
 class Backoff(Protocol):

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Self, TypeVar
 
 from shardstate import codec
-from shardstate.errors import InvalidArgumentError
-from shardstate.protocol import Op, SessionCore
+from shardstate.common.errors import InvalidArgumentError
+from shardstate.operations import Op, SessionCore
 from shardstate.v1 import state_pb2
 
 R = TypeVar("R")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from shardstate.records import Record
+from shardstate.common.records import Record
 
 
 class _Unknown:

@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 
-from shardstate import errors
-from shardstate.clustermap import node_addresses
+from shardstate.common import errors
+from shardstate.common.clustermap import node_addresses
 from shardstate.router.failover import promote
 from shardstate.router.maps import MapHolder, validate_map
 from shardstate.router.nodes import NodePool, describe

@@ -13,11 +13,11 @@ from typing import Any
 
 import grpc
 
-from shardstate import errors
-from shardstate.clustermap import ClusterView
+from shardstate.common import errors
+from shardstate.common.clustermap import ClusterView
 from shardstate.router.forward import Forwarder, Route
 from shardstate.router.replicas import from_replicas, replica_reads
-from shardstate.router.shardpipe import ShardLinks, SubBatchError, expire_at
+from shardstate.router.shardlink import ShardLinks, SubBatchError, expire_at
 from shardstate.router.wire import RawBatchResponse, error_result, op_session, redirect_of
 from shardstate.v1 import state_pb2, types_pb2
 

@@ -13,9 +13,9 @@ import logging
 
 import grpc
 
-from shardstate import errors
-from shardstate.clustermap import node_addresses
-from shardstate.jsonlog import fields
+from shardstate.common import errors
+from shardstate.common.clustermap import node_addresses
+from shardstate.common.jsonlog import fields
 from shardstate.router.maps import MapHolder
 from shardstate.router.nodes import NodePool, describe
 from shardstate.v1 import admin_pb2

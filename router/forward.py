@@ -18,13 +18,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from shardstate import errors
-from shardstate.clustermap import ClusterView
-from shardstate.jsonlog import fields
+from shardstate.common import errors
+from shardstate.common.clustermap import ClusterView
+from shardstate.common.jsonlog import fields
 from shardstate.router.maps import MapHolder
 from shardstate.router.nodes import NodePool
 from shardstate.router.replicas import ReplicaPicker, relaxed_read
-from shardstate.router.shardpipe import ShardLinks, SubBatchError
+from shardstate.router.shardlink import ShardLinks, SubBatchError
 from shardstate.router.wire import BATCH_FIELD, as_batch_op, unpack_result
 from shardstate.v1 import admin_pb2, types_pb2
 

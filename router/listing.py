@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import grpc
 from grpc import aio
 
-from shardstate import errors
+from shardstate.common import errors
+from shardstate.common.pagetoken import Cursor, decode_token, encode_token
 from shardstate.router.forward import Forwarder, Relay, unavailable
-from shardstate.server.storage.validation import Cursor, decode_token, encode_token
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
 
 DEFAULT_PAGE = 100

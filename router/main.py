@@ -10,43 +10,36 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
-from pathlib import Path
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate import config, errors, eventloop, jsonlog
-from shardstate.jsonlog import fields
+from shardstate.common import config, errors, eventloop, jsonlog, portfile
+from shardstate.common.grpcserve import register_servicer
+from shardstate.common.jsonlog import fields
+from shardstate.common.supervision import die_with_supervisor
 from shardstate.router.admin import RouterAdmin, Stats
 from shardstate.router.batching import BatchRunner
+from shardstate.router.config import RouterConfig
 from shardstate.router.forward import Forwarder
 from shardstate.router.listing import Lister
 from shardstate.router.maps import MapHolder
 from shardstate.router.nodes import NodePool
 from shardstate.router.pipeline import PipelineHandler
 from shardstate.router.service import SERVICE, StateService
-from shardstate.router.shardpipe import ShardLinks
+from shardstate.router.shardlink import ShardLinks
 from shardstate.router.watch import WatchProxy
-from shardstate.server.handlers import register_servicer
-from shardstate.supervision import die_with_supervisor
 from shardstate.v1 import admin_pb2
 
 log = logging.getLogger("shardstate.router")
 
-def write_port_file(path: str, port: int) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    Path(tmp).write_text(f"{port}\n")
-    os.replace(tmp, path)
-
-
 class Router:
     """Everything one router process holds, wired together."""
 
-    def __init__(self, cfg: config.RouterConfig) -> None:
+    def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
         self.nodes = NodePool()
         seeds = [s.strip() for s in cfg.seeds.split(",") if s.strip()]
@@ -102,7 +95,7 @@ class Router:
                 boot.result()  # raises: e.g. an unreadable cluster file
             await self.set_serving(True)
             if self.cfg.port_file:
-                write_port_file(self.cfg.port_file, self.port)
+                portfile.write(self.cfg.port_file, self.port)
             log.info("router serving", extra=fields(address=self.address, epoch=self.maps.view.epoch))
             periodic = asyncio.ensure_future(self.maps.run_periodic())
             await stopper
@@ -121,7 +114,7 @@ class Router:
         ))
 
 
-async def serve(cfg: config.RouterConfig) -> None:
+async def serve(cfg: RouterConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -133,9 +126,9 @@ async def serve(cfg: config.RouterConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     die_with_supervisor()
     parser = argparse.ArgumentParser(prog="shardstate router", description="Run one shardstate router.")
-    config.add_arguments(parser, config.RouterConfig)
+    config.add_arguments(parser, RouterConfig)
     ns = parser.parse_args(argv)
-    cfg = config.from_args(config.RouterConfig, ns)
+    cfg = config.from_args(RouterConfig, ns)
     jsonlog.setup(component="router")
     try:
         cfg.validate()

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 
-from shardstate.clustermap import ClusterView, empty_view, load_cluster_file, node_addresses
-from shardstate.errors import InvalidArgumentError, UnavailableError
-from shardstate.jsonlog import fields
+from shardstate.common.clustermap import ClusterView, empty_view, load_cluster_file, node_addresses
+from shardstate.common.errors import InvalidArgumentError, UnavailableError
+from shardstate.common.jsonlog import fields
 from shardstate.router.nodes import NodePool, describe
 from shardstate.v1 import admin_pb2
 

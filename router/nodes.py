@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from shardstate.channels import channel_options
+from shardstate.common.transport import channel_options
 from shardstate.v1 import admin_pb2_grpc
 
 STATE = "/shardstate.v1.State/"

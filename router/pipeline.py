@@ -16,8 +16,8 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from shardstate import errors
-from shardstate.protowire import last_varint
+from shardstate.common import errors
+from shardstate.common.protowire import last_varint
 from shardstate.router.batching import BatchRunner
 from shardstate.router.wire import RawPipelineRequest, RawPipelineResponse, length_delimited, varint
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import grpc
 
-from shardstate.clustermap import ClusterView
-from shardstate.router.shardpipe import ShardLinks, SubBatchError
+from shardstate.common.clustermap import ClusterView
+from shardstate.router.shardlink import ShardLinks, SubBatchError
 from shardstate.router.wire import redirect_of
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
 

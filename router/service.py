@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.router.admin import Stats
 from shardstate.router.batching import BatchRunner
 from shardstate.router.forward import Forwarder, fail

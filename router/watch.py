@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.router.forward import Forwarder, Relay, unavailable
 from shardstate.router.wire import session_of, watch_position
 from shardstate.v1 import state_pb2

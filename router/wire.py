@@ -26,9 +26,8 @@ from typing import Any
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from shardstate.errors import InvalidArgumentError
-from shardstate.protowire import field_head, varint
-from shardstate.server.storage.validation import utf8
+from shardstate.common.errors import InvalidArgumentError
+from shardstate.common.protowire import field_head, utf8, varint
 from shardstate.v1 import state_pb2, types_pb2
 
 _F = descriptor_pb2.FieldDescriptorProto

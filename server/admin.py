@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.v1 import admin_pb2
 
 from .node import Node

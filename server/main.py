@@ -10,28 +10,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate import config, eventloop, jsonlog
-from shardstate.clustermap import load_cluster_file
-from shardstate.errors import RECEIVE_SLACK_BYTES, InvalidArgumentError
-from shardstate.supervision import DirectoryInUse, describe_pid, die_with_supervisor, lock_holder
+from shardstate.common import config, eventloop, jsonlog, portfile
+from shardstate.common.clustermap import load_cluster_file
+from shardstate.common.errors import RECEIVE_SLACK_BYTES, InvalidArgumentError
+from shardstate.common.supervision import (
+    DirectoryInUse,
+    describe_pid,
+    die_with_supervisor,
+    lock_holder,
+)
+from shardstate.server.config import ShardConfig
 from shardstate.v1 import admin_pb2, state_pb2
 
 from . import handlers
 from .admin import AdminService
 from .node import Node
 from .replication import Replication
-from .replication.roles import ADDRESS_META
+from .replication.manager import ADDRESS_META
 from .service import StateService
 from .storage.engine import Engine
 
@@ -46,15 +50,6 @@ class StartupError(Exception):
     pass
 
 
-def write_port_file(path: str, port: int) -> None:
-    """tmp + rename in the same directory: readers see no file or the whole number."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{port}\n")
-    os.replace(tmp, target)
-
-
 def advertised(listen: str, port: int) -> str:
     host = listen.rsplit(":", 1)[0]
     if host in ("", "0.0.0.0", "[::]", "::"):
@@ -62,7 +57,7 @@ def advertised(listen: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def make_server(cfg: config.ShardConfig) -> grpc.aio.Server:
+def make_server(cfg: ShardConfig) -> grpc.aio.Server:
     return grpc.aio.server(options=[
         ("grpc.max_receive_message_length", cfg.max_request_bytes + RECEIVE_SLACK_BYTES),
         ("grpc.max_send_message_length", -1),
@@ -70,7 +65,7 @@ def make_server(cfg: config.ShardConfig) -> grpc.aio.Server:
     ])
 
 
-async def serve(cfg: config.ShardConfig) -> int:
+async def serve(cfg: ShardConfig) -> int:
     try:
         engine = Engine.open(cfg)
     except Exception as e:
@@ -84,7 +79,7 @@ async def serve(cfg: config.ShardConfig) -> int:
         await engine.close()
 
 
-async def _serve(cfg: config.ShardConfig, engine: Engine) -> int:
+async def _serve(cfg: ShardConfig, engine: Engine) -> int:
     node = Node(cfg.id, engine)
     if cfg.cluster:
         node.adopt(load_cluster_file(cfg.cluster))
@@ -131,7 +126,7 @@ async def _serve(cfg: config.ShardConfig, engine: Engine) -> int:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     node.serving = True
     if cfg.port_file and not stop.is_set():
-        write_port_file(cfg.port_file, port)
+        portfile.write(cfg.port_file, port)
     sweeper = asyncio.create_task(engine.run_sweeper())
     log.info("serving", extra={"fields": {
         "shard_id": cfg.id, "address": node.address, "port": port, "data_dir": cfg.data_dir,
@@ -175,8 +170,8 @@ async def settle(state: StateService, deadline: float) -> None:
 def main(argv: list[str]) -> int:
     die_with_supervisor()
     parser = argparse.ArgumentParser(prog="shardstate shard", description="Run one shard server.")
-    config.add_arguments(parser, config.ShardConfig)
-    cfg = config.from_args(config.ShardConfig, parser.parse_args(argv))
+    config.add_arguments(parser, ShardConfig)
+    cfg = config.from_args(ShardConfig, parser.parse_args(argv))
     try:
         cfg.validate()
     except InvalidArgumentError as e:

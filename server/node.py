@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import time
 
-from shardstate.clustermap import ClusterView, empty_view
-from shardstate.errors import NotPrimaryError, WrongShardError
-from shardstate.ring import Ring
+from shardstate.common.clustermap import ClusterView, empty_view
+from shardstate.common.errors import NotPrimaryError, WrongShardError
+from shardstate.common.ring import Ring
 from shardstate.v1 import admin_pb2
 
 from .storage.engine import Engine

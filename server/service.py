@@ -2,7 +2,7 @@
 the response header. Batch runs ops independently; Pipeline and Watch are in streams.py.
 
 Every failure leaves through `errors.abort` (unary) or a per-op code (Batch), so the one
-status table in shardstate.errors decides what the caller sees.
+status table in shardstate.common.errors decides what the caller sees.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from shardstate import errors
+from shardstate.common import errors, pagetoken
 from shardstate.v1 import state_pb2, types_pb2
 
 from .handlers import Partial
@@ -111,17 +111,17 @@ class StateService:
         return self.header(self.engine.get_session(req))
 
     async def list_sessions(self, req: state_pb2.ListSessionsRequest) -> state_pb2.ListSessionsResponse:
-        """Page tokens are the routers' format (validation.decode_token): garbage is
+        """Page tokens are the routers' format (pagetoken.decode_token): garbage is
         INVALID_ARGUMENT here as at a router."""
         node = self.node
         owned = node.owns if node.view.epoch else None
         validation.namespace_bytes(req.namespace, self.engine.limits)
-        cursor = validation.decode_token(req.page_token)
+        cursor = pagetoken.decode_token(req.page_token)
         if req.page_token:
             req.page_token = cursor.after  # the engine resumes after a session id
         resp = self.engine.list_sessions(req, owned)
         if resp.next_page_token:
-            resp.next_page_token = validation.encode_token(validation.Cursor(resp.next_page_token))
+            resp.next_page_token = pagetoken.encode_token(pagetoken.Cursor(resp.next_page_token))
         return self.header(resp)
 
     async def put(self, req: state_pb2.PutRequest) -> state_pb2.PutResponse:

@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 
 from .handlers import Malformed, Partial

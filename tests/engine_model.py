@@ -28,8 +28,8 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
-from shardstate import errors
-from shardstate.config import ShardConfig
+from shardstate.common import errors
+from shardstate.server.config import ShardConfig
 from shardstate.server.storage.engine import Engine
 from shardstate.server.storage.revision import wall_ms
 from shardstate.v1 import state_pb2 as s

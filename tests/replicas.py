@@ -8,7 +8,6 @@ import asyncio
 import json
 import random
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import grpc
 import plyvel
 
+from shardstate.server import launch
 from shardstate.server.storage import encoding as enc
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
 from tests.procs import Proc
@@ -184,7 +184,7 @@ def log_has(p: Proc, text: str) -> bool:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardstate", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(launch.shardstate_cmd(*args), capture_output=True, text=True, timeout=120)
 
 
 def audit_lines(proc: Proc) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from shardstate.clustermap import ClusterView
+from shardstate.common.clustermap import ClusterView
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc
 from tests.procs import Proc, Procs
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
 from tests.procs import Proc, Procs
 

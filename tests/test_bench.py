@@ -18,7 +18,8 @@ import pytest
 from shardstate.bench import compare, procstat
 from shardstate.bench.stats import CONFLICT, ERROR, OK, Recorder
 from shardstate.bench.workloads import SessionPicker
-from shardstate.dev import default_shards, usable_cpus
+from shardstate.server import launch
+from shardstate.server.cli.dev import default_shards, usable_cpus
 from tests.devcluster import Dev
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def check_result(r: dict[str, Any], store: str, workload: str) -> None:
 
 
 def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardstate", "bench", *args],
+    return subprocess.run(launch.shardstate_cmd("bench", *args),
                           capture_output=True, text=True, timeout=timeout)
 
 

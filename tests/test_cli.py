@@ -6,19 +6,19 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from importlib.metadata import version
 
 from shardstate import Client
-from shardstate.admin import COMMANDS as ADMIN_COMMANDS
-from shardstate.cli import COMMANDS
+from shardstate.server import launch
+from shardstate.server.cli import COMMANDS
+from shardstate.server.cli.admin import COMMANDS as ADMIN_COMMANDS
 from tests.procs import Procs
 
 T = 60.0
 
 
 def shardstate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardstate", *args], capture_output=True, text=True, timeout=T)
+    return subprocess.run(launch.shardstate_cmd(*args), capture_output=True, text=True, timeout=T)
 
 
 def test_version_prints_the_package_version() -> None:
@@ -59,7 +59,7 @@ def test_ls_into_a_closed_pipe_exits_quietly(procs: Procs) -> None:
             for i in range(start, start + 500):
                 b.put(f"{pad}-{i:05d}", "k", b"v")
             b.execute()
-    p = subprocess.Popen([sys.executable, "-m", "shardstate", "ls", "--plain", "--router", shard.address],
+    p = subprocess.Popen(launch.shardstate_cmd("ls", "--plain", "--router", shard.address),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout is not None and p.stderr is not None
     first = p.stdout.readline()

@@ -11,16 +11,17 @@ from typing import Any
 
 import pytest
 
-from shardstate import ConflictError, Record, codec, errors
+from shardstate import ConflictError, Record, codec
 from shardstate.batch import Batch
 from shardstate.channels import AddressPool, parse_addresses
-from shardstate.errors import (
+from shardstate.common import errors
+from shardstate.common.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
 )
-from shardstate.protocol import Attempt, Call, ClientCore, SessionCore, Sleep, resume
+from shardstate.operations import Attempt, Call, ClientCore, SessionCore, Sleep, resume
 from shardstate.retry import ConstantBackoff, ExponentialBackoff, NoBackoff, Retry
 from shardstate.txn import Txn
 from shardstate.v1 import state_pb2, types_pb2
@@ -390,7 +391,7 @@ def test_batch_builder_validates_on_add() -> None:
 
 
 def test_field_head_frames_length_delimited_fields() -> None:
-    from shardstate.protowire import field_head
+    from shardstate.common.protowire import field_head
     from shardstate.v1 import state_pb2
 
     assert field_head(1, 5) == b"\x0a\x05"

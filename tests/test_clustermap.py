@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from shardstate import config
-from shardstate.clustermap import ClusterView, empty_view, load_cluster_file
-from shardstate.errors import InvalidArgumentError
-from shardstate.ring import Ring
+from shardstate.common import config
+from shardstate.common.clustermap import ClusterView, empty_view, load_cluster_file
+from shardstate.common.errors import InvalidArgumentError
+from shardstate.common.ring import Ring
+from shardstate.router.config import RouterConfig
 from shardstate.v1 import admin_pb2
 
 
@@ -102,15 +103,15 @@ def test_router_config_flags_env_and_validate(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SHARDSTATE_MAX_HOPS", "5")
     monkeypatch.setenv("SHARDSTATE_SHARD_PIPELINE", "off")
     parser = argparse.ArgumentParser()
-    config.add_arguments(parser, config.RouterConfig)
-    cfg = config.from_args(config.RouterConfig, parser.parse_args(["--seeds", "a:1,b:2", "--refresh-interval-s", "0.5"]))
+    config.add_arguments(parser, RouterConfig)
+    cfg = config.from_args(RouterConfig, parser.parse_args(["--seeds", "a:1,b:2", "--refresh-interval-s", "0.5"]))
     assert cfg.max_hops == 5 and cfg.shard_pipeline is False and cfg.refresh_interval_s == 0.5
     assert cfg.seeds == "a:1,b:2" and cfg.listen == "127.0.0.1:7400"
     cfg.validate()
     for bad, word in [
-        (config.RouterConfig(), "--seeds"),
-        (config.RouterConfig(seeds="a:1", listen="nope"), "--listen"),
-        (config.RouterConfig(seeds="a:1", max_hops=0), "--max-hops"),
+        (RouterConfig(), "--seeds"),
+        (RouterConfig(seeds="a:1", listen="nope"), "--listen"),
+        (RouterConfig(seeds="a:1", max_hops=0), "--max-hops"),
     ]:
         with pytest.raises(InvalidArgumentError, match=word):
             bad.validate()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from shardstate.server import cpu
+from shardstate.server import cpu, launch
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
 from tests.procs import Procs
 from tests.replicas import EVENTUAL, T, dump, status, wait_converged, wait_for, workload
@@ -138,7 +138,7 @@ def test_leveldb_background_thread_runs_at_compaction_nice(procs: Procs) -> None
 
 
 def test_compaction_nice_out_of_range_is_refused(procs: Procs) -> None:
-    out = subprocess.run([sys.executable, "-m", "shardstate", "shard", "--id", "s1", "--compaction-nice", "20"],
+    out = subprocess.run(launch.shardstate_cmd("shard", "--id", "s1", "--compaction-nice", "20"),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "--compaction-nice must be 0..19" in out.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from shardstate.dev import MAX_DEFAULT_SHARDS, default_shards, existing_shards, plan
+from shardstate.server.cli.dev import MAX_DEFAULT_SHARDS, default_shards, existing_shards, plan
 from shardstate.v1 import state_pb2, state_pb2_grpc
 from tests.devcluster import Dev, cli, gone
 

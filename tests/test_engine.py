@@ -13,13 +13,13 @@ from typing import Any, TypeVar
 import plyvel
 import pytest
 
-from shardstate.config import ShardConfig
-from shardstate.errors import (
+from shardstate.common.errors import (
     HistoryCompactedError,
     InvalidArgumentError,
     LimitExceededError,
     NotFoundError,
 )
+from shardstate.server.config import ShardConfig
 from shardstate.server.storage import encoding as enc
 from shardstate.server.storage import entries, idempotency, ranges
 from shardstate.server.storage import store as store_mod

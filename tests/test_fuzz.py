@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor as FD
 
 import shardstate
-from shardstate.protowire import WireError, read_fields, varint
+from shardstate.common.protowire import WireError, read_fields, varint
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
 from tests.procs import Procs
 from tests.routercluster import RouterCluster, T

@@ -11,7 +11,7 @@ import asyncio
 import grpc
 import pytest
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc
 from tests.procs import Procs
 from tests.replicas import (

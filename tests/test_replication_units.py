@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from shardstate import errors
-from shardstate.config import ShardConfig
+from shardstate.common import errors
 from shardstate.router.failover import promoted_map
 from shardstate.router.replicas import ReplicaPicker, relaxed_read
+from shardstate.server.config import ShardConfig
 from shardstate.server.replication import audit, timeline, wire
 from shardstate.server.replication.acks import AckTracker
 from shardstate.server.storage import changelog

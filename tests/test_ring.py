@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from shardstate.ring import Ring
+from shardstate.common.ring import Ring
 
 IDS = [f"agent-{i}" for i in range(100_000)]
 

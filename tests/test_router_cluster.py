@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
 from tests.procs import Procs
 from tests.routercluster import RouterCluster, Stubs, T, cluster_fixture, owners_by_reading_shards

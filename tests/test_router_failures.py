@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.v1 import admin_pb2, state_pb2
 from tests.procs import Procs
 from tests.routercluster import RouterCluster, T

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from shardstate.clustermap import ClusterView
+from shardstate.common.clustermap import ClusterView
 from shardstate.v1 import admin_pb2, state_pb2
 from tests.procs import Procs
 from tests.routercluster import RouterCluster, T, owners_by_reading_shards

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardstate import errors
-from shardstate.router import batching, listing, maps, pipeline, shardpipe, wire
+from shardstate.common import errors
+from shardstate.router import batching, listing, maps, pipeline, shardlink, wire
 from shardstate.router.nodes import NodePool
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
 
@@ -165,9 +165,9 @@ def test_op_session_takes_the_last_op_field_like_the_oneof() -> None:
 def test_shard_pipeline_request_framing_matches_protobuf(sizes: list[int]) -> None:
     ops = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
     for rid in (1, 127, 128, 2**40):
-        got = wire.RawPipelineRequest.FromString(shardpipe.pipeline_request(rid, ops))
+        got = wire.RawPipelineRequest.FromString(shardlink.pipeline_request(rid, ops))
         assert got.id == rid and list(got.batch.ops) == ops
-        assert shardpipe.pipeline_request(rid, ops) == wire.RawPipelineRequest(
+        assert shardlink.pipeline_request(rid, ops) == wire.RawPipelineRequest(
             id=rid, batch=wire.RawBatch(ops=ops)).SerializeToString()
 
 
@@ -273,7 +273,7 @@ def test_a_malformed_pipeline_message_is_answered_under_its_id() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=40), st.text(max_size=20), st.integers(0, 2**64 - 1), st.lists(st.binary(max_size=30), max_size=4))
 def test_read_fields_takes_a_message_apart_as_encoded(value: bytes, key: str, version: int, entries: list[bytes]) -> None:
-    from shardstate.protowire import WireError, last_varint, read_fields
+    from shardstate.common.protowire import WireError, last_varint, read_fields
 
     put = state_pb2.PutRequest(session_id="s", key=key, value=value, expected_version=version).SerializeToString()
     fields = read_fields(put)

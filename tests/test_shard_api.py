@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from shardstate.server.storage.validation import decode_token
+from shardstate.common.pagetoken import decode_token
 from tests.stubs import Conn, expect_error, shard_fixture, state_pb2, uid
 
 shard = shard_fixture("s1")

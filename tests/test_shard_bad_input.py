@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from shardstate import errors
+from shardstate.common import errors
 from tests.stubs import CALL_TIMEOUT_S, Conn, expect_error, shard_fixture, state_pb2, types_pb2, uid
 
 T = CALL_TIMEOUT_S

@@ -14,7 +14,7 @@ import grpc
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from shardstate import errors
+from shardstate.common import errors
 from tests.engine_model import Driver, machine
 from tests.procs import Proc, Procs
 from tests.stubs import CALL_TIMEOUT_S, Conn, state_pb2

@@ -1,9 +1,9 @@
 """Replication of a shard (docs/design.md §5): a leader streams its change log to followers, followers
 apply it and ack, semi-synchronous acks, promotion, demotion and the divergence audit.
 
-`Replication` (roles.py) is the one object a shard process wires in; the rest are its parts.
+`Replication` (manager.py) is the one object a shard process wires in; the rest are its parts.
 """
 
-from .roles import Replication
+from .manager import Replication
 
 __all__ = ["Replication"]

@@ -11,7 +11,7 @@ import asyncio
 import heapq
 import itertools
 
-from shardstate.errors import UnavailableError
+from shardstate.common.errors import UnavailableError
 
 
 class AckTracker:

@@ -36,7 +36,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from shardstate.errors import HistoryCompactedError, ShardstateError
+from shardstate.common.errors import HistoryCompactedError, ShardstateError
 from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 
 from ..storage import encoding as enc

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc import aio
 
-from shardstate import errors
-from shardstate.channels import channel_options
+from shardstate.common import errors
+from shardstate.common.transport import channel_options
 from shardstate.v1 import replication_pb2
 
 from ..node import Node

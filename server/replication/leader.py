@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.v1 import admin_pb2, replication_pb2
 
 from ..node import Node

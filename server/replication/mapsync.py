@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import grpc
 from grpc import aio
 
-from shardstate.clustermap import node_addresses
+from shardstate.common.clustermap import node_addresses
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 from ..node import Node

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shardstate.protowire import field_head, varint
+from shardstate.common.protowire import field_head, varint
 
 SERVICE = "shardstate.v1.Replication"
 FOLLOW_METHOD = f"/{SERVICE}/Follow"

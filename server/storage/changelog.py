@@ -11,7 +11,7 @@ import bisect
 import struct
 from collections.abc import Sequence
 
-from shardstate.errors import HistoryCompactedError
+from shardstate.common.errors import HistoryCompactedError
 from shardstate.v1 import replication_pb2, types_pb2
 
 from . import encoding as enc

@@ -2,7 +2,7 @@
 plus the change-log, snapshot and apply API that replication and migration build on.
 
 Independent of gRPC: takes and returns shardstate.v1 protobuf messages (replies without their
-header, except `header.replayed`), raises shardstate.errors exceptions.
+header, except `header.replayed`), raises shardstate.common.errors exceptions.
 
 API for replication / migration / routers (all on the event loop thread):
 
@@ -37,7 +37,7 @@ import os
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
-from shardstate.config import ShardConfig
+from shardstate.server.config import ShardConfig
 from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 
 from . import changelog, expiry, idempotency, keys, logs, sessions, snapshot, txn

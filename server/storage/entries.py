@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from shardstate.protowire import varint
+from shardstate.common.protowire import varint
 from shardstate.v1 import replication_pb2, types_pb2
 
 from .commit import Op

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from shardstate.errors import InvalidArgumentError, LimitExceededError
+from shardstate.common.errors import InvalidArgumentError, LimitExceededError
 from shardstate.v1 import state_pb2, types_pb2
 
 from . import encoding as enc

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 
-from shardstate.errors import InvalidArgumentError, LimitExceededError, NotFoundError
+from shardstate.common.errors import InvalidArgumentError, LimitExceededError, NotFoundError
 from shardstate.v1 import state_pb2, types_pb2
 
 from . import encoding as enc

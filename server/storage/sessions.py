@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shardstate.errors import NotFoundError
+from shardstate.common.errors import NotFoundError
 from shardstate.v1 import state_pb2, types_pb2
 
 from . import encoding as enc

@@ -14,7 +14,7 @@ from typing import Any
 
 import plyvel
 
-from shardstate.config import Limits
+from shardstate.common.config import Limits
 from shardstate.v1 import types_pb2
 
 from .. import cpu

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from shardstate.errors import InvalidArgumentError
+from shardstate.common.errors import InvalidArgumentError
 from shardstate.v1 import state_pb2
 
 from . import keys, logs

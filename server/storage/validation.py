@@ -3,22 +3,18 @@
 Empty or oversize names -> InvalidArgumentError naming the field and the limit; values, batches
 and sessions over a size limit -> LimitExceededError (RESOURCE_EXHAUSTED) naming the limit.
 
-The one module both sides use where they check the same thing: the router (which reads raw
-bytes) checks UTF-8 with `utf8` and decodes ListSessions page tokens with `decode_token`; the
-shard runs every check here before its ownership check, so an invalid request gets the same
-answer from a router, from the owning shard and from any other shard.
+The shard runs every check here before its ownership check, so an invalid request gets the same
+answer from the owning shard and from any other shard; a router (which reads raw bytes) checks
+UTF-8 with shardstate.common.protowire.utf8 and decodes ListSessions page tokens with
+shardstate.common.pagetoken, the same code the shard uses.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from shardstate.config import Limits
-from shardstate.errors import InvalidArgumentError, LimitExceededError
+from shardstate.common.config import Limits
+from shardstate.common.errors import InvalidArgumentError, LimitExceededError
 from shardstate.v1 import state_pb2, types_pb2
 
 from . import encoding
@@ -51,15 +47,6 @@ def _name(value: str, field: str, limit_name: str, limit: int) -> bytes:
         what = "empty" if not b else f"{len(b)} bytes"
         raise InvalidArgumentError(f"{field} must be 1-{limit} UTF-8 bytes ({limit_name}={limit}), got {what}")
     return b
-
-
-def utf8(raw: bytes, field: str) -> str:
-    """A string field read as raw bytes (routers, malformed messages): its text, or
-    InvalidArgumentError naming the field when it is not UTF-8 (protobuf requires it)."""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as e:
-        raise InvalidArgumentError(f"{field} is not valid UTF-8 (byte {e.start} of {len(raw)})") from None
 
 
 def session_ref(namespace: str, session_id: str, limits: Limits) -> SessionRef:
@@ -130,39 +117,3 @@ def ttl(ms: int, field: str) -> int:
     if ms > MAX_TTL_MS:
         raise InvalidArgumentError(f"{field} is {ms} ms, over the maximum {MAX_TTL_MS} ms (100 years)")
     return ms
-
-
-# ---- ListSessions page tokens (one format at routers and shards) ----
-#
-# token = urlsafe-base64 (unpadded) of JSON {"v": 1, "after": LAST_ID, "done": [SHARD_ID, ...]}
-#
-# The listing resumes after LAST_ID; `done` names the shards a router need not ask again (a
-# shard's own tokens have it empty). Anything else is INVALID_ARGUMENT, at a router and a shard.
-
-
-@dataclass
-class Cursor:
-    after: str = ""
-    done: set[str] = field(default_factory=set)
-
-
-def encode_token(cursor: Cursor) -> str:
-    raw = json.dumps({"v": 1, "after": cursor.after, "done": sorted(cursor.done)}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_token(token: str) -> Cursor:
-    if not token:
-        return Cursor()
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        data = json.loads(raw)
-        if not isinstance(data, dict) or data.get("v") != 1:
-            raise ValueError("unknown version")
-        after, done = data["after"], data["done"]
-        if not isinstance(after, str) or not isinstance(done, list) or not all(isinstance(d, str) for d in done):
-            raise ValueError("bad fields")
-        after.encode()  # a lone surrogate from JSON escapes is no session id
-    except (ValueError, KeyError, binascii.Error, UnicodeError, RecursionError) as e:
-        raise InvalidArgumentError(f"page_token is not a ListSessions page token ({e})") from None
-    return Cursor(after, set(done))

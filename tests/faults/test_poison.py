@@ -40,7 +40,7 @@ TRUNCATED_OP = b"\x12\x09a"  # BatchOp{put: claims 9 bytes, has 1}
 
 
 def _framed(field: int, payload: bytes) -> bytes:
-    from shardstate.protowire import varint
+    from shardstate.common.protowire import varint
 
     return varint(field << 3 | 2) + varint(len(payload)) + payload
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shardstate import errors
+from shardstate.common import errors, portfile
 from shardstate.router.admin import drop_node
 from shardstate.server.replication.mapsync import replace_address
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc
@@ -133,9 +133,8 @@ def kill9(pid: int) -> None:
 def new_address(data: Path, name: str, old: str) -> str:
     """The address the restarted node wrote to its port file (dev's --port-file)."""
     def read() -> str:
-        f = data / "run" / f"{name}.port"
-        text = f.read_text().strip() if f.exists() else ""
-        addr = f"127.0.0.1:{text}" if text else ""
+        port = portfile.read(data / "run" / f"{name}.port")
+        addr = f"127.0.0.1:{port}" if port else ""
         return addr if addr and addr != old else ""
     return str(wait_until(read, timeout=90))
 

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from shardstate import AsyncClient, Client, ConstantBackoff, Retry
-from shardstate.clustermap import ClusterView
+from shardstate.common.clustermap import ClusterView
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 from tests.faults.report import Tally, fault_line
 from tests.procs import Proc, Procs

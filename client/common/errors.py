@@ -16,7 +16,7 @@ from google.rpc import code_pb2, status_pb2
 from shardstate.v1 import types_pb2
 
 if TYPE_CHECKING:
-    from shardstate.records import Record
+    from shardstate.common.records import Record
 
 DETAILS_KEY = "grpc-status-details-bin"
 

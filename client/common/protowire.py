@@ -1,7 +1,10 @@
 """Protobuf wire-format pieces for code that builds messages from already-encoded bytes
-(routers forwarding requests, leaders streaming stored change-log entries)."""
+(routers forwarding requests, leaders streaming stored change-log entries), and the UTF-8
+check of a string field read as raw bytes."""
 
 from __future__ import annotations
+
+from shardstate.common.errors import InvalidArgumentError
 
 
 def varint(n: int) -> bytes:
@@ -93,3 +96,12 @@ def last_varint(data: bytes, field: int) -> int:
         pass
     ids = [v for n, v in seen if n == field and isinstance(v, int)]
     return ids[-1] if ids else 0
+
+
+def utf8(raw: bytes, field: str) -> str:
+    """A string field read as raw bytes (routers, malformed messages): its text, or
+    InvalidArgumentError naming the field when it is not UTF-8 (protobuf requires it)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{field} is not valid UTF-8 (byte {e.start} of {len(raw)})") from None

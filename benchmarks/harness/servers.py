@@ -1,4 +1,5 @@
-"""Servers the benchmarks start for themselves: Redis, etcd, a `shardstate dev` cluster, one shard.
+"""Servers the benchmarks start for themselves: Redis, etcd, a `shardstate dev` cluster, one shard
+(the last two through shardstate.server.launch, the one process contract).
 
 Each runs in its own process group on free 127.0.0.1 ports with a temp data dir, dies with the
 benchmark (PR_SET_PDEATHSIG) and is stopped by `stop()` (SIGTERM to its group, then SIGKILL).
@@ -7,25 +8,24 @@ benchmark (PR_SET_PDEATHSIG) and is stopped by `stop()` (SIGTERM to its group, t
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
+from shardstate.server import launch
+
 READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 15.0
-PR_SET_PDEATHSIG = 1
 
 REDIS_PERSISTENCE = {
     "appendonly": "yes",
@@ -38,16 +38,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: own process group, and SIGTERM when the benchmark process dies."""
-    os.setsid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 class Server:
@@ -67,7 +57,7 @@ class Server:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.popen = subprocess.Popen(
             self.cmd, stdout=subprocess.PIPE if capture_stdout else log, stderr=log,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env, cwd=str(workdir),
+            stdin=subprocess.DEVNULL, preexec_fn=launch.die_with_parent, env=env, cwd=str(workdir),
         )
         log.close()
         if capture_stdout:
@@ -209,60 +199,37 @@ def start_etcd(workdir: Path) -> Server:
     return srv
 
 
-def shardstate_cmd() -> list[str]:
-    return [sys.executable, "-m", "shardstate"]
-
-
-def healthy(address: str) -> bool:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as ch:
-        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-def start_dev(workdir: Path, extra: Sequence[str] = ()) -> Server:
-    """`shardstate dev --port 0 --data-dir DIR` with its default topology; parses `router: ADDR`."""
-    data = workdir / "dev-data"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    srv = Server("shardstate-dev", [*shardstate_cmd(), "dev", "--port", "0", "--data-dir", str(data), *extra],
-                 workdir, env=env, capture_stdout=True)
-    srv.data_dir = data
+def start_dev(workdir: Path, extra: Sequence[str] = ()) -> launch.Dev:
+    """`shardstate dev --port 0 --data-dir DIR` with its default topology, its router healthy."""
+    dev = launch.Dev(workdir / "dev-data", *extra, log_path=workdir / "shardstate-dev.log")
     try:
-        m = srv.wait_line(r"router:\s*(\S+)")
-        srv.address = m.group(1)
-        _wait_until(lambda: healthy(srv.address), srv, "router health")
+        dev.wait_router(READY_TIMEOUT_S)
     except BaseException:
-        srv.stop()
+        dev.stop()
         raise
-    return srv
+    return dev
 
 
-def start_shard(workdir: Path, shard_id: str = "s1", extra: Sequence[str] = ()) -> Server:
+def start_shard(workdir: Path, shard_id: str = "s1", extra: Sequence[str] = ()) -> launch.Node:
     """One shard process, no router: clients talk to it directly (it serves every session)."""
-    data = workdir / f"shard-{shard_id}-data"
-    port_file = workdir / f"shard-{shard_id}.port"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    srv = Server(f"shard-{shard_id}", [*shardstate_cmd(), "shard", "--id", shard_id, "--listen", "127.0.0.1:0",
-                                       "--data-dir", str(data), "--port-file", str(port_file), *extra],
-                 workdir, env=env)
-    srv.data_dir = data
-
-    def ready() -> bool:
-        text = port_file.read_text().strip()
-        srv.address = f"127.0.0.1:{int(text)}"
-        return healthy(srv.address)
-
+    node = launch.Node("shard", ["--id", shard_id, "--data-dir", str(workdir / f"shard-{shard_id}-data"), *extra],
+                       port_file=workdir / f"shard-{shard_id}.port", log_path=workdir / f"shard-{shard_id}.log",
+                       own_group=True)
+    node.data_dir = workdir / f"shard-{shard_id}-data"
     try:
-        _wait_until(ready, srv, "shard health")
+        node.start(wait=False).wait_ready(READY_TIMEOUT_S)
     except BaseException:
-        srv.stop()
+        node.stop()
         raise
-    return srv
+    return node
+
+
+# What the benchmarks start: a Redis or etcd server, a dev cluster, a single shard.
+Started: TypeAlias = "Server | launch.Dev | launch.Node"
 
 
 @contextlib.contextmanager
-def stopping(servers: list[Server]) -> Iterator[list[Server]]:
+def stopping(servers: list[Started]) -> Iterator[list[Started]]:
     """Stops every server appended to the list, on any exit (error, Ctrl-C, SIGTERM via SystemExit)."""
     try:
         yield servers

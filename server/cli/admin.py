@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 TIMEOUT_S = 30.0

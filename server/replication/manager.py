@@ -24,8 +24,8 @@ from typing import Any
 
 import grpc
 
-from shardstate import errors
-from shardstate.config import ShardConfig
+from shardstate.common import errors
+from shardstate.server.config import ShardConfig
 from shardstate.v1 import admin_pb2
 
 from .. import cpu

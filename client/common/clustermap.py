@@ -10,8 +10,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardstate.errors import InvalidArgumentError
-from shardstate.ring import Ring
+from shardstate.common.errors import InvalidArgumentError
+from shardstate.common.ring import Ring
 from shardstate.v1 import admin_pb2
 
 

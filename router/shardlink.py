@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from shardstate import errors
-from shardstate.jsonlog import fields
+from shardstate.common import errors
+from shardstate.common.jsonlog import fields
 from shardstate.router.nodes import NodePool
 from shardstate.router.wire import (
     RawBatch,
@@ -31,7 +31,7 @@ from shardstate.router.wire import (
     varint,
 )
 
-log = logging.getLogger("shardstate.router.shardpipe")
+log = logging.getLogger("shardstate.router.shardlink")
 
 
 class SubBatchError(Exception):

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,14 @@ from typing import IO, Any
 
 import grpc
 
-from shardstate.supervision import SUPERVISOR_ENV, DirectoryInUse, describe_pid, hold, lock_holder
+from shardstate.common.supervision import (
+    SUPERVISOR_ENV,
+    DirectoryInUse,
+    describe_pid,
+    hold,
+    lock_holder,
+)
+from shardstate.server import launch
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -47,20 +53,14 @@ class NodeSpec:
     replica_of: str = ""  # name of the primary's NodeSpec (replicas only)
 
 
-@dataclass
-class Node:
-    spec: NodeSpec
-    popen: subprocess.Popen[bytes]
-    port_file: Path
-    log_path: Path
-    port: int = 0
+class DevNode(launch.Node):
+    """A started child of dev, with the spec it was started from."""
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
+    def __init__(self, spec: NodeSpec, data: Path) -> None:
+        super().__init__(spec.kind, spec.args, port_file=data / "run" / f"{spec.name}.port",
+                         log_path=data / "logs" / f"{spec.name}.log", name=spec.name, port=spec.port,
+                         env={SUPERVISOR_ENV: str(os.getpid())}, own_group=True)
+        self.spec = spec
 
 
 def plan(
@@ -113,58 +113,29 @@ class DevCluster:
     def __init__(self, data: Path, console: Any) -> None:
         self.data = data
         self.console = console
-        self.nodes: dict[str, Node] = {}
+        self.nodes: dict[str, DevNode] = {}
         (data / "logs").mkdir(parents=True, exist_ok=True)
         (data / "run").mkdir(parents=True, exist_ok=True)
 
     # -- starting --
 
-    def spawn(self, spec: NodeSpec, seeds: Sequence[str] = ()) -> Node:
-        port_file = self.data / "run" / f"{spec.name}.port"
-        port_file.unlink(missing_ok=True)
-        log_path = self.data / "logs" / f"{spec.name}.log"
-        cmd = [sys.executable, "-m", "shardstate", spec.kind, "--listen", f"127.0.0.1:{spec.port}",
-               "--port-file", str(port_file), *spec.args]
+    def spawn(self, spec: NodeSpec, seeds: Sequence[str] = ()) -> DevNode:
+        """Start one child in its own process group: a terminal's Ctrl-C reaches only dev, which
+        then stops the router before the shards so in-flight calls drain in order."""
+        extra = []
         if spec.replica_of:
-            cmd += ["--replica-of", self.nodes[spec.replica_of].address]
+            extra += ["--replica-of", self.nodes[spec.replica_of].address]
         if spec.kind == "router":
-            cmd += ["--seeds", ",".join(seeds)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{SUPERVISOR_ENV: str(os.getpid())})
-        with open(log_path, "ab") as log:
-            # Own process group: a terminal's Ctrl-C reaches only dev, which then stops the
-            # router before the shards so in-flight calls drain in order.
-            popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, process_group=0)
-        node = Node(spec, popen, port_file, log_path, port=spec.port)  # fixed ports: address known now
+            extra += ["--seeds", ",".join(seeds)]
+        node = DevNode(spec, self.data)  # fixed ports: the address is known now
         self.nodes[spec.name] = node
-        return node
+        return node.start(wait=False, extra=extra)
 
-    def wait_ready(self, nodes: Sequence[Node], stop: threading.Event) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    def wait_ready(self, nodes: Sequence[DevNode], stop: threading.Event) -> None:
+        def ready(n: launch.Node) -> None:
+            self.console.print(f"  [green]✓[/] {n.name:<8} {n.address}  pid {n.pid}")
 
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        waiting = list(nodes)
-        while waiting:
-            if stop.is_set():
-                raise KeyboardInterrupt
-            for n in list(waiting):
-                if not n.alive():
-                    raise StartError(f"{n.spec.name} exited with code {n.popen.returncode}", n)
-                text = n.port_file.read_text().strip() if n.port_file.exists() else ""
-                if not text:
-                    continue
-                n.port = int(text)
-                with grpc.insecure_channel(n.address) as ch:
-                    try:
-                        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    except grpc.RpcError:
-                        continue
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    waiting.remove(n)
-                    self.console.print(f"  [green]✓[/] {n.spec.name:<8} {n.address}  pid {n.popen.pid}")
-            if time.monotonic() > deadline:
-                raise StartError(f"{waiting[0].spec.name} not healthy after {READY_TIMEOUT_S:.0f}s", waiting[0])
-            time.sleep(0.05)
+        launch.wait_all(nodes, READY_TIMEOUT_S, stop, ready)
 
     def reconcile_map(self) -> None:
         """After a restart on new ports, the map the shards persisted names old addresses:
@@ -207,7 +178,7 @@ class DevCluster:
     def write_state(self, router: str) -> None:
         state = {
             "pid": os.getpid(), "router": router,
-            "nodes": {n.spec.name: {"pid": n.popen.pid, "address": n.address, "kind": n.spec.kind}
+            "nodes": {n.spec.name: {"pid": n.pid, "address": n.address, "kind": n.spec.kind}
                       for n in self.nodes.values()},
         }
         tmp = self.data / "dev.json.tmp"
@@ -224,28 +195,14 @@ class DevCluster:
             for n in group:
                 if n.alive():
                     with contextlib.suppress(ProcessLookupError):
-                        n.popen.send_signal(signal.SIGTERM)
+                        os.kill(n.pid, signal.SIGTERM)
             for n in group:
                 try:
-                    n.popen.wait(STOP_TIMEOUT_S)
+                    n.wait(STOP_TIMEOUT_S)
                 except subprocess.TimeoutExpired:
                     self.console.print(f"  [red]✗[/] {n.spec.name} did not stop in time; killing it")
-                    n.popen.kill()
-                    n.popen.wait()
+                    n.kill()
         (self.data / "dev.json").unlink(missing_ok=True)
-
-
-class StartError(Exception):
-    def __init__(self, message: str, node: Node) -> None:
-        super().__init__(message)
-        self.node = node
-
-
-def tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 class Refused(Exception):
@@ -325,8 +282,8 @@ def main(argv: list[str]) -> int:
                 started = [cluster.spawn(spec) for spec in stage]
             with console.status(f"starting {', '.join(s.name for s in stage)} …"):
                 cluster.wait_ready(started, stop)
-    except StartError as e:
-        console.print(f"[red]✗ {e}[/] (log: {e.node.log_path})\n{tail(e.node.log_path)}")
+    except launch.NotReady as e:
+        console.print(f"[red]✗ {e}[/]\n(log: {e.node.log_path})")
         cluster.stop()
         return 1
     except KeyboardInterrupt:
@@ -347,7 +304,7 @@ def main(argv: list[str]) -> int:
         for n in cluster.nodes.values():
             if not n.alive() and n.spec.name not in reported:
                 reported.add(n.spec.name)
-                console.print(f"[red]✗ {n.spec.name} exited with code {n.popen.returncode}[/] (log: {n.log_path})")
+                console.print(f"[red]✗ {n.spec.name} exited with code {n.returncode}[/] (log: {n.log_path})")
     console.print("stopping …")
     cluster.stop()
     console.print("stopped")

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from shardstate import errors
+from shardstate.common import errors
 from shardstate.v1 import state_pb2, state_pb2_grpc
 
 TIMEOUT_S = 30.0

@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from shardstate.bench import peers, procstat, report
+from shardstate.bench import procstat, report, servers
 from shardstate.bench.backends import BACKENDS, STEP_IMPLS
 from shardstate.bench.workloads import WORKLOADS
 
@@ -109,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def ensure_peers(stores: Sequence[str], allow_install: bool, console: Console) -> None:
-    missing = [BINARIES[s] for s in stores if s in BINARIES and not peers.have(BINARIES[s])]
+    missing = [BINARIES[s] for s in stores if s in BINARIES and not servers.have(BINARIES[s])]
     if not missing:
         return
     if not allow_install:
@@ -119,37 +119,26 @@ def ensure_peers(stores: Sequence[str], allow_install: bool, console: Console) -
                          "install Debian's redis-server and etcd-server")
     console.print(f"compare: {', '.join(missing)} missing; running {INSTALL_PEERS}")
     subprocess.run(["bash", str(INSTALL_PEERS)], check=True)
-    still = [b for b in missing if not peers.have(b)]
+    still = [b for b in missing if not servers.have(b)]
     if still:
         raise SystemExit(f"compare: {', '.join(still)} still missing after install-peers.sh")
 
 
-def start_store(store: str, workdir: Path, dev_args: Sequence[str]) -> tuple[peers.Server, dict[str, int], str]:
+def start_store(store: str, workdir: Path, dev_args: Sequence[str]) -> tuple[servers.Started, dict[str, int], str]:
     """Start one store; returns its server, the pids whose CPU to record, and its version."""
     if store == "redis":
-        srv = peers.start_redis(workdir)
-        return srv, {"redis-server": srv.pid}, f"Redis {peers.redis_version()}"
+        srv = servers.start_redis(workdir)
+        return srv, {"redis-server": srv.pid}, f"Redis {servers.redis_version()}"
     if store == "etcd":
-        srv = peers.start_etcd(workdir)
-        return srv, {"etcd": srv.pid}, f"etcd {peers.etcd_version()}"
-    srv = peers.start_dev(workdir, dev_args)
-    pids = {"dev-supervisor": srv.pid}
-    state = srv.data_dir / "dev.json" if srv.data_dir else None
-    if state is not None and state.exists():  # dev's own record: node name -> pid
-        pids.update({name: int(n["pid"]) for name, n in json.loads(state.read_text())["nodes"].items()})
-    else:
-        for pid in procstat.children(srv.pid):
-            name = procstat.process_name(pid)
-            base, n = name, 2
-            while name in pids:
-                name, n = f"{base}-{n}", n + 1
-            pids[name] = pid
-    return srv, pids, "shardstate (this checkout)"
+        srv = servers.start_etcd(workdir)
+        return srv, {"etcd": srv.pid}, f"etcd {servers.etcd_version()}"
+    dev = servers.start_dev(workdir, dev_args)
+    return dev, {"dev-supervisor": dev.pid, **dev.node_pids()}, "shardstate (this checkout)"
 
 
 def bench_cmd(store: str, address: str, ns: argparse.Namespace, pids: dict[str, int], json_path: Path) -> list[str]:
     flag = "--router" if store == BASELINE else f"--{store}"
-    cmd = [*peers.shardstate_cmd(), "bench", flag, address,
+    cmd = [*servers.shardstate_cmd(), "bench", flag, address,
            "--workload", ns.workload, "--sessions", str(ns.sessions), "--concurrency", str(ns.concurrency),
            "--duration", str(ns.duration), "--warmup", str(ns.warmup), "--value-size", str(ns.value_size),
            "--zipf", str(ns.zipf), "--seed", str(ns.seed), "--step-impl", ns.step_impl,
@@ -173,7 +162,7 @@ def run_store(store: str, ns: argparse.Namespace, workdir: Path, out: Path, cons
                           f"for it to drop under {IDLE_PCT}%")
         busy_before = idle_check(2.0)
         waited += 2.0
-    srv: peers.Server | None = None
+    srv: servers.Started | None = None
     child: subprocess.Popen[bytes] | None = None
     try:
         t0 = time.monotonic()
@@ -507,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_peers(stores, not ns.no_install, console)
     out = Path(ns.out) if ns.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
-    peers.term_as_exit()  # SIGTERM/SIGHUP -> SystemExit, so the finally below stops everything
+    servers.term_as_exit()  # SIGTERM/SIGHUP -> SystemExit, so the finally below stops everything
     workdir = Path(tempfile.mkdtemp(prefix="shardstate-compare-"))
     command = " ".join(shlex.quote(a) for a in [os.environ.get("SHARDSTATE_COMPARE_ARGV0", "benchmarks/compare"), *argv])
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -14,7 +14,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from shardstate import codec
 from shardstate.channels import AddressPool
-from shardstate.errors import (
+from shardstate.common.errors import (
     ConflictError,
     HistoryCompactedError,
     InvalidArgumentError,
@@ -22,7 +22,7 @@ from shardstate.errors import (
     ShardstateError,
     UnavailableError,
 )
-from shardstate.records import Change, Entry, Record, SessionInfo
+from shardstate.common.records import Change, Entry, Record, SessionInfo
 from shardstate.retry import Retry
 from shardstate.v1 import state_pb2
 from shardstate.versions import UNKNOWN, VersionCache

@@ -1,7 +1,10 @@
 """The `shardstate` command: one entry point, one module per subcommand, imported lazily.
 
-This is the one composition root allowed to reach into shardstate.server and shardstate.router,
-and only when their subcommand runs, so `import shardstate` stays light.
+This is the one composition root that reaches into shardstate.server, shardstate.router and
+shardstate.bench, and only when their subcommand runs. It is the entry point of every
+shardstate process (`shardstate dev` starts its shards and routers as `shardstate shard` and
+`shardstate router`), so it chooses the gRPC transport (shardstate.common.transport.tune)
+before any subcommand loads grpc.
 """
 
 from __future__ import annotations
@@ -10,17 +13,24 @@ import importlib
 import os
 import sys
 
+from shardstate.common import transport
+
 # subcommand -> (module, function taking argv); each module owns its own argparse.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "dev": ("shardstate.dev", "main", "start a whole local cluster (shards, replicas, a router)"),
+    "dev": ("shardstate.server.cli.dev", "main", "start a whole local cluster (shards, replicas, a router)"),
     "shard": ("shardstate.server.main", "main", "run one shard server (primary or replica)"),
     "router": ("shardstate.router.main", "main", "run one router"),
-    "admin": ("shardstate.admin", "main", "cluster administration: status, map, promote, remove-node"),
+    "admin": ("shardstate.server.cli.admin", "main", "cluster administration: status, map, promote, remove-node"),
     "bench": ("shardstate.bench.cli", "main", "load a cluster and print throughput and latency"),
-    "get": ("shardstate.poke", "get_main", "print one key of a session"),
-    "put": ("shardstate.poke", "put_main", "write one key of a session"),
-    "ls": ("shardstate.poke", "ls_main", "list sessions, or the keys of one session"),
+    "get": ("shardstate.server.cli.kv", "get_main", "print one key of a session"),
+    "put": ("shardstate.server.cli.kv", "put_main", "write one key of a session"),
+    "ls": ("shardstate.server.cli.kv", "ls_main", "list sessions, or the keys of one session"),
 }
+
+
+# a third-party module a subcommand needs -> the extra that installs it
+EXTRAS = {"plyvel": "server", "uvloop": "server", "rich": "server", "grpc_health": "server",
+          "grpc_reflection": "server", "redis": "bench", "matplotlib": "bench"}
 
 
 def usage() -> str:
@@ -67,12 +77,15 @@ def _main(args: list[str]) -> int:
         print(f"shardstate: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    transport.tune()
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name and e.name.startswith(module.rsplit(".", 1)[0]):
-            print(f"shardstate: command {name!r} is not built yet ({e})", file=sys.stderr)
-            return 2
-        raise
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"shardstate: command {name!r} needs {e.name}, which is not installed: "
+              f"pip install 'shardstate[{extra}]'", file=sys.stderr)
+        return 2
     result = getattr(mod, func)(rest)
     return int(result or 0)

@@ -11,11 +11,11 @@ import sys
 
 from rich.console import Console
 
-from shardstate import eventloop
 from shardstate.bench import report
 from shardstate.bench.backends import STEP_IMPLS
 from shardstate.bench.runner import RunConfig, result_ok, run
 from shardstate.bench.workloads import MIXED, WORKLOADS
+from shardstate.common import eventloop
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,1 +1,0 @@
-"""The load harness behind `shardstate bench`: workloads, statistics, reports."""
