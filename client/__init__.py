@@ -12,7 +12,8 @@ library never imports.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy and ruff know the name)
 
 # name -> the module that defines it
 _EXPORTS = {
@@ -88,6 +89,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from shardstate.aio import AsyncClient, AsyncSession
     from shardstate.batch import Batch
     from shardstate.client import Client, Session

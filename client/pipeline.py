@@ -35,6 +35,7 @@ from shardstate import codec
 from shardstate.common import errors
 from shardstate.common.clustermap import ClusterView
 from shardstate.common.errors import DeadlineExceededError, ShardstateError, UnimplementedError
+from shardstate.common.metrics import Registry
 from shardstate.common.protowire import field_head, varint
 from shardstate.v1 import state_pb2, state_pb2_grpc
 
@@ -232,13 +233,28 @@ class _Stream:
         self._reader.cancel()
 
 
+class BatchingMetrics:
+    """How well one client's calls coalesce, per address, in the client's registry."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.batches = registry.counter("shardstate_client_batches_total", "batches sent", ("address",))
+        self.ops = registry.counter("shardstate_client_ops_sent_total",
+                                    "ops sent in batches (re-sent ones included)", ("address",))
+        self.resent = registry.counter("shardstate_client_ops_resent_total",
+                                       "ops re-sent one batch per shard because their batch held them back",
+                                       ("address",))
+
+
 class Conn:
     """The batching state for one address."""
 
     def __init__(self, stub: state_pb2_grpc.StateStub, pipeline: Any, max_ops: int,
                  timeout: float | None,
                  fetch_view: Callable[[], Awaitable[ClusterView | None]] | None = None,
-                 hold_s: float = HOLD_S) -> None:
+                 hold_s: float = HOLD_S, address: str = "",
+                 metrics: BatchingMetrics | None = None) -> None:
+        self.address = address
+        self.metrics = metrics or BatchingMetrics(Registry())
         self.stub = stub
         self.pipeline = pipeline
         self.max_ops = max_ops
@@ -250,8 +266,6 @@ class Conn:
         self._scheduled = False
         self._stream: _Stream | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0  # batches sent, ops in them: how well calls coalesce
-        self.ops = 0
         # Keeping a slow shard from holding back the others (the module docstring):
         self.hold_s = hold_s
         self._fetch_view = fetch_view
@@ -262,7 +276,6 @@ class Conn:
         self._watch: asyncio.TimerHandle | None = None
         self._split: dict[str, float] = {}  # shard id -> when it was last seen holding ops back
         self._usual = 0.0  # the usual answer time of a batch (USUAL_WEIGHT)
-        self.rescued = 0  # ops re-sent per shard because their batch held them back
 
     def submit(self, field: str, request: Any, timeout: float | None) -> asyncio.Future[Any]:
         """One op into the next batch: a future of its response message (or its error),
@@ -325,8 +338,8 @@ class Conn:
                 self._send(_Sent(ops, body, sid))
 
     def _send(self, sent: _Sent, earliest: float | None = None) -> None:
-        self.batches += 1
-        self.ops += len(sent.ops)
+        self.metrics.batches.inc(address=self.address)
+        self.metrics.ops.inc(len(sent.ops), address=self.address)
         self._arm(sent, earliest)
         sent.at = time.monotonic()
         self._flight.append(sent)
@@ -419,7 +432,7 @@ class Conn:
             for sid, ops in groups.items():
                 ops, body = _encode(ops)
                 if ops:
-                    self.rescued += len(ops)
+                    self.metrics.resent.inc(len(ops), address=self.address)
                     self._send(_Sent(ops, body, sid))
 
     def _refresh_view(self, now: float) -> None:
@@ -492,6 +505,8 @@ class Mux:
         self._view_for = view_for
         self._hold_s = hold_s
         self._conns: dict[str, Conn] = {}
+        self.metrics = Registry()  # this client's
+        self._batching = BatchingMetrics(self.metrics)
 
     def conn(self, address: str) -> Conn:
         conn = self._conns.get(address)
@@ -499,13 +514,16 @@ class Mux:
             view_for = self._view_for
             fetch = (lambda: view_for(address)) if view_for is not None else None
             conn = self._conns[address] = Conn(self._stub_for(address), self._pipeline_for(address),
-                                               self._max_ops, self._timeout, fetch, self._hold_s)
+                                               self._max_ops, self._timeout, fetch, self._hold_s,
+                                               address, self._batching)
         return conn
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per address: mode, batches sent, ops sent (resends after a fallback and ops re-sent
         per shard after their batch held them back included), and those re-sent ops."""
-        return {a: {"mode": c.mode, "batches": c.batches, "ops": c.ops, "rescued": c.rescued}
+        m = self._batching
+        return {a: {"mode": c.mode, "batches": int(m.batches.value(address=a)), "ops": int(m.ops.value(address=a)),
+                    "rescued": int(m.resent.value(address=a))}
                 for a, c in self._conns.items()}
 
     def close(self) -> None:

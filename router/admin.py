@@ -15,27 +15,13 @@ import grpc
 
 from shardstate.common import errors
 from shardstate.common.clustermap import node_addresses
+from shardstate.common.metrics import RateMeter, Registry
 from shardstate.router.failover import promote
 from shardstate.router.maps import MapHolder, validate_map
 from shardstate.router.nodes import NodePool, describe
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 STATUS_TIMEOUT_S = 2.0
-
-
-class Stats:
-    """Calls the router has served, for the load figure in Status."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.started = time.monotonic()
-        self._mark = (self.started, 0)
-
-    def rate(self) -> float:
-        now = time.monotonic()
-        t0, c0 = self._mark
-        self._mark = (now, self.calls)
-        return (self.calls - c0) / (now - t0) if now > t0 else 0.0
 
 
 async def node_status(nodes: NodePool, address: str, role: int, shard_id: str) -> admin_pb2.NodeStatus:
@@ -58,12 +44,13 @@ async def node_status(nodes: NodePool, address: str, role: int, shard_id: str) -
 
 
 class RouterAdmin(admin_pb2_grpc.AdminServicer):
-    def __init__(self, maps: MapHolder, nodes: NodePool, address: str, stats: Stats,
+    def __init__(self, maps: MapHolder, nodes: NodePool, address: str, metrics: Registry,
                  serving: Any = None) -> None:
         self.maps = maps
         self.nodes = nodes
         self.address = address
-        self.stats = stats
+        self.started = time.monotonic()
+        self.load = RateMeter(metrics.get("shardstate_router_calls_total"))  # calls/s since the previous Status
         self.serving = serving or (lambda: True)
 
     async def GetClusterMap(self, request: admin_pb2.GetClusterMapRequest, context: Any) -> admin_pb2.ClusterMap:
@@ -85,8 +72,8 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
         view = self.maps.view
         me = admin_pb2.NodeStatus(
             address=self.address, role=admin_pb2.ROUTER, up=True, epoch=view.epoch,
-            uptime_s=int(time.monotonic() - self.stats.started), serving=bool(self.serving()),
-            load_ops_per_s=self.stats.rate(),
+            uptime_s=int(time.monotonic() - self.started), serving=bool(self.serving()),
+            load_ops_per_s=self.load.rate(),
         )
         jobs = []
         for s in view.pb.shards:

@@ -20,8 +20,9 @@ from grpc_reflection.v1alpha import reflection
 from shardstate.common import config, errors, eventloop, jsonlog, portfile
 from shardstate.common.grpcserve import register_servicer
 from shardstate.common.jsonlog import fields
+from shardstate.common.metrics import Registry
 from shardstate.common.supervision import die_with_supervisor
-from shardstate.router.admin import RouterAdmin, Stats
+from shardstate.router.admin import RouterAdmin
 from shardstate.router.batching import BatchRunner
 from shardstate.router.config import RouterConfig
 from shardstate.router.forward import Forwarder
@@ -44,11 +45,11 @@ class Router:
         self.nodes = NodePool()
         seeds = [s.strip() for s in cfg.seeds.split(",") if s.strip()]
         self.maps = MapHolder(self.nodes, seeds, cfg.cluster, cfg.refresh_interval_s)
-        self.links = ShardLinks(self.nodes, use_pipeline=cfg.shard_pipeline,
+        self.metrics = Registry()  # the process's one registry (docs/design.md §9)
+        self.links = ShardLinks(self.nodes, self.metrics, use_pipeline=cfg.shard_pipeline,
                                 max_ops=cfg.max_batch_ops, max_bytes=cfg.max_request_bytes)
         self.fwd = Forwarder(self.maps, self.nodes, cfg.max_hops, cfg.forward_timeout_s,
                              links=self.links if cfg.shard_pipeline else None)
-        self.stats = Stats()
         self.health = health.aio.HealthServicer()
         self.server = aio.server(options=[
             ("grpc.max_receive_message_length", cfg.max_request_bytes + errors.RECEIVE_SLACK_BYTES),
@@ -62,9 +63,9 @@ class Router:
         runner = BatchRunner(self.fwd, self.links, cfg.max_batch_ops, self.address)
         self.state = StateService(
             self.fwd, runner, Lister(self.fwd, self.address), WatchProxy(self.fwd),
-            PipelineHandler(runner), self.stats,
+            PipelineHandler(runner), self.metrics,
         )
-        self.admin = RouterAdmin(self.maps, self.nodes, self.address, self.stats, lambda: self.serving)
+        self.admin = RouterAdmin(self.maps, self.nodes, self.address, self.metrics, lambda: self.serving)
         self.server.add_generic_rpc_handlers((self.state.handler(),))
         register_servicer(self.server, admin_pb2.DESCRIPTOR.services_by_name["Admin"], self.admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -109,9 +110,7 @@ class Router:
         await self.server.stop(self.cfg.grace_s)
         await self.links.close()
         await self.nodes.close()
-        log.info("router stopped", extra=fields(
-            calls=self.stats.calls, shard_units=self.links.units, shard_batches=self.links.shard_batches,
-        ))
+        log.info("router stopped", extra=fields(**self.metrics.snapshot()))
 
 
 async def serve(cfg: RouterConfig) -> None:

@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from shardstate.common import errors
-from shardstate.router.admin import Stats
+from shardstate.common.metrics import Registry
 from shardstate.router.batching import BatchRunner
 from shardstate.router.forward import Forwarder, fail
 from shardstate.router.listing import Lister
@@ -34,13 +34,14 @@ def _bad_message(method: str, e: Exception) -> errors.InvalidArgumentError:
 
 class StateService:
     def __init__(self, fwd: Forwarder, runner: BatchRunner, lister: Lister, watch: WatchProxy,
-                 pipeline: PipelineHandler, stats: Stats) -> None:
+                 pipeline: PipelineHandler, metrics: Registry) -> None:
         self.fwd = fwd
         self.runner = runner
         self.lister = lister
         self.watcher = watch
         self.pipeline = pipeline
-        self.stats = stats
+        self.calls = metrics.counter("shardstate_router_calls_total",
+                                     "client calls the router has served (a Batch or a Pipeline request counts one)")
 
     def drain(self) -> None:
         """Shutdown: long-lived streams end (UNAVAILABLE) once what they hold is answered."""
@@ -49,7 +50,7 @@ class StateService:
 
     def _session_call(self, method: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
         async def handler(request: bytes, context: Any) -> bytes:
-            self.stats.calls += 1
+            self.calls.inc()
             try:
                 try:
                     ns, sid = session_of(request)
@@ -63,7 +64,7 @@ class StateService:
         return handler
 
     async def batch(self, request: bytes, context: Any) -> bytes:
-        self.stats.calls += 1
+        self.calls.inc()
         try:
             try:
                 ops = list(RawBatch.FromString(request).ops)
@@ -75,7 +76,7 @@ class StateService:
             raise
 
     async def list_sessions(self, request: bytes, context: Any) -> bytes:
-        self.stats.calls += 1
+        self.calls.inc()
         try:
             try:
                 return await self.lister.list(request, context)
@@ -86,7 +87,7 @@ class StateService:
             raise
 
     async def watch(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
-        self.stats.calls += 1
+        self.calls.inc()
         try:
             try:
                 session_of(request)
@@ -98,7 +99,7 @@ class StateService:
             await fail(context, e)
 
     async def pipe(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-        self.stats.calls += 1
+        self.calls.inc()
         try:
             async for resp in self.pipeline.serve(requests, context):
                 yield resp

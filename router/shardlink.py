@@ -22,6 +22,7 @@ from grpc import aio
 
 from shardstate.common import errors
 from shardstate.common.jsonlog import fields
+from shardstate.common.metrics import Registry
 from shardstate.router.nodes import NodePool
 from shardstate.router.wire import (
     RawBatch,
@@ -168,7 +169,7 @@ class ShardLinks:
     previous write is in flight into one shard batch, sent over the Pipeline stream (or unary
     Batch when the shard has no Pipeline or it is switched off)."""
 
-    def __init__(self, nodes: NodePool, use_pipeline: bool = True, max_ops: int = 1000,
+    def __init__(self, nodes: NodePool, metrics: Registry, use_pipeline: bool = True, max_ops: int = 1000,
                  max_bytes: int = 4 * 1024 * 1024) -> None:
         self.nodes = nodes
         self.use_pipeline = use_pipeline
@@ -181,8 +182,10 @@ class ShardLinks:
         self._writers: dict[str, asyncio.Future[None]] = {}
         self._idle: dict[str, asyncio.Future[None]] = {}  # what an idle writer waits on
         self._sending: set[asyncio.Task[None]] = set()
-        self.shard_batches = 0  # batches sent to shards (for figures)
-        self.units = 0
+        self.units = metrics.counter("shardstate_router_shard_units_total",
+                                     "sub-batches queued for a shard (one per caller batch and shard)")
+        self.shard_batches = metrics.counter("shardstate_router_shard_batches_total",
+                                             "coalesced batches sent to shards")
 
     async def _stream(self, address: str) -> _Stream:
         s = self._streams.get(address)
@@ -214,7 +217,7 @@ class ShardLinks:
         if q is None:
             q = self._queued[address] = []
         q.append(_Unit(ops, size, deadline, fut))
-        self.units += 1
+        self.units.inc()
         idle = self._idle.pop(address, None)
         if idle is not None:
             idle.set_result(None)
@@ -278,7 +281,7 @@ class ShardLinks:
 
     async def _dispatch(self, address: str, chunk: list[_Unit]) -> None:
         ops = chunk[0].ops if len(chunk) == 1 else [op for u in chunk for op in u.ops]
-        self.shard_batches += 1
+        self.shard_batches.inc()
         if self.use_pipeline and address not in self._no_pipeline:
             try:
                 stream = await self._stream(address)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from shardstate.common import errors
+from shardstate.common.metrics import RateMeter
 from shardstate.v1 import admin_pb2
 
 from .node import Node
@@ -23,7 +24,7 @@ class AdminService:
     def __init__(self, node: Node, state: StateService) -> None:
         self.node = node
         self.state = state
-        self._last = (time.monotonic(), 0)  # (when, ops served) at the previous Status
+        self.load = RateMeter(state.replies)  # replies per second since the previous Status
 
     async def get_cluster_map(self, req: admin_pb2.GetClusterMapRequest, context: Any) -> admin_pb2.ClusterMap:
         return self.node.view.pb
@@ -42,14 +43,11 @@ class AdminService:
             disk = await asyncio.to_thread(engine.disk_bytes)
         except Exception as e:
             await errors.abort(context, e)
-        now, served = time.monotonic(), self.state.served
-        then, before = self._last
-        self._last = (now, served)
         me = admin_pb2.NodeStatus(
             address=node.address, role=node.role, shard_id=node.shard_id, up=True,
             revision=engine.revision(), epoch=node.epoch, sessions=sessions, keys=keys, bytes=disk,
-            primary=node.primary, uptime_s=int(now - node.started), serving=node.serving,
-            load_ops_per_s=(served - before) / (now - then) if now > then else 0.0,
+            primary=node.primary, uptime_s=int(time.monotonic() - node.started), serving=node.serving,
+            load_ops_per_s=self.load.rate(),
         )
         resp = admin_pb2.StatusResponse(cluster_map=node.view.pb, nodes=[me])
         return self.state.header(resp)  # type: ignore[no-any-return]

@@ -158,12 +158,12 @@ async def settle(state: StateService, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     quiet_until = min(deadline, loop.time() + SETTLE_QUIET_MAX_S)
     while loop.time() < deadline:
-        if state.inflight:
+        if state.in_flight.value():
             await asyncio.sleep(0.005)
             continue
-        seen = state.arrivals
+        seen = state.received.value()
         await asyncio.sleep(SETTLE_QUIET_S)
-        if (state.arrivals == seen and not state.inflight) or loop.time() >= quiet_until:
+        if (state.received.value() == seen and not state.in_flight.value()) or loop.time() >= quiet_until:
             return
 
 

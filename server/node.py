@@ -11,6 +11,7 @@ import time
 
 from shardstate.common.clustermap import ClusterView, empty_view
 from shardstate.common.errors import NotPrimaryError, WrongShardError
+from shardstate.common.metrics import Registry
 from shardstate.common.ring import Ring
 from shardstate.v1 import admin_pb2
 
@@ -35,6 +36,7 @@ class Node:
         self.started = time.monotonic()
         self.serving = False
         self.readable = True  # replication: False while a replica's data is not yet the primary's
+        self.metrics = Registry()  # the process's one registry (docs/design.md §9)
         raw = engine.node_meta(MAP_KEY)
         if raw:
             self.view = ClusterView.of(admin_pb2.ClusterMap.FromString(raw))

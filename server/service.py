@@ -35,9 +35,13 @@ class StateService:
         self.node = node
         self.draining = False
         self.streams: set[asyncio.Queue[Any]] = set()  # inboxes of open Pipelines
-        self.served = 0  # replies sent (ops in a Batch count one each), for Status load
-        self.inflight = 0  # unary calls being served (shutdown waits for them)
-        self.arrivals = 0  # unary calls that reached a handler, refused ones included
+        m = node.metrics
+        self.replies = m.counter("shardstate_shard_replies_total",
+                                 "replies sent, each op of a Batch or Pipeline counting one (Status's load)")
+        self.received = m.counter("shardstate_shard_requests_received_total",
+                                  "unary calls that reached a handler, refused ones included")
+        self.in_flight = m.gauge("shardstate_shard_requests_in_flight",
+                                 "unary calls being served (shutdown waits for them)")
         # With group commit a write waits for its fsync: run a batch's sessions concurrently
         # so their writes share one. Otherwise nothing suspends and plain order is cheapest.
         self.concurrent = engine.store.group_commit
@@ -58,7 +62,7 @@ class StateService:
     # ---- plumbing ----
 
     def header(self, resp: Any) -> Any:
-        self.served += 1
+        self.replies.inc()
         h = resp.header
         node = self.node
         h.shard_id = node.shard_id
@@ -326,10 +330,10 @@ class StateService:
             """`waits=False`: the op waits for the semi-sync barrier itself (batch)."""
 
             async def handler(req: Any, context: Any) -> Any:
-                self.arrivals += 1
+                self.received.inc()
                 if self.draining:
                     await errors.abort(context, shutting_down())
-                self.inflight += 1
+                self.in_flight.inc()
                 try:
                     before = self.engine.store.committed
                     resp = await op(req)
@@ -340,7 +344,7 @@ class StateService:
                     log_unexpected(e)
                     await errors.abort(context, e)
                 finally:
-                    self.inflight -= 1
+                    self.in_flight.dec()
 
             return handler
 

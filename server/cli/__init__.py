@@ -79,13 +79,12 @@ def _main(args: list[str]) -> int:
     module, func, _ = COMMANDS[name]
     transport.tune()
     try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
+        result = getattr(importlib.import_module(module), func)(rest)
+    except ModuleNotFoundError as e:  # at import, or a lazy import inside the command
         extra = EXTRAS.get((e.name or "").split(".")[0])
         if extra is None:
             raise
         print(f"shardstate: command {name!r} needs {e.name}, which is not installed: "
               f"pip install 'shardstate[{extra}]'", file=sys.stderr)
         return 2
-    result = getattr(mod, func)(rest)
     return int(result or 0)

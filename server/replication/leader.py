@@ -53,8 +53,6 @@ class FollowerInfo:
     last_seen: float = 0.0  # monotonic
     hold_from: int = 0  # while a snapshot streams: its revision + 1
     caught_up: bool = False
-    batches: int = 0  # change batches sent on the current stream
-    entries: int = 0
 
 
 def _take(it: Iterator[tuple[bytes, bytes]]) -> tuple[replication_pb2.SnapshotChunk, bool]:
@@ -78,6 +76,11 @@ class Leader:
         self.followers: dict[str, FollowerInfo] = {}
         self.generation = 0  # bumped to end every stream (demotion, shutdown)
         self.closing = False
+        m = node.metrics
+        self.batches_sent = m.counter("shardstate_replication_batches_sent_total",
+                                      "change batches streamed to a replica", ("replica",))
+        self.entries_sent = m.counter("shardstate_replication_entries_sent_total",
+                                      "change-log entries streamed to a replica", ("replica",))
 
     # ---- retention and status ----
 
@@ -189,7 +192,6 @@ class Leader:
                     if gen != self.generation:
                         break
                 start = snap_rev[0] + 1
-            info.batches = info.entries = 0
             try:
                 async for msg in self._changes(start, gen, info):
                     yield msg
@@ -205,7 +207,8 @@ class Leader:
                 info.hold_from = 0
                 info.last_seen = time.monotonic()
             log.info("follower disconnected", extra={"fields": {
-                "follower": info.id, "acked": info.acked, "batches": info.batches, "entries": info.entries}})
+                "follower": info.id, "acked": info.acked, "batches_sent": self.batches_sent.value(replica=info.id),
+                "entries_sent": self.entries_sent.value(replica=info.id)}})
 
     def _check_hello(self, hello: replication_pb2.FollowHello) -> None:
         node = self.node
@@ -287,8 +290,8 @@ class Leader:
                 lazy = self.acks.need <= 0 and info.caught_up and not info.hold_from
                 body = wire.change_batch([raw for _, raw in batch], leader_rev, wall_ms(), backlog, lazy)
                 yield wire.leader_message(wire.CHANGES, body, self.node.epoch)
-                info.batches += 1
-                info.entries += len(batch)
+                self.batches_sent.inc(replica=info.id)
+                self.entries_sent.inc(len(batch), replica=info.id)
                 start = batch[-1][0] + 1
                 last_sent = loop.time()
                 if len(batch) < BATCH and self.acks.need <= 0 and not self.acks.waiting():
