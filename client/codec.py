@@ -157,7 +157,7 @@ _CONSISTENCY = {
 }
 
 
-def consistency(value: Any) -> int:
+def consistency(value: Any) -> types_pb2.Consistency.ValueType:
     if isinstance(value, str):
         value = value.lower()
     try:

@@ -25,7 +25,7 @@ from shardstate.common.errors import (
 from shardstate.common.records import Change, Entry, Record, SessionInfo
 from shardstate.retry import Retry
 from shardstate.v1 import state_pb2
-from shardstate.versions import UNKNOWN, VersionCache
+from shardstate.versions import UNKNOWN, VersionCache, _Unknown
 
 T = TypeVar("T")
 
@@ -367,9 +367,12 @@ class SessionCore:
         CAS; a conflict answers with the current record, so a retry needs no read.
         (AsyncSession.update runs this same loop with awaits, for speed.)"""
         key, ttl_ms, timeout = self.update_args(key, fn, ttl, timeout)
-        old = self.cache.lookup(key)
-        if old is UNKNOWN:
+        cached = self.cache.lookup(key)
+        old: Record | None
+        if isinstance(cached, _Unknown):
             old = yield from self.get(key, timeout=timeout)
+        else:
+            old = cached
         for n in range(max(1, attempts)):
             new = fn(old)
             if new is None:
@@ -397,7 +400,7 @@ class SessionCore:
              timeout: Any = None) -> Op[list[Record]]:
         """Keys of the session in order, up to `limit` (None: all), following pages."""
         want = None if limit is None else codec.count(limit, "limit")
-        base = dict(
+        base: dict[str, Any] = dict(
             **self._ids(), prefix=codec.prefix(prefix), start_after=codec.prefix(start_after, "start_after"),
             keys_only=bool(keys_only), consistency=codec.consistency(consistency),
             min_revision=codec.count(min_revision, "min_revision"),
@@ -451,7 +454,7 @@ class SessionCore:
              min_revision: int = 0, timeout: Any = None) -> Op[list[Entry]]:
         """Entries oldest first. `last=N`: the newest N. Without `limit`, every page of the
         range is read. A stream that does not exist reads as []."""
-        base = dict(
+        base: dict[str, Any] = dict(
             **self._ids(), stream=codec.stream(stream), from_seq=codec.count(from_seq, "from_seq"),
             to_seq=codec.count(to_seq, "to_seq"), last=codec.count(last, "last"),
             consistency=codec.consistency(consistency),

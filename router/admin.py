@@ -101,7 +101,7 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
     async def SetWeight(self, request: Any, context: Any) -> Any:
         return await self._later(context, "SetWeight")
 
-    async def Rebalance(self, request: Any, context: Any) -> Any:
+    async def Rebalance(self, request: Any, context: Any) -> Any:  # type: ignore[override]  # aborts: no stream
         await self._later(context, "Rebalance")
 
     async def PromoteReplica(self, request: admin_pb2.PromoteReplicaRequest, context: Any) -> Any:
@@ -116,10 +116,10 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
         except Exception as e:
             await errors.abort(context, e)
 
-    async def Backup(self, request: Any, context: Any) -> Any:
+    async def Backup(self, request: Any, context: Any) -> Any:  # type: ignore[override]  # aborts: no stream
         await self._later(context, "Backup")
 
-    async def Restore(self, request: Any, context: Any) -> Any:
+    async def Restore(self, request: Any, context: Any) -> Any:  # type: ignore[override]  # aborts: no stream
         await self._later(context, "Restore")
 
 

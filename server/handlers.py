@@ -46,6 +46,7 @@ def op_error(i: int, raw: bytes, e: Exception) -> errors.InvalidArgumentError:
     for n, v in reversed(fields):  # the last op field on the wire is the one set
         if isinstance(v, bytes):
             f = _OP_DESC.fields_by_number[n]
+            assert f.message_type is not None  # every BatchOp field is a message
             return errors.InvalidArgumentError(f"ops[{i}].{f.name}: {diagnose(f.message_type, v, e)}")
     return errors.InvalidArgumentError(f"ops[{i}] is not a valid {_OP_DESC.full_name} ({e})")
 

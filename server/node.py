@@ -30,7 +30,7 @@ class Node:
         self.shard_id = shard_id
         self.engine = engine
         self.address = address
-        self.role: int = admin_pb2.PRIMARY
+        self.role: admin_pb2.NodeRole.ValueType = admin_pb2.PRIMARY
         self.primary = ""  # the primary's address, when this node is a replica
         self.view = empty_view()
         self.started = time.monotonic()

@@ -239,8 +239,9 @@ class StateService:
         """Run every op; `out` (e.g. a PipelineResponse's batch) is filled in place. A
         `Partial` request's bad ops each get their own INVALID_ARGUMENT result."""
         bad: dict[int, errors.InvalidArgumentError] = {}
-        if type(req) is Partial:
-            req, bad = req.batch, req.bad
+        if isinstance(req, Partial):
+            bad = req.bad
+            req = req.batch
         assert isinstance(req, state_pb2.BatchRequest)
         n = len(req.ops)
         if n > self.engine.limits.max_batch_ops:

@@ -20,6 +20,6 @@ echo "== generated protobuf code"
 echo "== ruff"
 .venv/bin/ruff check client server router tests benchmarks protos/generate.py
 echo "== mypy"
-.venv/bin/mypy client server router benchmarks/harness
+.venv/bin/python tests/mypy_tree.py
 echo "== pytest"
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

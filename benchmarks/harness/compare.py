@@ -29,6 +29,7 @@ from rich.table import Table
 from shardstate.bench import procstat, report, servers
 from shardstate.bench.backends import BACKENDS, STEP_IMPLS
 from shardstate.bench.workloads import WORKLOADS
+from shardstate.server import launch
 
 REPO = Path(__file__).resolve().parent.parent.parent  # only meaningful in a source checkout
 INSTALL_PEERS = REPO / "benchmarks" / "install-peers.sh"
@@ -138,7 +139,7 @@ def start_store(store: str, workdir: Path, dev_args: Sequence[str]) -> tuple[ser
 
 def bench_cmd(store: str, address: str, ns: argparse.Namespace, pids: dict[str, int], json_path: Path) -> list[str]:
     flag = "--router" if store == BASELINE else f"--{store}"
-    cmd = [*servers.shardstate_cmd(), "bench", flag, address,
+    cmd = [*launch.shardstate_cmd(), "bench", flag, address,
            "--workload", ns.workload, "--sessions", str(ns.sessions), "--concurrency", str(ns.concurrency),
            "--duration", str(ns.duration), "--warmup", str(ns.warmup), "--value-size", str(ns.value_size),
            "--zipf", str(ns.zipf), "--seed", str(ns.seed), "--step-impl", ns.step_impl,

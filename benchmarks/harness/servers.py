@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -43,55 +42,24 @@ def free_port() -> int:
 class Server:
     """One started server process (and its process group)."""
 
-    def __init__(self, name: str, cmd: Sequence[str], workdir: Path, env: dict[str, str] | None = None,
-                 capture_stdout: bool = False) -> None:
+    def __init__(self, name: str, cmd: Sequence[str], workdir: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.cmd = list(cmd)
         self.workdir = workdir
         self.log_path = workdir / f"{name}.log"
         self.address = ""
         self.data_dir: Path | None = None
-        self.lines: list[str] = []
-        self._line_event = threading.Event()
         workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.popen = subprocess.Popen(
-            self.cmd, stdout=subprocess.PIPE if capture_stdout else log, stderr=log,
+            self.cmd, stdout=log, stderr=log,
             stdin=subprocess.DEVNULL, preexec_fn=launch.die_with_parent, env=env, cwd=str(workdir),
         )
         log.close()
-        if capture_stdout:
-            threading.Thread(target=self._pump, daemon=True).start()
 
     @property
     def pid(self) -> int:
         return self.popen.pid
-
-    def _pump(self) -> None:
-        """Copy stdout to the log (so the pipe never fills) and keep the lines for parsing."""
-        assert self.popen.stdout is not None
-        with open(self.log_path, "ab") as log:
-            for raw in self.popen.stdout:
-                log.write(raw)
-                log.flush()
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._line_event.set()
-
-    def wait_line(self, pattern: str, timeout: float = READY_TIMEOUT_S) -> re.Match[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while time.monotonic() < deadline:
-            while seen < len(self.lines):
-                m = rx.search(self.lines[seen])
-                seen += 1
-                if m:
-                    return m
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
-            self._line_event.wait(0.2)
-            self._line_event.clear()
-        raise TimeoutError(f"{self.name}: no line matching {pattern!r} in {timeout:.0f}s:\n{self.log_tail()}")
 
     def alive(self) -> bool:
         return self.popen.poll() is None

@@ -10,7 +10,7 @@ server keeps serving. Shards and routers both serve through it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -87,7 +87,7 @@ def _unary_stream(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], AsyncIt
 
 
 def register(server: grpc.aio.Server, service: ServiceDescriptor, behaviors: dict[str, Callable[..., Any]],
-             special: dict[str, Callable[[bytes], Any]] | None = None) -> None:
+             special: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
     """Serve `service` with behaviors[method name](request or request_iterator, context).
     Stream-request behaviors see `Malformed` items in their iterator and must check.
     `special` maps a request message's full name to its own never-raising deserializer."""

@@ -143,7 +143,7 @@ class WriteContext:
 
     # ---- session-wide ----
 
-    def cascade(self, event_type: int) -> tuple[int, int]:
+    def cascade(self, event_type: types_pb2.EventType.ValueType) -> tuple[int, int]:
         """Delete every key and log entry of the session, its meta and index entries; keep a
         tombstone with max_version so a recreated session continues above it."""
         ref, rev = self.ref, self.revision()
