@@ -49,13 +49,23 @@ def healthy(address: str, service: str = "", timeout: float = 2.0) -> bool:
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def _find_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: no parent-death signal
+
+
+_PRCTL = _find_prctl()  # looked up here, not in the forked child (dlopen there could deadlock)
+
+
 def die_with_parent() -> None:
-    """preexec_fn for a child that is not a shardstate process (Redis, etcd): its own process
-    group, and SIGTERM when the process that started it dies. shardstate's own children do
-    the same themselves (supervision.die_with_supervisor)."""
+    """preexec_fn for a child that is not a shardstate process (Redis, etcd, `shardstate dev`
+    itself): its own session and process group, and SIGTERM when the process that started it
+    dies. shardstate's nodes do the same themselves (supervision.die_with_supervisor)."""
     os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class NotReady(Exception):
