@@ -225,11 +225,11 @@ def run_cluster(ns: argparse.Namespace, out: Path, console: Console) -> dict[str
     cns = compare.parser().parse_args([
         "--workload", "step", "--sessions", str(ns.sessions), "--concurrency", str(ns.concurrency),
         "--duration", str(ns.duration), "--warmup", str(ns.warmup), "--value-size", str(ns.value_size),
-        "--step-impl", ns.step_impl, *(f"--dev-arg={a}" for a in ns.dev_arg)])
+        *(f"--dev-arg={a}" for a in ns.dev_arg)])
     workdir = Path(tempfile.mkdtemp(prefix="shardstate-cost-"))
     servers.term_as_exit()
     try:
-        result = compare.run_store("shardstate", cns, workdir, out, console)
+        result = compare.run_store("shardstate", ns.step_impl, cns, workdir, out, console)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if "error" in result:
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds (default 20)")
     p.add_argument("--warmup", type=float, default=3.0, help="(default 3)")
     p.add_argument("--value-size", type=int, default=1024, help="(default 1024)")
-    p.add_argument("--step-impl", default="auto", help="as shardstate bench (default auto = cached)")
+    p.add_argument("--step-impl", default="cached", choices=compare.PATTERNS,
+                   help="the step pattern, as benchmarks/compare --patterns (default cached)")
     p.add_argument("--dev-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `shardstate dev` (repeatable)")
     p.add_argument("--out", metavar="DIR", help="write cost-model.md and cost-model.json here "
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if ns.source:
         doc = json.loads(Path(ns.source).read_text())
-        # A compare results.json holds several stores; take shardstate's.
+        # A compare results.json holds several stores and patterns; take shardstate's first.
         result = next(r for r in doc["results"] if r["store"] == "shardstate") if "results" in doc else doc
         source = ns.source
     else:

@@ -18,10 +18,12 @@ BACKENDS = ("shardstate", "redis", "etcd")
 #   read-cas: read the state from the store, then CAS on the version read (two round trips);
 #   cached:   CAS on the version this client saw last for the session (its own last write or
 #             the current version a lost CAS returned); it reads only when it has seen nothing.
-#             A CAS still fails when anyone else wrote in between, so the guarantee is the same.
+#             A CAS still fails when anyone else wrote in between, so the guarantee is the same;
+#             a lost CAS is retried once from the version it returned (CACHED_ATTEMPTS).
 #   auto:     cached for shardstate (session handles' update(), the documented way to do a step),
 #             read-cas for Redis and etcd (their usual optimistic-locking pattern).
 STEP_IMPLS = ("auto", "cached", "read-cas")
+CACHED_ATTEMPTS = 2  # cached: the CAS, and one retry from the current version a lost CAS returned
 
 
 def resolve_step_impl(backend: str, step_impl: str) -> str:

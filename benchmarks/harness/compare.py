@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shardstate.bench import procstat, report, servers
-from shardstate.bench.backends import BACKENDS, STEP_IMPLS
+from shardstate.bench.backends import BACKENDS
 from shardstate.bench.workloads import WORKLOADS
 from shardstate.server import launch
 
@@ -35,12 +35,20 @@ REPO = Path(__file__).resolve().parent.parent.parent  # only meaningful in a sou
 INSTALL_PEERS = REPO / "benchmarks" / "install-peers.sh"
 BASELINE = "shardstate"
 BINARIES = {"redis": "redis-server", "etcd": "etcd"}
-# The figures issue 5 asks shardstate to reach against the peers in one run (step workload).
-TARGETS = (
-    ("redis", "throughput", 1.0, "steps/s >= Redis"),
-    ("etcd", "throughput", 2.0, "steps/s >= 2 x etcd"),
-    ("redis", "p99", 1.5, "p99 <= 1.5 x Redis"),
-)
+# The step's call patterns; every store runs each one, and a ratio is only drawn between runs of
+# the same pattern (backends.STEP_IMPLS says what each is).
+PATTERNS = ("read-cas", "cached")
+# The figures shardstate is held to against the peers, per pattern (issue 17; step workload).
+TARGETS: dict[str, tuple[tuple[str, str, float, str], ...]] = {
+    "read-cas": (
+        ("redis", "throughput", 1.2, "read-cas steps/s >= 1.2 x Redis"),
+        ("etcd", "throughput", 3.0, "read-cas steps/s >= 3 x etcd"),
+    ),
+    "cached": (
+        ("redis", "throughput", 1.2, "cached steps/s >= 1.2 x Redis"),
+        ("redis", "p99", 1.0, "cached p99 <= Redis"),
+    ),
+}
 CLIENT_BOUND = 0.9  # a load generator above this share of a core limits the figure itself
 IDLE_PCT = 10.0  # --wait-idle: "quiet" = under this share of all cores busy
 BENCH_EXTRA_S = 300.0  # loading + drain allowance on top of warm-up + duration per store
@@ -65,7 +73,13 @@ def parser() -> argparse.ArgumentParser:
             "  shardstate  `shardstate dev --port 0` with its defaults (one shard per CPU core, at most 3,\n"
             "              1 replica each, 1 router; the replicas catch up in the background, on\n"
             "              CPU the rest leaves idle);\n"
-            "              step = session-handle update() (one CAS from the version the handle saw)\n\n"
+            "\n"
+            "Step patterns (--patterns; each store runs each, ratios only within a pattern):\n"
+            "  read-cas    every store reads the session's state, then compare-and-swaps it\n"
+            "  cached      every store's client remembers each session's version and sends one CAS;\n"
+            "              a lost CAS answers with the current version and the step retries once\n"
+            "              from it (Redis: a Lua script; etcd: a Txn whose failure branch ranges the\n"
+            "              key; shardstate: a session handle's update())\n\n"
             "What it installs: when redis-server or etcd is missing it runs\n"
             "benchmarks/install-peers.sh (apt-get install redis-server etcd-server; needs root or\n"
             "passwordless sudo; --no-install turns that off). The launcher script installs the\n"
@@ -81,10 +95,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per store (default 3)")
     p.add_argument("--zipf", type=float, default=0.0, help="Zipf exponent of session popularity (default 0)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    p.add_argument("--step-impl", choices=STEP_IMPLS, default="auto",
-                   help="auto (default): shardstate steps CAS from the session handle's cached "
-                        "version, Redis and etcd read then CAS; read-cas or cached: every store "
-                        "the same way")
+    p.add_argument("--patterns", default=",".join(PATTERNS),
+                   help=f"comma-separated step patterns, each run by every store (default {','.join(PATTERNS)}; "
+                        "other workloads run once)")
     p.add_argument("--stores", default=",".join(("redis", "etcd", BASELINE)),
                    help="comma-separated stores in run order (default redis,etcd,shardstate)")
     p.add_argument("--out", metavar="DIR",
@@ -137,12 +150,13 @@ def start_store(store: str, workdir: Path, dev_args: Sequence[str]) -> tuple[ser
     return dev, {"dev-supervisor": dev.pid, **dev.node_pids()}, "shardstate (this checkout)"
 
 
-def bench_cmd(store: str, address: str, ns: argparse.Namespace, pids: dict[str, int], json_path: Path) -> list[str]:
+def bench_cmd(store: str, pattern: str, address: str, ns: argparse.Namespace, pids: dict[str, int],
+              json_path: Path) -> list[str]:
     flag = "--router" if store == BASELINE else f"--{store}"
     cmd = [*launch.shardstate_cmd(), "bench", flag, address,
            "--workload", ns.workload, "--sessions", str(ns.sessions), "--concurrency", str(ns.concurrency),
            "--duration", str(ns.duration), "--warmup", str(ns.warmup), "--value-size", str(ns.value_size),
-           "--zipf", str(ns.zipf), "--seed", str(ns.seed), "--step-impl", ns.step_impl,
+           "--zipf", str(ns.zipf), "--seed", str(ns.seed), "--step-impl", pattern,
            "--json", str(json_path)]
     for name, pid in pids.items():
         cmd += ["--cpu-pid", f"{name}={pid}"]
@@ -151,10 +165,17 @@ def bench_cmd(store: str, address: str, ns: argparse.Namespace, pids: dict[str, 
     return cmd
 
 
-def run_store(store: str, ns: argparse.Namespace, workdir: Path, out: Path, console: Console) -> dict[str, Any]:
-    """Start the store, run the bench child against it, stop the store; the child's JSON result
-    (plus server facts), or {"store", "error"} when something failed."""
-    console.rule(f"[bold]{store}")
+def run_name(store: str, pattern: str) -> str:
+    return f"{store}-{pattern}"
+
+
+def run_store(store: str, pattern: str, ns: argparse.Namespace, workdir: Path, out: Path,
+              console: Console) -> dict[str, Any]:
+    """Start the store, run the bench child against it with the step pattern, stop the store;
+    the child's JSON result (plus server facts), or {"store", "pattern", "error"} when something
+    failed."""
+    name = run_name(store, pattern)
+    console.rule(f"[bold]{store}[/] ({pattern})")
     busy_before = idle_check()
     waited = 0.0
     while busy_before > IDLE_PCT and waited < ns.wait_idle:
@@ -167,19 +188,20 @@ def run_store(store: str, ns: argparse.Namespace, workdir: Path, out: Path, cons
     child: subprocess.Popen[bytes] | None = None
     try:
         t0 = time.monotonic()
-        (workdir / store).mkdir(parents=True, exist_ok=True)
-        srv, pids, version = start_store(store, workdir / store, ns.dev_arg)
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+        srv, pids, version = start_store(store, workdir / name, ns.dev_arg)
         console.print(f"compare: {version} at {srv.address} ({len(pids)} process(es), "
                       f"started in {time.monotonic() - t0:.1f} s)")
-        json_path = out / f"{store}.json"
-        cmd = bench_cmd(store, srv.address, ns, pids, json_path)
-        with open(out / f"{store}.txt", "wb") as table_out:
+        json_path = out / f"{name}.json"
+        cmd = bench_cmd(store, pattern, srv.address, ns, pids, json_path)
+        with open(out / f"{name}.txt", "wb") as table_out:
             child = subprocess.Popen(cmd, stdout=table_out, stdin=subprocess.DEVNULL)
             rc = child.wait(timeout=ns.warmup + ns.duration + BENCH_EXTRA_S)
         if not json_path.exists():
             raise RuntimeError(f"the load generator exited with {rc} and wrote no result "
-                               f"(its output: {out / f'{store}.txt'})")
+                               f"(its output: {out / f'{name}.txt'})")
         result: dict[str, Any] = json.loads(json_path.read_text())
+        result["pattern"] = pattern
         result["server"] = {"version": version, "address": srv.address,
                             "pids": pids, "cmdlines": {k: procstat.cmdline(v) for k, v in pids.items()},
                             "data_bytes": procstat.dir_bytes(srv.data_dir) if srv.data_dir else None}
@@ -189,10 +211,10 @@ def run_store(store: str, ns: argparse.Namespace, workdir: Path, out: Path, cons
             result["bench_exit_code"] = rc
         return result
     except (Exception, subprocess.TimeoutExpired) as e:
-        console.print(f"[red]compare: {store} failed: {e}[/]")
+        console.print(f"[red]compare: {store} ({pattern}) failed: {e}[/]")
         if srv is not None:
             console.print(srv.log_tail(20))
-        return {"store": store, "error": f"{type(e).__name__}: {e}"}
+        return {"store": store, "pattern": pattern, "error": f"{type(e).__name__}: {e}"}
     finally:
         if child is not None and child.poll() is None:
             child.terminate()  # a client only: nothing to flush
@@ -212,12 +234,13 @@ def busy_share(r: dict[str, Any]) -> float:
     return max(0.0, other / (r["window_s"] * cores)) if other is not None and r.get("window_s") else 0.0
 
 
-def run_with_reruns(store: str, ns: argparse.Namespace, workdir: Path, out: Path, console: Console) -> dict[str, Any]:
+def run_with_reruns(store: str, pattern: str, ns: argparse.Namespace, workdir: Path, out: Path,
+                    console: Console) -> dict[str, Any]:
     """run_store, again (up to --rerun-if-busy times) when other processes took more than
     IDLE_PCT of the machine during the window; keeps the least disturbed run."""
     runs: list[dict[str, Any]] = []
     for attempt in range(1 + max(0, ns.rerun_if_busy)):
-        r = run_store(store, ns, workdir / f"run{attempt}", out, console)
+        r = run_store(store, pattern, ns, workdir / f"run{attempt}", out, console)
         if "error" in r:
             return r
         runs.append(r)
@@ -226,10 +249,10 @@ def run_with_reruns(store: str, ns: argparse.Namespace, workdir: Path, out: Path
             break
         if attempt < ns.rerun_if_busy:
             console.print(f"[yellow]compare: other processes used {share:.0%} of the machine during the "
-                          f"{store} window; running {store} again[/]")
+                          f"{store} ({pattern}) window; running it again[/]")
     best = min(runs, key=busy_share)
     best["attempts"] = len(runs)
-    report.write_json(best, out / f"{store}.json")
+    report.write_json(best, out / f"{run_name(store, pattern)}.json")
     return best
 
 
@@ -249,8 +272,9 @@ def median_results(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def round_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One line per round: each store's ops/s and p99 (None when it failed), and the targets."""
+def round_rows(rounds: list[list[dict[str, Any]]], pattern: str = "read-cas") -> list[dict[str, Any]]:
+    """One line per round of one pattern: each store's ops/s and p99 (None when it failed), and
+    the pattern's targets."""
     rows = []
     for k, rnd in enumerate(rounds, 1):
         ok = [r for r in rnd if "error" not in r]
@@ -258,40 +282,41 @@ def round_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "round": k,
             "ops_s": {r["store"]: (None if "error" in r else r["throughput_ops_s"]) for r in rnd},
             "p99_ms": {r["store"]: r["latency_ms"]["p99"] for r in ok},
-            "targets": summarize(rnd)["targets"],
+            "targets": summarize(rnd, pattern)["targets"],
         })
     return rows
 
 
-def target_labels(stores: Sequence[str]) -> list[str]:
-    """The targets a run of these stores can be held to (shardstate and the peer both in it)."""
-    return [label for peer, _, _, label in TARGETS if peer in stores and BASELINE in stores]
+def target_labels(stores: Sequence[str], pattern: str = "read-cas") -> list[str]:
+    """The targets a run of these stores with this pattern can be held to (shardstate and the
+    peer both in it)."""
+    return [label for peer, _, _, label in TARGETS.get(pattern, ()) if peer in stores and BASELINE in stores]
 
 
-def round_header(stores: Sequence[str]) -> list[str]:
+def round_header(stores: Sequence[str], pattern: str = "read-cas") -> list[str]:
     """The columns of the rounds table: round, each store's ops/s, each target that applies
     (shardstate's figure / the figure needed), targets met."""
-    return ["round", *[f"{s} ops/s" for s in stores], *[f"{t} (has / needs)" for t in target_labels(stores)],
-            "targets met"]
+    return ["round", *[f"{s} ops/s" for s in stores],
+            *[f"{t} (has / needs)" for t in target_labels(stores, pattern)], "targets met"]
 
 
-def round_cells(row: dict[str, Any], stores: Sequence[str]) -> list[str]:
+def round_cells(row: dict[str, Any], stores: Sequence[str], pattern: str = "read-cas") -> list[str]:
     """A round's line as text (console and report alike), in round_header's columns."""
     by_label = {t["target"]: t for t in row["targets"]}
     cells = [str(row["round"]), *[f"{v:,.0f}" if (v := row["ops_s"].get(s)) is not None else "failed" for s in stores]]
-    for label in target_labels(stores):
+    for label in target_labels(stores, pattern):
         t = by_label.get(label)
         cells.append("-" if t is None else f"{t['shardstate']:,.2f} / {t['needed']:,.2f} {'met' if t['met'] else 'NOT met'}")
     met = [t["met"] for t in row["targets"]]
     return [*cells, f"{sum(met)} of {len(met)}" if met else "-"]
 
 
-def rounds_table(rows: list[dict[str, Any]], stores: Sequence[str]) -> Table:
-    t = Table(title=f"every round ({len(rows)}); the tables below show each store's median run")
-    for name in round_header(stores):
+def rounds_table(rows: list[dict[str, Any]], stores: Sequence[str], pattern: str = "read-cas") -> Table:
+    t = Table(title=f"{pattern}: every round ({len(rows)}); the tables below show each store's median run")
+    for name in round_header(stores, pattern):
         t.add_column(name, justify="right")
     for row in rows:
-        t.add_row(*round_cells(row, stores))
+        t.add_row(*round_cells(row, stores, pattern))
     return t
 
 
@@ -311,8 +336,8 @@ def ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios to shardstate, the issue-5 targets, and per-process CPU per 1000 ops."""
+def summarize(results: list[dict[str, Any]], pattern: str = "read-cas") -> dict[str, Any]:
+    """Ratios to shardstate and the pattern's targets, among runs of one pattern."""
     ok = {r["store"]: r for r in results if "error" not in r}
     base = ok.get(BASELINE)
     ratios: dict[str, Any] = {}
@@ -324,7 +349,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             }
     targets = []
     if base:
-        for peer, what, factor, label in TARGETS:
+        for peer, what, factor, label in TARGETS.get(pattern, ()):
             if peer not in ok:
                 continue
             if what == "throughput":
@@ -392,22 +417,29 @@ def cpu_table(results: list[dict[str, Any]]) -> Table:
     for r in results:
         if "error" in r:
             continue
+        store = f"{r['store']} ({r['pattern']})" if r.get("pattern") else r["store"]
         per = r.get("cpu_s_per_1000_ops", {})
         for name, sec in r.get("cpu_s", {}).items():
-            t.add_row(r["store"], name, f"{sec:.2f}", f"{per.get(name) or 0:.4f}")
+            t.add_row(store, name, f"{sec:.2f}", f"{per.get(name) or 0:.4f}")
         total = sum(r.get("cpu_s", {}).values())
-        t.add_row(r["store"], "[b]all of the above[/]", f"{total:.2f}",
+        t.add_row(store, "[b]all of the above[/]", f"{total:.2f}",
                   f"{total / r['completed'] * 1000:.4f}" if r["completed"] else "-")
         other = other_load(r)
         if other is not None:
-            t.add_row(r["store"], "[dim]anything else on the machine[/]", f"{other:.2f}", "")
+            t.add_row(store, "[dim]anything else on the machine[/]", f"{other:.2f}", "")
     return t
 
 
+PATTERN_TEXT = {
+    "read-cas": "every store reads the session's state, then compare-and-swaps it (two round trips)",
+    "cached": "every store's client remembers each session's version and sends one CAS; a lost CAS "
+              "answers with the current version and the step retries once from it",
+}
+
+
 def markdown(doc: dict[str, Any], png: str | None) -> str:
-    cfg, results = doc["config"], doc["results"]
-    ok = [r for r in results if "error" not in r]
-    base = next((r for r in ok if r["store"] == BASELINE), None)
+    cfg, everything = doc["config"], doc["results"]
+    ok_all = [r for r in everything if "error" not in r]
     m = doc["machine"]
     lines = [
         f"# benchmarks/compare: {cfg['workload']} workload",
@@ -420,51 +452,60 @@ def markdown(doc: dict[str, Any], png: str | None) -> str:
         f"- same for every store: value {cfg['value_size']} B, {cfg['sessions']:,} sessions, "
         f"{cfg['concurrency']} concurrent callers, {cfg['warmup']:g} s warm-up, "
         f"{cfg['duration']:g} s measured, zipf {cfg['zipf']:g}; load generator: a fresh `shardstate bench` "
-        f"process per store, on the {ok[0].get('event_loop', 'asyncio') if ok else 'asyncio'} event loop",
-        "",
-        "| store | workload | ops/s | success/s | p50 ms | p95 ms | p99 ms | max ms | completed | "
-        "conflicts | errors | ops/s ÷ shardstate | p99 ÷ shardstate |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"process per store, on the {ok_all[0].get('event_loop', 'asyncio') if ok_all else 'asyncio'} event loop",
+        "- ratios are drawn only between runs of the same step pattern",
     ]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['store']} | failed: {r['error']} |" + " |" * 11)
-            continue
-        lat = r["latency_ms"]
-        tp, p99 = report.ratios(r, base)
-        lines.append(
-            f"| {r['store']} | {report.workload_label(r)} | {r['throughput_ops_s']:,.0f} | "
-            f"{r['success_ops_s']:,.0f} | {lat['p50']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | "
-            f"{lat['max']:.2f} | {r['completed']:,} | {r['conflicts']:,} | {r['errors']:,} | {tp} | {p99} |")
-    rows = doc.get("rounds")
-    if rows:
-        picked = ", ".join(f"{r['store']} round {r['round']}" for r in ok if "round" in r)
-        lines += ["", f"Each store's median run of {len(rows)} rounds, run interleaved ({picked}).", "",
-                  "| " + " | ".join(round_header(doc["stores"])) + " |",
-                  "|" + "--:|" * len(round_header(doc["stores"]))]
-        lines += ["| " + " | ".join(round_cells(row, doc["stores"])) + " |" for row in rows]
-    if doc["summary"]["targets"]:
-        which = "the median runs" if rows else "this run"
-        lines += ["", f"Issue 5 targets (step workload, {which}):", ""]
-        for t in doc["summary"]["targets"]:
-            lines.append(f"- {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} "
-                         f"-> **{'met' if t['met'] else 'NOT met'}**")
+    for pattern, sec in doc["patterns"].items():
+        results, rows = sec["results"], sec.get("rounds")
+        ok = [r for r in results if "error" not in r]
+        base = next((r for r in ok if r["store"] == BASELINE), None)
+        lines += ["", f"## Pattern {pattern}" if cfg["workload"] == "step" else "## Results", ""]
+        if cfg["workload"] == "step":
+            lines += [f"{PATTERN_TEXT.get(pattern, pattern)}.", ""]
+        lines += [
+            "| store | workload | ops/s | success/s | p50 ms | p95 ms | p99 ms | max ms | completed | "
+            "conflicts | errors | ops/s ÷ shardstate | p99 ÷ shardstate |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in results:
+            if "error" in r:
+                lines.append(f"| {r['store']} | failed: {r['error']} |" + " |" * 11)
+                continue
+            lat = r["latency_ms"]
+            tp, p99 = report.ratios(r, base)
+            lines.append(
+                f"| {r['store']} | {report.workload_label(r)} | {r['throughput_ops_s']:,.0f} | "
+                f"{r['success_ops_s']:,.0f} | {lat['p50']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | "
+                f"{lat['max']:.2f} | {r['completed']:,} | {r['conflicts']:,} | {r['errors']:,} | {tp} | {p99} |")
+        if rows:
+            picked = ", ".join(f"{r['store']} round {r['round']}" for r in ok if "round" in r)
+            header = round_header(doc["stores"], pattern)
+            lines += ["", f"Each store's median run of {len(rows)} rounds, run interleaved ({picked}).", "",
+                      "| " + " | ".join(header) + " |", "|" + "--:|" * len(header)]
+            lines += ["| " + " | ".join(round_cells(row, doc["stores"], pattern)) + " |" for row in rows]
+        if sec["summary"]["targets"]:
+            which = "the median runs" if rows else "this run"
+            lines += ["", f"Targets ({pattern}, {which}):", ""]
+            for t in sec["summary"]["targets"]:
+                lines.append(f"- {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} "
+                             f"-> **{'met' if t['met'] else 'NOT met'}**")
     lines += ["", "## CPU seconds per 1,000 ops", "",
-              "| store | process | CPU s | CPU s / 1000 ops |", "|---|---|--:|--:|"]
-    for r in ok:
-        for name, sec in r.get("cpu_s", {}).items():
-            lines.append(f"| {r['store']} | {name} | {sec:.2f} | {(r['cpu_s_per_1000_ops'].get(name) or 0):.4f} |")
+              "| store | pattern | process | CPU s | CPU s / 1000 ops |", "|---|---|---|--:|--:|"]
+    for r in ok_all:
+        for name, sec_ in r.get("cpu_s", {}).items():
+            lines.append(f"| {r['store']} | {r.get('pattern', '')} | {name} | {sec_:.2f} | "
+                         f"{(r['cpu_s_per_1000_ops'].get(name) or 0):.4f} |")
         total = sum(r.get("cpu_s", {}).values())
         per = f"{total / r['completed'] * 1000:.4f}" if r["completed"] else "-"
-        lines.append(f"| {r['store']} | **all** | {total:.2f} | {per} |")
+        lines.append(f"| {r['store']} | {r.get('pattern', '')} | **all** | {total:.2f} | {per} |")
         other = other_load(r)
         if other is not None:
-            lines.append(f"| {r['store']} | anything else on the machine | {other:.2f} | |")
+            lines.append(f"| {r['store']} | {r.get('pattern', '')} | anything else on the machine | {other:.2f} | |")
     lines += ["", "`client` is the load generator (one Python process, asyncio). CPU includes user + "
               "system time, and reaped children (Redis's AOF rewrites).", "", "## How each store was driven", ""]
-    for r in ok:
+    for r in ok_all:
         d = r.get("backend", {})
-        lines.append(f"- **{r['store']}** ({r['server']['version']}): {d.get('client', '')}; "
+        lines.append(f"- **{r['store']}** ({r['server']['version']}, {r.get('pattern', '')}): {d.get('client', '')}; "
                      f"step: {d.get('step', '')}")
         lines += [f"  - note: {n}" for n in run_notes(r, m["cores"])]
         if r.get("machine_busy_before_pct", 0) > IDLE_PCT:
@@ -494,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("compare: --sessions, --concurrency, --value-size must be >= 1, --duration > 0")
     if ns.rounds < 1:
         raise SystemExit(f"compare: --rounds must be >= 1, got {ns.rounds}")
+    patterns = [p.strip() for p in ns.patterns.split(",") if p.strip()]
+    if not patterns or any(p not in PATTERNS for p in patterns):
+        raise SystemExit(f"compare: --patterns takes {', '.join(PATTERNS)}, got {ns.patterns!r}")
+    if ns.workload != "step":
+        patterns = patterns[:1]  # the pattern is the step's: other workloads run once
     ensure_peers(stores, not ns.no_install, console)
     out = Path(ns.out) if ns.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
@@ -503,17 +549,21 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     machine = procstat.machine()
     console.print(f"compare: {', '.join(stores)}; {ns.workload}, {ns.value_size} B, {ns.sessions:,} sessions, "
-                  f"{ns.concurrency} concurrent, {ns.warmup:g} s warm-up + {ns.duration:g} s each"
+                  f"{ns.concurrency} concurrent, {ns.warmup:g} s warm-up + {ns.duration:g} s each; "
+                  f"patterns {', '.join(patterns)}"
                   f"{f', {ns.rounds} rounds' if ns.rounds > 1 else ''}; "
                   f"{machine['cores']} cores ({machine['cpu_model']}); report in {out}")
-    rounds: list[list[dict[str, Any]]] = []
+    # Per round, per pattern: each store's result, in store order (a round runs every pattern's
+    # stores before the next round, so the patterns interleave as the stores do).
+    rounds: list[dict[str, list[dict[str, Any]]]] = []
     try:
         for k in range(1, ns.rounds + 1):
             rdir = out if ns.rounds == 1 else out / f"round{k}"
             rdir.mkdir(parents=True, exist_ok=True)
             if ns.rounds > 1:
                 console.rule(f"[bold]round {k} of {ns.rounds}")
-            rounds.append([run_with_reruns(store, ns, workdir / f"round{k}", rdir, console) for store in stores])
+            rounds.append({pattern: [run_with_reruns(store, pattern, ns, workdir / f"round{k}", rdir, console)
+                                     for store in stores] for pattern in patterns})
     except KeyboardInterrupt:
         console.print("[yellow]compare: interrupted; servers stopped[/]")
         return 130
@@ -523,20 +573,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    results = median_results(rounds)
+    sections: dict[str, dict[str, Any]] = {}
+    for pattern in patterns:
+        of_pattern = [rnd[pattern] for rnd in rounds]
+        res = median_results(of_pattern)
+        sections[pattern] = {"results": res, "summary": summarize(res, pattern)}
+        if ns.rounds > 1:
+            sections[pattern]["rounds"] = round_rows(of_pattern, pattern)
+    results = [r for sec in sections.values() for r in sec["results"]]
     doc: dict[str, Any] = {
         "date": date, "command": command, "machine": machine,
-        "config": {k: getattr(ns, k) for k in ("workload", "value_size", "sessions", "concurrency",
-                                                "duration", "warmup", "zipf", "seed", "step_impl", "rounds")},
-        "stores": stores, "results": results, "summary": summarize(results),
+        "config": {**{k: getattr(ns, k) for k in ("workload", "value_size", "sessions", "concurrency",
+                                                   "duration", "warmup", "zipf", "seed", "rounds")},
+                   "patterns": patterns},
+        "stores": stores, "patterns": sections, "results": results,
     }
-    if ns.rounds > 1:
-        doc["rounds"] = round_rows(rounds)
     png: str | None = "compare.png"
     ok = [r for r in results if "error" not in r]
     try:
         if ok:
-            report.plot(ok, out / "compare.png", title=f"{ns.workload}: {', '.join(r['store'] for r in ok)}")
+            labelled = [{**r, "store": f"{r['store']} ({r['pattern']})"} if len(patterns) > 1 else r for r in ok]
+            report.plot(labelled, out / "compare.png",
+                        title=f"{ns.workload}: {', '.join(stores)}" + (f"; patterns {', '.join(patterns)}"
+                                                                       if len(patterns) > 1 else ""))
         else:
             png = None
             doc["plot_note"] = "no store produced a result"
@@ -545,22 +604,24 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(doc, out / "results.json")
     (out / "report.md").write_text(markdown(doc, png))
 
-    if ns.rounds > 1:
-        console.print(rounds_table(doc["rounds"], stores))
-    console.print(ratio_table(results, f"{ns.workload}: {ns.value_size} B, {ns.sessions:,} sessions, "
-                                       f"{ns.concurrency} concurrent, {ns.duration:g} s"
-                                       + (f"; each store's median of {ns.rounds} rounds" if ns.rounds > 1 else "")))
-    for t in doc["summary"]["targets"]:
-        mark = "[green]met[/]" if t["met"] else "[red]NOT met[/]"
-        console.print(f"  target {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} -> {mark}")
+    for pattern, sec in sections.items():
+        if ns.rounds > 1:
+            console.print(rounds_table(sec["rounds"], stores, pattern))
+        console.print(ratio_table(sec["results"], f"{ns.workload} ({pattern}): {ns.value_size} B, {ns.sessions:,} "
+                                                   f"sessions, {ns.concurrency} concurrent, {ns.duration:g} s"
+                                  + (f"; each store's median of {ns.rounds} rounds" if ns.rounds > 1 else "")))
+        for t in sec["summary"]["targets"]:
+            mark = "[green]met[/]" if t["met"] else "[red]NOT met[/]"
+            console.print(f"  target {t['target']}: shardstate {t['shardstate']:,.2f}, needed {t['needed']:,.2f} -> {mark}")
     console.print(cpu_table(results))
     for r in ok:
         for n in run_notes(r, machine["cores"]):
-            console.print(f"[yellow]note ({r['store']}): {n}[/]", markup=True, highlight=False)
+            console.print(f"[yellow]note ({r['store']}, {r['pattern']}): {n}[/]", markup=True, highlight=False)
     console.print(f"machine: {machine['cores']} cores, {machine['cpu_model']}; date {date}")
     console.print(f"command: {command}")
     console.print(f"report: {out / 'report.md'}" + ("" if png else f" (no PNG: {doc.get('plot_note')})"))
-    failed = sorted({r["store"] for rnd in rounds for r in rnd if "error" in r or r.get("bench_exit_code")})
+    failed = sorted({f"{r['store']} ({r['pattern']})" for rnd in rounds for runs in rnd.values() for r in runs
+                     if "error" in r or r.get("bench_exit_code")})
     if failed:
         console.print(f"[red]compare: failed: {', '.join(failed)}[/]")
         return 1

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from shardstate.bench.backends import LOAD_PARALLELISM, LOG_STREAM
+from shardstate.bench.backends import CACHED_ATTEMPTS, LOAD_PARALLELISM, LOG_STREAM
 from shardstate.bench.etcd_pb import rpc_pb2 as pb
 from shardstate.bench.etcd_pb import rpc_pb2_grpc
 
@@ -91,12 +91,14 @@ class EtcdBackend:
         if seen is None:
             got = await self.kv.Range(pb.RangeRequest(key=key, keys_only=True), timeout=CALL_TIMEOUT_S)
             seen = got.kvs[0].mod_revision if got.kvs else 0
-        txn = await self.kv.Txn(self._cas(key, seen, value, True), timeout=CALL_TIMEOUT_S)
-        if txn.succeeded:
-            self._seen[session_id] = txn.header.revision
-        else:
+        for _ in range(CACHED_ATTEMPTS):
+            txn = await self.kv.Txn(self._cas(key, seen, value, True), timeout=CALL_TIMEOUT_S)
+            if txn.succeeded:
+                seen = txn.header.revision
+                break
             kvs = txn.responses[0].response_range.kvs if txn.responses else []
-            self._seen[session_id] = kvs[0].mod_revision if kvs else 0
+            seen = kvs[0].mod_revision if kvs else 0
+        self._seen[session_id] = seen
         return bool(txn.succeeded)
 
     async def read(self, session_id: str) -> bool:
@@ -119,7 +121,8 @@ class EtcdBackend:
     def describe(self) -> dict[str, Any]:
         step = {
             "read-cas": "Range (linearizable); then Txn(compare mod_revision == seen, success Put)",
-            "cached": "Txn(compare mod_revision == last seen, success Put, failure Range keys_only)",
+            "cached": "Txn(compare mod_revision == last seen, success Put, failure Range keys_only); "
+                      "one retry from the mod_revision a lost Txn returns",
         }[self.step_impl]
         return {
             "client": f"grpcio {grpc.__version__} aio, one channel, stubs generated from a minimal rpc.proto",

@@ -1,8 +1,9 @@
 """The shardstate backend: the public `shardstate.AsyncClient` and one long-lived session handle
 per session id (handles remember the version they last saw, so they must outlive a step).
 
-Step "cached" is `handle.update(key, fn, attempts=1)`: one CAS from the handle's cached version
-(a read only when the handle has seen nothing); a lost CAS raises ConflictError = a conflict.
+Step "cached" is `handle.update(key, fn, attempts=2)`: one CAS from the handle's cached version
+(a read only when the handle has seen nothing), retried once from the current record a lost
+CAS returns; a second loss raises ConflictError = a conflict.
 Step "read-cas" is `get` then `put(expect=version)`. Concurrent calls are auto-batched by the client.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shardstate import AsyncClient, AsyncSession, ConflictError
-from shardstate.bench.backends import LOAD_PARALLELISM, LOG_STREAM, STATE_KEY
+from shardstate.bench.backends import CACHED_ATTEMPTS, LOAD_PARALLELISM, LOG_STREAM, STATE_KEY
 
 
 class ShardstateBackend:
@@ -60,9 +61,9 @@ class ShardstateBackend:
 
     async def _step_cached(self, session_id: str, value: bytes) -> bool:
         try:
-            # attempts=1: no retry inside update(), so a lost CAS shows as a conflict here, as it
-            # does for Redis and etcd; the conflict's current record refreshes the handle's cache.
-            await self._session(session_id).update(STATE_KEY, lambda _old: value, attempts=1)
+            # One retry from the current record a lost CAS returns, as Redis's and etcd's cached
+            # steps do; a second loss is a conflict.
+            await self._session(session_id).update(STATE_KEY, lambda _old: value, attempts=CACHED_ATTEMPTS)
         except ConflictError:
             return False
         return True
@@ -81,8 +82,9 @@ class ShardstateBackend:
 
     def describe(self) -> dict[str, Any]:
         step = {
-            "cached": "handle.update(state, fn, attempts=1) on a long-lived handle per session: one "
-                      "CAS from the version the handle last saw (ConflictError = conflict)",
+            "cached": "handle.update(state, fn, attempts=2) on a long-lived handle per session: one "
+                      "CAS from the version the handle last saw, one retry from the current record "
+                      "a lost CAS returns (ConflictError = conflict)",
             "read-cas": "handle.get(state); then handle.put(state, expect=version) "
                         "(ConflictError = conflict)",
         }[self.step_impl]
