@@ -22,7 +22,7 @@ from shardstate.channels import (
     AsyncChannels,
     parse_addresses,
 )
-from shardstate.client import DEFAULT_TIMEOUT_S
+from shardstate.client import DEFAULT_TIMEOUT_S, VIEW_TIMEOUT_S
 from shardstate.common import errors
 from shardstate.common.clustermap import ClusterView
 from shardstate.common.errors import ConflictError, ShardstateError, UnimplementedError
@@ -47,7 +47,6 @@ from shardstate.v1 import admin_pb2, admin_pb2_grpc
 from shardstate.versions import UNKNOWN
 
 T = TypeVar("T")
-VIEW_TIMEOUT_S = 5.0
 
 
 class AsyncClient:
@@ -72,9 +71,11 @@ class AsyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         version_cache: int = 256,
+        direct: bool = False,
     ) -> None:
         pool = AddressPool(parse_addresses(addresses))
-        self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache)
+        self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
+        self._fetching: asyncio.Future[None] | None = None  # direct mode: the map fetch under way
         self._channels = AsyncChannels(channel_options(max_message_bytes, options), credentials)
         self._max_batch_ops = max_batch_ops
         self._mux = (Mux(self._channels.stub, self._pipeline, max_batch_ops, self._core.timeout,
@@ -154,10 +155,17 @@ class AsyncClient:
         Ops that can ride in a batch go through the address's batching Conn."""
         core = self._core
         mux = self._mux
+        direct = core.direct
         field = call.batch_field if mux is not None else None
         failures = 0
+        via_router = False
         while True:
-            address = core.pool.pick()
+            shard = None
+            if direct is not None and not via_router:
+                if direct.wants_refresh():
+                    await self._refresh_map()
+                shard = direct.target(call)
+            address = shard or core.pool.pick()
             conn = mux.conn(address) if field is not None else None  # type: ignore[union-attr]
             if conn is not None and conn.mode == UNARY:
                 conn = None
@@ -170,6 +178,9 @@ class AsyncClient:
             except ShardstateError as e:
                 if conn is not None and conn.mode == UNARY and isinstance(e, UnimplementedError):
                     continue  # the server has neither Pipeline nor Batch: unary calls from now on
+                if shard is not None and direct is not None and direct.failed(shard, e):
+                    via_router = True  # the rest of this call's attempts: through a router
+                    continue
                 exc = core.pool.explain(address, e)
                 failures += 1
                 delay = core.failed(address, exc, failures)
@@ -178,6 +189,20 @@ class AsyncClient:
                 continue
             core.succeeded(address)
             return resp
+
+    async def _refresh_map(self) -> None:
+        """Direct mode: fetch the cluster map from a router, once for every caller waiting."""
+        direct = self._core.direct
+        assert direct is not None
+        if self._fetching is None:
+            async def fetch() -> None:
+                try:
+                    direct.adopt(await self._cluster_view(self._core.pool.pick()))
+                finally:
+                    self._fetching = None
+
+            self._fetching = asyncio.ensure_future(fetch())
+        await asyncio.shield(self._fetching)
 
     async def _unary(self, call: Call, address: str) -> Any:
         timeout = call.timeout if call.timeout is not None else self._core.timeout

@@ -115,24 +115,31 @@ class SyncChannels:
         self._options = options
         self._credentials = credentials
         self._stubs: dict[str, state_pb2_grpc.StateStub] = {}
+        self._by_address: dict[str, grpc.Channel] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
         self.closed = False
 
-    def stub(self, address: str) -> state_pb2_grpc.StateStub:
-        stub = self._stubs.get(address)
-        if stub is None:
+    def channel(self, address: str) -> grpc.Channel:
+        ch = self._by_address.get(address)
+        if ch is None:
             with self._lock:
                 if self.closed:
                     raise ClientClosedError(CLOSED)
-                stub = self._stubs.get(address)
-                if stub is None:
+                ch = self._by_address.get(address)
+                if ch is None:
                     if self._credentials is not None:
                         ch = grpc.secure_channel(address, self._credentials, options=self._options)
                     else:
                         ch = grpc.insecure_channel(address, options=self._options)
                     self._channels.append(ch)
-                    stub = self._stubs[address] = state_pb2_grpc.StateStub(ch)
+                    self._by_address[address] = ch
+        return ch
+
+    def stub(self, address: str) -> state_pb2_grpc.StateStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = state_pb2_grpc.StateStub(self.channel(address))
         return stub
 
     def close(self) -> None:

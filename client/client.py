@@ -20,6 +20,7 @@ from shardstate.channels import (
     parse_addresses,
 )
 from shardstate.common import errors
+from shardstate.common.clustermap import ClusterView
 from shardstate.common.errors import ShardstateError
 from shardstate.common.records import Change, Entry, Record, SessionInfo
 from shardstate.common.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
@@ -28,6 +29,7 @@ from shardstate.operations import (
     Call,
     ClientCore,
     Emit,
+    FetchMap,
     NextMessage,
     Op,
     OpenStream,
@@ -36,9 +38,11 @@ from shardstate.operations import (
 )
 from shardstate.retry import Retry
 from shardstate.txn import Txn, TxnResult
+from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 10.0
+VIEW_TIMEOUT_S = 5.0  # fetching the cluster map (direct mode, and splitting held-back batches)
 
 
 class Client:
@@ -59,9 +63,10 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         version_cache: int = 256,
+        direct: bool = False,
     ) -> None:
         pool = AddressPool(parse_addresses(addresses))
-        self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache)
+        self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
         self._channels = SyncChannels(channel_options(max_message_bytes, options), credentials)
 
     # ---- public surface ----
@@ -126,6 +131,13 @@ class Client:
         if isinstance(instr, Sleep):
             time.sleep(instr.seconds)
             return None
+        if isinstance(instr, FetchMap):
+            try:
+                pb = admin_pb2_grpc.AdminStub(self._channels.channel(instr.address)).GetClusterMap(
+                    admin_pb2.GetClusterMapRequest(), timeout=VIEW_TIMEOUT_S)
+            except grpc.RpcError:
+                return None
+            return ClusterView.of(pb) if pb.shards else None
         raise errors.InternalError(f"the sync driver cannot perform {instr!r} here")
 
     def _run(self, gen: Generator[Any, Any, T]) -> T:

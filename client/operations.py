@@ -23,6 +23,7 @@ from shardstate.common.errors import (
     UnavailableError,
 )
 from shardstate.common.records import Change, Entry, Record, SessionInfo
+from shardstate.direct import DirectRoutes
 from shardstate.retry import Retry
 from shardstate.v1 import state_pb2
 from shardstate.versions import UNKNOWN, VersionCache, _Unknown
@@ -57,6 +58,14 @@ class Sleep:
 
 
 @dataclass(slots=True)
+class FetchMap:
+    """Direct mode: fetch the cluster map from the router at `address`; answers with a
+    ClusterView, or None when it could not be had."""
+
+    address: str
+
+
+@dataclass(slots=True)
 class OpenStream:
     """Open a server stream at an address; answers with a handle for NextMessage."""
 
@@ -79,7 +88,7 @@ class Emit:
     value: Any
 
 
-Instruction: TypeAlias = Call | Attempt | Sleep | OpenStream | NextMessage | Emit
+Instruction: TypeAlias = Call | Attempt | Sleep | FetchMap | OpenStream | NextMessage | Emit
 Op: TypeAlias = Generator[Instruction, Any, T]
 
 
@@ -103,8 +112,9 @@ def resume(gen: Op[T], value: Any = None, exc: BaseException | None = None) -> O
 
 class ClientCore:
     def __init__(self, pool: AddressPool, retry: Retry, namespace: str, timeout: float | None,
-                 cache_size: int) -> None:
+                 cache_size: int, direct: bool = False) -> None:
         self.pool = pool
+        self.direct = DirectRoutes() if direct else None  # direct mode's routing (client/direct.py)
         self.retry = retry
         self.namespace = codec.namespace(namespace)
         self.timeout = codec.timeout(timeout)
@@ -125,13 +135,24 @@ class ClientCore:
 
     def retrying(self, call: Call) -> Op[Any]:
         """Attempts of one call: round-robin addresses; after UNAVAILABLE the address is
-        skipped for a while and the next attempt goes to another one at once."""
+        skipped for a while and the next attempt goes to another one at once. In direct mode
+        a session call goes to its shard's primary first (client/direct.py)."""
         failures = 0
+        via_router = False
+        direct = self.direct
         while True:
-            address = self.pool.pick()
+            shard = None
+            if direct is not None and not via_router:
+                if direct.wants_refresh():
+                    direct.adopt((yield FetchMap(self.pool.pick())))
+                shard = direct.target(call)
+            address = shard or self.pool.pick()
             try:
                 resp = yield Attempt(call, address)
             except ShardstateError as exc:
+                if shard is not None and direct is not None and direct.failed(shard, exc):
+                    via_router = True  # the rest of this call's attempts: through a router
+                    continue
                 failures += 1
                 delay = self.failed(address, exc, failures)
                 if delay:

@@ -403,3 +403,14 @@ def test_field_head_frames_length_delimited_fields() -> None:
     body = b"".join(field_head(1, len(o)) + o for o in ops)
     parsed = state_pb2.BatchRequest.FromString(body)
     assert [op.get.key for op in parsed.ops] == ["k", "k" * 200, "k" * 17_000]
+
+
+def test_grpcs_own_internal_error_for_a_broken_connection_is_unavailable() -> None:
+    import grpc
+
+    from shardstate.common import errors
+
+    broke = errors.from_status(grpc.StatusCode.INTERNAL, "Internal error from Core")
+    assert isinstance(broke, errors.UnavailableError) and "connection broke" in broke.message
+    # A node's own INTERNAL stays what it is.
+    assert type(errors.from_status(grpc.StatusCode.INTERNAL, "internal error: KeyError: 'x'")) is errors.InternalError

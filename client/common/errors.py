@@ -203,6 +203,7 @@ def code_from_int(code: int) -> grpc.StatusCode:
 # take max_request_bytes plus this much envelope (server/main.py, router/main.py), so that an
 # oversize value inside a message still reaches the shard, which names its limit.
 RECEIVE_SLACK_BYTES = 64 * 1024
+GRPC_CORE_INTERNAL = "Internal error from Core"
 _GRPC_SIZE = re.compile(r"(SERVER|CLIENT): (Received|Sent) message larger than max \((\d+) vs\. (\d+)\)")
 
 
@@ -230,6 +231,11 @@ def from_status(code: grpc.StatusCode | int, message: str, details: list[Any] | 
         sized = _size_limit(message)
         if sized is not None:
             return sized
+    if code == grpc.StatusCode.INTERNAL and message == GRPC_CORE_INTERNAL:
+        # grpcio's own answer, on the caller's side, for a call whose connection broke under
+        # it (seen when a node is killed mid-call): the node's fate is unknown, as for
+        # UNAVAILABLE, and the call's request_id makes a retry safe. No shardstate node sends it.
+        return UnavailableError(f"the connection broke during the call (grpc: {message})")
     return CODE_TO_ERROR.get(code, ShardstateError)(message)
 
 
