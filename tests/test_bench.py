@@ -132,7 +132,7 @@ def require_peers() -> None:
 
 
 @pytest.mark.bench
-def test_compare_runs_all_three_stores(tmp_path: Path) -> None:
+def test_compare_runs_every_store_with_both_patterns(tmp_path: Path) -> None:
     require_peers()
     out = tmp_path / "report"
     env = dict(os.environ, PYTHON=sys.executable)
@@ -141,8 +141,9 @@ def test_compare_runs_all_three_stores(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     doc = json.loads((out / "results.json").read_text())
     # Every store runs every pattern; each result says which pattern it ran, and ran it.
+    stores = ("redis", "etcd", "shardstate", "shardstate-direct")
     assert [(r["store"], r["pattern"]) for r in doc["results"]] == [
-        (s, p) for p in ("read-cas", "cached") for s in ("redis", "etcd", "shardstate")]
+        (s, p) for p in ("read-cas", "cached") for s in stores]
     for r in doc["results"]:
         check_result(r, r["store"], "step")
         assert r["step_impl"] == r["pattern"] == r["backend"]["step_impl"]
@@ -155,7 +156,7 @@ def test_compare_runs_all_three_stores(tmp_path: Path) -> None:
     assert doc["results"][1]["cpu_s"].get("etcd") is not None
     for pattern in ("read-cas", "cached"):
         sec = doc["patterns"][pattern]
-        assert [r["pattern"] for r in sec["results"]] == [pattern] * 3
+        assert [r["pattern"] for r in sec["results"]] == [pattern] * 4
         # Ratios only within a pattern: shardstate's own is 1.0, the peers' divide by it.
         ratios, base = sec["summary"]["ratios"], sec["results"][2]["throughput_ops_s"]
         assert ratios["shardstate"]["throughput_vs_shardstate"] == 1.0
@@ -164,7 +165,8 @@ def test_compare_runs_all_three_stores(tmp_path: Path) -> None:
     assert doc["machine"]["cores"] >= 1 and doc["command"].startswith("benchmarks/compare")
     md = (out / "report.md").read_text()
     for word in ("redis", "etcd", "shardstate", "CPU s / 1000 ops", "benchmarks/compare", "cores",
-                 "## Pattern read-cas", "## Pattern cached", "read-cas steps/s >= 3 x etcd", "cached p99 <= Redis"):
+                 "## Pattern read-cas", "## Pattern cached", "read-cas steps/s >= 3 x etcd (shardstate)",
+                 "cached p99 <= Redis (shardstate-direct)", "straight to each shard's primary"):
         assert word in md
     assert (out / "compare.png").stat().st_size > 0
     assert "1.00x" in done.stdout and "target" in done.stdout
@@ -228,14 +230,17 @@ def test_compare_rounds_pick_each_stores_median_run() -> None:
     assert [t["met"] for t in rows[0]["targets"]] == [False, False]
     stores = ["redis", "shardstate"]
     assert compare.round_header(stores, "cached") == [
-        "round", "redis ops/s", "shardstate ops/s", "cached steps/s >= 1.2 x Redis (has / needs)",
-        "cached p99 <= Redis (has / needs)", "targets met"]
+        "round", "redis ops/s", "shardstate ops/s", "cached steps/s >= 1.2 x Redis (shardstate) (has / needs)",
+        "cached p99 <= Redis (shardstate) (has / needs)", "targets met"]
     assert compare.round_cells(rows[0], stores, "cached") == [
         "1", "100", "90", "90.00 / 120.00 NOT met", "7.00 / 5.00 NOT met", "0 of 2"]
     assert compare.round_cells(rows[1], stores, "cached") == ["2", "120", "failed", "-", "-", "-"]
     # read-cas holds shardstate to 1.2 x Redis and 3 x etcd: with no etcd run, one target.
-    assert compare.round_header(stores, "read-cas")[3:] == ["read-cas steps/s >= 1.2 x Redis (has / needs)",
-                                                            "targets met"]
+    assert compare.round_header(stores, "read-cas")[3:] == [
+        "read-cas steps/s >= 1.2 x Redis (shardstate) (has / needs)", "targets met"]
+    # With a direct-mode run in the comparison, the cached targets are about it.
+    assert compare.target_labels(["redis", "shardstate", "shardstate-direct"], "cached") == [
+        "cached steps/s >= 1.2 x Redis (shardstate-direct)", "cached p99 <= Redis (shardstate-direct)"]
 
 
 @pytest.mark.bench
@@ -265,7 +270,7 @@ def test_compare_rounds_interleave_the_stores(tmp_path: Path) -> None:
     assert len(sec["rounds"][0]["targets"]) == 1 and len(sec["summary"]["targets"]) == 1
     md = (out / "report.md").read_text()
     assert "median run of 2 rounds" in md and "| 2 |" in md and "the median runs" in md
-    assert "read-cas steps/s >= 1.2 x Redis (has / needs)" in md
+    assert "read-cas steps/s >= 1.2 x Redis (shardstate) (has / needs)" in md
     assert "every round (2)" in done.stdout and "median of 2 rounds" in done.stdout
 
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 STATE_KEY = "state"  # the key holding a session's state in every store
 LOG_STREAM = "events"  # the log stream the append workload writes
 LOAD_PARALLELISM = 64  # concurrent writes while loading sessions before the run
-BACKENDS = ("shardstate", "redis", "etcd")
+BACKENDS = ("shardstate", "shardstate-direct", "redis", "etcd")  # -direct: AsyncClient(direct=True)
 
 # How a step reads before its compare-and-swap:
 #   read-cas: read the state from the store, then CAS on the version read (two round trips);
@@ -30,7 +30,7 @@ def resolve_step_impl(backend: str, step_impl: str) -> str:
     if step_impl not in STEP_IMPLS:
         raise ValueError(f"unknown step implementation {step_impl!r}; one of {', '.join(STEP_IMPLS)}")
     if step_impl == "auto":
-        return "cached" if backend == "shardstate" else "read-cas"
+        return "cached" if backend.startswith("shardstate") else "read-cas"
     return step_impl
 
 
@@ -61,12 +61,13 @@ class Backend(Protocol):
 
 
 def make_backend(kind: str, address: str, concurrency: int, step_impl: str = "auto") -> Backend:
-    """`kind` is shardstate, redis or etcd; `address` is host:port of the router / server."""
+    """`kind` is shardstate, shardstate-direct, redis or etcd; `address` is host:port of the
+    router / server."""
     impl = resolve_step_impl(kind, step_impl)
-    if kind == "shardstate":
+    if kind in ("shardstate", "shardstate-direct"):
         from shardstate.bench.shardstate_backend import ShardstateBackend
 
-        return ShardstateBackend(address, impl)
+        return ShardstateBackend(address, impl, direct=kind == "shardstate-direct")
     if kind == "redis":
         from shardstate.bench.redis_backend import RedisBackend
 

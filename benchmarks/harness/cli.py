@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
                         "(shardstate: session handle update(); a CAS still fails if anyone else "
                         "wrote in between); auto = cached for shardstate, read-cas for Redis and "
                         "etcd (default auto; the JSON says which ran)")
+    p.add_argument("--direct", action="store_true",
+                   help="with --router: the client fetches the cluster map from the router and talks "
+                        "to each shard's primary straight (AsyncClient(direct=True))")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--no-load", action="store_true",
                    help="do not write the sessions' initial state first (they exist already)")
@@ -72,10 +75,12 @@ def config_from(ns: argparse.Namespace) -> RunConfig:
                              ("--value-size", ns.value_size, 1)):
         if value < low:
             raise SystemExit(f"{flag} must be at least {low}, got {value}")
+    if ns.direct and kind != "router":
+        raise SystemExit("--direct goes with --router (the router the client learns the cluster map from)")
     if ns.duration <= 0 or ns.warmup < 0 or ns.zipf < 0:
         raise SystemExit("--duration must be > 0, --warmup and --zipf >= 0")
     return RunConfig(
-        backend="shardstate" if kind == "router" else kind, address=addr, workload=ns.workload,
+        backend=("shardstate-direct" if ns.direct else "shardstate") if kind == "router" else kind, address=addr, workload=ns.workload,
         sessions=ns.sessions, concurrency=ns.concurrency, duration=ns.duration, warmup=ns.warmup,
         value_size=ns.value_size, zipf=ns.zipf, seed=ns.seed, step_impl=ns.step_impl,
         load=not ns.no_load, cpu_pids=pids,

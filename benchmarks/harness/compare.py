@@ -34,21 +34,31 @@ from shardstate.server import launch
 REPO = Path(__file__).resolve().parent.parent.parent  # only meaningful in a source checkout
 INSTALL_PEERS = REPO / "benchmarks" / "install-peers.sh"
 BASELINE = "shardstate"
+DIRECT = "shardstate-direct"  # the same dev cluster, the client in direct mode
 BINARIES = {"redis": "redis-server", "etcd": "etcd"}
 # The step's call patterns; every store runs each one, and a ratio is only drawn between runs of
 # the same pattern (backends.STEP_IMPLS says what each is).
 PATTERNS = ("read-cas", "cached")
-# The figures shardstate is held to against the peers, per pattern (issue 17; step workload).
-TARGETS: dict[str, tuple[tuple[str, str, float, str], ...]] = {
+# The figures shardstate is held to against the peers, per pattern (issue 17; step workload):
+# (which shardstate run, peer, what, factor, label). The cached goals are for direct mode; they
+# fall back to the router's run when no direct run is in the comparison.
+TARGETS: dict[str, tuple[tuple[str, str, str, float, str], ...]] = {
     "read-cas": (
-        ("redis", "throughput", 1.2, "read-cas steps/s >= 1.2 x Redis"),
-        ("etcd", "throughput", 3.0, "read-cas steps/s >= 3 x etcd"),
+        (BASELINE, "redis", "throughput", 1.2, "read-cas steps/s >= 1.2 x Redis"),
+        (BASELINE, "etcd", "throughput", 3.0, "read-cas steps/s >= 3 x etcd"),
     ),
     "cached": (
-        ("redis", "throughput", 1.2, "cached steps/s >= 1.2 x Redis"),
-        ("redis", "p99", 1.0, "cached p99 <= Redis"),
+        (DIRECT, "redis", "throughput", 1.2, "cached steps/s >= 1.2 x Redis"),
+        (DIRECT, "redis", "p99", 1.0, "cached p99 <= Redis"),
     ),
 }
+
+
+def subject(wanted: str, present: Sequence[str]) -> str | None:
+    """The shardstate run a target is about: the one it names, else the router's."""
+    if wanted in present:
+        return wanted
+    return BASELINE if BASELINE in present else None
 CLIENT_BOUND = 0.9  # a load generator above this share of a core limits the figure itself
 IDLE_PCT = 10.0  # --wait-idle: "quiet" = under this share of all cores busy
 BENCH_EXTRA_S = 300.0  # loading + drain allowance on top of warm-up + duration per store
@@ -72,7 +82,9 @@ def parser() -> argparse.ArgumentParser:
             "              Range, then Txn(mod_revision == seen -> Put)\n"
             "  shardstate  `shardstate dev --port 0` with its defaults (one shard per CPU core, at most 3,\n"
             "              1 replica each, 1 router; the replicas catch up in the background, on\n"
-            "              CPU the rest leaves idle);\n"
+            "              CPU the rest leaves idle), the client through the router\n"
+            "  shardstate-direct  the same cluster, the client in direct mode (AsyncClient(direct=True):\n"
+            "              the cluster map from the router, each call straight to the owning primary)\n"
             "\n"
             "Step patterns (--patterns; each store runs each, ratios only within a pattern):\n"
             "  read-cas    every store reads the session's state, then compare-and-swaps it\n"
@@ -98,8 +110,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--patterns", default=",".join(PATTERNS),
                    help=f"comma-separated step patterns, each run by every store (default {','.join(PATTERNS)}; "
                         "other workloads run once)")
-    p.add_argument("--stores", default=",".join(("redis", "etcd", BASELINE)),
-                   help="comma-separated stores in run order (default redis,etcd,shardstate)")
+    p.add_argument("--stores", default=",".join(("redis", "etcd", BASELINE, DIRECT)),
+                   help="comma-separated stores in run order (default redis,etcd,shardstate,shardstate-direct: "
+                        "shardstate through its router, and with the client in direct mode)")
     p.add_argument("--out", metavar="DIR",
                    help="report folder (default bench-reports/<UTC timestamp>/)")
     p.add_argument("--dev-arg", action="append", default=[], metavar="ARG",
@@ -146,18 +159,21 @@ def start_store(store: str, workdir: Path, dev_args: Sequence[str]) -> tuple[ser
     if store == "etcd":
         srv = servers.start_etcd(workdir)
         return srv, {"etcd": srv.pid}, f"etcd {servers.etcd_version()}"
+    # shardstate and shardstate-direct: the same dev cluster, a fresh one for each run
     dev = servers.start_dev(workdir, dev_args)
     return dev, {"dev-supervisor": dev.pid, **dev.node_pids()}, "shardstate (this checkout)"
 
 
 def bench_cmd(store: str, pattern: str, address: str, ns: argparse.Namespace, pids: dict[str, int],
               json_path: Path) -> list[str]:
-    flag = "--router" if store == BASELINE else f"--{store}"
+    flag = "--router" if store.startswith(BASELINE) else f"--{store}"
     cmd = [*launch.shardstate_cmd(), "bench", flag, address,
            "--workload", ns.workload, "--sessions", str(ns.sessions), "--concurrency", str(ns.concurrency),
            "--duration", str(ns.duration), "--warmup", str(ns.warmup), "--value-size", str(ns.value_size),
            "--zipf", str(ns.zipf), "--seed", str(ns.seed), "--step-impl", pattern,
            "--json", str(json_path)]
+    if store == DIRECT:
+        cmd.append("--direct")
     for name, pid in pids.items():
         cmd += ["--cpu-pid", f"{name}={pid}"]
     if ns.quiet:
@@ -290,7 +306,8 @@ def round_rows(rounds: list[list[dict[str, Any]]], pattern: str = "read-cas") ->
 def target_labels(stores: Sequence[str], pattern: str = "read-cas") -> list[str]:
     """The targets a run of these stores with this pattern can be held to (shardstate and the
     peer both in it)."""
-    return [label for peer, _, _, label in TARGETS.get(pattern, ()) if peer in stores and BASELINE in stores]
+    return [f"{label} ({who})" for wanted, peer, _, _, label in TARGETS.get(pattern, ())
+            if peer in stores and (who := subject(wanted, stores)) is not None]
 
 
 def round_header(stores: Sequence[str], pattern: str = "read-cas") -> list[str]:
@@ -348,17 +365,19 @@ def summarize(results: list[dict[str, Any]], pattern: str = "read-cas") -> dict[
                 "p99_vs_shardstate": ratio(r["latency_ms"]["p99"], base["latency_ms"]["p99"]),
             }
     targets = []
-    if base:
-        for peer, what, factor, label in TARGETS.get(pattern, ()):
-            if peer not in ok:
-                continue
-            if what == "throughput":
-                need = factor * ok[peer]["throughput_ops_s"]
-                have, met = base["throughput_ops_s"], base["throughput_ops_s"] >= need
-            else:
-                need = factor * ok[peer]["latency_ms"]["p99"]
-                have, met = base["latency_ms"]["p99"], base["latency_ms"]["p99"] <= need
-            targets.append({"target": label, "shardstate": round(have, 3), "needed": round(need, 3), "met": met})
+    for wanted, peer, what, factor, label in TARGETS.get(pattern, ()):
+        who = subject(wanted, list(ok))
+        if peer not in ok or who is None:
+            continue
+        mine = ok[who]
+        if what == "throughput":
+            need = factor * ok[peer]["throughput_ops_s"]
+            have, met = mine["throughput_ops_s"], mine["throughput_ops_s"] >= need
+        else:
+            need = factor * ok[peer]["latency_ms"]["p99"]
+            have, met = mine["latency_ms"]["p99"], mine["latency_ms"]["p99"] <= need
+        targets.append({"target": f"{label} ({who})", "shardstate": round(have, 3), "needed": round(need, 3),
+                        "met": met})
     return {"ratios": ratios, "targets": targets}
 
 

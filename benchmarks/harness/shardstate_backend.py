@@ -20,10 +20,12 @@ from shardstate.bench.backends import CACHED_ATTEMPTS, LOAD_PARALLELISM, LOG_STR
 class ShardstateBackend:
     name = "shardstate"
 
-    def __init__(self, address: str, step_impl: str = "cached") -> None:
+    def __init__(self, address: str, step_impl: str = "cached", direct: bool = False) -> None:
         self.address = address
         self.step_impl = step_impl
-        self.client = AsyncClient(address)
+        self.direct = direct
+        self.name = "shardstate-direct" if direct else "shardstate"
+        self.client = AsyncClient(address, direct=direct)
         self._handles: dict[str, AsyncSession] = {}
         self._stats: dict[str, Any] = {}
         if step_impl == "cached":
@@ -89,8 +91,10 @@ class ShardstateBackend:
                         "(ConflictError = conflict)",
         }[self.step_impl]
         return {
-            "client": "shardstate.AsyncClient (auto-batching over a Pipeline stream), "
-                      "one session handle per session id",
+            "client": ("shardstate.AsyncClient(direct=True): straight to each shard's primary, "
+                       "auto-batching over a Pipeline stream per shard" if self.direct else
+                       "shardstate.AsyncClient through the router (auto-batching over a Pipeline stream)")
+                      + ", one session handle per session id",
             "step_impl": self.step_impl,
             "step": step,
             "read": "handle.get(state)",
