@@ -190,9 +190,11 @@ def run_shard(ns: argparse.Namespace, workdir: Path, values: Values, console: Co
         console.print(f"shard: loaded {ns.sessions:,} sessions in {took:.1f} s; settling {ns.settle:g} s")
         time.sleep(ns.settle)
         assert srv.data_dir is not None
+        parts = procstat.rss_parts(srv.pid)
         return {"store": "shardstate shard" + (" (raw Batch)" if ns.raw else ""), "sessions": ns.sessions, "load_s": round(took, 1),
                 "load_rate": round(ns.sessions / took), "rss_before_bytes": rss0,
-                "rss_bytes": procstat.rss_bytes(srv.pid), "disk_bytes": procstat.dir_bytes(srv.data_dir)}
+                "rss_bytes": parts["rss"], "rss_anon_bytes": parts["anon"], "rss_file_bytes": parts["file"],
+                "disk_bytes": procstat.dir_bytes(srv.data_dir)}
     finally:
         srv.stop()
 
@@ -204,9 +206,11 @@ def run_redis(ns: argparse.Namespace, workdir: Path, values: Values, console: Co
         took, info = asyncio.run(load_redis(srv.address, ns, values, console))
         console.print(f"redis: loaded {ns.sessions:,} sessions in {took:.1f} s")
         assert srv.data_dir is not None
+        parts = procstat.rss_parts(srv.pid)
         return {"store": f"Redis {servers.redis_version()}", "sessions": ns.sessions, "load_s": round(took, 1),
                 "load_rate": round(ns.sessions / took), "rss_before_bytes": rss0,
-                "rss_bytes": procstat.rss_bytes(srv.pid), "disk_bytes": procstat.dir_bytes(srv.data_dir), **info}
+                "rss_bytes": parts["rss"], "rss_anon_bytes": parts["anon"], "rss_file_bytes": parts["file"],
+                "disk_bytes": procstat.dir_bytes(srv.data_dir), **info}
     finally:
         srv.stop()
 
@@ -223,13 +227,14 @@ def human(n: int | None) -> str:
 
 def table(results: list[dict[str, Any]], value_size: int) -> Table:
     t = Table(title=f"{results[0]['sessions']:,} sessions x {value_size} B of state")
-    for col in ("store", "load", "RSS", "RSS / session", "used_memory", "used_memory / session",
+    for col in ("store", "load", "RSS", "anon / file", "RSS / session", "used_memory", "used_memory / session",
                 "on disk", "disk / session"):
         t.add_column(col, justify="left" if col == "store" else "right")
     for r in results:
         n = r["sessions"]
         used = r.get("used_memory")
         t.add_row(r["store"], f"{r['load_s']:.1f} s ({r['load_rate']:,}/s)", human(r["rss_bytes"]),
+                  f"{human(r.get('rss_anon_bytes'))} / {human(r.get('rss_file_bytes'))}",
                   f"{r['rss_bytes'] / n:,.0f} B", human(used), f"{used / n:,.0f} B" if used else "-",
                   human(r["disk_bytes"]), f"{r['disk_bytes'] / n:,.0f} B")
     return t

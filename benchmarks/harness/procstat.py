@@ -36,10 +36,19 @@ def machine_busy_seconds() -> float:
 
 
 def rss_bytes(pid: int) -> int:
+    return rss_parts(pid)["rss"]
+
+
+def rss_parts(pid: int) -> dict[str, int]:
+    """Resident bytes: all (VmRSS), anonymous (heaps, caches, arenas) and file-backed (mapped
+    files: code, and LevelDB's memory-mapped table files, which the kernel can drop)."""
+    keys = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+    out = dict.fromkeys(keys.values(), 0)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+        name = line.split(maxsplit=1)[0] if line else ""
+        if name in keys:
+            out[keys[name]] = int(line.split()[1]) * 1024
+    return out
 
 
 def process_name(pid: int) -> str:
