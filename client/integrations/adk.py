@@ -125,8 +125,11 @@ class ShardStateSessionService(BaseSessionService):
         state = dict(meta["state"])
         state.update((State.APP_PREFIX + k, v) for k, v in app_state.items())
         state.update((State.USER_PREFIX + k, v) for k, v in user_state.items())
-        session = Session(id=session_id, app_name=app_name, user_id=user_id, state=state,
-                          events=events, last_update_time=meta["t"])
+        # model_construct: these fields are ours, read back; validating them costs about
+        # as much as the rest of a listing.
+        session = Session.model_construct(id=session_id, app_name=app_name, user_id=user_id,
+                                          state=state, events=events,
+                                          last_update_time=float(meta["t"]))
         session._storage_update_marker = str(version)
         return session
 
