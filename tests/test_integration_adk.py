@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from shardstate import AsyncClient
+from shardstate import AsyncClient, InvalidArgumentError
 from shardstate.integrations.adk import ShardStateSessionService
 from tests.devcluster import Dev
 from tests.stubs import uid
@@ -382,3 +382,13 @@ def test_example_runs_as_written(env: Loop) -> None:
             "sessions of ada: 2, visits: 2",
             "stale copy refused: StaleSessionError",
         ]
+
+
+def test_an_id_too_long_for_a_shardstate_session_is_invalid_argument(env: Loop) -> None:
+    async def main() -> None:
+        svc = ShardStateSessionService(env.client)
+        with pytest.raises(InvalidArgumentError) as ei:
+            await svc.create_session(app_name="app", user_id="ada", session_id="s" * 300)
+        assert "session_id" in str(ei.value) and "256" in str(ei.value), ei.value
+        assert await svc.get_user_state(app_name="app", user_id="ada") == {}
+    env.run(main())

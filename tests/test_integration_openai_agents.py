@@ -19,7 +19,7 @@ from agents import Agent, Runner, function_tool, set_tracing_disabled
 from agents.memory import Session, SessionSettings
 from agents.testing import ScriptedModel, assistant_message, function_call
 
-from shardstate import AsyncClient, Client
+from shardstate import AsyncClient, Client, LimitExceededError
 from shardstate.integrations.openai_agents import ShardStateSession
 from tests.devcluster import Dev
 from tests.stubs import run, uid
@@ -226,3 +226,14 @@ def test_example_runs_as_written(router: str) -> None:
                 "if m in sys.modules]; print(bad)")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_an_item_over_the_value_limit_is_refused_and_the_history_kept(router: str) -> None:
+    async def main() -> None:
+        async with ShardStateSession(uid("oa"), router) as s:
+            await s.add_items([user("kept")])
+            with pytest.raises(LimitExceededError) as ei:
+                await s.add_items([user("with it"), user("x" * (1024 * 1024 + 1))])
+            assert "max_value_bytes" in str(ei.value) or "1048576" in str(ei.value), ei.value
+            assert texts(await s.get_items()) == ["kept"]  # one Append: nothing of it stored
+    run(main())
