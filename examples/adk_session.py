@@ -9,7 +9,7 @@ import asyncio
 import sys
 
 from google.adk.agents import BaseAgent
-from google.adk.errors._stale_session_error import StaleSessionError
+from google.adk.errors import StaleSessionError
 from google.adk.events import Event, EventActions
 from google.adk.runners import Runner
 from google.genai import types
