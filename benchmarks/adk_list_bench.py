@@ -38,8 +38,10 @@ START_TIMEOUT_S = 120.0
 
 def start_dev(data: Path) -> tuple[subprocess.Popen[bytes], str]:
     """`shardstate dev` on a free port (its default shards and replicas) and its router."""
-    proc = subprocess.Popen([sys.executable, "-m", "shardstate", "dev", "--port", "0",
-                             "--data-dir", str(data)], stdout=subprocess.PIPE,
+    # the `shardstate` script beside this Python: the same command in every package layout
+    shardstate = str(Path(sys.executable).with_name("shardstate"))
+    proc = subprocess.Popen([shardstate, "dev", "--port", "0", "--data-dir", str(data)],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     lines: queue.Queue[bytes] = queue.Queue()
 
