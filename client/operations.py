@@ -474,10 +474,12 @@ class SessionCore:
              after_seq: int = 0, limit: int | None = None, consistency: Any = None,
              min_revision: int = 0, timeout: Any = None) -> Op[list[Entry]]:
         """Entries oldest first. `last=N`: the newest N. Without `limit`, every page of the
-        range is read. A stream that does not exist reads as []."""
+        range is read (for `last=N` too: a server page holds the oldest of the newest N, the
+        next pages the rest). A stream that does not exist reads as []."""
+        newest = codec.count(last, "last")
         base: dict[str, Any] = dict(
             **self._ids(), stream=codec.stream(stream), from_seq=codec.count(from_seq, "from_seq"),
-            to_seq=codec.count(to_seq, "to_seq"), last=codec.count(last, "last"),
+            to_seq=codec.count(to_seq, "to_seq"), last=newest,
             consistency=codec.consistency(consistency),
             min_revision=codec.count(min_revision, "min_revision"),
         )
@@ -491,8 +493,8 @@ class SessionCore:
             except NotFoundError:
                 return out
             out.extend(codec.entry_list(resp.entries))
-            if limit is not None or base["last"] or not resp.more or not resp.entries:
-                return out
+            if limit is not None or not resp.more or not resp.entries:
+                return out[-newest:] if newest else out  # appends between pages overshoot
             after = out[-1].seq
 
     def pop(self, stream: str, timeout: Any = None) -> Op[Entry | None]:
