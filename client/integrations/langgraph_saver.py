@@ -1,0 +1,716 @@
+"""LangGraph checkpointers on shardstate: `ShardStateSaver` (sync `Client`) and
+`AsyncShardStateSaver` (`AsyncClient`), both `BaseCheckpointSaver`s.
+
+Each thread is one shardstate session (`{prefix}t/{thread_id}`), so all of a thread is on one
+shard and one `Txn` stores a checkpoint with its new channel blobs. Keys of a thread session
+(every name segment escaped by `enc`):
+
+    c/{ns}/{checkpoint_id}             the checkpoint (without channel values), metadata, parent
+    h/{ns}                             "{checkpoint_id}\\0" + the same record: the newest one
+    b/{ns}/{channel}/{version}         a channel's value at a version: stored once per version
+    w/{ns}/{checkpoint_id}/{task_id}/{idx}   one pending write; (task_id, idx) is its identity
+
+A run index session per run (`{prefix}r/{run_id}`, keys `t/{thread_id}`) names the threads a
+run wrote to, for `delete_for_runs`. The session TTL (`ttl=`) is sent with every write, so an
+idle thread expires that long after its last write; `prune` and `delete_thread` free space
+before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import ormsgpack
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
+    get_checkpoint_metadata,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from shardstate import AsyncClient, Client, Record, TxnResult
+
+from .langgraph_driver import (
+    AsyncDriver,
+    Commit,
+    Drop,
+    Get,
+    Plan,
+    Request,
+    Scan,
+    Sessions,
+    SyncDriver,
+    Writes,
+    dec,
+    enc,
+)
+
+DEFAULT_PREFIX = "lg/"
+_LIST_CHUNK = 64  # checkpoints whose writes and blobs one step of list() reads
+
+
+def _ckey(ns: str, cid: str) -> str:
+    return f"c/{enc(ns)}/{enc(cid)}"
+
+
+def _hkey(ns: str) -> str:
+    return f"h/{enc(ns)}"
+
+
+def _bkey(ns: str, channel: str, version: Any) -> str:
+    return f"b/{enc(ns)}/{enc(channel)}/{enc(str(version))}"
+
+
+def _wprefix(ns: str, cid: str) -> str:
+    return f"w/{enc(ns)}/{enc(cid)}/"
+
+
+def _wkey(ns: str, cid: str, task_id: str, idx: int) -> str:
+    return f"{_wprefix(ns, cid)}{enc(task_id)}/{idx}"
+
+
+def _ns_of(key: str) -> str:
+    return dec(key.split("/", 2)[1])
+
+
+class _Record:
+    """A stored checkpoint: its id, namespace, parent and the serialized parts."""
+
+    __slots__ = ("cid", "ckpt", "md", "metadata", "ns", "parent", "raw")
+
+    def __init__(self, ns: str, cid: str, raw: bytes) -> None:
+        self.ns, self.cid, self.raw = ns, cid, raw
+        ct, cb, mt, mb, self.parent = ormsgpack.unpackb(raw)
+        self.ckpt = (ct, cb)
+        self.md = (mt, mb)
+        self.metadata: Any = None
+
+
+class _SaverCore:
+    """What both savers share: key layout, serialization, and the plans of every method."""
+
+    def __init__(self, saver: BaseCheckpointSaver[Any], prefix: str) -> None:
+        self.saver = saver
+        self.prefix = prefix
+        # the newest checkpoint this process wrote per (thread session, ns): its id and
+        # channel versions, so a read of the latest can fetch its writes and blobs in the same
+        # round trip as the head (and check it still is the head)
+        self.heads: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        self.indexed: set[tuple[Any, Any]] = set()  # (run_id, thread_id) already in the run index
+
+    @property
+    def serde(self) -> SerializerProtocol:
+        return self.saver.serde
+
+    def sid(self, thread_id: Any) -> str:
+        return f"{self.prefix}t/{thread_id}"
+
+    def run_sid(self, run_id: str) -> str:
+        return f"{self.prefix}r/{run_id}"
+
+    def _remember_head(self, key: tuple[str, str], cid: str, versions: dict[str, Any]) -> None:
+        old = self.heads.get(key)
+        if old is None or old[0] <= cid:
+            if len(self.heads) >= 100_000:
+                self.heads.clear()
+            self.heads[key] = (cid, dict(versions))
+
+    # ---- put ----
+
+    def put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
+            new_versions: ChannelVersions) -> Plan[RunnableConfig]:
+        conf = config["configurable"]
+        thread_id = conf["thread_id"]
+        ns = conf.get("checkpoint_ns", "")
+        sid = self.sid(thread_id)
+        cid = checkpoint["id"]
+        c = checkpoint.copy()
+        values: dict[str, Any] = c.pop("channel_values")  # type: ignore[misc]
+        dumps = self.serde.dumps_typed
+        blobs = [(_bkey(ns, k, v), self._blob(dumps(values[k])))
+                 for k, v in new_versions.items() if k in values]
+        md = get_checkpoint_metadata(config, metadata)
+        ct, cb = dumps(c)
+        mt, mb = dumps(md)
+        raw = ormsgpack.packb([ct, cb, mt, mb, conf.get("checkpoint_id")])
+        ckey, hkey = _ckey(ns, cid), _hkey(ns)
+        head = cid.encode() + b"\0" + raw
+        known = self.heads.get((sid, ns))
+
+        def write(compare: str) -> Any:
+            def build(txn: Any) -> Any:
+                if compare == "missing":
+                    txn.if_missing(hkey)
+                elif compare == "older":
+                    txn.if_value(hkey, cid.encode() + b"\0", "<")
+                elif compare != "none":
+                    txn.if_version(hkey, int(compare))
+                if compare != "none":
+                    txn.put(hkey, head)
+                txn.put(ckey, raw)
+                for k, b in blobs:
+                    txn.put(k, b)
+                return txn.otherwise().get(hkey) if compare != "none" else txn
+            return build
+
+        reqs: list[Request] = [Commit(sid, write("older" if known is not None else "missing"))]
+        run_id = md.get("run_id")
+        if run_id and (run_id, thread_id) not in self.indexed:
+            reqs.append(Commit(self.run_sid(str(run_id)), _index_put(f"t/{enc(str(thread_id))}")))
+        answers = yield reqs
+        res: TxnResult = answers[0]
+        for _ in range(100):
+            if res.succeeded:
+                break
+            cur: Record | None = res.results[0] if res.results else None
+            if cur is None:
+                compare = "missing"
+            else:
+                head_id = cur.value.split(b"\0", 1)[0].decode()
+                if head_id < cid:
+                    compare = "older"
+                elif head_id == cid:
+                    compare = str(cur.version)  # the same checkpoint again: it stays the head
+                else:
+                    compare = "none"  # a newer checkpoint is the head: store this one beside it
+            res = (yield [Commit(sid, write(compare))])[0]
+        if len(reqs) > 1:
+            if len(self.indexed) >= 100_000:
+                self.indexed.clear()
+            self.indexed.add((run_id, thread_id))
+        self._remember_head((sid, ns), cid, checkpoint["channel_versions"])
+        return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": cid}}
+
+    @staticmethod
+    def _blob(typed: tuple[str, bytes]) -> bytes:
+        return ormsgpack.packb(list(typed))
+
+    # ---- put_writes ----
+
+    def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str,
+                   task_path: str) -> Plan[None]:
+        conf = config["configurable"]
+        sid = self.sid(conf["thread_id"])
+        ns = conf.get("checkpoint_ns", "")
+        cid = conf["checkpoint_id"]
+        dumps = self.serde.dumps_typed
+        regular: dict[str, bytes] = {}
+        special: dict[str, bytes] = {}
+        for i, (channel, value) in enumerate(writes):
+            idx = WRITES_IDX_MAP.get(channel, i)
+            t, b = dumps(value)
+            v = ormsgpack.packb([task_id, channel, t, b, task_path, idx])
+            (regular if idx >= 0 else special)[_wkey(ns, cid, task_id, idx)] = v
+        # a regular write is stored once per (task_id, idx): the first one stays; a special
+        # write (error, interrupt, ...) replaces the one before it
+        pending = dict(regular)
+        first = True
+        for _ in range(100):
+            keys = list(pending)
+
+            def build(txn: Any, keys: list[str] = keys, first: bool = first,
+                      pending: dict[str, bytes] = pending) -> Any:
+                for k in keys:
+                    txn.if_missing(k)
+                for k in keys:
+                    txn.put(k, pending[k])
+                if first:
+                    for k, v in special.items():
+                        txn.put(k, v)
+                txn.otherwise()
+                if first:
+                    for k, v in special.items():
+                        txn.put(k, v)
+                for k in keys:
+                    txn.get(k)
+                return txn
+
+            res: TxnResult = (yield [Commit(sid, build)])[0]
+            got = res.results[len(special) if first else 0:]
+            first = False
+            if res.succeeded:
+                return None
+            pending = {k: pending[k] for k, rec in zip(keys, got, strict=True) if rec is None}
+            if not pending:
+                return None
+        return None
+
+    # ---- reads ----
+
+    def get_tuple(self, config: RunnableConfig) -> Plan[CheckpointTuple | None]:
+        conf = config["configurable"]
+        thread_id = conf["thread_id"]
+        ns = conf.get("checkpoint_ns", "")
+        sid = self.sid(thread_id)
+        cid = get_checkpoint_id(config)
+        if cid:
+            got, writes = yield [Get(sid, _ckey(ns, cid)), Scan(sid, _wprefix(ns, cid))]
+            if got is None:
+                return None
+            rec = _Record(ns, cid, got.value)
+        else:
+            guess = self.heads.get((sid, ns))
+            reqs: list[Request] = [Get(sid, _hkey(ns))]
+            if guess is not None:
+                reqs.append(Scan(sid, _wprefix(ns, guess[0])))
+                reqs.extend(Get(sid, _bkey(ns, k, v)) for k, v in guess[1].items())
+            got, *rest = yield reqs
+            if got is None:
+                return None
+            head_id, raw = got.value.split(b"\0", 1)
+            rec = _Record(ns, head_id.decode(), raw)
+            if guess is not None and guess[0] == rec.cid:
+                checkpoint = self.serde.loads_typed(rec.ckpt)
+                if checkpoint["channel_versions"] == guess[1]:
+                    return self._tuple(thread_id, rec, checkpoint, rest[0],
+                                       dict(zip(guess[1], rest[1:], strict=True)))
+            (writes,) = yield [Scan(sid, _wprefix(ns, rec.cid))]
+        checkpoint = self.serde.loads_typed(rec.ckpt)
+        versions = checkpoint["channel_versions"]
+        blobs = yield [Get(sid, _bkey(ns, k, v)) for k, v in versions.items()]
+        return self._tuple(thread_id, rec, checkpoint, writes, dict(zip(versions, blobs, strict=True)))
+
+    def _tuple(self, thread_id: Any, rec: _Record, checkpoint: Checkpoint, writes: list[Record],
+               blobs: dict[str, Record | None]) -> CheckpointTuple:
+        loads = self.serde.loads_typed
+        values: dict[str, Any] = {}
+        for k, b in blobs.items():
+            if b is not None:
+                t, data = ormsgpack.unpackb(b.value)
+                if t != "empty":
+                    values[k] = loads((t, data))
+        decoded = [ormsgpack.unpackb(w.value) for w in writes]
+        decoded.sort(key=lambda w: (w[4], w[0], w[5]))  # (task_path, task_id, idx)
+        metadata = rec.metadata if rec.metadata is not None else loads(rec.md)
+        return CheckpointTuple(
+            config={"configurable": {"thread_id": thread_id, "checkpoint_ns": rec.ns,
+                                     "checkpoint_id": rec.cid}},
+            checkpoint={**checkpoint, "channel_values": values},
+            metadata=metadata,
+            parent_config=({"configurable": {"thread_id": thread_id, "checkpoint_ns": rec.ns,
+                                             "checkpoint_id": rec.parent}}
+                           if rec.parent else None),
+            pending_writes=[(w[0], w[1], loads((w[2], w[3]))) for w in decoded],
+        )
+
+    def list_threads(self, config: RunnableConfig | None) -> Plan[list[Any]]:
+        if config is not None:
+            return [config["configurable"]["thread_id"]]
+        sids = (yield [Sessions(f"{self.prefix}t/")])[0]
+        return [s[len(self.prefix) + 2:] for s in sids]
+
+    def list_thread(self, thread_id: Any, config: RunnableConfig | None, filter: dict[str, Any] | None,
+                    before: RunnableConfig | None, limit: int | None) -> Plan[list[CheckpointTuple]]:
+        """The matching checkpoints of one thread, newest first, at most `limit`."""
+        sid = self.sid(thread_id)
+        conf = config["configurable"] if config is not None else {}
+        ns_filter = conf.get("checkpoint_ns")
+        want_cid = conf.get("checkpoint_id")
+        before_cid = get_checkpoint_id(before) if before else None
+        prefix = f"c/{enc(ns_filter)}/" if ns_filter is not None else "c/"
+        (found,) = yield [Scan(sid, prefix)]
+        recs = []
+        for r in found:
+            _, ens, ecid = r.key.split("/", 2)
+            recs.append(_Record(dec(ens), dec(ecid), r.value))
+        recs.sort(key=lambda r: r.cid, reverse=True)
+        loads = self.serde.loads_typed
+        chosen: list[_Record] = []
+        for rec in recs:
+            if want_cid and rec.cid != want_cid:
+                continue
+            if before_cid and rec.cid >= before_cid:
+                continue
+            rec.metadata = loads(rec.md)
+            if filter and not all(rec.metadata.get(k) == v for k, v in filter.items()):
+                continue
+            if limit is not None and len(chosen) >= limit:
+                break
+            chosen.append(rec)
+        out: list[CheckpointTuple] = []
+        for start in range(0, len(chosen), _LIST_CHUNK):
+            part = chosen[start:start + _LIST_CHUNK]
+            ckpts = [loads(r.ckpt) for r in part]
+            reqs: list[Request] = [Scan(sid, _wprefix(r.ns, r.cid)) for r in part]
+            keys = sorted({_bkey(r.ns, k, v) for r, c in zip(part, ckpts, strict=True)
+                           for k, v in c["channel_versions"].items()})
+            reqs.extend(Get(sid, k) for k in keys)
+            answers = yield reqs
+            writes, blob_recs = answers[:len(part)], dict(zip(keys, answers[len(part):], strict=True))
+            for r, c, w in zip(part, ckpts, writes, strict=True):
+                blobs = {k: blob_recs[_bkey(r.ns, k, v)] for k, v in c["channel_versions"].items()}
+                out.append(self._tuple(thread_id, r, c, w, blobs))
+        return out
+
+    # ---- deletion, copy, prune ----
+
+    def delete_thread(self, thread_id: Any) -> Plan[None]:
+        yield [Drop(self.sid(thread_id))]
+        self._forget(self.sid(thread_id))
+
+    def _forget(self, sid: str) -> None:
+        for key in [k for k in self.heads if k[0] == sid]:
+            del self.heads[key]
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> Plan[None]:
+        runs = {str(r) for r in run_ids}
+        if not runs:
+            return None
+        lists = yield [Scan(self.run_sid(r), "t/", keys_only=True) for r in sorted(runs)]
+        threads = sorted({dec(rec.key[2:]) for found in lists for rec in found})
+        for thread_id in threads:
+            yield from self._rewrite(thread_id, lambda recs: [
+                r for r in recs if (r.metadata or {}).get("run_id") not in runs])
+        yield [Drop(self.run_sid(r)) for r in sorted(runs)]
+        self.indexed = {x for x in self.indexed if x[0] not in runs}
+        return None
+
+    def prune(self, thread_ids: Sequence[str], strategy: str) -> Plan[None]:
+        if strategy == "delete":
+            if thread_ids:
+                yield [Drop(self.sid(t)) for t in thread_ids]
+            for t in thread_ids:
+                self._forget(self.sid(t))
+            return None
+        if strategy != "keep_latest":
+            raise ValueError(f"prune strategy must be 'keep_latest' or 'delete', got {strategy!r}")
+
+        def newest(recs: list[_Record]) -> list[_Record]:
+            best: dict[str, _Record] = {}
+            for r in recs:
+                if r.ns not in best or r.cid > best[r.ns].cid:
+                    best[r.ns] = r
+            return list(best.values())
+
+        for thread_id in thread_ids:
+            yield from self._rewrite(thread_id, newest)
+        return None
+
+    def _rewrite(self, thread_id: Any, keep_fn: Any) -> Plan[None]:
+        """Keep the checkpoints `keep_fn(records)` returns, delete the others with their
+        writes and every blob no kept checkpoint refers to; heads follow. Bounded Txns: heads
+        first (a reader never finds a head whose checkpoint is gone), then the deletes."""
+        sid = self.sid(thread_id)
+        everything = (yield [Scan(sid, "")])[0]
+        loads = self.serde.loads_typed
+        recs: list[_Record] = []
+        heads: dict[str, Record] = {}
+        for r in everything:
+            kind = r.key[:2]
+            if kind == "c/":
+                _, ens, ecid = r.key.split("/", 2)
+                rec = _Record(dec(ens), dec(ecid), r.value)
+                rec.metadata = loads(rec.md)
+                recs.append(rec)
+            elif kind == "h/":
+                heads[dec(r.key[2:])] = r
+        kept = keep_fn(recs)
+        kept_ids = {(r.ns, r.cid) for r in kept}
+        referenced: set[str] = set()
+        newest: dict[str, _Record] = {}
+        for r in kept:
+            for k, v in loads(r.ckpt)["channel_versions"].items():
+                referenced.add(_bkey(r.ns, k, v))
+            if r.ns not in newest or r.cid > newest[r.ns].cid:
+                newest[r.ns] = r
+        head_writes = Writes(sid)
+        for ns, h in heads.items():
+            n = newest.get(ns)
+            if n is None:
+                head_writes.deletes.append(_hkey(ns))
+            elif not h.value.startswith(n.cid.encode() + b"\0"):
+                head_writes.puts.append((_hkey(ns), n.cid.encode() + b"\0" + n.raw))
+        deletes = Writes(sid)
+        for r in everything:
+            kind = r.key[:2]
+            if kind == "c/":
+                _, ens, ecid = r.key.split("/", 2)
+                if (dec(ens), dec(ecid)) not in kept_ids:
+                    deletes.deletes.append(r.key)
+            elif kind == "w/":
+                _, ens, ecid, _rest = r.key.split("/", 3)
+                if (dec(ens), dec(ecid)) not in kept_ids:
+                    deletes.deletes.append(r.key)
+            elif kind == "b/" and r.key not in referenced:
+                deletes.deletes.append(r.key)
+        for chunk in head_writes.chunks():
+            yield [chunk]
+        for chunk in deletes.chunks():
+            yield [chunk]
+        self._forget(sid)
+
+    def copy_thread(self, source: Any, target: Any) -> Plan[None]:
+        src, dst = self.sid(source), self.sid(target)
+        everything, dst_heads = yield [Scan(src, ""), Scan(dst, "h/")]
+        if not everything:
+            return None
+        loads = self.serde.loads_typed
+        copy = Writes(dst)
+        runs: set[str] = set()
+        for r in everything:
+            if r.key.startswith("h/"):
+                continue
+            copy.puts.append((r.key, r.value))
+            if r.key.startswith("c/"):
+                md = loads(tuple(ormsgpack.unpackb(r.value)[2:4]))
+                if md.get("run_id"):
+                    runs.add(str(md["run_id"]))
+        have = {h.key: h.value for h in dst_heads}
+        heads = Writes(dst)
+        for r in everything:
+            if r.key.startswith("h/"):
+                old = have.get(r.key)
+                if old is None or old.split(b"\0", 1)[0] < r.value.split(b"\0", 1)[0]:
+                    heads.puts.append((r.key, r.value))
+        index = [Commit(self.run_sid(run), _index_put(f"t/{enc(str(target))}")) for run in sorted(runs)]
+        if index:
+            yield index  # before the copies: a run's checkpoints are never out of its index
+        for chunk in copy.chunks():
+            yield [chunk]
+        for chunk in heads.chunks():  # last: a head's checkpoint is always there
+            yield [chunk]
+        self._forget(dst)
+        return None
+
+
+def _index_put(key: str) -> Any:
+    def build(txn: Any) -> Any:
+        return txn.put(key, b"")
+    return build
+
+
+def _next_version(current: str | int | float | None) -> str:
+    """As InMemorySaver: a zero-padded counter with a random tie-break, increasing."""
+    if current is None:
+        n = 0
+    elif isinstance(current, (int, float)):
+        n = int(current)
+    else:
+        n = int(current.split(".")[0])
+    return f"{n + 1:032}.{random.random():016}"
+
+
+class ShardStateSaver(BaseCheckpointSaver[str]):
+    """A LangGraph checkpointer on a shardstate cluster through a sync `Client`.
+
+    `ShardStateSaver("127.0.0.1:7400")` makes (and `close()` closes) its own Client; pass a
+    Client to share one. `ttl` (seconds): each thread expires that long after its last write.
+    `namespace`: the shardstate namespace (default: the client's). `prefix`: of the session
+    ids (threads are `{prefix}t/{thread_id}`)."""
+
+    def __init__(self, client_or_address: Client | str, *, ttl: float | None = None,
+                 namespace: str | None = None, prefix: str = DEFAULT_PREFIX,
+                 serde: SerializerProtocol | None = None) -> None:
+        super().__init__(serde=serde)
+        self._driver = SyncDriver(client_or_address, ttl=ttl, namespace=namespace)
+        self._core = _SaverCore(self, prefix)
+
+    @property
+    def client(self) -> Client:
+        return self._driver.client
+
+    def close(self) -> None:
+        self._driver.close()
+
+    def __enter__(self) -> ShardStateSaver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_next_version(self, current: str | int | float | None, channel: None = None) -> str:  # type: ignore[override]
+        return _next_version(current)
+
+    def put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
+            new_versions: ChannelVersions) -> RunnableConfig:
+        return self._driver.run(self._core.put(config, checkpoint, metadata, new_versions))
+
+    def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str,
+                   task_path: str = "") -> None:
+        self._driver.run(self._core.put_writes(config, writes, task_id, task_path))
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self._driver.run(self._core.get_tuple(config))
+
+    def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+             before: RunnableConfig | None = None, limit: int | None = None) -> Iterator[CheckpointTuple]:
+        for thread_id in self._driver.run(self._core.list_threads(config)):
+            if limit is not None and limit <= 0:
+                return
+            got = self._driver.run(self._core.list_thread(thread_id, config, filter, before, limit))
+            if limit is not None:
+                limit -= len(got)
+            yield from got
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._driver.run(self._core.delete_thread(thread_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._driver.run(self._core.delete_for_runs(run_ids))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._driver.run(self._core.copy_thread(source_thread_id, target_thread_id))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self._driver.run(self._core.prune(thread_ids, strategy))
+
+    # the async methods run the sync ones in a worker thread (use AsyncShardStateSaver in
+    # asyncio programs)
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await asyncio.to_thread(self.get_tuple, config)
+
+    async def alist(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+                    before: RunnableConfig | None = None,
+                    limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
+        got = await asyncio.to_thread(lambda: list(self.list(config, filter=filter, before=before,
+                                                             limit=limit)))
+        for t in got:
+            yield t
+
+    async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
+                   metadata: CheckpointMetadata, new_versions: ChannelVersions) -> RunnableConfig:
+        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                          task_id: str, task_path: str = "") -> None:
+        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await asyncio.to_thread(self.delete_thread, thread_id)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await asyncio.to_thread(self.delete_for_runs, run_ids)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        await asyncio.to_thread(self.prune, thread_ids, strategy=strategy)
+
+
+class AsyncShardStateSaver(BaseCheckpointSaver[str]):
+    """A LangGraph checkpointer on a shardstate cluster through an `AsyncClient`: each method
+    is a few batched round trips (aput: one Txn; aget_tuple of the latest checkpoint this
+    process wrote: one).
+
+    `AsyncShardStateSaver("127.0.0.1:7400")` makes (and `aclose()` / `async with` closes) its
+    own AsyncClient; pass one to share it. Keywords as ShardStateSaver. The sync methods work
+    from other threads than the event loop's (they run the async ones on that loop)."""
+
+    def __init__(self, client_or_address: AsyncClient | str, *, ttl: float | None = None,
+                 namespace: str | None = None, prefix: str = DEFAULT_PREFIX,
+                 serde: SerializerProtocol | None = None) -> None:
+        super().__init__(serde=serde)
+        self._driver = AsyncDriver(client_or_address, ttl=ttl, namespace=namespace)
+        self._core = _SaverCore(self, prefix)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def client(self) -> AsyncClient:
+        return self._driver.client
+
+    async def aclose(self) -> None:
+        await self._driver.close()
+
+    async def __aenter__(self) -> AsyncShardStateSaver:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def get_next_version(self, current: str | int | float | None, channel: None = None) -> str:  # type: ignore[override]
+        return _next_version(current)
+
+    async def _run(self, plan: Plan[Any]) -> Any:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return await self._driver.run(plan)
+
+    async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
+                   metadata: CheckpointMetadata, new_versions: ChannelVersions) -> RunnableConfig:
+        return await self._run(self._core.put(config, checkpoint, metadata, new_versions))  # type: ignore[no-any-return]
+
+    async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                          task_id: str, task_path: str = "") -> None:
+        await self._run(self._core.put_writes(config, writes, task_id, task_path))
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await self._run(self._core.get_tuple(config))  # type: ignore[no-any-return]
+
+    async def alist(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+                    before: RunnableConfig | None = None,
+                    limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
+        for thread_id in await self._run(self._core.list_threads(config)):
+            if limit is not None and limit <= 0:
+                return
+            got = await self._run(self._core.list_thread(thread_id, config, filter, before, limit))
+            if limit is not None:
+                limit -= len(got)
+            for t in got:
+                yield t
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await self._run(self._core.delete_thread(thread_id))
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await self._run(self._core.delete_for_runs(run_ids))
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await self._run(self._core.copy_thread(source_thread_id, target_thread_id))
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        await self._run(self._core.prune(thread_ids, strategy))
+
+    # ---- the sync surface, from threads other than the event loop's ----
+
+    def _sync(self, coro: Any) -> Any:
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop or not loop.is_running():
+            coro.close()
+            raise RuntimeError("AsyncShardStateSaver's sync methods run on its event loop and "
+                               "must be called from another thread; in sync code use "
+                               "ShardStateSaver, or call the async methods (ainvoke, astream)")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    def put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
+            new_versions: ChannelVersions) -> RunnableConfig:
+        return self._sync(self.aput(config, checkpoint, metadata, new_versions))  # type: ignore[no-any-return]
+
+    def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str,
+                   task_path: str = "") -> None:
+        self._sync(self.aput_writes(config, writes, task_id, task_path))
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self._sync(self.aget_tuple(config))  # type: ignore[no-any-return]
+
+    def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+             before: RunnableConfig | None = None, limit: int | None = None) -> Iterator[CheckpointTuple]:
+        async def collect() -> list[CheckpointTuple]:
+            return [t async for t in self.alist(config, filter=filter, before=before, limit=limit)]
+        yield from self._sync(collect())
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._sync(self.adelete_thread(thread_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._sync(self.adelete_for_runs(run_ids))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._sync(self.acopy_thread(source_thread_id, target_thread_id))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self._sync(self.aprune(thread_ids, strategy=strategy))

@@ -1,0 +1,297 @@
+"""The LangGraph checkpointers against a real `shardstate dev` cluster: the official
+conformance suite (all 8 capabilities, report printed), then what the issue promises beyond
+it — blobs once per channel version, write order and dedup, namespaces, TTL, list(None),
+the maintenance calls' leftovers, and real graphs run and resumed on both savers."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import time
+from typing import Annotated, Any, TypedDict
+
+import pytest
+
+pytest.importorskip("langgraph.checkpoint.conformance")
+
+from langgraph.checkpoint.base import Checkpoint, empty_checkpoint
+from langgraph.checkpoint.conformance import checkpointer_test, validate
+from langgraph.checkpoint.conformance.report import CapabilityReport
+from langgraph.checkpoint.serde.types import ERROR, INTERRUPT
+from langgraph.graph import END, START, StateGraph
+
+from shardstate import AsyncClient, Client
+from shardstate.integrations.langgraph import AsyncShardStateSaver, ShardStateSaver
+from tests.langgraph_support import fresh_prefix, router
+from tests.stubs import run, uid
+
+__all__ = ["router"]
+
+
+def cfg(thread: str, ns: str = "", cid: str | None = None) -> Any:
+    c: dict[str, Any] = {"thread_id": thread, "checkpoint_ns": ns}
+    if cid:
+        c["checkpoint_id"] = cid
+    return {"configurable": c}
+
+
+def ckpt(values: dict[str, Any], versions: dict[str, Any]) -> Checkpoint:
+    c = empty_checkpoint()
+    c["channel_values"] = values
+    c["channel_versions"] = versions
+    return c
+
+
+def print_report(report: CapabilityReport, capsys: pytest.CaptureFixture[str]) -> None:
+    with capsys.disabled():
+        report.print_report()
+        for name, r in sorted(report.results.items()):
+            print(f"  {report.checkpointer_name} {name}: passed={r.passed} "
+                  f"tests {r.tests_passed} passed, {r.tests_failed} failed")
+        total = sum(r.tests_passed for r in report.results.values())
+        failed = sum(r.tests_failed for r in report.results.values())
+        caps = sum(1 for r in report.results.values() if r.passed)
+        print(f"  conformance {report.checkpointer_name}: {caps}/8 capabilities, "
+              f"{total} passed, {failed} failed")
+
+
+def test_conformance_async_saver(router: str, capsys: pytest.CaptureFixture[str]) -> None:
+    @checkpointer_test(name="AsyncShardStateSaver")
+    async def factory() -> Any:
+        saver = AsyncShardStateSaver(router, prefix=fresh_prefix())
+        yield saver
+        await saver.aclose()
+
+    report = run(validate(factory))
+    print_report(report, capsys)
+    assert report.conformance_level() == "FULL"
+    assert sorted(n for n, r in report.results.items() if r.passed) == sorted(
+        ["put", "put_writes", "get_tuple", "list", "delete_thread", "delete_for_runs",
+         "copy_thread", "prune"])
+    assert all(r.tests_failed == 0 and r.tests_passed > 0 for r in report.results.values())
+
+
+def test_conformance_sync_saver(router: str, capsys: pytest.CaptureFixture[str]) -> None:
+    @checkpointer_test(name="ShardStateSaver")
+    async def factory() -> Any:
+        saver = ShardStateSaver(router, prefix=fresh_prefix())
+        yield saver
+        saver.close()
+
+    report = run(validate(factory))
+    print_report(report, capsys)
+    assert report.conformance_level() == "FULL"
+    assert sum(1 for r in report.results.values() if r.passed) == 8
+
+
+def session_keys(router: str, prefix: str, thread: str) -> list[str]:
+    with Client(router) as c:
+        return [r.key for r in c.session(f"{prefix}t/{thread}").scan(limit=None, keys_only=True)]
+
+
+def test_channel_values_are_stored_once_per_version(router: str) -> None:
+    prefix = fresh_prefix()
+    with ShardStateSaver(router, prefix=prefix) as saver:
+        t = uid()
+        parent = None
+        big = "x" * 1000
+        for step in range(10):  # "a" changes every step, "b" never after the first
+            versions = {"a": step + 1, "b": 1}
+            new = {"a": step + 1, "b": 1} if step == 0 else {"a": step + 1}
+            c = cfg(t) if parent is None else parent
+            parent = saver.put(c, ckpt({"a": f"a{step}", "b": big}, versions), {"step": step}, new)
+        keys = session_keys(router, prefix, t)
+        blobs = [k for k in keys if k.startswith("b/")]
+        assert len(blobs) == 11  # 10 versions of a, 1 of b: b is not copied per checkpoint
+        assert len([k for k in keys if k.startswith("c/")]) == 10
+        latest = saver.get_tuple(cfg(t))
+        assert latest.checkpoint["channel_values"] == {"a": "a9", "b": big}
+        first = list(saver.list(cfg(t)))[-1]
+        assert first.checkpoint["channel_values"] == {"a": "a0", "b": big}
+
+
+def test_pending_writes_order_and_dedup(router: str) -> None:
+    prefix = fresh_prefix()
+    with ShardStateSaver(router, prefix=prefix) as saver:
+        t = uid()
+        stored = saver.put(cfg(t), ckpt({}, {}), {}, {})
+        saver.put_writes(stored, [("x", "z1"), ("y", "z2")], "task-z", task_path="b")
+        saver.put_writes(stored, [("x", "a1")], "task-a", task_path="b")
+        saver.put_writes(stored, [("x", "m1"), ("y", "m2"), ("z", "m3")], "task-m", task_path="a")
+        # a repeat of (task_id, idx) is stored once and the first value stays ...
+        saver.put_writes(stored, [("x", "again"), ("y", "m2b"), ("z", "m3b"), ("w", "new")],
+                         "task-m", task_path="a")  # idx 3 is new: only it is stored
+        # ... while a special write (error, interrupt) replaces the one before it
+        saver.put_writes(stored, [(ERROR, "first")], "task-e", task_path="c")
+        saver.put_writes(stored, [(ERROR, "second"), (INTERRUPT, "stop")], "task-e",
+                         task_path="c")
+        # (task_path, task_id, idx) order: INTERRUPT's idx -3 before ERROR's -1
+        assert saver.get_tuple(stored).pending_writes == [
+            ("task-m", "x", "m1"), ("task-m", "y", "m2"), ("task-m", "z", "m3"),
+            ("task-m", "w", "new"), ("task-a", "x", "a1"), ("task-z", "x", "z1"),
+            ("task-z", "y", "z2"), ("task-e", INTERRUPT, "stop"), ("task-e", ERROR, "second"),
+        ]
+        with Client(router) as c:
+            rec = c.session(f"{prefix}t/{t}").scan("w/", limit=None, keys_only=True)
+        assert len(rec) == 9
+
+
+def test_namespaces_are_isolated_even_with_separator_characters(router: str) -> None:
+    with ShardStateSaver(router, prefix=fresh_prefix()) as saver:
+        t = uid()
+        names = ["", "a", "a/b", "a%2Fb", "parent|child:1", "a/"]
+        for ns in names:
+            s = saver.put(cfg(t, ns), ckpt({"v": ns}, {"v": 1}), {"ns": ns}, {"v": 1})
+            saver.put_writes(s, [("ch", f"w-{ns}")], "task")
+        for ns in names:
+            tup = saver.get_tuple(cfg(t, ns))
+            assert tup.config["configurable"]["checkpoint_ns"] == ns
+            assert tup.checkpoint["channel_values"] == {"v": ns}
+            assert tup.pending_writes == [("task", "ch", f"w-{ns}")]
+            assert [x.metadata["ns"] for x in saver.list(cfg(t, ns))] == [ns]
+        every = list(saver.list({"configurable": {"thread_id": t}}))
+        assert sorted(x.config["configurable"]["checkpoint_ns"] for x in every) == sorted(names)
+
+
+def test_list_none_covers_every_thread_with_filter_before_limit(router: str) -> None:
+    with ShardStateSaver(router, prefix=fresh_prefix()) as saver:
+        threads = [uid() for _ in range(5)]
+        ids: dict[str, list[str]] = {}
+        for i, t in enumerate(threads):
+            parent = cfg(t)
+            for step in range(3):
+                parent = saver.put(parent, ckpt({}, {}), {"step": step, "owner": f"o{i % 2}",
+                                                          "score": [i, step]}, {})
+                ids.setdefault(t, []).append(parent["configurable"]["checkpoint_id"])
+        every = list(saver.list(None))
+        assert len(every) == 15
+        assert {x.config["configurable"]["thread_id"] for x in every} == set(threads)
+        assert len(list(saver.list(None, filter={"owner": "o0"}))) == 9
+        assert [x.metadata["score"] for x in saver.list(None, filter={"score": [3, 1]})] == [[3, 1]]
+        assert len(list(saver.list(None, limit=4))) == 4
+        t = threads[2]
+        before = list(saver.list(cfg(t), before=cfg(t, cid=ids[t][2])))
+        assert [x.checkpoint["id"] for x in before] == [ids[t][1], ids[t][0]]
+        assert [x.checkpoint["id"] for x in saver.list(cfg(t), limit=1)] == [ids[t][2]]
+
+
+def test_ttl_expires_idle_threads_and_writes_refresh_it(router: str) -> None:
+    prefix = fresh_prefix()
+    with ShardStateSaver(router, prefix=prefix, ttl=3) as saver, Client(router) as c:
+        idle, busy = uid(), uid()
+        saver.put(cfg(idle), ckpt({}, {}), {}, {})
+        s = saver.put(cfg(busy), ckpt({}, {}), {}, {})
+        first = c.session(f"{prefix}t/{busy}").info().expires_at
+        assert first > 0
+        time.sleep(1.2)
+        saver.put_writes(s, [("ch", 1)], "task")
+        assert c.session(f"{prefix}t/{busy}").info().expires_at > first
+        deadline = time.monotonic() + 60
+        n = 0
+        while saver.get_tuple(cfg(idle)) is not None:  # the idle thread expires ...
+            assert time.monotonic() < deadline, "the idle thread never expired"
+            n += 1
+            saver.put_writes(s, [("ch", n)], f"task{n}")  # ... the written one never does
+            assert saver.get_tuple(cfg(busy)) is not None
+            time.sleep(0.3)
+        assert n >= 3
+        assert len(saver.get_tuple(cfg(busy)).pending_writes) == n + 1
+
+
+def test_maintenance_leaves_no_orphans(router: str) -> None:
+    prefix = fresh_prefix()
+    with ShardStateSaver(router, prefix=prefix) as saver:
+        t, other = uid(), uid()
+        parent = cfg(t)
+        for step in range(4):
+            parent = saver.put(parent, ckpt({"a": step, "keep": "k"}, {"a": step + 1, "keep": 1}),
+                               {"run_id": f"run-{step % 2}"}, {"a": step + 1, "keep": 1} if step == 0
+                               else {"a": step + 1})
+            saver.put_writes(parent, [("ch", step)], f"task{step}")
+        saver.put(cfg(other), ckpt({}, {}), {"run_id": "run-1"}, {})
+        saver.copy_thread(t, "copy-" + t)
+        src = saver.get_tuple(cfg(t))
+        dst = saver.get_tuple(cfg("copy-" + t))
+        assert dst.checkpoint == src.checkpoint and dst.pending_writes == src.pending_writes
+        assert dst.metadata == src.metadata
+        saver.delete_for_runs(["run-1"])  # steps 1 and 3 of t, and the other thread's one
+        assert [x.metadata["run_id"] for x in saver.list(cfg(t))] == ["run-0", "run-0"]
+        assert list(saver.list(cfg(other))) == []
+        assert len(list(saver.list(cfg("copy-" + t)))) == 2  # the copy was indexed under run-1
+        latest = saver.get_tuple(cfg(t))
+        assert latest.checkpoint["channel_values"] == {"a": 2, "keep": "k"}  # head moved back
+        assert latest.pending_writes == [("task2", "ch", 2)]
+        keys = session_keys(router, prefix, t)
+        assert sorted(k[:2] for k in keys) == sorted(["b/"] * 3 + ["c/"] * 2 + ["h/"] + ["w/"] * 2)
+        saver.prune([t], strategy="keep_latest")
+        keys = session_keys(router, prefix, t)
+        assert sorted(k[:2] for k in keys) == ["b/", "b/", "c/", "h/", "w/"]
+        assert saver.get_tuple(cfg(t)).checkpoint["channel_values"] == {"a": 2, "keep": "k"}
+        saver.prune([t], strategy="delete")
+        assert session_keys(router, prefix, t) == []
+
+
+class State(TypedDict):
+    steps: Annotated[list[str], operator.add]
+
+
+def graph_builder() -> StateGraph:
+    b = StateGraph(State)
+    for name in ("one", "two", "three"):
+        b.add_node(name, lambda s, name=name: {"steps": [name]})
+    b.add_edge(START, "one")
+    b.add_edge("one", "two")
+    b.add_edge("two", "three")
+    b.add_edge("three", END)
+    return b
+
+
+def test_graph_runs_and_resumes_on_the_sync_saver(router: str) -> None:
+    prefix = fresh_prefix()
+    t = {"configurable": {"thread_id": uid()}}
+    with ShardStateSaver(router, prefix=prefix) as saver:
+        g = graph_builder().compile(checkpointer=saver, interrupt_before=["three"])
+        assert g.invoke({"steps": ["start"]}, t) == {"steps": ["start", "one", "two"]}
+    with ShardStateSaver(router, prefix=prefix) as saver:  # a new saver: nothing cached
+        g = graph_builder().compile(checkpointer=saver, interrupt_before=["three"])
+        assert g.get_state(t).next == ("three",)
+        assert g.invoke(None, t) == {"steps": ["start", "one", "two", "three"]}
+        assert len(list(g.get_state_history(t))) == 5
+
+
+def test_graph_runs_on_the_async_saver_with_many_threads(router: str) -> None:
+    prefix = fresh_prefix()
+
+    async def main() -> None:
+        async with AsyncClient(router) as client:
+            saver = AsyncShardStateSaver(client, prefix=prefix)
+            g = graph_builder().compile(checkpointer=saver)
+            threads = [{"configurable": {"thread_id": uid()}} for _ in range(32)]
+            outs = await asyncio.gather(*(g.ainvoke({"steps": [str(i)]}, t)
+                                          for i, t in enumerate(threads)))
+            for i, out in enumerate(outs):
+                assert out == {"steps": [str(i), "one", "two", "three"]}
+            fresh = AsyncShardStateSaver(client, prefix=prefix)
+            g2 = graph_builder().compile(checkpointer=fresh)
+            for i, t in enumerate(threads):
+                state = await g2.aget_state(t)
+                assert state.values == {"steps": [str(i), "one", "two", "three"]}
+                assert state.next == ()
+            assert len([x async for x in fresh.alist(None)]) == 32 * 5
+            await saver.aclose()  # a client passed in is not closed by the saver
+            assert (await client.session("probe").get("k")) is None
+
+    run(main())
+
+
+def test_async_saver_owns_a_client_made_from_an_address(router: str) -> None:
+    async def main() -> None:
+        async with AsyncShardStateSaver(router, prefix=fresh_prefix()) as saver:
+            s = await saver.aput(cfg("t"), ckpt({"a": 1}, {"a": 1}), {}, {"a": 1})
+            assert (await saver.aget_tuple(s)).checkpoint["channel_values"] == {"a": 1}
+        with pytest.raises(Exception, match="closed"):
+            await saver.aget_tuple(s)
+
+    run(main())
+    with pytest.raises(TypeError, match="AsyncClient"):
+        ShardStateSaver(AsyncClient(router))
