@@ -6,5 +6,6 @@
 """
 
 from shardstate.integrations.langgraph_saver import AsyncShardStateSaver, ShardStateSaver
+from shardstate.integrations.langgraph_store import AsyncShardStateStore, ShardStateStore
 
-__all__ = ["AsyncShardStateSaver", "ShardStateSaver"]
+__all__ = ["AsyncShardStateSaver", "AsyncShardStateStore", "ShardStateSaver", "ShardStateStore"]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
-from shardstate import AsyncClient, AsyncSession, Client, Session, Txn
+from shardstate import AsyncClient, AsyncSession, Client, ConflictError, Session, Txn
 
 T = TypeVar("T")
 MAX_TXN_OPS = 256  # ops per chunk of a bulk rewrite (the server allows 1000 per Txn)
@@ -35,6 +35,7 @@ class Scan:
     sid: str
     prefix: str
     keys_only: bool = False
+    limit: int | None = None
 
 
 @dataclass(slots=True)
@@ -46,18 +47,37 @@ class Commit:
 
 
 @dataclass(slots=True)
+class Put:
+    """A put with a key TTL (seconds); with `expect`, a CAS whose conflict answers None."""
+
+    sid: str
+    key: str
+    value: bytes
+    ttl: float | None = None
+    expect: int | None = None
+
+
+@dataclass(slots=True)
+class Delete:
+    sid: str
+    key: str
+
+
+@dataclass(slots=True)
 class Drop:
     sid: str
 
 
 @dataclass(slots=True)
 class Sessions:
-    """The ids of every session whose id starts with `prefix`, sorted."""
+    """The ids of every session whose id starts with `prefix`, sorted (with `info`: their
+    SessionInfo)."""
 
     prefix: str
+    info: bool = False
 
 
-Request: TypeAlias = Get | Scan | Commit | Drop | Sessions
+Request: TypeAlias = Get | Scan | Put | Delete | Commit | Drop | Sessions
 Plan: TypeAlias = Generator[Sequence[Request], list[Any], T]
 
 
@@ -142,14 +162,21 @@ class SyncDriver:
         if isinstance(r, Get):
             return self.session(r.sid).get(r.key)
         if isinstance(r, Scan):
-            return self.session(r.sid).scan(r.prefix, limit=None, keys_only=r.keys_only)
+            return self.session(r.sid).scan(r.prefix, limit=r.limit, keys_only=r.keys_only)
+        if isinstance(r, Put):
+            try:
+                return self.session(r.sid).put(r.key, r.value, ttl=r.ttl, expect=r.expect)
+            except ConflictError:
+                return None
+        if isinstance(r, Delete):
+            return self.session(r.sid).delete(r.key)
         if isinstance(r, Commit):
             s: Session = self.session(r.sid)
             return r.build(s.txn()).commit()
         if isinstance(r, Drop):
             return self.session(r.sid).drop()
-        return [i.session_id for i in self.client.list_sessions(r.prefix, page_size=1000,
-                                                                 namespace=self.namespace)]
+        return [i if r.info else i.session_id for i in self.client.list_sessions(
+            r.prefix, page_size=1000, namespace=self.namespace)]
 
     def close(self) -> None:
         if self.owned:
@@ -187,13 +214,20 @@ class AsyncDriver:
         if isinstance(r, Get):
             return await self.session(r.sid).get(r.key)
         if isinstance(r, Scan):
-            return await self.session(r.sid).scan(r.prefix, limit=None, keys_only=r.keys_only)
+            return await self.session(r.sid).scan(r.prefix, limit=r.limit, keys_only=r.keys_only)
+        if isinstance(r, Put):
+            try:
+                return await self.session(r.sid).put(r.key, r.value, ttl=r.ttl, expect=r.expect)
+            except ConflictError:
+                return None
+        if isinstance(r, Delete):
+            return await self.session(r.sid).delete(r.key)
         if isinstance(r, Commit):
             s: AsyncSession = self.session(r.sid)
             return await r.build(s.txn()).commit()
         if isinstance(r, Drop):
             return await self.session(r.sid).drop()
-        return [i.session_id async for i in self.client.list_sessions(
+        return [i if r.info else i.session_id async for i in self.client.list_sessions(
             r.prefix, page_size=1000, namespace=self.namespace)]
 
     async def close(self) -> None:
