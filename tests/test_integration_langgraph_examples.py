@@ -75,3 +75,14 @@ def test_resume_example_survives_sigkill_mid_graph(router: str) -> None:
     third = subprocess.run([sys.executable, script, "--router", router, "--thread", thread],
                            capture_output=True, text=True, timeout=120)
     assert third.stdout.strip() == f"already finished: {STEPS}"
+
+
+def test_quickstart_example_runs_as_written(router: str) -> None:
+    """examples/langgraph_quickstart.py is the README's LangGraph example: only the address
+    changes (the README says 127.0.0.1:7400)."""
+    code = (EXAMPLES / "langgraph_quickstart.py").read_text().replace("127.0.0.1:7400", router)
+    assert code.count(router) == 1
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["['hi', 'echo: hi', 'again', 'echo: again']",
+                                       "{'text': 'again'}"]
