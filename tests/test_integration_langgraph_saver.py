@@ -295,3 +295,25 @@ def test_async_saver_owns_a_client_made_from_an_address(router: str) -> None:
     run(main())
     with pytest.raises(TypeError, match="AsyncClient"):
         ShardStateSaver(AsyncClient(router))
+
+
+def test_what_a_saver_remembers_never_hides_another_savers_writes(router: str) -> None:
+    """A saver remembers the head and the blobs it wrote, to read the latest checkpoint in one
+    round trip without reading its values back; another process's writes still show."""
+    prefix = fresh_prefix()
+    with ShardStateSaver(router, prefix=prefix) as a, ShardStateSaver(router, prefix=prefix) as b:
+        t = uid()
+        va = a.get_next_version(None, None)
+        sa = a.put(cfg(t), ckpt({"m": "from a"}, {"m": va}), {}, {"m": va})
+        assert a.get_tuple(cfg(t)).checkpoint["channel_values"] == {"m": "from a"}
+        vb = b.get_next_version(va, None)
+        b.put(sa, ckpt({"m": "from b"}, {"m": vb}), {}, {"m": vb})
+        assert a.get_tuple(cfg(t)).checkpoint["channel_values"] == {"m": "from b"}
+        assert a.get_tuple(sa).checkpoint["channel_values"] == {"m": "from a"}
+        b.delete_thread(t)
+        assert a.get_tuple(cfg(t)) is None
+        a.put(cfg(t), ckpt({"n": "int a"}, {"n": 1}), {}, {"n": 1})  # versions not made by a saver
+        b.delete_thread(t)
+        b.put(cfg(t), ckpt({"n": "int b"}, {"n": 1}), {}, {"n": 1})  # the same blob key again
+        assert a.get_tuple(cfg(t)).checkpoint["channel_values"] == {"n": "int b"}
+        assert [x.checkpoint["channel_values"] for x in a.list(cfg(t))] == [{"n": "int b"}]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -56,6 +57,7 @@ from .langgraph_driver import (
 
 DEFAULT_PREFIX = "lg/"
 _LIST_CHUNK = 64  # checkpoints whose writes and blobs one step of list() reads
+BLOB_CACHE_BYTES = 32 << 20  # channel values this process wrote, kept to skip reading them back
 
 
 def _ckey(ns: str, cid: str) -> str:
@@ -104,8 +106,14 @@ class _SaverCore:
         # the newest checkpoint this process wrote per (thread session, ns): its id and
         # channel versions, so a read of the latest can fetch its writes and blobs in the same
         # round trip as the head (and check it still is the head)
-        self.heads: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        self.heads: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
         self.indexed: set[tuple[Any, Any]] = set()  # (run_id, thread_id) already in the run index
+        # blobs this process wrote, by (thread session, blob key): a blob is never rewritten
+        # with another value under the same key, except after the thread was deleted and
+        # written again with the same versions, so only versions this saver made (a counter
+        # and a random part, see _next_version) are kept, and a deleted thread's are dropped
+        self.blobs: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.blob_bytes = 0
 
     @property
     def serde(self) -> SerializerProtocol:
@@ -117,12 +125,30 @@ class _SaverCore:
     def run_sid(self, run_id: str) -> str:
         return f"{self.prefix}r/{run_id}"
 
-    def _remember_head(self, key: tuple[str, str], cid: str, versions: dict[str, Any]) -> None:
-        old = self.heads.get(key)
-        if old is None or old[0] <= cid:
+    def _remember_head(self, sid: str, ns: str, cid: str, versions: dict[str, Any]) -> None:
+        by_ns = self.heads.get(sid)
+        if by_ns is None:
             if len(self.heads) >= 100_000:
                 self.heads.clear()
-            self.heads[key] = (cid, dict(versions))
+            by_ns = self.heads[sid] = {}
+        old = by_ns.get(ns)
+        if old is None or old[0] <= cid:
+            by_ns[ns] = (cid, dict(versions))
+
+    def _remember_blob(self, sid: str, key: str, data: bytes) -> None:
+        if (sid, key) in self.blobs or len(data) > BLOB_CACHE_BYTES // 16:
+            return
+        self.blobs[(sid, key)] = data
+        self.blob_bytes += len(data)
+        while self.blob_bytes > BLOB_CACHE_BYTES:
+            _, old = self.blobs.popitem(last=False)
+            self.blob_bytes -= len(old)
+
+    def _cached_blob(self, sid: str, key: str) -> bytes | None:
+        data = self.blobs.get((sid, key))
+        if data is not None:
+            self.blobs.move_to_end((sid, key))
+        return data
 
     # ---- put ----
 
@@ -136,7 +162,7 @@ class _SaverCore:
         c = checkpoint.copy()
         values: dict[str, Any] = c.pop("channel_values")  # type: ignore[misc]
         dumps = self.serde.dumps_typed
-        blobs = [(_bkey(ns, k, v), self._blob(dumps(values[k])))
+        blobs = [(_bkey(ns, k, v), self._blob(dumps(values[k])), _ours(v))
                  for k, v in new_versions.items() if k in values]
         md = get_checkpoint_metadata(config, metadata)
         ct, cb = dumps(c)
@@ -144,7 +170,7 @@ class _SaverCore:
         raw = ormsgpack.packb([ct, cb, mt, mb, conf.get("checkpoint_id")])
         ckey, hkey = _ckey(ns, cid), _hkey(ns)
         head = cid.encode() + b"\0" + raw
-        known = self.heads.get((sid, ns))
+        known = self.heads.get(sid, {}).get(ns)
 
         def write(compare: str) -> Any:
             def build(txn: Any) -> Any:
@@ -157,7 +183,7 @@ class _SaverCore:
                 if compare != "none":
                     txn.put(hkey, head)
                 txn.put(ckey, raw)
-                for k, b in blobs:
+                for k, b, _ in blobs:
                     txn.put(k, b)
                 return txn.otherwise().get(hkey) if compare != "none" else txn
             return build
@@ -187,7 +213,10 @@ class _SaverCore:
             if len(self.indexed) >= 100_000:
                 self.indexed.clear()
             self.indexed.add((run_id, thread_id))
-        self._remember_head((sid, ns), cid, checkpoint["channel_versions"])
+        self._remember_head(sid, ns, cid, checkpoint["channel_versions"])
+        for k, b, ours in blobs:
+            if ours:
+                self._remember_blob(sid, k, b)
         return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": cid}}
 
     @staticmethod
@@ -258,34 +287,60 @@ class _SaverCore:
                 return None
             rec = _Record(ns, cid, got.value)
         else:
-            guess = self.heads.get((sid, ns))
+            # the head, and (when this process wrote the newest checkpoint it knows of) that
+            # checkpoint's writes and uncached blobs in the same round trip
+            guess = self.heads.get(sid, {}).get(ns)
             reqs: list[Request] = [Get(sid, _hkey(ns))]
+            fetch: list[str] = []
             if guess is not None:
                 reqs.append(Scan(sid, _wprefix(ns, guess[0])))
-                reqs.extend(Get(sid, _bkey(ns, k, v)) for k, v in guess[1].items())
+                for k, v in guess[1].items():
+                    key = _bkey(ns, k, v)
+                    if key not in fetch and self._cached_blob(sid, key) is None:
+                        fetch.append(key)
+                reqs.extend(Get(sid, k) for k in fetch)
             got, *rest = yield reqs
             if got is None:
                 return None
             head_id, raw = got.value.split(b"\0", 1)
             rec = _Record(ns, head_id.decode(), raw)
-            if guess is not None and guess[0] == rec.cid:
-                checkpoint = self.serde.loads_typed(rec.ckpt)
-                if checkpoint["channel_versions"] == guess[1]:
-                    return self._tuple(thread_id, rec, checkpoint, rest[0],
-                                       dict(zip(guess[1], rest[1:], strict=True)))
+            checkpoint = self.serde.loads_typed(rec.ckpt)
+            if guess is not None and guess[0] == rec.cid and checkpoint["channel_versions"] == guess[1]:
+                fetched = {k: (r.value if r is not None else None)
+                           for k, r in zip(fetch, rest[1:], strict=True)}
+                blobs = yield from self._blobs(sid, ns, checkpoint["channel_versions"], fetched)
+                return self._tuple(thread_id, rec, checkpoint, rest[0], blobs)
             (writes,) = yield [Scan(sid, _wprefix(ns, rec.cid))]
         checkpoint = self.serde.loads_typed(rec.ckpt)
-        versions = checkpoint["channel_versions"]
-        blobs = yield [Get(sid, _bkey(ns, k, v)) for k, v in versions.items()]
-        return self._tuple(thread_id, rec, checkpoint, writes, dict(zip(versions, blobs, strict=True)))
+        blobs = yield from self._blobs(sid, ns, checkpoint["channel_versions"], {})
+        return self._tuple(thread_id, rec, checkpoint, writes, blobs)
+
+    def _blobs(self, sid: str, ns: str, versions: dict[str, Any],
+               fetched: dict[str, bytes | None]) -> Plan[dict[str, bytes | None]]:
+        """Each channel's stored blob at its version: from `fetched`, the cache, or a read."""
+        keys = {k: _bkey(ns, k, v) for k, v in versions.items()}
+        out: dict[str, bytes | None] = {}
+        missing: list[str] = []
+        for k, key in keys.items():
+            if key in fetched:
+                out[k] = fetched[key]
+            elif (data := self._cached_blob(sid, key)) is not None:
+                out[k] = data
+            else:
+                missing.append(k)
+        if missing:
+            got = yield [Get(sid, keys[k]) for k in missing]
+            for k, r in zip(missing, got, strict=True):
+                out[k] = r.value if r is not None else None
+        return out
 
     def _tuple(self, thread_id: Any, rec: _Record, checkpoint: Checkpoint, writes: list[Record],
-               blobs: dict[str, Record | None]) -> CheckpointTuple:
+               blobs: dict[str, bytes | None]) -> CheckpointTuple:
         loads = self.serde.loads_typed
         values: dict[str, Any] = {}
         for k, b in blobs.items():
             if b is not None:
-                t, data = ormsgpack.unpackb(b.value)
+                t, data = ormsgpack.unpackb(b)
                 if t != "empty":
                     values[k] = loads((t, data))
         decoded = [ormsgpack.unpackb(w.value) for w in writes]
@@ -343,11 +398,14 @@ class _SaverCore:
             reqs: list[Request] = [Scan(sid, _wprefix(r.ns, r.cid)) for r in part]
             keys = sorted({_bkey(r.ns, k, v) for r, c in zip(part, ckpts, strict=True)
                            for k, v in c["channel_versions"].items()})
+            keys = [k for k in keys if self._cached_blob(sid, k) is None]
             reqs.extend(Get(sid, k) for k in keys)
             answers = yield reqs
-            writes, blob_recs = answers[:len(part)], dict(zip(keys, answers[len(part):], strict=True))
+            writes = answers[:len(part)]
+            fetched = {k: (r.value if r is not None else None)
+                       for k, r in zip(keys, answers[len(part):], strict=True)}
             for r, c, w in zip(part, ckpts, writes, strict=True):
-                blobs = {k: blob_recs[_bkey(r.ns, k, v)] for k, v in c["channel_versions"].items()}
+                blobs = yield from self._blobs(sid, r.ns, c["channel_versions"], fetched)
                 out.append(self._tuple(thread_id, r, c, w, blobs))
         return out
 
@@ -358,8 +416,10 @@ class _SaverCore:
         self._forget(self.sid(thread_id))
 
     def _forget(self, sid: str) -> None:
-        for key in [k for k in self.heads if k[0] == sid]:
-            del self.heads[key]
+        """Drop what this process remembers of a thread it deleted or rewrote."""
+        self.heads.pop(sid, None)
+        for key in [k for k in self.blobs if k[0] == sid]:
+            self.blob_bytes -= len(self.blobs.pop(key))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> Plan[None]:
         runs = {str(r) for r in run_ids}
@@ -486,6 +546,11 @@ def _index_put(key: str) -> Any:
     def build(txn: Any) -> Any:
         return txn.put(key, b"")
     return build
+
+
+def _ours(version: Any) -> bool:
+    """Whether a channel version has _next_version's form (a random part: never reused)."""
+    return isinstance(version, str) and len(version) > 40 and version[32] == "."
 
 
 def _next_version(current: str | int | float | None) -> str:
