@@ -317,3 +317,36 @@ def test_what_a_saver_remembers_never_hides_another_savers_writes(router: str) -
         b.put(cfg(t), ckpt({"n": "int b"}, {"n": 1}), {}, {"n": 1})  # the same blob key again
         assert a.get_tuple(cfg(t)).checkpoint["channel_values"] == {"n": "int b"}
         assert [x.checkpoint["channel_values"] for x in a.list(cfg(t))] == [{"n": "int b"}]
+
+
+def test_async_saver_sync_methods_from_another_thread(router: str) -> None:
+    async def main() -> None:
+        async with AsyncShardStateSaver(router, prefix=fresh_prefix()) as saver:
+            stored = await saver.aput(cfg("t"), ckpt({"a": 1}, {"a": 1}), {"k": "v"}, {"a": 1})
+            got = await asyncio.to_thread(saver.get_tuple, cfg("t"))
+            assert got.checkpoint["channel_values"] == {"a": 1}
+            assert await asyncio.to_thread(lambda: [x.metadata["k"] for x in saver.list(None)]) == ["v"]
+            await asyncio.to_thread(saver.put_writes, stored, [("ch", 2)], "task")
+            assert (await saver.aget_tuple(stored)).pending_writes == [("task", "ch", 2)]
+            with pytest.raises(RuntimeError, match="another thread"):
+                saver.get_tuple(cfg("t"))  # on the loop's own thread it would deadlock
+
+    run(main())
+
+
+def test_sync_saver_shared_by_threads(router: str) -> None:
+    """One ShardStateSaver (one Client) used by many threads at once, as graph.batch does."""
+    import concurrent.futures
+
+    with ShardStateSaver(router, prefix=fresh_prefix()) as saver:
+        g = graph_builder().compile(checkpointer=saver)
+        threads = [{"configurable": {"thread_id": uid()}} for _ in range(16)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda t: g.invoke({"steps": [t["configurable"]["thread_id"]]}, t),
+                                 threads))
+        for t, out in zip(threads, outs, strict=True):
+            assert out == {"steps": [t["configurable"]["thread_id"], "one", "two", "three"]}
+            assert len(list(saver.list(t))) == 5
+        for t in threads[:8]:
+            saver.delete_thread(t["configurable"]["thread_id"])
+        assert len(list(saver.list(None))) == 8 * 5

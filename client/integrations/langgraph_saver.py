@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -114,6 +115,7 @@ class _SaverCore:
         # and a random part, see _next_version) are kept, and a deleted thread's are dropped
         self.blobs: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self.blob_bytes = 0
+        self.lock = threading.Lock()  # the sync saver's async methods run in worker threads
 
     @property
     def serde(self) -> SerializerProtocol:
@@ -126,29 +128,34 @@ class _SaverCore:
         return f"{self.prefix}r/{run_id}"
 
     def _remember_head(self, sid: str, ns: str, cid: str, versions: dict[str, Any]) -> None:
-        by_ns = self.heads.get(sid)
-        if by_ns is None:
-            if len(self.heads) >= 100_000:
-                self.heads.clear()
-            by_ns = self.heads[sid] = {}
-        old = by_ns.get(ns)
-        if old is None or old[0] <= cid:
-            by_ns[ns] = (cid, dict(versions))
+        with self.lock:
+            by_ns = self.heads.get(sid)
+            if by_ns is None:
+                if len(self.heads) >= 100_000:
+                    self.heads.clear()
+                by_ns = self.heads[sid] = {}
+            old = by_ns.get(ns)
+            if old is None or old[0] <= cid:
+                by_ns[ns] = (cid, dict(versions))
 
     def _remember_blob(self, sid: str, key: str, data: bytes) -> None:
-        if (sid, key) in self.blobs or len(data) > BLOB_CACHE_BYTES // 16:
+        if len(data) > BLOB_CACHE_BYTES // 16:
             return
-        self.blobs[(sid, key)] = data
-        self.blob_bytes += len(data)
-        while self.blob_bytes > BLOB_CACHE_BYTES:
-            _, old = self.blobs.popitem(last=False)
-            self.blob_bytes -= len(old)
+        with self.lock:
+            if (sid, key) in self.blobs:
+                return
+            self.blobs[(sid, key)] = data
+            self.blob_bytes += len(data)
+            while self.blob_bytes > BLOB_CACHE_BYTES:
+                _, old = self.blobs.popitem(last=False)
+                self.blob_bytes -= len(old)
 
     def _cached_blob(self, sid: str, key: str) -> bytes | None:
-        data = self.blobs.get((sid, key))
-        if data is not None:
-            self.blobs.move_to_end((sid, key))
-        return data
+        with self.lock:
+            data = self.blobs.get((sid, key))
+            if data is not None:
+                self.blobs.move_to_end((sid, key))
+            return data
 
     # ---- put ----
 
@@ -417,9 +424,10 @@ class _SaverCore:
 
     def _forget(self, sid: str) -> None:
         """Drop what this process remembers of a thread it deleted or rewrote."""
-        self.heads.pop(sid, None)
-        for key in [k for k in self.blobs if k[0] == sid]:
-            self.blob_bytes -= len(self.blobs.pop(key))
+        with self.lock:
+            self.heads.pop(sid, None)
+            for key in [k for k in self.blobs if k[0] == sid]:
+                self.blob_bytes -= len(self.blobs.pop(key))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> Plan[None]:
         runs = {str(r) for r in run_ids}
