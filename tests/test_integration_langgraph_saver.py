@@ -350,3 +350,40 @@ def test_sync_saver_shared_by_threads(router: str) -> None:
         for t in threads[:8]:
             saver.delete_thread(t["configurable"]["thread_id"])
         assert len(list(saver.list(None))) == 8 * 5
+
+
+def test_values_over_the_servers_value_limit_are_stored_in_parts(router: str) -> None:
+    """A channel value or write of several MiB (the server takes 1 MiB a value, 4 MiB a
+    request) round-trips; parts no value refers to any more are reclaimed by prune."""
+    import os
+
+    prefix = fresh_prefix()
+    big = os.urandom((3 << 20) - 1024)  # 3 MiB: 12 parts, in Txns before the checkpoint's
+    mid = [os.urandom(200 << 10) for _ in range(12)]  # small, but 2.4 MiB: 2 go out of line
+    with ShardStateSaver(router, prefix=prefix) as saver:
+        t = uid()
+        values = {"big": big, **{f"m{i}": m for i, m in enumerate(mid)}, "small": "s"}
+        versions = {k: saver.get_next_version(None, None) for k in values}
+        s1 = saver.put(cfg(t), ckpt(values, versions), {}, versions)
+        saver.put_writes(s1, [("big", big), ("small", 1)], "task")
+        loser = os.urandom(300 << 10)  # 2 parts, never referenced: the repeat loses
+        saver.put_writes(s1, [("big", loser), ("small", 2)], "task")  # a repeat: first stays
+        with ShardStateSaver(router, prefix=prefix) as fresh:  # nothing cached
+            got = fresh.get_tuple(cfg(t))
+            assert got.checkpoint["channel_values"] == values
+            assert got.pending_writes == [("task", "big", big), ("task", "small", 1)]
+            assert next(iter(fresh.list(cfg(t)))).checkpoint["channel_values"] == values
+            fresh.copy_thread(t, "copy-" + t)
+            assert fresh.get_tuple(cfg("copy-" + t)).checkpoint["channel_values"] == values
+        new_big = os.urandom((2 << 20) - 1024)
+        v2 = {**versions, "big": saver.get_next_version(versions["big"], None)}
+        saver.put(s1, ckpt({**values, "big": new_big}, v2), {}, {"big": v2["big"]})
+        parts_before = [k for k in session_keys(router, prefix, t) if k.startswith("x/")]
+        saver.prune([t], strategy="keep_latest")
+        parts_after = [k for k in session_keys(router, prefix, t) if k.startswith("x/")]
+        # left: the new big value's 8 parts and the 2 mid values' 1 each; gone: the old big
+        # value's 12, the first write's 12 (their checkpoint was pruned), the loser's 2
+        assert len(parts_before) == 12 + 12 + 2 + 8 + 2
+        assert len(parts_after) == 8 + 2
+        with ShardStateSaver(router, prefix=prefix) as fresh:
+            assert fresh.get_tuple(cfg(t)).checkpoint["channel_values"] == {**values, "big": new_big}

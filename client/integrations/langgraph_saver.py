@@ -9,6 +9,9 @@ shard and one `Txn` stores a checkpoint with its new channel blobs. Keys of a th
     h/{ns}                             "{checkpoint_id}\\0" + the same record: the newest one
     b/{ns}/{channel}/{version}         a channel's value at a version: stored once per version
     w/{ns}/{checkpoint_id}/{task_id}/{idx}   one pending write; (task_id, idx) is its identity
+    x/{key}/{token}/{i}                a part of a large blob or write stored at `key` (which
+                                       then holds only b"\xc1" + [token, parts]); the parts
+                                       are committed before the Txn that refers to them
 
 A run index session per run (`{prefix}r/{run_id}`, keys `t/{thread_id}`) names the threads a
 run wrote to, for `delete_for_runs`. The session TTL (`ttl=`) is sent with every write, so an
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -39,7 +43,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from shardstate import AsyncClient, Client, Record, TxnResult
+from shardstate import AsyncClient, Client, Record, ShardstateError, TxnResult
 
 from .langgraph_driver import (
     AsyncDriver,
@@ -59,6 +63,9 @@ from .langgraph_driver import (
 DEFAULT_PREFIX = "lg/"
 _LIST_CHUNK = 64  # checkpoints whose writes and blobs one step of list() reads
 BLOB_CACHE_BYTES = 32 << 20  # channel values this process wrote, kept to skip reading them back
+PART_BYTES = 256 << 10  # a value this large is stored in parts (the server's default limit
+INLINE_BYTES = 2 << 20  # is 1 MiB a value, 4 MiB a request); and more go out of line
+_PARTED = 0xC1  # the first byte of a parted value (never the start of a msgpack value)
 
 
 def _ckey(ns: str, cid: str) -> str:
@@ -83,6 +90,58 @@ def _wkey(ns: str, cid: str, task_id: str, idx: int) -> str:
 
 def _ns_of(key: str) -> str:
     return dec(key.split("/", 2)[1])
+
+
+def _outline(sid: str, items: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], list[Commit]]:
+    """`items` with every large value (and, while they add up to more than INLINE_BYTES,
+    the largest others) replaced by a reference to its parts, and the Txns that store the
+    parts (to commit first). A part's key has a random token: a write that loses to an earlier
+    one leaves only unreferenced parts, which prune and delete_for_runs reclaim."""
+    out = list(items)
+    total = sum(len(v) for _, v in out)
+    if total <= INLINE_BYTES and all(len(v) < PART_BYTES for _, v in out):
+        return out, []
+    parts = Writes(sid)
+    for i in sorted(range(len(out)), key=lambda i: -len(out[i][1])):
+        key, value = out[i]
+        if len(value) < PART_BYTES and total <= INLINE_BYTES:
+            break
+        token = secrets.token_hex(8)
+        n = -(-len(value) // PART_BYTES)
+        for j in range(n):
+            parts.puts.append((f"x/{key}/{token}/{j}", value[j * PART_BYTES:(j + 1) * PART_BYTES]))
+        ref = bytes([_PARTED]) + ormsgpack.packb([token, n])
+        out[i] = (key, ref)
+        total += len(ref) - len(value)
+    return out, parts.chunks()
+
+
+def _part_keys(key: str, value: bytes) -> list[str]:
+    """The keys of a parted value's parts ([] for a value stored whole)."""
+    if not value or value[0] != _PARTED:
+        return []
+    token, n = ormsgpack.unpackb(value[1:])
+    return [f"x/{key}/{token}/{j}" for j in range(n)]
+
+
+def _inflate(sid: str, items: list[tuple[str, bytes | None]]) -> Plan[list[bytes | None]]:
+    """The values of `items` with every parted one read back whole (one more round trip
+    when there is any)."""
+    wanted = {i: _part_keys(k, v) for i, (k, v) in enumerate(items) if v}
+    wanted = {i: keys for i, keys in wanted.items() if keys}
+    values = [v for _, v in items]
+    if not wanted:
+        return values
+    flat = [k for keys in wanted.values() for k in keys]
+    got = yield [Get(sid, k) for k in flat]
+    found = dict(zip(flat, got, strict=True))
+    for i, keys in wanted.items():
+        missing = [k for k in keys if found[k] is None]
+        if missing:
+            raise ShardstateError(f"parts of {items[i][0]!r} are missing ({len(missing)} of "
+                                  f"{len(keys)}): the thread's data is damaged")
+        values[i] = b"".join(found[k].value for k in keys)
+    return values
 
 
 class _Record:
@@ -178,6 +237,9 @@ class _SaverCore:
         ckey, hkey = _ckey(ns, cid), _hkey(ns)
         head = cid.encode() + b"\0" + raw
         known = self.heads.get(sid, {}).get(ns)
+        stored, parts = _outline(sid, [(k, b) for k, b, _ in blobs])
+        for part in parts:
+            yield [part]
 
         def write(compare: str) -> Any:
             def build(txn: Any) -> Any:
@@ -190,7 +252,7 @@ class _SaverCore:
                 if compare != "none":
                     txn.put(hkey, head)
                 txn.put(ckey, raw)
-                for k, b, _ in blobs:
+                for k, b in stored:
                     txn.put(k, b)
                 return txn.otherwise().get(hkey) if compare != "none" else txn
             return build
@@ -248,6 +310,11 @@ class _SaverCore:
             (regular if idx >= 0 else special)[_wkey(ns, cid, task_id, idx)] = v
         # a regular write is stored once per (task_id, idx): the first one stays; a special
         # write (error, interrupt, ...) replaces the one before it
+        both, parts = _outline(sid, [*regular.items(), *special.items()])
+        for part in parts:
+            yield [part]
+        regular = dict(both[:len(regular)])
+        special = dict(both[len(regular):])
         pending = dict(regular)
         first = True
         for _ in range(100):
@@ -316,11 +383,18 @@ class _SaverCore:
                 fetched = {k: (r.value if r is not None else None)
                            for k, r in zip(fetch, rest[1:], strict=True)}
                 blobs = yield from self._blobs(sid, ns, checkpoint["channel_versions"], fetched)
-                return self._tuple(thread_id, rec, checkpoint, rest[0], blobs)
+                values = yield from self._writes(sid, rest[0])
+                return self._tuple(thread_id, rec, checkpoint, values, blobs)
             (writes,) = yield [Scan(sid, _wprefix(ns, rec.cid))]
         checkpoint = self.serde.loads_typed(rec.ckpt)
         blobs = yield from self._blobs(sid, ns, checkpoint["channel_versions"], {})
-        return self._tuple(thread_id, rec, checkpoint, writes, blobs)
+        values = yield from self._writes(sid, writes)
+        return self._tuple(thread_id, rec, checkpoint, values, blobs)
+
+    @staticmethod
+    def _writes(sid: str, recs: list[Record]) -> Plan[list[bytes]]:
+        values = yield from _inflate(sid, [(r.key, r.value) for r in recs])
+        return [v for v in values if v is not None]
 
     def _blobs(self, sid: str, ns: str, versions: dict[str, Any],
                fetched: dict[str, bytes | None]) -> Plan[dict[str, bytes | None]]:
@@ -339,9 +413,11 @@ class _SaverCore:
             got = yield [Get(sid, keys[k]) for k in missing]
             for k, r in zip(missing, got, strict=True):
                 out[k] = r.value if r is not None else None
-        return out
+        names = list(out)
+        whole = yield from _inflate(sid, [(keys[k], out[k]) for k in names])
+        return dict(zip(names, whole, strict=True))
 
-    def _tuple(self, thread_id: Any, rec: _Record, checkpoint: Checkpoint, writes: list[Record],
+    def _tuple(self, thread_id: Any, rec: _Record, checkpoint: Checkpoint, writes: list[bytes],
                blobs: dict[str, bytes | None]) -> CheckpointTuple:
         loads = self.serde.loads_typed
         values: dict[str, Any] = {}
@@ -350,7 +426,7 @@ class _SaverCore:
                 t, data = ormsgpack.unpackb(b)
                 if t != "empty":
                     values[k] = loads((t, data))
-        decoded = [ormsgpack.unpackb(w.value) for w in writes]
+        decoded = [ormsgpack.unpackb(w) for w in writes]
         decoded.sort(key=lambda w: (w[4], w[0], w[5]))  # (task_path, task_id, idx)
         metadata = rec.metadata if rec.metadata is not None else loads(rec.md)
         return CheckpointTuple(
@@ -413,7 +489,8 @@ class _SaverCore:
                        for k, r in zip(keys, answers[len(part):], strict=True)}
             for r, c, w in zip(part, ckpts, writes, strict=True):
                 blobs = yield from self._blobs(sid, r.ns, c["channel_versions"], fetched)
-                out.append(self._tuple(thread_id, r, c, w, blobs))
+                values = yield from self._writes(sid, w)
+                out.append(self._tuple(thread_id, r, c, values, blobs))
         return out
 
     # ---- deletion, copy, prune ----
@@ -498,18 +575,24 @@ class _SaverCore:
             elif not h.value.startswith(n.cid.encode() + b"\0"):
                 head_writes.puts.append((_hkey(ns), n.cid.encode() + b"\0" + n.raw))
         deletes = Writes(sid)
+        parts: set[str] = set()  # the parts the values that stay refer to
         for r in everything:
             kind = r.key[:2]
+            gone = False
             if kind == "c/":
                 _, ens, ecid = r.key.split("/", 2)
-                if (dec(ens), dec(ecid)) not in kept_ids:
-                    deletes.deletes.append(r.key)
+                gone = (dec(ens), dec(ecid)) not in kept_ids
             elif kind == "w/":
                 _, ens, ecid, _rest = r.key.split("/", 3)
-                if (dec(ens), dec(ecid)) not in kept_ids:
-                    deletes.deletes.append(r.key)
-            elif kind == "b/" and r.key not in referenced:
+                gone = (dec(ens), dec(ecid)) not in kept_ids
+            elif kind == "b/":
+                gone = r.key not in referenced
+            if gone:
                 deletes.deletes.append(r.key)
+            elif kind in ("w/", "b/"):
+                parts.update(_part_keys(r.key, r.value))
+        deletes.deletes.extend(r.key for r in everything
+                               if r.key.startswith("x/") and r.key not in parts)
         for chunk in head_writes.chunks():
             yield [chunk]
         for chunk in deletes.chunks():
@@ -524,7 +607,7 @@ class _SaverCore:
         loads = self.serde.loads_typed
         copy = Writes(dst)
         runs: set[str] = set()
-        for r in everything:
+        for r in sorted(everything, key=lambda r: not r.key.startswith("x/")):  # parts first
             if r.key.startswith("h/"):
                 continue
             copy.puts.append((r.key, r.value))
