@@ -387,3 +387,30 @@ def test_values_over_the_servers_value_limit_are_stored_in_parts(router: str) ->
         assert len(parts_after) == 8 + 2
         with ShardStateSaver(router, prefix=prefix) as fresh:
             assert fresh.get_tuple(cfg(t)).checkpoint["channel_values"] == {**values, "big": new_big}
+
+
+def test_import_shardstate_does_not_import_langgraph() -> None:
+    import subprocess
+    import sys
+
+    code = "import shardstate, sys; print(sorted(m for m in sys.modules if m.startswith('langgraph')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_many_channels_and_writes_exceed_one_txn(router: str) -> None:
+    """600 new channel versions in one put and 1 200 writes in one put_writes (a Send fan-out)
+    are more ops than one Txn takes (1 000): they go in several, and read back whole."""
+    with ShardStateSaver(router, prefix=fresh_prefix()) as saver:
+        t = uid()
+        values = {f"c{i}": i for i in range(600)}
+        versions = {k: 1 for k in values}
+        stored = saver.put(cfg(t), ckpt(values, versions), {}, versions)
+        writes = [(f"c{i % 600}", i) for i in range(1200)]
+        saver.put_writes(stored, writes, "fan-out")
+        saver.put_writes(stored, [(c, -v) for c, v in writes], "fan-out")  # a repeat: first stays
+        saver.put_writes(stored, [], "nothing")
+        got = saver.get_tuple(cfg(t))
+        assert got.checkpoint["channel_values"] == values
+        assert got.pending_writes == [("fan-out", c, v) for c, v in writes]

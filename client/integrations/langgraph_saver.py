@@ -65,6 +65,7 @@ _LIST_CHUNK = 64  # checkpoints whose writes and blobs one step of list() reads
 BLOB_CACHE_BYTES = 32 << 20  # channel values this process wrote, kept to skip reading them back
 PART_BYTES = 256 << 10  # a value this large is stored in parts (the server's default limit
 INLINE_BYTES = 2 << 20  # is 1 MiB a value, 4 MiB a request); and more go out of line
+TXN_KEYS = 250  # keys one put or put_writes Txn writes at most (the server takes 1000 ops)
 _PARTED = 0xC1  # the first byte of a parted value (never the start of a msgpack value)
 
 
@@ -238,6 +239,10 @@ class _SaverCore:
         head = cid.encode() + b"\0" + raw
         known = self.heads.get(sid, {}).get(ns)
         stored, parts = _outline(sid, [(k, b) for k, b, _ in blobs])
+        if len(stored) > TXN_KEYS:  # the blobs past a Txn's worth go first, on their own
+            early = Writes(sid, puts=stored[TXN_KEYS:])
+            stored = stored[:TXN_KEYS]
+            parts.extend(early.chunks())
         for part in parts:
             yield [part]
 
@@ -296,6 +301,8 @@ class _SaverCore:
 
     def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str,
                    task_path: str) -> Plan[None]:
+        if not writes:
+            return None
         conf = config["configurable"]
         sid = self.sid(conf["thread_id"])
         ns = conf.get("checkpoint_ns", "")
@@ -313,8 +320,16 @@ class _SaverCore:
         both, parts = _outline(sid, [*regular.items(), *special.items()])
         for part in parts:
             yield [part]
-        regular = dict(both[:len(regular)])
+        regular_items = both[:len(regular)]
         special = dict(both[len(regular):])
+        for start in range(0, max(1, len(regular_items)), TXN_KEYS):
+            yield from self._store_writes(sid, dict(regular_items[start:start + TXN_KEYS]),
+                                          special if start == 0 else {})
+
+    @staticmethod
+    def _store_writes(sid: str, regular: dict[str, bytes], special: dict[str, bytes]) -> Plan[None]:
+        """One Txn: the regular writes not stored yet (a compare per key; after a conflict,
+        the ones still missing, again) and the special ones."""
         pending = dict(regular)
         first = True
         for _ in range(100):
