@@ -314,6 +314,7 @@ def test_what_a_saver_remembers_never_hides_another_savers_writes(router: str) -
     with ShardStateSaver(router, prefix=prefix) as a, ShardStateSaver(router, prefix=prefix) as b:
         t = uid()
         va = a.get_next_version(None, None)
+        assert va.startswith("0" * 31 + "1.") and a.get_next_version(va, None).startswith("0" * 31 + "2.")
         sa = a.put(cfg(t), ckpt({"m": "from a"}, {"m": va}), {}, {"m": va})
         assert a.get_tuple(cfg(t)).checkpoint["channel_values"] == {"m": "from a"}
         vb = b.get_next_version(va, None)
