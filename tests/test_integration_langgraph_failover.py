@@ -17,8 +17,8 @@ from langgraph.graph import END, START, StateGraph
 
 from shardstate import AsyncClient, ConstantBackoff, Retry, ShardstateError
 from shardstate.integrations.langgraph import AsyncShardStateSaver
+from tests.devcluster import cli
 from tests.faults.report import Tally, fault_line
-from tests.faults.test_failover import promote
 from tests.procs import Procs
 from tests.stubs import uid
 
@@ -79,8 +79,9 @@ def test_kill_primary_during_langgraph_runs_then_promote(procs: Procs) -> None:
             primary.kill()
             errors = [e for e in await asyncio.gather(*runs) if e is not None]
         acked = list(saver.acked)
-        new_primary = await asyncio.to_thread(promote, router)
-        assert new_primary == replica.address
+        promoted = await asyncio.to_thread(cli, "admin", "--router", router.address, "promote", "s1")
+        assert promoted.returncode == 0, promoted.stderr
+        assert replica.address in promoted.stdout, promoted.stdout
         await asyncio.to_thread(replica.wait_ready)
 
         patient = Retry(attempts=200, backoff=ConstantBackoff(0.1))
