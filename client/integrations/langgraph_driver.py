@@ -30,12 +30,14 @@ class Get:
 
 @dataclass(slots=True)
 class Scan:
-    """Every key of the session under `prefix` (all pages), in key order: [Record]."""
+    """The keys of the session under `prefix` after `start_after`, in key order, at most
+    `limit` (None: all, every page): [Record]."""
 
     sid: str
     prefix: str
     keys_only: bool = False
     limit: int | None = None
+    start_after: str = ""
 
 
 @dataclass(slots=True)
@@ -162,7 +164,8 @@ class SyncDriver:
         if isinstance(r, Get):
             return self.session(r.sid).get(r.key)
         if isinstance(r, Scan):
-            return self.session(r.sid).scan(r.prefix, limit=r.limit, keys_only=r.keys_only)
+            return self.session(r.sid).scan(r.prefix, limit=r.limit, keys_only=r.keys_only,
+                                           start_after=r.start_after)
         if isinstance(r, Put):
             try:
                 return self.session(r.sid).put(r.key, r.value, ttl=r.ttl, expect=r.expect)
@@ -214,7 +217,8 @@ class AsyncDriver:
         if isinstance(r, Get):
             return await self.session(r.sid).get(r.key)
         if isinstance(r, Scan):
-            return await self.session(r.sid).scan(r.prefix, limit=r.limit, keys_only=r.keys_only)
+            return await self.session(r.sid).scan(r.prefix, limit=r.limit, keys_only=r.keys_only,
+                                                 start_after=r.start_after)
         if isinstance(r, Put):
             try:
                 return await self.session(r.sid).put(r.key, r.value, ttl=r.ttl, expect=r.expect)

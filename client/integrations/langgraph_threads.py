@@ -3,20 +3,22 @@ langgraph_driver's sync or async driver).
 
 Each thread is one shardstate session (`{prefix}t/{thread_id}`), so all of a thread is on one
 shard and one `Txn` stores a checkpoint with its new channel blobs. Keys of a thread session
-(every name segment escaped by `enc`):
+(`{ns}`, `{channel}`, `{task_id}` escaped by `enc`; `{rid}` is the checkpoint id in an
+order-reversing encoding, so the newest checkpoint of a namespace sorts first):
 
-    c/{ns}/{checkpoint_id}             the checkpoint (without channel values), metadata, parent
-    h/{ns}                             "{checkpoint_id}\\0" + the same record: the newest one
+    c/{ns}/{rid}                       the checkpoint (without channel values), its metadata,
+                                       parent and id
+    c/{ns}/{rid}/w/{task_id}/{idx}     one pending write of it; (task_id, idx) is its identity
     b/{ns}/{channel}/{version}         a channel's value at a version: stored once per version
-    w/{ns}/{checkpoint_id}/{task_id}/{idx}   one pending write; (task_id, idx) is its identity
     x/{key}/{token}/{i}                a part of a large blob or write stored at `key` (which
                                        then holds only b"\xc1" + [token, parts]); the parts
                                        are committed before the Txn that refers to them
 
-A run index session per run (`{prefix}r/{run_id}`, keys `t/{thread_id}`) names the threads a
-run wrote to, for `delete_for_runs`. The session TTL (`ttl=`) is sent with every write, so an
-idle thread expires that long after its last write; `prune` and `delete_thread` free space
-before that.
+So one Scan of `c/{ns}/` with a small limit reads the newest checkpoint and its writes, and a
+Scan of `c/{ns}/{rid}` one checkpoint and its writes. A run index session per run
+(`{prefix}r/{run_id}`, keys `t/{thread_id}`) names the threads a run wrote to, for
+`delete_for_runs`. The session TTL (`ttl=`) is sent with every write, so an idle thread
+expires that long after its last write; `prune` and `delete_thread` free space before that.
 """
 
 from __future__ import annotations
@@ -58,32 +60,41 @@ from .langgraph_driver import (
 )
 
 DEFAULT_PREFIX = "lg/"
-_LIST_CHUNK = 64  # checkpoints whose writes and blobs one step of list() reads
+_LIST_CHUNK = 64  # checkpoints whose blobs one step of list() reads
+_LATEST_PAGE = 16  # items the first read of a namespace's newest checkpoint asks for, unknown
 BLOB_CACHE_BYTES = 32 << 20  # channel values this process wrote, kept to skip reading them back
 PART_BYTES = 256 << 10  # a value this large is stored in parts (the server's default limit
 INLINE_BYTES = 2 << 20  # is 1 MiB a value, 4 MiB a request); and more go out of line
 TXN_KEYS = 250  # keys one put or put_writes Txn writes at most (the server takes 1000 ops)
 _PARTED = 0xC1  # the first byte of a parted value (never the start of a msgpack value)
+_FLIP = str.maketrans("0123456789abcdef", "fedcba9876543210")
+
+
+def rid(cid: str) -> str:
+    """A checkpoint id as a key segment that sorts in the reverse order: its UTF-8 bytes in
+    hex, each digit complemented, then "g" (above every digit, so a longer id sorts first)."""
+    return cid.encode().hex().translate(_FLIP) + "g"
 
 
 def _ckey(ns: str, cid: str) -> str:
-    return f"c/{enc(ns)}/{enc(cid)}"
-
-
-def _hkey(ns: str) -> str:
-    return f"h/{enc(ns)}"
+    return f"c/{enc(ns)}/{rid(cid)}"
 
 
 def _bkey(ns: str, channel: str, version: Any) -> str:
     return f"b/{enc(ns)}/{enc(channel)}/{enc(str(version))}"
 
 
-def _wprefix(ns: str, cid: str) -> str:
-    return f"w/{enc(ns)}/{enc(cid)}/"
-
-
 def _wkey(ns: str, cid: str, task_id: str, idx: int) -> str:
-    return f"{_wprefix(ns, cid)}{enc(task_id)}/{idx}"
+    return f"{_ckey(ns, cid)}/w/{enc(task_id)}/{idx}"
+
+
+def _is_record(key: str) -> bool:
+    return key.count("/") == 2
+
+
+def _owner(key: str) -> str:
+    """The checkpoint key a write's key belongs to."""
+    return key[:key.index("/w/")]
 
 
 def _outline(sid: str, items: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], list[Commit]]:
@@ -141,14 +152,27 @@ def _inflate(sid: str, items: list[tuple[str, bytes | None]]) -> Plan[list[bytes
 class _Record:
     """A stored checkpoint: its id, namespace, parent and the serialized parts."""
 
-    __slots__ = ("cid", "ckpt", "md", "metadata", "ns", "parent", "raw")
+    __slots__ = ("cid", "ckpt", "key", "md", "metadata", "ns", "parent", "raw")
 
-    def __init__(self, ns: str, cid: str, raw: bytes) -> None:
-        self.ns, self.cid, self.raw = ns, cid, raw
-        ct, cb, mt, mb, self.parent = ormsgpack.unpackb(raw)
+    def __init__(self, key: str, raw: bytes) -> None:
+        self.key, self.raw = key, raw
+        self.ns = dec(key.split("/", 2)[1])
+        ct, cb, mt, mb, self.parent, self.cid = ormsgpack.unpackb(raw)
         self.ckpt = (ct, cb)
         self.md = (mt, mb)
         self.metadata: Any = None
+
+
+def _records(found: list[Record]) -> tuple[list[_Record], dict[str, list[Record]]]:
+    """A scan of `c/...` split into checkpoints and the writes of each (by checkpoint key)."""
+    recs: list[_Record] = []
+    writes: dict[str, list[Record]] = {}
+    for r in found:
+        if _is_record(r.key):
+            recs.append(_Record(r.key, r.value))
+        else:
+            writes.setdefault(_owner(r.key), []).append(r)
+    return recs, writes
 
 
 class SaverCore:
@@ -157,10 +181,10 @@ class SaverCore:
     def __init__(self, saver: BaseCheckpointSaver[Any], prefix: str) -> None:
         self.saver = saver
         self.prefix = prefix
-        # the newest checkpoint this process wrote per (thread session, ns): its id and
-        # channel versions, so a read of the latest can fetch its writes and blobs in the same
-        # round trip as the head (and check it still is the head)
-        self.heads: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
+        # the newest checkpoint this process wrote per (thread session, ns): its id, channel
+        # versions and how many writes it has had, so a read of the latest asks for as many
+        # items as it needs and fetches the blobs it lacks in the same round trip
+        self.heads: dict[str, dict[str, list[Any]]] = {}
         self.indexed: set[tuple[Any, Any]] = set()  # (run_id, thread_id) already in the run index
         # blobs this process wrote, by (thread session, blob key): a blob is never rewritten
         # with another value under the same key, except after the thread was deleted and
@@ -189,7 +213,13 @@ class SaverCore:
                 by_ns = self.heads[sid] = {}
             old = by_ns.get(ns)
             if old is None or old[0] <= cid:
-                by_ns[ns] = (cid, dict(versions))
+                by_ns[ns] = [cid, dict(versions), 0]
+
+    def _count_writes(self, sid: str, ns: str, cid: str, n: int) -> None:
+        with self.lock:
+            head = self.heads.get(sid, {}).get(ns)
+            if head is not None and head[0] == cid:
+                head[2] += n
 
     def _remember_blob(self, sid: str, key: str, data: bytes) -> None:
         if len(data) > BLOB_CACHE_BYTES // 16:
@@ -210,6 +240,13 @@ class SaverCore:
                 self.blobs.move_to_end((sid, key))
             return data
 
+    def _forget(self, sid: str) -> None:
+        """Drop what this process remembers of a thread it deleted or rewrote."""
+        with self.lock:
+            self.heads.pop(sid, None)
+            for key in [k for k in self.blobs if k[0] == sid]:
+                self.blob_bytes -= len(self.blobs.pop(key))
+
     # ---- put ----
 
     def put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
@@ -222,73 +259,34 @@ class SaverCore:
         c = checkpoint.copy()
         values: dict[str, Any] = c.pop("channel_values")  # type: ignore[misc]
         dumps = self.serde.dumps_typed
-        blobs = [(_bkey(ns, k, v), self._blob(dumps(values[k])), _ours(v))
+        blobs = [(_bkey(ns, k, v), ormsgpack.packb(list(dumps(values[k]))), _ours(v))
                  for k, v in new_versions.items() if k in values]
         md = get_checkpoint_metadata(config, metadata)
         ct, cb = dumps(c)
         mt, mb = dumps(md)
-        raw = ormsgpack.packb([ct, cb, mt, mb, conf.get("checkpoint_id")])
-        ckey, hkey = _ckey(ns, cid), _hkey(ns)
-        head = cid.encode() + b"\0" + raw
-        known = self.heads.get(sid, {}).get(ns)
+        raw = ormsgpack.packb([ct, cb, mt, mb, conf.get("checkpoint_id"), cid])
         stored, parts = _outline(sid, [(k, b) for k, b, _ in blobs])
         if len(stored) > TXN_KEYS:  # the blobs past a Txn's worth go first, on their own
-            early = Writes(sid, puts=stored[TXN_KEYS:])
+            parts.extend(Writes(sid, puts=stored[TXN_KEYS:]).chunks())
             stored = stored[:TXN_KEYS]
-            parts.extend(early.chunks())
         for part in parts:
             yield [part]
-
-        def write(compare: str) -> Any:
-            def build(txn: Any) -> Any:
-                if compare == "missing":
-                    txn.if_missing(hkey)
-                elif compare == "older":
-                    txn.if_value(hkey, cid.encode() + b"\0", "<")
-                elif compare != "none":
-                    txn.if_version(hkey, int(compare))
-                if compare != "none":
-                    txn.put(hkey, head)
-                txn.put(ckey, raw)
-                for k, b in stored:
-                    txn.put(k, b)
-                return txn.otherwise().get(hkey) if compare != "none" else txn
-            return build
-
-        reqs: list[Request] = [Commit(sid, write("older" if known is not None else "missing"))]
+        stored.append((_ckey(ns, cid), raw))  # the checkpoint with its blobs: one Txn
+        reqs: list[Request] = [Commit(sid, _puts(stored))]
         run_id = md.get("run_id")
         if run_id and (run_id, thread_id) not in self.indexed:
-            reqs.append(Commit(self.run_sid(str(run_id)), _index_put(f"t/{enc(str(thread_id))}")))
-        answers = yield reqs
-        res: TxnResult = answers[0]
-        for _ in range(100):
-            if res.succeeded:
-                break
-            cur: Record | None = res.results[0] if res.results else None
-            if cur is None:
-                compare = "missing"
-            else:
-                head_id = cur.value.split(b"\0", 1)[0].decode()
-                if head_id < cid:
-                    compare = "older"
-                elif head_id == cid:
-                    compare = str(cur.version)  # the same checkpoint again: it stays the head
-                else:
-                    compare = "none"  # a newer checkpoint is the head: store this one beside it
-            res = (yield [Commit(sid, write(compare))])[0]
+            reqs.append(Commit(self.run_sid(str(run_id)), _puts([(f"t/{enc(str(thread_id))}", b"")])))
+        yield reqs
         if len(reqs) > 1:
-            if len(self.indexed) >= 100_000:
-                self.indexed.clear()
-            self.indexed.add((run_id, thread_id))
+            with self.lock:
+                if len(self.indexed) >= 100_000:
+                    self.indexed.clear()
+                self.indexed.add((run_id, thread_id))
         self._remember_head(sid, ns, cid, checkpoint["channel_versions"])
         for k, b, ours in blobs:
             if ours:
                 self._remember_blob(sid, k, b)
         return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": cid}}
-
-    @staticmethod
-    def _blob(typed: tuple[str, bytes]) -> bytes:
-        return ormsgpack.packb(list(typed))
 
     # ---- put_writes ----
 
@@ -318,6 +316,8 @@ class SaverCore:
         for start in range(0, max(1, len(regular_items)), TXN_KEYS):
             yield from self._store_writes(sid, dict(regular_items[start:start + TXN_KEYS]),
                                           special if start == 0 else {})
+        self._count_writes(sid, ns, cid, len(regular) + len(special))
+        return None
 
     @staticmethod
     def _store_writes(sid: str, regular: dict[str, bytes], special: dict[str, bytes]) -> Plan[None]:
@@ -364,40 +364,69 @@ class SaverCore:
         sid = self.sid(thread_id)
         cid = get_checkpoint_id(config)
         if cid:
-            got, writes = yield [Get(sid, _ckey(ns, cid)), Scan(sid, _wprefix(ns, cid))]
-            if got is None:
+            (found,) = yield [Scan(sid, _ckey(ns, cid))]  # the checkpoint, then its writes
+            if not found or not _is_record(found[0].key):
                 return None
-            rec = _Record(ns, cid, got.value)
-        else:
-            # the head, and (when this process wrote the newest checkpoint it knows of) that
-            # checkpoint's writes and uncached blobs in the same round trip
-            guess = self.heads.get(sid, {}).get(ns)
-            reqs: list[Request] = [Get(sid, _hkey(ns))]
-            fetch: list[str] = []
-            if guess is not None:
-                reqs.append(Scan(sid, _wprefix(ns, guess[0])))
-                for k, v in guess[1].items():
-                    key = _bkey(ns, k, v)
-                    if key not in fetch and self._cached_blob(sid, key) is None:
-                        fetch.append(key)
-                reqs.extend(Get(sid, k) for k in fetch)
-            got, *rest = yield reqs
-            if got is None:
-                return None
-            head_id, raw = got.value.split(b"\0", 1)
-            rec = _Record(ns, head_id.decode(), raw)
+            rec, writes = _Record(found[0].key, found[0].value), found[1:]
             checkpoint = self.serde.loads_typed(rec.ckpt)
-            if guess is not None and guess[0] == rec.cid and checkpoint["channel_versions"] == guess[1]:
-                fetched = {k: (r.value if r is not None else None)
-                           for k, r in zip(fetch, rest[1:], strict=True)}
-                blobs = yield from self._blobs(sid, ns, checkpoint["channel_versions"], fetched)
-                values = yield from self._writes(sid, rest[0])
-                return self._tuple(thread_id, rec, checkpoint, values, blobs)
-            (writes,) = yield [Scan(sid, _wprefix(ns, rec.cid))]
-        checkpoint = self.serde.loads_typed(rec.ckpt)
-        blobs = yield from self._blobs(sid, ns, checkpoint["channel_versions"], {})
+            blobs = yield from self._blobs(sid, ns, checkpoint["channel_versions"], {})
+        else:
+            rec, writes, checkpoint, blobs = yield from self._latest(sid, ns)
+            if rec is None:
+                return None
         values = yield from self._writes(sid, writes)
         return self._tuple(thread_id, rec, checkpoint, values, blobs)
+
+    def _latest(self, sid: str, ns: str) -> Plan[Any]:
+        """The newest checkpoint of a namespace, its writes, the checkpoint decoded and its
+        blobs: one Scan from the top of `c/{ns}/` (asking for the checkpoint, as many writes
+        as this process knows of and one item more, so it can tell the writes ended), plus,
+        when this process wrote that checkpoint, the blobs it lacks in the same round trip."""
+        prefix = f"c/{enc(ns)}/"
+        guess = self.heads.get(sid, {}).get(ns)
+        page = guess[2] + 2 if guess is not None else _LATEST_PAGE
+        reqs: list[Request] = [Scan(sid, prefix, limit=page)]
+        fetch: list[str] = []
+        if guess is not None:
+            for k, v in guess[1].items():
+                key = _bkey(ns, k, v)
+                if key not in fetch and self._cached_blob(sid, key) is None:
+                    fetch.append(key)
+            reqs.extend(Get(sid, k) for k in fetch)
+        items, *rest = yield reqs
+        exhausted = len(items) < page
+        head: Record | None = None
+        writes: list[Record] = []
+        i = 0
+        while True:
+            done = False
+            while i < len(items) and not done:
+                it = items[i]
+                i += 1
+                if head is None:
+                    if _is_record(it.key):
+                        head = it
+                    # else: a write of a checkpoint not stored (yet): not the newest one
+                elif it.key.startswith(head.key + "/"):
+                    writes.append(it)
+                else:
+                    done = True
+            if done or exhausted:
+                break
+            more = (yield [Scan(sid, prefix, limit=64, start_after=items[-1].key)])[0]
+            exhausted = len(more) < 64
+            items = more
+            i = 0
+        if head is None:
+            return None, [], None, {}
+        rec = _Record(head.key, head.value)
+        checkpoint = self.serde.loads_typed(rec.ckpt)
+        fetched: dict[str, bytes | None] = {}
+        if guess is not None and guess[0] == rec.cid:
+            fetched = {k: (r.value if r is not None else None)
+                       for k, r in zip(fetch, rest, strict=True)}
+        blobs = yield from self._blobs(sid, ns, checkpoint["channel_versions"], fetched)
+        return rec, writes, checkpoint, blobs
 
     @staticmethod
     def _writes(sid: str, recs: list[Record]) -> Plan[list[bytes]]:
@@ -462,12 +491,12 @@ class SaverCore:
         ns_filter = conf.get("checkpoint_ns")
         want_cid = conf.get("checkpoint_id")
         before_cid = get_checkpoint_id(before) if before else None
-        prefix = f"c/{enc(ns_filter)}/" if ns_filter is not None else "c/"
+        if want_cid and ns_filter is not None:
+            prefix = _ckey(ns_filter, want_cid)
+        else:
+            prefix = f"c/{enc(ns_filter)}/" if ns_filter is not None else "c/"
         (found,) = yield [Scan(sid, prefix)]
-        recs = []
-        for r in found:
-            _, ens, ecid = r.key.split("/", 2)
-            recs.append(_Record(dec(ens), dec(ecid), r.value))
+        recs, writes = _records(found)
         recs.sort(key=lambda r: r.cid, reverse=True)
         loads = self.serde.loads_typed
         chosen: list[_Record] = []
@@ -486,18 +515,14 @@ class SaverCore:
         for start in range(0, len(chosen), _LIST_CHUNK):
             part = chosen[start:start + _LIST_CHUNK]
             ckpts = [loads(r.ckpt) for r in part]
-            reqs: list[Request] = [Scan(sid, _wprefix(r.ns, r.cid)) for r in part]
             keys = sorted({_bkey(r.ns, k, v) for r, c in zip(part, ckpts, strict=True)
                            for k, v in c["channel_versions"].items()})
             keys = [k for k in keys if self._cached_blob(sid, k) is None]
-            reqs.extend(Get(sid, k) for k in keys)
-            answers = yield reqs
-            writes = answers[:len(part)]
-            fetched = {k: (r.value if r is not None else None)
-                       for k, r in zip(keys, answers[len(part):], strict=True)}
-            for r, c, w in zip(part, ckpts, writes, strict=True):
+            got = (yield [Get(sid, k) for k in keys]) if keys else []
+            fetched = {k: (r.value if r is not None else None) for k, r in zip(keys, got, strict=True)}
+            for r, c in zip(part, ckpts, strict=True):
                 blobs = yield from self._blobs(sid, r.ns, c["channel_versions"], fetched)
-                values = yield from self._writes(sid, w)
+                values = yield from self._writes(sid, writes.get(r.key, []))
                 out.append(self._tuple(thread_id, r, c, values, blobs))
         return out
 
@@ -506,13 +531,6 @@ class SaverCore:
     def delete_thread(self, thread_id: Any) -> Plan[None]:
         yield [Drop(self.sid(thread_id))]
         self._forget(self.sid(thread_id))
-
-    def _forget(self, sid: str) -> None:
-        """Drop what this process remembers of a thread it deleted or rewrote."""
-        with self.lock:
-            self.heads.pop(sid, None)
-            for key in [k for k in self.blobs if k[0] == sid]:
-                self.blob_bytes -= len(self.blobs.pop(key))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> Plan[None]:
         runs = {str(r) for r in run_ids}
@@ -524,7 +542,8 @@ class SaverCore:
             yield from self._rewrite(thread_id, lambda recs: [
                 r for r in recs if (r.metadata or {}).get("run_id") not in runs])
         yield [Drop(self.run_sid(r)) for r in sorted(runs)]
-        self.indexed = {x for x in self.indexed if x[0] not in runs}
+        with self.lock:
+            self.indexed = {x for x in self.indexed if x[0] not in runs}
         return None
 
     def prune(self, thread_ids: Sequence[str], strategy: str) -> Plan[None]:
@@ -550,100 +569,71 @@ class SaverCore:
 
     def _rewrite(self, thread_id: Any, keep_fn: Any) -> Plan[None]:
         """Keep the checkpoints `keep_fn(records)` returns, delete the others with their
-        writes and every blob no kept checkpoint refers to; heads follow. Bounded Txns: heads
-        first (a reader never finds a head whose checkpoint is gone), then the deletes."""
+        writes, every blob no kept checkpoint refers to and every part no kept value refers
+        to, in Txns of bounded size."""
         sid = self.sid(thread_id)
         everything = (yield [Scan(sid, "")])[0]
         loads = self.serde.loads_typed
-        recs: list[_Record] = []
-        heads: dict[str, Record] = {}
-        for r in everything:
-            kind = r.key[:2]
-            if kind == "c/":
-                _, ens, ecid = r.key.split("/", 2)
-                rec = _Record(dec(ens), dec(ecid), r.value)
-                rec.metadata = loads(rec.md)
-                recs.append(rec)
-            elif kind == "h/":
-                heads[dec(r.key[2:])] = r
-        kept = keep_fn(recs)
-        kept_ids = {(r.ns, r.cid) for r in kept}
+        recs, _ = _records([r for r in everything if r.key.startswith("c/")])
+        for rec in recs:
+            rec.metadata = loads(rec.md)
+        kept = {r.key: r for r in keep_fn(recs)}
         referenced: set[str] = set()
-        newest: dict[str, _Record] = {}
-        for r in kept:
+        for r in kept.values():
             for k, v in loads(r.ckpt)["channel_versions"].items():
                 referenced.add(_bkey(r.ns, k, v))
-            if r.ns not in newest or r.cid > newest[r.ns].cid:
-                newest[r.ns] = r
-        head_writes = Writes(sid)
-        for ns, h in heads.items():
-            n = newest.get(ns)
-            if n is None:
-                head_writes.deletes.append(_hkey(ns))
-            elif not h.value.startswith(n.cid.encode() + b"\0"):
-                head_writes.puts.append((_hkey(ns), n.cid.encode() + b"\0" + n.raw))
         deletes = Writes(sid)
         parts: set[str] = set()  # the parts the values that stay refer to
         for r in everything:
             kind = r.key[:2]
-            gone = False
             if kind == "c/":
-                _, ens, ecid = r.key.split("/", 2)
-                gone = (dec(ens), dec(ecid)) not in kept_ids
-            elif kind == "w/":
-                _, ens, ecid, _rest = r.key.split("/", 3)
-                gone = (dec(ens), dec(ecid)) not in kept_ids
+                gone = (r.key if _is_record(r.key) else _owner(r.key)) not in kept
             elif kind == "b/":
                 gone = r.key not in referenced
+            else:
+                continue
             if gone:
                 deletes.deletes.append(r.key)
-            elif kind in ("w/", "b/"):
+            else:
                 parts.update(_part_keys(r.key, r.value))
         deletes.deletes.extend(r.key for r in everything
                                if r.key.startswith("x/") and r.key not in parts)
-        for chunk in head_writes.chunks():
-            yield [chunk]
         for chunk in deletes.chunks():
             yield [chunk]
         self._forget(sid)
 
     def copy_thread(self, source: Any, target: Any) -> Plan[None]:
         src, dst = self.sid(source), self.sid(target)
-        everything, dst_heads = yield [Scan(src, ""), Scan(dst, "h/")]
+        (everything,) = yield [Scan(src, "")]
         if not everything:
             return None
         loads = self.serde.loads_typed
-        copy = Writes(dst)
         runs: set[str] = set()
-        for r in sorted(everything, key=lambda r: not r.key.startswith("x/")):  # parts first
-            if r.key.startswith("h/"):
-                continue
-            copy.puts.append((r.key, r.value))
-            if r.key.startswith("c/"):
+        for r in everything:
+            if r.key.startswith("c/") and _is_record(r.key):
                 md = loads(tuple(ormsgpack.unpackb(r.value)[2:4]))
                 if md.get("run_id"):
                     runs.add(str(md["run_id"]))
-        have = {h.key: h.value for h in dst_heads}
-        heads = Writes(dst)
-        for r in everything:
-            if r.key.startswith("h/"):
-                old = have.get(r.key)
-                if old is None or old.split(b"\0", 1)[0] < r.value.split(b"\0", 1)[0]:
-                    heads.puts.append((r.key, r.value))
-        index = [Commit(self.run_sid(run), _index_put(f"t/{enc(str(target))}")) for run in sorted(runs)]
+        index = [Commit(self.run_sid(run), _puts([(f"t/{enc(str(target))}", b"")]))
+                 for run in sorted(runs)]
         if index:
             yield index  # before the copies: a run's checkpoints are never out of its index
+        # parts first, then blobs, then checkpoints with their writes: a reader of the target
+        # never finds a checkpoint whose values are not there yet
+        order = {"x/": 0, "b/": 1, "c/": 2}
+        copy = Writes(dst, puts=[(r.key, r.value) for r in
+                                 sorted(everything, key=lambda r: (order.get(r.key[:2], 3), r.key))])
         for chunk in copy.chunks():
-            yield [chunk]
-        for chunk in heads.chunks():  # last: a head's checkpoint is always there
             yield [chunk]
         self._forget(dst)
         return None
 
 
-def _index_put(key: str) -> Any:
+def _puts(items: list[tuple[str, bytes]]) -> Any:
     def build(txn: Any) -> Any:
-        return txn.put(key, b"")
+        for k, v in items:
+            txn.put(k, v)
+        return txn
     return build
 
 
