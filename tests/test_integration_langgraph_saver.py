@@ -158,7 +158,7 @@ def test_pending_writes_order_and_dedup(router: str) -> None:
 def test_namespaces_are_isolated_even_with_separator_characters(router: str) -> None:
     with ShardStateSaver(router, prefix=fresh_prefix()) as saver:
         t = uid()
-        names = ["", "a", "a/b", "a%2Fb", "parent|child:1", "a/"]
+        names = ["", "a", "a/b", "a%2Fb", "parent|child:1", "a/", "w", "c/w"]
         for ns in names:
             s = saver.put(cfg(t, ns), ckpt({"v": ns}, {"v": 1}), {"ns": ns}, {"v": 1})
             saver.put_writes(s, [("ch", f"w-{ns}")], "task")
@@ -167,7 +167,8 @@ def test_namespaces_are_isolated_even_with_separator_characters(router: str) -> 
             assert tup.config["configurable"]["checkpoint_ns"] == ns
             assert tup.checkpoint["channel_values"] == {"v": ns}
             assert tup.pending_writes == [("task", "ch", f"w-{ns}")]
-            assert [x.metadata["ns"] for x in saver.list(cfg(t, ns))] == [ns]
+            assert [(x.metadata["ns"], x.pending_writes) for x in saver.list(cfg(t, ns))] == [
+                (ns, [("task", "ch", f"w-{ns}")])]
         every = list(saver.list({"configurable": {"thread_id": t}}))
         assert sorted(x.config["configurable"]["checkpoint_ns"] for x in every) == sorted(names)
 

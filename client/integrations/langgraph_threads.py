@@ -93,8 +93,8 @@ def _is_record(key: str) -> bool:
 
 
 def _owner(key: str) -> str:
-    """The checkpoint key a write's key belongs to."""
-    return key[:key.index("/w/")]
+    """The checkpoint key a write's key belongs to (its first three segments)."""
+    return "/".join(key.split("/", 3)[:3])
 
 
 def _outline(sid: str, items: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], list[Commit]]:
