@@ -127,8 +127,9 @@ class ShardStateSaver(BaseCheckpointSaver[str]):
 
 class AsyncShardStateSaver(BaseCheckpointSaver[str]):
     """A LangGraph checkpointer on a shardstate cluster through an `AsyncClient`: each method
-    is a few batched round trips (aput: one Txn; aget_tuple of the latest checkpoint this
-    process wrote: one).
+    is a few batched round trips (aput: one Txn; aput_writes: one Txn; aget_tuple: one Scan
+    of the checkpoint with its writes, and the channel values this process did not write
+    itself in the same round trip when it knows them, else in a second).
 
     `AsyncShardStateSaver("127.0.0.1:7400")` makes (and `aclose()` / `async with` closes) its
     own AsyncClient; pass one to share it. Keywords as ShardStateSaver. The sync methods work
