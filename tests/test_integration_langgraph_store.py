@@ -188,3 +188,18 @@ def test_async_store_owns_its_client_and_rejects_queries(router: str) -> None:
                 await store.aput(("a.b",), "k", {"x": 1})
 
     asyncio.run(main())
+
+
+def test_async_store_sync_methods_from_another_thread(router: str) -> None:
+    async def main() -> None:
+        async with AsyncShardStateStore(router, prefix=fresh_prefix()) as store:
+            await store.aput(("a",), "k", {"n": 1})  # binds the store to this loop
+            await asyncio.to_thread(store.put, ("a", "b"), "k2", {"n": 2})
+            got = await asyncio.to_thread(store.search, ("a",))
+            assert [(i.namespace, i.key, i.value) for i in got] == [
+                (("a",), "k", {"n": 1}), (("a", "b"), "k2", {"n": 2})]
+            assert await asyncio.to_thread(store.list_namespaces, max_depth=1) == [("a",)]
+            with pytest.raises(RuntimeError, match="another thread"):
+                store.get(("a",), "k")
+
+    asyncio.run(main())
