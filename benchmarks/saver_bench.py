@@ -159,8 +159,12 @@ async def postgres_saver() -> AsyncIterator[BaseCheckpointSaver[Any]]:
             yield saver
 
 
+DIRECT = False  # --direct: the saver's AsyncClient sends each call to its shard (where supported)
+
+
 @contextlib.asynccontextmanager
 async def shardstate_saver() -> AsyncIterator[BaseCheckpointSaver[Any]]:
+    from shardstate import AsyncClient
     from shardstate.integrations.langgraph import AsyncShardStateSaver
     d = tempfile.mkdtemp(prefix="ssbench-")
     dev = subprocess.Popen([sys.executable, "-m", "shardstate", "dev", "--port", "0",
@@ -175,8 +179,12 @@ async def shardstate_saver() -> AsyncIterator[BaseCheckpointSaver[Any]]:
                 break
         if not router:
             sys.exit(f"shardstate dev exited ({dev.wait()}) before printing its router")
-        async with AsyncShardStateSaver(router) as saver:
-            yield saver
+        try:
+            client = AsyncClient(router, direct=True) if DIRECT else AsyncClient(router)  # type: ignore[call-arg]
+        except TypeError:
+            sys.exit("--direct: this shardstate's AsyncClient has no direct mode")
+        async with client:
+            yield AsyncShardStateSaver(client)
     finally:
         dev.terminate()
         try:
@@ -211,9 +219,13 @@ if __name__ == "__main__":
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load per saver")
     p.add_argument("--threads", type=int, default=32, help="threads stepping at once")
     p.add_argument("--savers", default="memory,sqlite,postgres,shardstate")
+    p.add_argument("--direct", action="store_true",
+                   help="the shardstate saver's AsyncClient in direct mode (calls go to the shards)")
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main(p.parse_args()))
+    parsed = p.parse_args()
+    DIRECT = parsed.direct
+    asyncio.run(main(parsed))
