@@ -167,8 +167,10 @@ async def shardstate_saver() -> AsyncIterator[BaseCheckpointSaver[Any]]:
     from shardstate import AsyncClient
     from shardstate.integrations.langgraph import AsyncShardStateSaver
     d = tempfile.mkdtemp(prefix="ssbench-")
-    dev = subprocess.Popen([sys.executable, "-m", "shardstate", "dev", "--port", "0",
-                            "--data-dir", f"{d}/data"], stdout=subprocess.PIPE,
+    script = Path(sys.executable).with_name("shardstate")  # the console script of this venv
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "shardstate"]
+    dev = subprocess.Popen([*cmd, "dev", "--port", "0", "--data-dir", f"{d}/data"],
+                           stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True)
     try:
         assert dev.stdout is not None
