@@ -230,4 +230,7 @@ if __name__ == "__main__":
         pass
     parsed = p.parse_args()
     DIRECT = parsed.direct
+    # grpcio's poll-based transport, as the shardstate processes use it (less CPU a message);
+    # an agent sets it before grpc is imported, as here (only the shardstate saver uses grpc)
+    os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client,-event_engine_listener")
     asyncio.run(main(parsed))
