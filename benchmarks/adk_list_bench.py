@@ -12,13 +12,13 @@ beside a few sessions of other users), then `list_sessions(app_name, user_id)` i
 
 from __future__ import annotations
 
+import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before grpc loads)
+
+# isort: split
+
 import argparse
 import asyncio
-import queue
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -31,39 +31,10 @@ from google.adk.sessions.database_session_service import DatabaseSessionService
 from google.adk.sessions.sqlite_session_service import SqliteSessionService
 
 from shardstate.integrations.adk import ShardStateSessionService
+from shardstate.server import launch
 
 USER, OTHERS = "ada", ("bob", "eve")
 START_TIMEOUT_S = 120.0
-
-
-def start_dev(data: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`shardstate dev` on a free port (its default shards and replicas) and its router."""
-    # the `shardstate` script beside this Python: the same command in every package layout
-    shardstate = str(Path(sys.executable).with_name("shardstate"))
-    proc = subprocess.Popen([shardstate, "dev", "--port", "0", "--data-dir", str(data)],
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    lines: queue.Queue[bytes] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            lines.put(raw)
-        lines.put(b"")
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic())).decode()
-        except queue.Empty:
-            break
-        if not line:
-            break
-        if line.startswith("router: "):
-            return proc, line.split(" ", 1)[1].strip()
-    proc.kill()
-    raise SystemExit("shardstate dev did not print its router address")
 
 
 async def populate(svc: BaseSessionService, app: str, n: int, concurrency: int) -> float:
@@ -128,7 +99,8 @@ def main() -> None:
         dev = None
         address = args.address
         if address is None and "shardstate" in only:
-            dev, address = start_dev(Path(tmp) / "dev")
+            dev = launch.Dev(Path(tmp) / "dev")
+            address = dev.wait_router(START_TIMEOUT_S)
         try:
             async def run_all() -> None:
                 if "shardstate" in only:
@@ -152,11 +124,7 @@ def main() -> None:
             asyncio.run(run_all())
         finally:
             if dev is not None:
-                dev.terminate()
-                try:
-                    dev.wait(60)
-                except subprocess.TimeoutExpired:
-                    dev.kill()
+                dev.stop()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ shard per core up to 3, one replica each).
 
 from __future__ import annotations
 
+import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before grpc loads)
+
+# isort: split
+
 import argparse
 import asyncio
 import contextlib
@@ -31,6 +35,8 @@ from typing import Any
 
 from langgraph.checkpoint.base import BaseCheckpointSaver, Checkpoint
 from langgraph.checkpoint.base.id import uuid6
+
+from shardstate.server import launch
 
 MESSAGE = "m" * 300
 STEPS_PER_THREAD = 50
@@ -167,32 +173,14 @@ async def shardstate_saver() -> AsyncIterator[BaseCheckpointSaver[Any]]:
     from shardstate import AsyncClient
     from shardstate.integrations.langgraph import AsyncShardStateSaver
     d = tempfile.mkdtemp(prefix="ssbench-")
-    script = Path(sys.executable).with_name("shardstate")  # the console script of this venv
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "shardstate"]
-    dev = subprocess.Popen([*cmd, "dev", "--port", "0", "--data-dir", f"{d}/data"],
-                           stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, text=True)
+    dev = launch.Dev(Path(d) / "data")
     try:
-        assert dev.stdout is not None
-        router = ""
-        for line in dev.stdout:
-            if line.startswith("router: "):
-                router = line.split(" ", 1)[1].strip()
-                break
-        if not router:
-            sys.exit(f"shardstate dev exited ({dev.wait()}) before printing its router")
-        try:
-            client = AsyncClient(router, direct=True) if DIRECT else AsyncClient(router)  # type: ignore[call-arg]
-        except TypeError:
-            sys.exit("--direct: this shardstate's AsyncClient has no direct mode")
+        router = dev.wait_router()
+        client = AsyncClient(router, direct=DIRECT)
         async with client:
             yield AsyncShardStateSaver(client)
     finally:
-        dev.terminate()
-        try:
-            dev.wait(60)
-        except subprocess.TimeoutExpired:
-            dev.kill()
+        dev.stop()
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -230,7 +218,4 @@ if __name__ == "__main__":
         pass
     parsed = p.parse_args()
     DIRECT = parsed.direct
-    # grpcio's poll-based transport, as the shardstate processes use it (less CPU a message);
-    # an agent sets it before grpc is imported, as here (only the shardstate saver uses grpc)
-    os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client,-event_engine_listener")
     asyncio.run(main(parsed))

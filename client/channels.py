@@ -148,6 +148,7 @@ class SyncChannels:
             for ch in self._channels:
                 ch.close()
             self._channels.clear()
+            self._by_address.clear()
             self._stubs.clear()
 
 

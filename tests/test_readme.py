@@ -54,3 +54,15 @@ def test_readme_examples_run_against_a_dev_cluster(tmp_path: Path, devs: list[De
     stub = python_blocks("## Without the library")
     assert len(stub) == 1
     assert run(stub[0], dev.router).strip().startswith("True ")
+
+
+def test_the_framework_examples_in_the_readme_are_the_example_files() -> None:
+    # tests/test_integration_*.py run examples/*.py as written; the README shows them whole.
+    examples = README.parent / "examples"
+    for section, name in (("### LangGraph", "langgraph_quickstart.py"),
+                          ("### OpenAI Agents SDK", "openai_agents_session.py"),
+                          ("### Google ADK", "adk_session.py")):
+        blocks = python_blocks(section)
+        text = (examples / name).read_text()
+        body = re.sub(r'\A""".*?"""\n\n', "", text, flags=re.S)
+        assert blocks and blocks[0] == body, f"README {section} differs from examples/{name}"
