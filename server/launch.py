@@ -130,8 +130,7 @@ class Node:
         """One look: True once the port file is written and the node answers SERVING; raises
         NotReady when the process has exited."""
         if not self.alive():
-            code = self.popen.returncode if self.popen is not None else None
-            raise NotReady(f"{self.name} exited with code {code}:\n{self.log_tail()}", self)
+            raise NotReady(f"{self.name} exited with code {self.returncode}:\n{self.log_tail()}", self)
         port = portfile.read(self.port_file)
         if port is None:
             return False
