@@ -1,14 +1,14 @@
 """The Admin service on a router: its cluster map, map publication, cluster-wide Status,
-promotion and the removal of dead nodes from the map.
+promotion, the removal of dead nodes from the map, and rebalancing (router/rebalance.py).
 
-Membership changes, failover and backups are coordinated here in later work; until then those
-RPCs answer UNIMPLEMENTED saying so.
+Backups come in later work; until then those RPCs answer UNIMPLEMENTED saying so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -19,6 +19,7 @@ from shardstate.common.metrics import RateMeter, Registry
 from shardstate.router.failover import promote
 from shardstate.router.maps import MapHolder, validate_map
 from shardstate.router.nodes import NodePool, describe
+from shardstate.router.rebalance import Rebalancer
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 STATUS_TIMEOUT_S = 2.0
@@ -52,6 +53,7 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
         self.started = time.monotonic()
         self.load = RateMeter(metrics.get("shardstate_router_calls_total"))  # calls/s since the previous Status
         self.serving = serving or (lambda: True)
+        self.rebalancer = Rebalancer(maps, nodes)
 
     async def GetClusterMap(self, request: admin_pb2.GetClusterMapRequest, context: Any) -> admin_pb2.ClusterMap:
         return self.maps.view.pb
@@ -80,29 +82,46 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
             jobs.append(node_status(self.nodes, s.primary, admin_pb2.PRIMARY, s.id))
             jobs += [node_status(self.nodes, r, admin_pb2.REPLICA, s.id) for r in s.replicas]
         others = await asyncio.gather(*jobs)
+        moves: list[admin_pb2.RebalanceProgress] = []
+        if view.pb.migrations:
+            reb = self.rebalancer
+            if not reb.driving:
+                await reb._poll(view.pb)  # figures for the status line, from the targets
+            moves = reb.lines()
         return admin_pb2.StatusResponse(
             header=types_pb2.ResponseHeader(epoch=view.epoch, node=self.address),
-            cluster_map=view.pb, nodes=[me, *others],
+            cluster_map=view.pb, nodes=[me, *others], moves=moves,
         )
 
     async def _later(self, context: Any, what: str) -> Any:
         await errors.abort(context, errors.UnimplementedError(
-            f"{what} is not built yet on the router (cluster membership changes, failover and "
-            "backups come with rebalancing and replication); the cluster map can be changed with "
-            "PublishClusterMap"
+            f"{what} is not built yet on the router; see the README's list of what is missing"
         ))
 
-    async def AddShard(self, request: Any, context: Any) -> Any:
-        return await self._later(context, "AddShard")
+    async def AddShard(self, request: admin_pb2.AddShardRequest, context: Any) -> Any:
+        try:
+            return await self.rebalancer.add_shard(request)
+        except Exception as e:
+            await errors.abort(context, e)
 
-    async def RemoveShard(self, request: Any, context: Any) -> Any:
-        return await self._later(context, "RemoveShard")
+    async def RemoveShard(self, request: admin_pb2.RemoveShardRequest, context: Any) -> Any:
+        try:
+            return await self.rebalancer.remove_shard(request)
+        except Exception as e:
+            await errors.abort(context, e)
 
-    async def SetWeight(self, request: Any, context: Any) -> Any:
-        return await self._later(context, "SetWeight")
+    async def SetWeight(self, request: admin_pb2.SetWeightRequest, context: Any) -> Any:
+        try:
+            return await self.rebalancer.set_weight(request)
+        except Exception as e:
+            await errors.abort(context, e)
 
-    async def Rebalance(self, request: Any, context: Any) -> Any:  # type: ignore[override]  # aborts: no stream
-        await self._later(context, "Rebalance")
+    async def Rebalance(self, request: Any, context: Any) -> AsyncIterator[admin_pb2.RebalanceProgress]:  # type: ignore[override]
+        try:
+            async for p in self.rebalancer.follow():
+                yield p
+        except Exception as e:
+            await errors.abort(context, e)
 
     async def PromoteReplica(self, request: admin_pb2.PromoteReplicaRequest, context: Any) -> Any:
         try:
@@ -115,6 +134,10 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
             return await remove_node(self.maps, self.nodes, request.address)
         except Exception as e:
             await errors.abort(context, e)
+
+    async def SwapClusterMap(self, request: Any, context: Any) -> Any:
+        await errors.abort(context, errors.UnimplementedError(
+            "Admin.SwapClusterMap is served by the primary of the keeper shard (the lowest shard id), not by a router"))
 
     async def Backup(self, request: Any, context: Any) -> Any:  # type: ignore[override]  # aborts: no stream
         await self._later(context, "Backup")

@@ -14,7 +14,6 @@ import logging
 import grpc
 
 from shardstate.common import errors
-from shardstate.common.clustermap import node_addresses
 from shardstate.common.jsonlog import fields
 from shardstate.router.maps import MapHolder
 from shardstate.router.nodes import NodePool, describe
@@ -24,21 +23,25 @@ log = logging.getLogger("shardstate.router.failover")
 
 STATUS_TIMEOUT_S = 3.0
 PROMOTE_TIMEOUT_S = 15.0
-PUBLISH_ATTEMPTS = 5
 
 
-def promoted_map(pb: admin_pb2.ClusterMap, shard_id: str, new_primary: str) -> admin_pb2.ClusterMap:
-    """`pb` at the next epoch with `new_primary` as the shard's primary. The old primary leaves
-    the replica list: it rejoins as a replica (and is registered again) when it comes back."""
-    out = admin_pb2.ClusterMap()
-    out.CopyFrom(pb)
-    out.epoch = pb.epoch + 1
-    for s in out.shards:
+def promote_in(pb: admin_pb2.ClusterMap, shard_id: str, new_primary: str) -> None:
+    """In `pb`, `new_primary` becomes the shard's primary. The old primary leaves the replica
+    list: it rejoins as a replica (and is registered again) when it comes back."""
+    for s in pb.shards:
         if s.id == shard_id:
             reps = [r for r in s.replicas if r != new_primary]
             s.primary = new_primary
             del s.replicas[:]
             s.replicas.extend(reps)
+
+
+def promoted_map(pb: admin_pb2.ClusterMap, shard_id: str, new_primary: str) -> admin_pb2.ClusterMap:
+    """`pb` at the next epoch with `new_primary` as the shard's primary."""
+    out = admin_pb2.ClusterMap()
+    out.CopyFrom(pb)
+    out.epoch = pb.epoch + 1
+    promote_in(out, shard_id, new_primary)
     return out
 
 
@@ -107,17 +110,5 @@ async def promote(maps: MapHolder, nodes: NodePool, req: admin_pb2.PromoteReplic
         raise errors.from_rpc_error(e) from None
     log.warning("promoted replica", extra=fields(shard=shard.id, new_primary=chosen, old_primary=old_primary,
                                                  revision=done.revision))
-    pb = promoted_map(maps.view.pb, shard.id, chosen)
-    for _ in range(PUBLISH_ATTEMPTS):
-        maps.adopt(pb)
-        targets = [*node_addresses(pb), old_primary]
-        answers = await maps.publish(pb, targets)
-        clash = [a for a, r in answers.items()
-                 if isinstance(r, admin_pb2.PublishClusterMapResponse) and not r.adopted and r.epoch >= pb.epoch]
-        if not clash:
-            break
-        # Another map change took this epoch: redo ours on top of the newest map.
-        fetched = await maps.fetch(clash)
-        others = [m for m in fetched.values() if isinstance(m, admin_pb2.ClusterMap)]
-        pb = promoted_map(max([*others, maps.view.pb], key=lambda m: m.epoch), shard.id, chosen)
+    await maps.change(lambda pb: promote_in(pb, shard.id, chosen), also=[old_primary])
     return admin_pb2.PromoteReplicaResponse(cluster_map=maps.view.pb, new_primary=chosen, revision=done.revision)

@@ -99,7 +99,9 @@ class Router:
                 portfile.write(self.cfg.port_file, self.port)
             log.info("router serving", extra=fields(address=self.address, epoch=self.maps.view.epoch))
             periodic = asyncio.ensure_future(self.maps.run_periodic())
+            resume = asyncio.ensure_future(self.admin.rebalancer.watch())
             await stopper
+            resume.cancel()
         else:
             boot.cancel()
         log.info("router draining", extra=fields(grace_s=self.cfg.grace_s))

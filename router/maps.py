@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 
+from shardstate.common import mapswap
 from shardstate.common.clustermap import ClusterView, empty_view, load_cluster_file, node_addresses
-from shardstate.common.errors import InvalidArgumentError, UnavailableError
+from shardstate.common.errors import InvalidArgumentError
 from shardstate.common.jsonlog import fields
 from shardstate.router.nodes import NodePool, describe
 from shardstate.v1 import admin_pb2
@@ -26,7 +27,6 @@ FETCH_TIMEOUT_S = 2.0
 # A redirect never triggers more than one map fetch per this interval unless it names a newer
 # epoch than the router holds: keeps a misbehaving shard from causing a refresh storm.
 MIN_REFRESH_GAP_S = 0.05
-CHANGE_ATTEMPTS = 5
 
 
 # ---- pure logic ----
@@ -165,30 +165,18 @@ class MapHolder:
         """A node answered with an older map than ours: offer it ours."""
         await self.publish(self.view.pb, [address])
 
-    async def change(self, mutate: Callable[[admin_pb2.ClusterMap], None]) -> admin_pb2.ClusterMap:
-        """A conditional map change (docs/design.md §6): `mutate` turns the newest map, at epoch E,
-        into the map at E + 1, which is published to every node it names. A node answering
-        that it holds E + 1 or higher already means another change won that epoch: redone
-        on top of the newest map. `mutate` raises (nothing published) when it does not apply."""
-        await self.refresh(min_epoch=0)
-        base = self.view.pb
-        for _ in range(CHANGE_ATTEMPTS):
-            new = admin_pb2.ClusterMap()
-            new.CopyFrom(base)
-            mutate(new)
-            new.epoch = base.epoch + 1
-            answers = await self.publish(new, node_addresses(new))
-            clash = [a for a, r in answers.items()
-                     if isinstance(r, admin_pb2.PublishClusterMapResponse) and not r.adopted and r.epoch >= new.epoch]
-            if not clash:
-                self.adopt(new)
-                return new
-            await asyncio.sleep(0.05)
-            await self.refresh(min_epoch=new.epoch)  # adopts the map that took the epoch
-            base = self.view.pb
-            if base == new:
-                return new  # the clash cleared: ours is the newest map after all
-        raise UnavailableError(f"the cluster map kept changing under {CHANGE_ATTEMPTS} attempts; try again")
+    async def change(self, mutate: Callable[[admin_pb2.ClusterMap], bool | None],
+                     also: Sequence[str] = ()) -> admin_pb2.ClusterMap:
+        """A conditional map change (docs/design.md §6.2): `mutate` turns the authoritative map,
+        at epoch E, into the map at E + 1, swapped in at the keeper shard and then published to
+        every node it names (and `also`). `mutate` raises (nothing changes) when it does not
+        apply; returning False means there is nothing to do (the current map is returned)."""
+        view = await self.refresh()
+        new = await mapswap.swap(self.nodes.admin, view.pb, mutate, self.publish, also)
+        if new is None:
+            return self.view.pb
+        self.adopt(new)
+        return new
 
     # -- refresh --
 

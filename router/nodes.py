@@ -12,7 +12,7 @@ import grpc
 from grpc import aio
 
 from shardstate.common.transport import channel_options
-from shardstate.v1 import admin_pb2_grpc
+from shardstate.v1 import admin_pb2_grpc, replication_pb2_grpc
 
 STATE = "/shardstate.v1.State/"
 
@@ -71,6 +71,10 @@ class NodePool:
             stub = admin_pb2_grpc.AdminStub(self.channel(address))
             self._admin[address] = stub
         return stub
+
+    def replication(self, address: str) -> replication_pb2_grpc.ReplicationStub:
+        """Node-to-node calls of rebalancing (Fence, MigrationStatus)."""
+        return replication_pb2_grpc.ReplicationStub(self.channel(address))
 
     async def close(self) -> None:
         channels = list(self._channels.values())

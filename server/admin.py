@@ -11,6 +11,7 @@ from typing import Any
 
 from shardstate.common import errors
 from shardstate.common.metrics import RateMeter
+from shardstate.common.rebalance import keeper_id
 from shardstate.v1 import admin_pb2
 
 from .node import Node
@@ -36,6 +37,19 @@ class AdminService:
             await errors.abort(context, e)
         return admin_pb2.PublishClusterMapResponse(adopted=adopted, epoch=self.node.epoch)
 
+    async def swap_cluster_map(self, req: admin_pb2.SwapClusterMapRequest, context: Any) -> admin_pb2.SwapClusterMapResponse:
+        """The authoritative map's compare-and-swap (docs/design.md §6.2): nothing awaits
+        between the compare and the adoption, so two swaps from one epoch cannot both win."""
+        node = self.node
+        try:
+            check_swap(node, req)
+        except Exception as e:
+            await errors.abort(context, e)
+        swapped = node.epoch == req.expected_epoch
+        if swapped:
+            node.adopt(req.map)
+        return admin_pb2.SwapClusterMapResponse(swapped=swapped, current=node.view.pb)
+
     async def status(self, req: admin_pb2.StatusRequest, context: Any) -> admin_pb2.StatusResponse:
         node, engine = self.node, self.node.engine
         try:
@@ -57,10 +71,29 @@ class AdminService:
             "GetClusterMap": self.get_cluster_map,
             "PublishClusterMap": self.publish_cluster_map,
             "Status": self.status,
+            "SwapClusterMap": self.swap_cluster_map,
         }
         for name in ROUTER_ONLY:
             out[name] = _router_only(name, streaming=name in STREAMING)
         return out
+
+
+def check_swap(node: Node, req: admin_pb2.SwapClusterMapRequest) -> None:
+    new = req.map
+    if new.epoch != req.expected_epoch + 1:
+        raise errors.InvalidArgumentError(
+            f"SwapClusterMap: the new map's epoch must be expected_epoch + 1 = {req.expected_epoch + 1}, got {new.epoch}")
+    if not new.shards:
+        raise errors.InvalidArgumentError("SwapClusterMap: the new map names no shard")
+    ids = [s.id for s in new.shards]
+    if len(set(ids)) != len(ids) or not all(ids) or not all(s.primary for s in new.shards):
+        raise errors.InvalidArgumentError("SwapClusterMap: every shard needs a unique id and a primary address")
+    if node.is_replica:
+        raise errors.NotPrimaryError.of(node.primary, node.shard_id)
+    held = node.view.pb
+    if held.epoch and keeper_id(held) != node.shard_id:
+        raise errors.FailedPreconditionError(
+            f"this node (shard {node.shard_id}) does not keep the cluster map: shard {keeper_id(held)}'s primary does")
 
 
 def _router_only(name: str, streaming: bool) -> Callable[..., Any]:

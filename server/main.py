@@ -33,6 +33,7 @@ from shardstate.v1 import admin_pb2, state_pb2
 
 from . import handlers
 from .admin import AdminService
+from .migration import Migrations
 from .node import Node
 from .replication import Replication
 from .replication.manager import ADDRESS_META
@@ -95,6 +96,9 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
     handlers.register(server, STATE_SERVICE, state.behaviors())
     repl = Replication(cfg, node, engine, state)
     repl.register(server)
+    moves = Migrations(cfg, node, engine, repl)
+    moves.register(server)
+    state.fence = moves.fences
     admin = AdminService(node, state).behaviors()
     repl.wire_admin(admin)
     handlers.register(server, ADMIN_SERVICE, admin)
@@ -113,6 +117,7 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
     previous = (engine.node_meta(ADDRESS_META) or b"").decode()  # repl.start() records the new one
     # A replica serves once it has caught up with its primary (Admin answers meanwhile).
     await repl.start()
+    await moves.start()
     await asyncio.wait([asyncio.ensure_future(repl.ready()), asyncio.ensure_future(stop.wait())],
                        return_when=asyncio.FIRST_COMPLETED)
     if not stop.is_set():
@@ -140,6 +145,7 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
     await health_servicer.enter_graceful_shutdown()
     state.drain()
     await settle(state, loop.time() + cfg.grace_s)
+    await moves.stop()
     await repl.stop()
     await server.stop(cfg.grace_s)
     sweeper.cancel()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from shardstate.common.clustermap import ClusterView, empty_view
 from shardstate.common.errors import NotPrimaryError, WrongShardError
@@ -37,6 +38,7 @@ class Node:
         self.serving = False
         self.readable = True  # replication: False while a replica's data is not yet the primary's
         self.metrics = Registry()  # the process's one registry (docs/design.md §9)
+        self.on_adopt: list[Callable[[admin_pb2.ClusterMap], None]] = []  # called after each adoption
         raw = engine.node_meta(MAP_KEY)
         if raw:
             self.view = ClusterView.of(admin_pb2.ClusterMap.FromString(raw))
@@ -65,6 +67,8 @@ class Node:
         self.engine.set_node_meta(MAP_KEY, pb.SerializeToString())
         self.view = view
         log.info("cluster map adopted", extra={"fields": {"epoch": pb.epoch, "shards": [s.id for s in pb.shards]}})
+        for hook in self.on_adopt:
+            hook(pb)
         return True
 
     def check_owner(self, namespace: str, session_id: str) -> None:

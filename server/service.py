@@ -26,6 +26,7 @@ Op = Callable[[Any], Awaitable[Any]]
 REPLICA_READ_WAIT_S = 1.0
 
 # BatchOp / BatchResult field of each op kind (the same names in both messages).
+WRITE_KINDS = frozenset(("put", "delete", "increment", "append", "txn", "touch"))
 BATCH_KINDS = ("get", "put", "delete", "increment", "append", "read_log", "txn", "scan", "touch", "get_session")
 
 
@@ -48,6 +49,8 @@ class StateService:
         # Semi-synchronous replication (set by shardstate.server.replication with
         # --min-replica-acks): awaited with the revision a call wrote before it is answered.
         self.ack_barrier: Callable[[int], Awaitable[None]] | None = None
+        # Rebalancing's hand-over hold (shardstate.server.migration.fence.Fences), when wired.
+        self.fence: Any = None
         self.ops: dict[str, Op] = {
             "get": self.get, "put": self.put, "delete": self.delete, "increment": self.increment,
             "append": self.append, "read_log": self.read_log, "txn": self.txn, "scan": self.scan,
@@ -71,10 +74,13 @@ class StateService:
         h.node = node.address
         return resp
 
-    def _write_gate(self, req: Any) -> None:
+    async def _write_gate(self, req: Any) -> None:
         """The names first (an invalid request is INVALID_ARGUMENT on every node, never a
-        redirect), then ownership and role."""
+        redirect), then the rebalance's hold on a session being handed over, ownership, role."""
         self.engine.ref(req.namespace, req.session_id)
+        fence = self.fence
+        if fence is not None and fence.active() is not None:
+            await fence.hold(req.namespace, req.session_id)
         self.node.check_owner(req.namespace, req.session_id)
         self.node.check_writable()
 
@@ -129,40 +135,40 @@ class StateService:
         return self.header(resp)
 
     async def put(self, req: state_pb2.PutRequest) -> state_pb2.PutResponse:
-        self._write_gate(req)
+        await self._write_gate(req)
         return self.header(await self.engine.put(req))
 
     async def delete(self, req: state_pb2.DeleteRequest) -> state_pb2.DeleteResponse:
-        self._write_gate(req)
+        await self._write_gate(req)
         return self.header(await self.engine.delete(req))
 
     async def increment(self, req: state_pb2.IncrementRequest) -> state_pb2.IncrementResponse:
-        self._write_gate(req)
+        await self._write_gate(req)
         return self.header(await self.engine.increment(req))
 
     async def txn(self, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
         validation.compares(req.compares)
-        self._write_gate(req)
+        await self._write_gate(req)
         return self.header(await self.engine.txn(req))
 
     async def append(self, req: state_pb2.AppendRequest) -> state_pb2.AppendResponse:
-        self._write_gate(req)
+        await self._write_gate(req)
         return self.header(await self.engine.append(req))
 
     async def trim_log(self, req: state_pb2.TrimLogRequest) -> state_pb2.TrimLogResponse:
-        self._write_gate(req)
+        await self._write_gate(req)
         return self.header(await self.engine.trim_log(req))
 
     async def pop_last(self, req: state_pb2.PopLastRequest) -> state_pb2.PopLastResponse:
-        self._write_gate(req)
+        await self._write_gate(req)
         return self.header(await self.engine.pop_last(req))
 
     async def touch(self, req: state_pb2.TouchRequest) -> state_pb2.TouchResponse:
-        self._write_gate(req)
+        await self._write_gate(req)
         return self.header(await self.engine.touch(req))
 
     async def delete_session(self, req: state_pb2.DeleteSessionRequest) -> state_pb2.DeleteSessionResponse:
-        self._write_gate(req)
+        await self._write_gate(req)
         return self.header(await self.engine.delete_session(req))
 
     # ---- Batch ----
@@ -247,6 +253,9 @@ class StateService:
         if n > self.engine.limits.max_batch_ops:
             raise errors.LimitExceededError.of("max_batch_ops", self.engine.limits.max_batch_ops, n, "ops in one Batch")
         resp = state_pb2.BatchResponse() if out is None else out
+        fence = self.fence
+        if fence is not None and fence.active() is not None:
+            await self._hold_batch(req)  # before a grouped run, which must not suspend
         before = self.engine.store.committed
         if not self.concurrent:
             await self._run_grouped(req, resp, bad)
@@ -272,6 +281,13 @@ class StateService:
         resp.results.extend(r for r in results if r is not None)
         await self.replicated(before, req=req)
         return self.header(resp)
+
+    async def _hold_batch(self, req: state_pb2.BatchRequest) -> None:
+        for op in req.ops:
+            kind = op.WhichOneof("op")
+            if kind and kind in WRITE_KINDS:
+                inner = getattr(op, kind)
+                await self.fence.hold(inner.namespace, inner.session_id)
 
     async def _run_grouped(self, req: state_pb2.BatchRequest, resp: state_pb2.BatchResponse,
                            bad: dict[int, errors.InvalidArgumentError]) -> None:

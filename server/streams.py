@@ -127,7 +127,11 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
         # First message: the watch is in place; everything from `start` on will follow.
         yield svc.header(state_pb2.WatchResponse(progress_revision=start - 1))
         last_sent = loop.time()
+        node, ns, sid = svc.node, req.namespace, req.session_id
         while not svc.draining:
+            # Moved by a rebalance: what this shard still has of the session is sent, then
+            # WrongShard; the router resumes on the new owner after the last revision shown.
+            moved = not node.owns(ns, sid)
             try:
                 batch = engine.changes_since_raw(start, WATCH_BATCH)
             except errors.HistoryCompactedError as e:  # the watcher fell behind retention
@@ -145,7 +149,23 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
                     resp.events.extend(events)
             if batch:
                 start = batch[-1][0] + 1
+            if moved:
+                if resp.events:
+                    resp.progress_revision = resp.events[-1].revision
+                    yield svc.header(resp)
+                if len(batch) < WATCH_BATCH:
+                    try:
+                        node.check_owner(ns, sid)
+                    except Exception as e:
+                        await errors.abort(context, e)
+                        return
+                continue
             resp.progress_revision = max(start - 1, engine.revision()) if len(batch) < WATCH_BATCH else start - 1
+            fence = svc.fence.active() if svc.fence is not None else None
+            if fence is not None and fence.holds(ns, sid):
+                # Handing over: the new owner's revisions for this session start above the
+                # fence's, so progress shown here must not pass it.
+                resp.progress_revision = min(resp.progress_revision, fence.revision)
             now = loop.time()
             if resp.events or now - last_sent >= PROGRESS_S:
                 yield svc.header(resp)

@@ -113,6 +113,13 @@ def register(server: grpc.aio.Server, service: ServiceDescriptor, behaviors: dic
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+def unary(fn: Callable[[Any, Any], Any], request: Any, response: Any) -> grpc.RpcMethodHandler:
+    """One unary method outside a registered service (e.g. added to the Replication service
+    by another module), with the same never-raising deserializer."""
+    return grpc.unary_unary_rpc_method_handler(
+        _unary_unary(fn), request_deserializer=_deserializer(request), response_serializer=response.SerializeToString)
+
+
 def register_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> None:
     """`register` for a servicer object whose methods are named like the RPCs (a generated
     *Servicer subclass): its requests get the same never-raising deserializers."""

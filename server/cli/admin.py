@@ -1,8 +1,8 @@
 """`shardstate admin --router ADDR COMMAND`: cluster administration from a shell.
 
-`status` (a table of the router and every node) and `map` (the cluster map) for now; the
-membership commands (add/remove shard, weight, promote, backup) plug in as further
-subcommands.
+`status` (a table of the router and every node), `map` (the cluster map), failover
+(`promote`, `remove-node`) and rebalancing (`add-shard`, `remove-shard`, `set-weight`,
+`rebalance-status`: server/cli/rebalance.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from google.protobuf import json_format
 
 from shardstate.common import errors
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
+
+from . import rebalance
 
 TIMEOUT_S = 30.0
 DEFAULT_ROUTER = "127.0.0.1:7400"
@@ -104,7 +106,7 @@ def map_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
         table.add_row(s.id, STATE.get(s.state, "?"), str(s.weight or 1), s.primary, ", ".join(s.replicas) or "-")
     console().print(table)
     for m in pb.migrations:
-        print(f"migration {m.source} -> {m.target}: {m.phase} (since epoch {m.started_epoch})")
+        print(f"{m.change}: {m.source} -> {m.target} {m.phase} (since epoch {m.started_epoch})")
     return 0
 
 
@@ -115,6 +117,7 @@ COMMANDS: dict[str, tuple[Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace
     "map": (map_cmd, "the cluster map the router holds"),
     "promote": (promote_cmd, "make a replica the primary of its shard (failover): promote SHARD [--replica ADDR]"),
     "remove-node": (remove_node_cmd, "remove a dead replica from the cluster map: remove-node ADDR"),
+    **rebalance.COMMANDS,
 }
 
 
@@ -131,6 +134,7 @@ def main(argv: list[str]) -> int:
             sp.add_argument("--replica", default="", help="replica address to promote (default: the most caught-up)")
         if name == "remove-node":
             sp.add_argument("address", help="the node's host:port as `shardstate admin map` lists it")
+        rebalance.add_arguments(name, sp)
     args = p.parse_args(argv)
     fn = COMMANDS[args.command][0]
     with grpc.insecure_channel(args.router) as ch:

@@ -76,6 +76,8 @@ class Leader:
         self.followers: dict[str, FollowerInfo] = {}
         self.generation = 0  # bumped to end every stream (demotion, shutdown)
         self.closing = False
+        # Serves a Follow with a migration filter (shardstate.server.migration.source).
+        self.mover: Callable[[replication_pb2.FollowHello, AsyncIterator[Any], Any], AsyncIterator[bytes]] | None = None
         m = node.metrics
         self.batches_sent = m.counter("shardstate_replication_batches_sent_total",
                                       "change batches streamed to a replica", ("replica",))
@@ -161,6 +163,13 @@ class Leader:
             await errors.abort(context, errors.InvalidArgumentError("Follow: the first message must be a hello"))
             return
         hello = first.hello
+        if hello.filter_owner or hello.filter_map:  # a rebalance's target, not a replica
+            if self.mover is None:
+                await errors.abort(context, errors.UnimplementedError("this node serves no migration streams"))
+                return
+            async for msg in self.mover(hello, it, context):
+                yield msg
+            return
         try:
             self._check_hello(hello)
         except errors.ShardstateError as e:
@@ -212,11 +221,6 @@ class Leader:
 
     def _check_hello(self, hello: replication_pb2.FollowHello) -> None:
         node = self.node
-        if hello.filter_owner or hello.filter_map:
-            raise errors.UnimplementedError(
-                "Follow with a migration filter (filter_owner/filter_map) is not built yet; "
-                "only whole-shard replication is served"
-            )
         if hello.shard_id and hello.shard_id != node.shard_id:
             raise errors.FailedPreconditionError(
                 f"this node serves shard {node.shard_id!r}, not {hello.shard_id!r}: a replica follows its own shard's primary"

@@ -2,22 +2,23 @@
 peers (at start-up, so a returning old primary sees it was replaced), and changing the map
 (registering a replica, announcing a new address) with an epoch bump published to every node.
 
-Concurrent map changes at the same epoch are possible (another primary registering its
-replica, a router promoting): a change that finds another map at its epoch rebuilds on top
-of that map at the next epoch, so neither change is lost and every node converges.
+Every change is a swap at the keeper shard (shardstate.common.mapswap): a change that lost
+its epoch to another (another primary registering its replica, a router promoting) is
+computed again from the keeper's map, so neither is lost and every node converges.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 from grpc import aio
 
+from shardstate.common import mapswap
 from shardstate.common.clustermap import node_addresses
+from shardstate.common.errors import ShardstateError
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 from ..node import Node
@@ -25,7 +26,6 @@ from ..node import Node
 log = logging.getLogger("shardstate.replication.maps")
 
 TIMEOUT_S = 2.0
-CHANGE_ATTEMPTS = 8
 
 
 def replace_address(pb: admin_pb2.ClusterMap, shard_id: str, old: str, new: str) -> bool:
@@ -98,31 +98,23 @@ class MapSync:
         return [r for r in got if r is not None]
 
     async def change(self, mutate: Callable[[admin_pb2.ClusterMap], bool], why: str) -> admin_pb2.ClusterMap | None:
-        """Apply `mutate` to the newest map at the next epoch and publish it everywhere.
-        `mutate` returns False when there is nothing (left) to do."""
-        base: admin_pb2.ClusterMap | None = None
-        for _ in range(CHANGE_ATTEMPTS):
-            await self.refresh()
-            mine = self.node.view.pb
-            if base is None or mine.epoch > base.epoch:
-                base = mine  # else: the other map that took our epoch, which ours must include
-            new = admin_pb2.ClusterMap()
-            new.CopyFrom(base)
-            if not mutate(new):
-                return None
-            new.epoch = max(base.epoch, self.node.epoch) + 1
-            self.node.adopt(new)
-            targets = [a for a in node_addresses(new) if a != self.node.address]
-            answers = await self.publish(new, targets)
-            if all(r.adopted or r.epoch < new.epoch for r in answers):
-                log.info("cluster map changed", extra={"fields": {"epoch": new.epoch, "why": why}})
-                return new
-            # Another map took this epoch (or a newer one exists): rebuild on top of it.
-            others = [m for m in await self.fetch(targets) if m.epoch >= new.epoch and m != new]
-            base = max(others, key=lambda m: m.epoch, default=None)
-            await asyncio.sleep(random.uniform(0.02, 0.2))
-        log.warning("cluster map change did not settle", extra={"fields": {"why": why}})
-        return None
+        """Apply `mutate` to the authoritative map at the next epoch (a swap at the keeper
+        shard, docs/design.md §6.2) and publish it everywhere. `mutate` returns False when
+        there is nothing (left) to do."""
+        await self.refresh()
+
+        async def publish(pb: admin_pb2.ClusterMap, addresses: Sequence[str]) -> None:
+            self.node.adopt(pb)
+            await self.publish(pb, [a for a in addresses if a != self.node.address])
+
+        try:
+            new = await mapswap.swap(self._stub, self.node.view.pb, mutate, publish)
+        except ShardstateError as e:
+            log.warning("cluster map change failed", extra={"fields": {"why": why, "error": e.message}})
+            return None
+        if new is not None:
+            log.info("cluster map changed", extra={"fields": {"epoch": new.epoch, "why": why}})
+        return new
 
     async def announce(self, previous: str) -> admin_pb2.ClusterMap | None:
         """This node came back under a new address: where the map names it by `previous` (the

@@ -73,6 +73,9 @@ class Engine:
         self.retention_hold: Callable[[], int] | None = None
         self._refs: dict[tuple[str, str], SessionRef] = {}
         self.sweeping = True
+        # Sessions the sweeper may reclaim (None: all): a shard leaves alone the sessions it
+        # holds but does not own (copied in by a rebalance, or moved away and not yet dropped).
+        self.owns: Callable[[bytes, bytes], bool] | None = None
         # Request ids with no stored record (made at the first write with one; dropped by
         # every write path other than _write, which must add each record it stores).
         self._absent: idempotency.Absent | None = None
@@ -242,6 +245,22 @@ class Engine:
             snapshot.clear_data(self.store)
         snapshot.write_chunk(self.store, ops, revision)
 
+    async def write_raw(self, ops: list[tuple[bytes, bytes | None]], floor: int = 0) -> int:
+        """Rebalancing: raw ops copied from another shard (or dropping sessions that moved
+        away), as one write with its own revision and a change-log entry of no session and no
+        events (replicas apply it; watchers see nothing). `floor`: later revisions are above it.
+        Returns the write's revision."""
+        self._absent = self._idem_from = None  # the ops may store idempotency records
+        if floor:
+            self.store.clock.raise_to(floor)
+        pending = node_write(self.store, ops, self.now_ms())
+        await self.store.commit(pending)
+        meta = enc.META[0]
+        for k, _ in ops:
+            if k and k[0] == meta:
+                self.store.forget_meta(k)
+        return pending.revision
+
     async def raise_revision(self, floor: int) -> int:
         """Promotion / migration guard rail: every later revision is above `floor`."""
         clock = self.store.clock
@@ -264,11 +283,16 @@ class Engine:
         done = {"sessions": 0, "keys": 0, "idempotency": 0, "changes_trimmed": 0}
         store = self.store
         if self.sweeping:
+            owns = self.owns
             for exp, ns, sid in expiry.due_sessions(store, self.now_ms(), SWEEP_BATCH):
+                if owns is not None and not owns(ns, sid):
+                    continue
                 if await self._reclaim_session(ns, sid, exp):
                     done["sessions"] += 1
                 await asyncio.sleep(0)
             for (ns, sid), due in expiry.due_keys(store, self.now_ms(), SWEEP_BATCH).items():
+                if owns is not None and not owns(ns, sid):
+                    continue
                 done["keys"] += await self._reclaim_keys(ns, sid, due)
                 await asyncio.sleep(0)
             await self._collect_idempotency(done)

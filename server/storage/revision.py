@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import time
 
-LOGICAL_BITS = 20
+from shardstate.common.hlc import LOGICAL_BITS, ms_of
+
+__all__ = ["LOGICAL_BITS", "RevisionClock", "ms_of", "wall_ms"]
 
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def ms_of(revision: int) -> int:
-    """The wall-clock millisecond a revision was (at the latest) handed out in."""
-    return revision >> LOGICAL_BITS
 
 
 class RevisionClock:

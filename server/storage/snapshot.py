@@ -30,6 +30,10 @@ class Snapshot:
             if k[0] not in _SKIP:
                 yield k, v
 
+    def keys(self, tag: bytes) -> Iterator[bytes]:
+        """The keys of one family (e.g. enc.META: one per session)."""
+        yield from self._snap.iterator(prefix=tag, include_value=False)
+
     def close(self) -> None:
         self._snap.close()
 

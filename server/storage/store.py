@@ -261,6 +261,11 @@ class Store:
         """Node-local metadata (`_|name`), synced; never replicated."""
         self.db.put(enc.node_key(name), value, sync=True)
 
+    def node_meta_names(self, prefix: str) -> list[str]:
+        """Names of the node meta entries starting with `prefix`."""
+        keys = self.db.iterator(prefix=enc.prefix(enc.NODE, partial=prefix.encode()), include_value=False)
+        return [bytes(enc.decode(k, "b")[0]).decode() for k in keys]  # type: ignore[arg-type]
+
     def node_meta(self, name: str) -> bytes | None:
         value: bytes | None = self.db.get(enc.node_key(name))
         return value

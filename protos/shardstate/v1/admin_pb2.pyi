@@ -73,12 +73,15 @@ class ShardInfo(_message.Message):
     PRIMARY_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    NEXT_WEIGHT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     weight: _builtins.int
     """vnode multiplier; 0 is read as 1"""
     primary: _builtins.str
     """address host:port"""
     state: Global___ShardState.ValueType
+    next_weight: _builtins.int
+    """during a rebalance: the weight the shard has after it (0 = weight)"""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -89,10 +92,11 @@ class ShardInfo(_message.Message):
         primary: _builtins.str = ...,
         replicas: _abc.Iterable[_builtins.str] | None = ...,
         state: Global___ShardState.ValueType = ...,
+        next_weight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "primary", b"primary", "replicas", b"replicas", "state", b"state", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "next_weight", b"next_weight", "primary", b"primary", "replicas", b"replicas", "state", b"state", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -100,16 +104,28 @@ Global___ShardInfo: _TypeAlias = ShardInfo  # noqa: Y015
 
 @_typing.final
 class Migration(_message.Message):
+    """One (source, target) pair of a rebalance: the sessions the source owns under the current
+    ring and the target owns under the target ring move. Every pair of a rebalance hands over
+    at once, at the epoch that ends it.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SOURCE_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     STARTED_EPOCH_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     target: _builtins.str
     started_epoch: _builtins.int
+    """the epoch that started the rebalance (its pairs' filter map)"""
     phase: _builtins.str
+    """"copying" (snapshot, then tailing the change log)"""
+    change: _builtins.str
+    """what started it, e.g. "add-shard s3" """
+    started_ms: _builtins.int
     def __init__(
         self,
         *,
@@ -117,10 +133,12 @@ class Migration(_message.Message):
         target: _builtins.str = ...,
         started_epoch: _builtins.int = ...,
         phase: _builtins.str = ...,
+        change: _builtins.str = ...,
+        started_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase", b"phase", "source", b"source", "started_epoch", b"started_epoch", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "phase", b"phase", "source", b"source", "started_epoch", b"started_epoch", "started_ms", b"started_ms", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -290,26 +308,82 @@ class StatusResponse(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CLUSTER_MAP_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
+    MOVES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> _types_pb2.ResponseHeader: ...
     @_builtins.property
     def cluster_map(self) -> Global___ClusterMap: ...
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStatus]: ...
+    @_builtins.property
+    def moves(self) -> _containers.RepeatedCompositeFieldContainer[Global___RebalanceProgress]:
+        """routers: one line per pair of the running rebalance"""
+
     def __init__(
         self,
         *,
         header: _types_pb2.ResponseHeader | None = ...,
         cluster_map: Global___ClusterMap | None = ...,
         nodes: _abc.Iterable[Global___NodeStatus] | None = ...,
+        moves: _abc.Iterable[Global___RebalanceProgress] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cluster_map", b"cluster_map", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_map", b"cluster_map", "header", b"header", "nodes", b"nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_map", b"cluster_map", "header", b"header", "moves", b"moves", "nodes", b"nodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class SwapClusterMapRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPECTED_EPOCH_FIELD_NUMBER: _builtins.int
+    MAP_FIELD_NUMBER: _builtins.int
+    expected_epoch: _builtins.int
+    @_builtins.property
+    def map(self) -> Global___ClusterMap:
+        """its epoch must be expected_epoch + 1"""
+
+    def __init__(
+        self,
+        *,
+        expected_epoch: _builtins.int = ...,
+        map: Global___ClusterMap | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["map", b"map"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_epoch", b"expected_epoch", "map", b"map"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwapClusterMapRequest: _TypeAlias = SwapClusterMapRequest  # noqa: Y015
+
+@_typing.final
+class SwapClusterMapResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SWAPPED_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    swapped: _builtins.bool
+    @_builtins.property
+    def current(self) -> Global___ClusterMap:
+        """the keeper's map after the call"""
+
+    def __init__(
+        self,
+        *,
+        swapped: _builtins.bool = ...,
+        current: Global___ClusterMap | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["current", b"current"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "swapped", b"swapped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwapClusterMapResponse: _TypeAlias = SwapClusterMapResponse  # noqa: Y015
 
 @_typing.final
 class AddShardRequest(_message.Message):
@@ -403,6 +477,8 @@ Global___SetWeightRequest: _TypeAlias = SetWeightRequest  # noqa: Y015
 
 @_typing.final
 class RebalanceRequest(_message.Message):
+    """Follow the running rebalance (or run one if the map left one unfinished) until it ends."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -418,6 +494,8 @@ Global___RebalanceRequest: _TypeAlias = RebalanceRequest  # noqa: Y015
 
 @_typing.final
 class RebalanceProgress(_message.Message):
+    """A pair's progress; source = target = "" sums every pair (sent last with done = true)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PHASE_FIELD_NUMBER: _builtins.int
@@ -429,7 +507,12 @@ class RebalanceProgress(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    ELAPSED_S_FIELD_NUMBER: _builtins.int
+    LAG_REVISIONS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     phase: _builtins.str
+    """copying, tailing, caught_up, handing_over, done, idle"""
     sessions_total: _builtins.int
     sessions_moved: _builtins.int
     bytes_moved: _builtins.int
@@ -438,6 +521,12 @@ class RebalanceProgress(_message.Message):
     target: _builtins.str
     epoch: _builtins.int
     done: _builtins.bool
+    change: _builtins.str
+    elapsed_s: _builtins.float
+    lag_revisions: _builtins.int
+    """source revision - the target's position in its change log"""
+    error: _builtins.str
+    """the pair's last error, while it retries"""
     def __init__(
         self,
         *,
@@ -450,10 +539,14 @@ class RebalanceProgress(_message.Message):
         target: _builtins.str = ...,
         epoch: _builtins.int = ...,
         done: _builtins.bool = ...,
+        change: _builtins.str = ...,
+        elapsed_s: _builtins.float = ...,
+        lag_revisions: _builtins.int = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_moved", b"bytes_moved", "done", b"done", "epoch", b"epoch", "eta_s", b"eta_s", "phase", b"phase", "sessions_moved", b"sessions_moved", "sessions_total", b"sessions_total", "source", b"source", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_moved", b"bytes_moved", "change", b"change", "done", b"done", "elapsed_s", b"elapsed_s", "epoch", b"epoch", "error", b"error", "eta_s", b"eta_s", "lag_revisions", b"lag_revisions", "phase", b"phase", "sessions_moved", b"sessions_moved", "sessions_total", b"sessions_total", "source", b"source", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

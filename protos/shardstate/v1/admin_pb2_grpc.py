@@ -89,6 +89,11 @@ class AdminStub:
                 request_serializer=shardstate_dot_v1_dot_admin__pb2.RemoveNodeRequest.SerializeToString,
                 response_deserializer=shardstate_dot_v1_dot_admin__pb2.ClusterMap.FromString,
                 _registered_method=True)
+        self.SwapClusterMap = channel.unary_unary(
+                '/shardstate.v1.Admin/SwapClusterMap',
+                request_serializer=shardstate_dot_v1_dot_admin__pb2.SwapClusterMapRequest.SerializeToString,
+                response_deserializer=shardstate_dot_v1_dot_admin__pb2.SwapClusterMapResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -163,6 +168,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SwapClusterMap(self, request, context):
+        """The authoritative map's compare-and-swap, served by the primary of the keeper shard (the
+        lowest shard id in the map): `map` replaces the map held when that is at `expected_epoch`.
+        Every map change goes through it, so of two changes computed from one epoch one wins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +234,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RemoveNode,
                     request_deserializer=shardstate_dot_v1_dot_admin__pb2.RemoveNodeRequest.FromString,
                     response_serializer=shardstate_dot_v1_dot_admin__pb2.ClusterMap.SerializeToString,
+            ),
+            'SwapClusterMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwapClusterMap,
+                    request_deserializer=shardstate_dot_v1_dot_admin__pb2.SwapClusterMapRequest.FromString,
+                    response_serializer=shardstate_dot_v1_dot_admin__pb2.SwapClusterMapResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -519,6 +538,33 @@ class Admin:
             '/shardstate.v1.Admin/RemoveNode',
             shardstate_dot_v1_dot_admin__pb2.RemoveNodeRequest.SerializeToString,
             shardstate_dot_v1_dot_admin__pb2.ClusterMap.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwapClusterMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardstate.v1.Admin/SwapClusterMap',
+            shardstate_dot_v1_dot_admin__pb2.SwapClusterMapRequest.SerializeToString,
+            shardstate_dot_v1_dot_admin__pb2.SwapClusterMapResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,11 @@ class AdminStub:
     """Remove a node that is gone for good (a dead replica) from the cluster map, at the next
     epoch. Refused for a node that answers, and for a shard's primary (promote first).
     """
+    SwapClusterMap: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SwapClusterMapRequest, _admin_pb2.SwapClusterMapResponse]
+    """The authoritative map's compare-and-swap, served by the primary of the keeper shard (the
+    lowest shard id in the map): `map` replaces the map held when that is at `expected_epoch`.
+    Every map change goes through it, so of two changes computed from one epoch one wins.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -66,6 +71,11 @@ class AdminAsyncStub(AdminStub):
     RemoveNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveNodeRequest, _admin_pb2.ClusterMap]  # type: ignore[assignment]
     """Remove a node that is gone for good (a dead replica) from the cluster map, at the next
     epoch. Refused for a node that answers, and for a shard's primary (promote first).
+    """
+    SwapClusterMap: _aio.UnaryUnaryMultiCallable[_admin_pb2.SwapClusterMapRequest, _admin_pb2.SwapClusterMapResponse]  # type: ignore[assignment]
+    """The authoritative map's compare-and-swap, served by the primary of the keeper shard (the
+    lowest shard id in the map): `map` replaces the map held when that is at `expected_epoch`.
+    Every map change goes through it, so of two changes computed from one epoch one wins.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -148,6 +158,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.ClusterMap, _abc.Awaitable[_admin_pb2.ClusterMap]]:
         """Remove a node that is gone for good (a dead replica) from the cluster map, at the next
         epoch. Refused for a node that answers, and for a shard's primary (promote first).
+        """
+
+    @_abc_1.abstractmethod
+    def SwapClusterMap(
+        self,
+        request: _admin_pb2.SwapClusterMapRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SwapClusterMapResponse, _abc.Awaitable[_admin_pb2.SwapClusterMapResponse]]:
+        """The authoritative map's compare-and-swap, served by the primary of the keeper shard (the
+        lowest shard id in the map): `map` replaces the map held when that is at `expected_epoch`.
+        Every map change goes through it, so of two changes computed from one epoch one wins.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,39 +25,51 @@ _sym_db = _symbol_database.Default()
 from shardstate.v1 import types_pb2 as shardstate_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fshardstate/v1/replication.proto\x12\rshardstate.v1\x1a\x19shardstate/v1/types.proto\"3\n\x05RawOp\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64\x65lete\x18\x03 \x01(\x08\"\xb6\x01\n\x0b\x43hangeEntry\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05ts_ms\x18\x04 \x01(\x04\x12!\n\x03ops\x18\x05 \x03(\x0b\x32\x14.shardstate.v1.RawOp\x12$\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x14.shardstate.v1.Event\x12\x16\n\x0e\x65vent_value_op\x18\x07 \x03(\r\"\x93\x01\n\x0b\x46ollowHello\x12\x13\n\x0b\x66ollower_id\x18\x01 \x01(\t\x12\x15\n\rfrom_revision\x18\x02 \x01(\x04\x12\x10\n\x08shard_id\x18\x03 \x01(\t\x12\x14\n\x0c\x66ilter_owner\x18\x04 \x01(\t\x12\x12\n\nfilter_map\x18\x05 \x01(\x0c\x12\x0c\n\x04term\x18\x06 \x01(\t\x12\x0e\n\x06resync\x18\x07 \x01(\x08\"%\n\tFollowAck\x12\x18\n\x10\x61pplied_revision\x18\x01 \x01(\x04\"n\n\x0f\x46ollowerMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.shardstate.v1.FollowHelloH\x00\x12\'\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x18.shardstate.v1.FollowAckH\x00\x42\x05\n\x03msg\"*\n\x04Term\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x04\".\n\x08Timeline\x12\"\n\x05terms\x18\x01 \x03(\x0b\x32\x13.shardstate.v1.Term\"a\n\rSnapshotChunk\x12!\n\x03ops\x18\x01 \x03(\x0b\x32\x14.shardstate.v1.RawOp\x12\r\n\x05\x66irst\x18\x02 \x01(\x08\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x10\n\x08revision\x18\x04 \x01(\x04\"\x8e\x01\n\x0b\x43hangeBatch\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.shardstate.v1.ChangeEntry\x12\x17\n\x0fleader_revision\x18\x02 \x01(\x04\x12\x14\n\x0cleader_ts_ms\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63klog\x18\x04 \x01(\x04\x12\x12\n\nack_lazily\x18\x05 \x01(\x08\"\xe4\x01\n\rLeaderMessage\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1c.shardstate.v1.SnapshotChunkH\x00\x12-\n\x07\x63hanges\x18\x02 \x01(\x0b\x32\x1a.shardstate.v1.ChangeBatchH\x00\x12/\n\theartbeat\x18\x03 \x01(\x0b\x32\x1a.shardstate.v1.ChangeBatchH\x00\x12+\n\x08timeline\x18\x05 \x01(\x0b\x32\x17.shardstate.v1.TimelineH\x00\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x42\x05\n\x03msg\"T\n\x0e\x43hangeEntryOps\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\r\n\x05ts_ms\x18\x04 \x01(\x04\x12!\n\x03ops\x18\x05 \x03(\x0b\x32\x14.shardstate.v1.RawOp\"u\n\x0e\x43hangeBatchRaw\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\x12\x17\n\x0fleader_revision\x18\x02 \x01(\x04\x12\x14\n\x0cleader_ts_ms\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63klog\x18\x04 \x01(\x04\x12\x12\n\nack_lazily\x18\x05 \x01(\x08\"\xed\x01\n\x10LeaderMessageRaw\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1c.shardstate.v1.SnapshotChunkH\x00\x12\x30\n\x07\x63hanges\x18\x02 \x01(\x0b\x32\x1d.shardstate.v1.ChangeBatchRawH\x00\x12\x32\n\theartbeat\x18\x03 \x01(\x0b\x32\x1d.shardstate.v1.ChangeBatchRawH\x00\x12+\n\x08timeline\x18\x05 \x01(\x0b\x32\x17.shardstate.v1.TimelineH\x00\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x42\x05\n\x03msg2Y\n\x0bReplication\x12J\n\x06\x46ollow\x12\x1e.shardstate.v1.FollowerMessage\x1a\x1c.shardstate.v1.LeaderMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fshardstate/v1/replication.proto\x12\rshardstate.v1\x1a\x19shardstate/v1/types.proto\"?\n\x0c\x46\x65nceRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07hold_ms\x18\x02 \x01(\r\x12\x0f\n\x07release\x18\x03 \x01(\x08\"0\n\rFenceResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x18\n\x16MigrationStatusRequest\"\xb4\x01\n\nPairStatus\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x16\n\x0esessions_total\x18\x03 \x01(\x04\x12\x17\n\x0fsessions_copied\x18\x04 \x01(\x04\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x10\n\x08position\x18\x06 \x01(\x04\x12\x17\n\x0fsource_revision\x18\x07 \x01(\x04\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\r\n\x05\x65poch\x18\t \x01(\x04\"R\n\x17MigrationStatusResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12(\n\x05pairs\x18\x02 \x03(\x0b\x32\x19.shardstate.v1.PairStatus\"3\n\x05RawOp\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64\x65lete\x18\x03 \x01(\x08\"\xb6\x01\n\x0b\x43hangeEntry\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05ts_ms\x18\x04 \x01(\x04\x12!\n\x03ops\x18\x05 \x03(\x0b\x32\x14.shardstate.v1.RawOp\x12$\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x14.shardstate.v1.Event\x12\x16\n\x0e\x65vent_value_op\x18\x07 \x03(\r\"\x93\x01\n\x0b\x46ollowHello\x12\x13\n\x0b\x66ollower_id\x18\x01 \x01(\t\x12\x15\n\rfrom_revision\x18\x02 \x01(\x04\x12\x10\n\x08shard_id\x18\x03 \x01(\t\x12\x14\n\x0c\x66ilter_owner\x18\x04 \x01(\t\x12\x12\n\nfilter_map\x18\x05 \x01(\x0c\x12\x0c\n\x04term\x18\x06 \x01(\t\x12\x0e\n\x06resync\x18\x07 \x01(\x08\"%\n\tFollowAck\x12\x18\n\x10\x61pplied_revision\x18\x01 \x01(\x04\"n\n\x0f\x46ollowerMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.shardstate.v1.FollowHelloH\x00\x12\'\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x18.shardstate.v1.FollowAckH\x00\x42\x05\n\x03msg\"*\n\x04Term\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x04\".\n\x08Timeline\x12\"\n\x05terms\x18\x01 \x03(\x0b\x32\x13.shardstate.v1.Term\"\x8b\x01\n\rSnapshotChunk\x12!\n\x03ops\x18\x01 \x03(\x0b\x32\x14.shardstate.v1.RawOp\x12\r\n\x05\x66irst\x18\x02 \x01(\x08\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x10\n\x08sessions\x18\x05 \x01(\x04\x12\x16\n\x0esessions_total\x18\x06 \x01(\x04\"\x8e\x01\n\x0b\x43hangeBatch\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.shardstate.v1.ChangeEntry\x12\x17\n\x0fleader_revision\x18\x02 \x01(\x04\x12\x14\n\x0cleader_ts_ms\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63klog\x18\x04 \x01(\x04\x12\x12\n\nack_lazily\x18\x05 \x01(\x08\"\xe4\x01\n\rLeaderMessage\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1c.shardstate.v1.SnapshotChunkH\x00\x12-\n\x07\x63hanges\x18\x02 \x01(\x0b\x32\x1a.shardstate.v1.ChangeBatchH\x00\x12/\n\theartbeat\x18\x03 \x01(\x0b\x32\x1a.shardstate.v1.ChangeBatchH\x00\x12+\n\x08timeline\x18\x05 \x01(\x0b\x32\x17.shardstate.v1.TimelineH\x00\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x42\x05\n\x03msg\"T\n\x0e\x43hangeEntryOps\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\r\n\x05ts_ms\x18\x04 \x01(\x04\x12!\n\x03ops\x18\x05 \x03(\x0b\x32\x14.shardstate.v1.RawOp\"M\n\x12\x43hangeEntrySession\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\"u\n\x0e\x43hangeBatchRaw\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\x12\x17\n\x0fleader_revision\x18\x02 \x01(\x04\x12\x14\n\x0cleader_ts_ms\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63klog\x18\x04 \x01(\x04\x12\x12\n\nack_lazily\x18\x05 \x01(\x08\"\xed\x01\n\x10LeaderMessageRaw\x12\x30\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1c.shardstate.v1.SnapshotChunkH\x00\x12\x30\n\x07\x63hanges\x18\x02 \x01(\x0b\x32\x1d.shardstate.v1.ChangeBatchRawH\x00\x12\x32\n\theartbeat\x18\x03 \x01(\x0b\x32\x1d.shardstate.v1.ChangeBatchRawH\x00\x12+\n\x08timeline\x18\x05 \x01(\x0b\x32\x17.shardstate.v1.TimelineH\x00\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x42\x05\n\x03msg2\xff\x01\n\x0bReplication\x12J\n\x06\x46ollow\x12\x1e.shardstate.v1.FollowerMessage\x1a\x1c.shardstate.v1.LeaderMessage(\x01\x30\x01\x12\x42\n\x05\x46\x65nce\x12\x1b.shardstate.v1.FenceRequest\x1a\x1c.shardstate.v1.FenceResponse\x12`\n\x0fMigrationStatus\x12%.shardstate.v1.MigrationStatusRequest\x1a&.shardstate.v1.MigrationStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardstate.v1.replication_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RAWOP']._serialized_start=77
-  _globals['_RAWOP']._serialized_end=128
-  _globals['_CHANGEENTRY']._serialized_start=131
-  _globals['_CHANGEENTRY']._serialized_end=313
-  _globals['_FOLLOWHELLO']._serialized_start=316
-  _globals['_FOLLOWHELLO']._serialized_end=463
-  _globals['_FOLLOWACK']._serialized_start=465
-  _globals['_FOLLOWACK']._serialized_end=502
-  _globals['_FOLLOWERMESSAGE']._serialized_start=504
-  _globals['_FOLLOWERMESSAGE']._serialized_end=614
-  _globals['_TERM']._serialized_start=616
-  _globals['_TERM']._serialized_end=658
-  _globals['_TIMELINE']._serialized_start=660
-  _globals['_TIMELINE']._serialized_end=706
-  _globals['_SNAPSHOTCHUNK']._serialized_start=708
-  _globals['_SNAPSHOTCHUNK']._serialized_end=805
-  _globals['_CHANGEBATCH']._serialized_start=808
-  _globals['_CHANGEBATCH']._serialized_end=950
-  _globals['_LEADERMESSAGE']._serialized_start=953
-  _globals['_LEADERMESSAGE']._serialized_end=1181
-  _globals['_CHANGEENTRYOPS']._serialized_start=1183
-  _globals['_CHANGEENTRYOPS']._serialized_end=1267
-  _globals['_CHANGEBATCHRAW']._serialized_start=1269
-  _globals['_CHANGEBATCHRAW']._serialized_end=1386
-  _globals['_LEADERMESSAGERAW']._serialized_start=1389
-  _globals['_LEADERMESSAGERAW']._serialized_end=1626
-  _globals['_REPLICATION']._serialized_start=1628
-  _globals['_REPLICATION']._serialized_end=1717
+  _globals['_FENCEREQUEST']._serialized_start=77
+  _globals['_FENCEREQUEST']._serialized_end=140
+  _globals['_FENCERESPONSE']._serialized_start=142
+  _globals['_FENCERESPONSE']._serialized_end=190
+  _globals['_MIGRATIONSTATUSREQUEST']._serialized_start=192
+  _globals['_MIGRATIONSTATUSREQUEST']._serialized_end=216
+  _globals['_PAIRSTATUS']._serialized_start=219
+  _globals['_PAIRSTATUS']._serialized_end=399
+  _globals['_MIGRATIONSTATUSRESPONSE']._serialized_start=401
+  _globals['_MIGRATIONSTATUSRESPONSE']._serialized_end=483
+  _globals['_RAWOP']._serialized_start=485
+  _globals['_RAWOP']._serialized_end=536
+  _globals['_CHANGEENTRY']._serialized_start=539
+  _globals['_CHANGEENTRY']._serialized_end=721
+  _globals['_FOLLOWHELLO']._serialized_start=724
+  _globals['_FOLLOWHELLO']._serialized_end=871
+  _globals['_FOLLOWACK']._serialized_start=873
+  _globals['_FOLLOWACK']._serialized_end=910
+  _globals['_FOLLOWERMESSAGE']._serialized_start=912
+  _globals['_FOLLOWERMESSAGE']._serialized_end=1022
+  _globals['_TERM']._serialized_start=1024
+  _globals['_TERM']._serialized_end=1066
+  _globals['_TIMELINE']._serialized_start=1068
+  _globals['_TIMELINE']._serialized_end=1114
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1117
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1256
+  _globals['_CHANGEBATCH']._serialized_start=1259
+  _globals['_CHANGEBATCH']._serialized_end=1401
+  _globals['_LEADERMESSAGE']._serialized_start=1404
+  _globals['_LEADERMESSAGE']._serialized_end=1632
+  _globals['_CHANGEENTRYOPS']._serialized_start=1634
+  _globals['_CHANGEENTRYOPS']._serialized_end=1718
+  _globals['_CHANGEENTRYSESSION']._serialized_start=1720
+  _globals['_CHANGEENTRYSESSION']._serialized_end=1797
+  _globals['_CHANGEBATCHRAW']._serialized_start=1799
+  _globals['_CHANGEBATCHRAW']._serialized_end=1916
+  _globals['_LEADERMESSAGERAW']._serialized_start=1919
+  _globals['_LEADERMESSAGERAW']._serialized_end=2156
+  _globals['_REPLICATION']._serialized_start=2159
+  _globals['_REPLICATION']._serialized_end=2414
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,139 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class FenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    HOLD_MS_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    hold_ms: _builtins.int
+    release: _builtins.bool
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        hold_ms: _builtins.int = ...,
+        release: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "hold_ms", b"hold_ms", "release", b"release"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FenceRequest: _TypeAlias = FenceRequest  # noqa: Y015
+
+@_typing.final
+class FenceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    epoch: _builtins.int
+    """the node's epoch"""
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FenceResponse: _TypeAlias = FenceResponse  # noqa: Y015
+
+@_typing.final
+class MigrationStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationStatusRequest: _TypeAlias = MigrationStatusRequest  # noqa: Y015
+
+@_typing.final
+class PairStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    SESSIONS_TOTAL_FIELD_NUMBER: _builtins.int
+    SESSIONS_COPIED_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    SOURCE_REVISION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    phase: _builtins.str
+    """copying, tailing, caught_up"""
+    sessions_total: _builtins.int
+    sessions_copied: _builtins.int
+    bytes: _builtins.int
+    position: _builtins.int
+    """source revision applied through"""
+    source_revision: _builtins.int
+    """the source's revision as last heard"""
+    error: _builtins.str
+    epoch: _builtins.int
+    """the rebalance's started_epoch"""
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        phase: _builtins.str = ...,
+        sessions_total: _builtins.int = ...,
+        sessions_copied: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        position: _builtins.int = ...,
+        source_revision: _builtins.int = ...,
+        error: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "epoch", b"epoch", "error", b"error", "phase", b"phase", "position", b"position", "sessions_copied", b"sessions_copied", "sessions_total", b"sessions_total", "source", b"source", "source_revision", b"source_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairStatus: _TypeAlias = PairStatus  # noqa: Y015
+
+@_typing.final
+class MigrationStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    @_builtins.property
+    def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairStatus]: ...
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        pairs: _abc.Iterable[Global___PairStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "pairs", b"pairs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationStatusResponse: _TypeAlias = MigrationStatusResponse  # noqa: Y015
+
+@_typing.final
 class RawOp(_message.Message):
     """One raw LevelDB mutation inside a change entry."""
 
@@ -245,11 +378,17 @@ class SnapshotChunk(_message.Message):
     FIRST_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    SESSIONS_TOTAL_FIELD_NUMBER: _builtins.int
     first: _builtins.bool
     """follower clears its data before applying"""
     last: _builtins.bool
     revision: _builtins.int
     """snapshot revision (set on the last chunk)"""
+    sessions: _builtins.int
+    """migration (filtered) snapshots: sessions in this chunk"""
+    sessions_total: _builtins.int
+    """... and, on the first chunk, in the whole snapshot"""
     @_builtins.property
     def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___RawOp]:
         """raw key/values to write"""
@@ -261,10 +400,12 @@ class SnapshotChunk(_message.Message):
         first: _builtins.bool = ...,
         last: _builtins.bool = ...,
         revision: _builtins.int = ...,
+        sessions: _builtins.int = ...,
+        sessions_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last", "ops", b"ops", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "last", b"last", "ops", b"ops", "revision", b"revision", "sessions", b"sessions", "sessions_total", b"sessions_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -378,6 +519,33 @@ class ChangeEntryOps(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChangeEntryOps: _TypeAlias = ChangeEntryOps  # noqa: Y015
+
+@_typing.final
+class ChangeEntrySession(_message.Message):
+    """Migration sources read only which session an entry belongs to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    namespace: _builtins.str
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        namespace: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "revision", b"revision", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeEntrySession: _TypeAlias = ChangeEntrySession  # noqa: Y015
 
 @_typing.final
 class ChangeBatchRaw(_message.Message):

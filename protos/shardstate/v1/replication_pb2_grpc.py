@@ -39,6 +39,16 @@ class ReplicationStub:
                 request_serializer=shardstate_dot_v1_dot_replication__pb2.FollowerMessage.SerializeToString,
                 response_deserializer=shardstate_dot_v1_dot_replication__pb2.LeaderMessage.FromString,
                 _registered_method=True)
+        self.Fence = channel.unary_unary(
+                '/shardstate.v1.Replication/Fence',
+                request_serializer=shardstate_dot_v1_dot_replication__pb2.FenceRequest.SerializeToString,
+                response_deserializer=shardstate_dot_v1_dot_replication__pb2.FenceResponse.FromString,
+                _registered_method=True)
+        self.MigrationStatus = channel.unary_unary(
+                '/shardstate.v1.Replication/MigrationStatus',
+                request_serializer=shardstate_dot_v1_dot_replication__pb2.MigrationStatusRequest.SerializeToString,
+                response_deserializer=shardstate_dot_v1_dot_replication__pb2.MigrationStatusResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -52,6 +62,22 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fence(self, request, context):
+        """Rebalancing, on a source: hold writes to the sessions leaving it (under the map at
+        `epoch`) and answer the revision after which none of them changes; the hold lasts until
+        the node adopts a newer map, `release`, or hold_ms pass and the keeper shows no newer map.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrationStatus(self, request, context):
+        """Rebalancing, on a target: how far it has copied from each source.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +85,16 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Follow,
                     request_deserializer=shardstate_dot_v1_dot_replication__pb2.FollowerMessage.FromString,
                     response_serializer=shardstate_dot_v1_dot_replication__pb2.LeaderMessage.SerializeToString,
+            ),
+            'Fence': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fence,
+                    request_deserializer=shardstate_dot_v1_dot_replication__pb2.FenceRequest.FromString,
+                    response_serializer=shardstate_dot_v1_dot_replication__pb2.FenceResponse.SerializeToString,
+            ),
+            'MigrationStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrationStatus,
+                    request_deserializer=shardstate_dot_v1_dot_replication__pb2.MigrationStatusRequest.FromString,
+                    response_serializer=shardstate_dot_v1_dot_replication__pb2.MigrationStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +124,60 @@ class Replication:
             '/shardstate.v1.Replication/Follow',
             shardstate_dot_v1_dot_replication__pb2.FollowerMessage.SerializeToString,
             shardstate_dot_v1_dot_replication__pb2.LeaderMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardstate.v1.Replication/Fence',
+            shardstate_dot_v1_dot_replication__pb2.FenceRequest.SerializeToString,
+            shardstate_dot_v1_dot_replication__pb2.FenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrationStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardstate.v1.Replication/MigrationStatus',
+            shardstate_dot_v1_dot_replication__pb2.MigrationStatusRequest.SerializeToString,
+            shardstate_dot_v1_dot_replication__pb2.MigrationStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

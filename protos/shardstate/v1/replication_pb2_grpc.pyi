@@ -37,6 +37,13 @@ class ReplicationStub:
     """The follower sends a Hello, then Acks; the leader sends snapshot chunks
     (when the follower is behind the retained change log) and then change batches.
     """
+    Fence: _grpc.UnaryUnaryMultiCallable[_replication_pb2.FenceRequest, _replication_pb2.FenceResponse]
+    """Rebalancing, on a source: hold writes to the sessions leaving it (under the map at
+    `epoch`) and answer the revision after which none of them changes; the hold lasts until
+    the node adopts a newer map, `release`, or hold_ms pass and the keeper shows no newer map.
+    """
+    MigrationStatus: _grpc.UnaryUnaryMultiCallable[_replication_pb2.MigrationStatusRequest, _replication_pb2.MigrationStatusResponse]
+    """Rebalancing, on a target: how far it has copied from each source."""
 
 @_typing.type_check_only
 class ReplicationAsyncStub(ReplicationStub):
@@ -45,6 +52,13 @@ class ReplicationAsyncStub(ReplicationStub):
     """The follower sends a Hello, then Acks; the leader sends snapshot chunks
     (when the follower is behind the retained change log) and then change batches.
     """
+    Fence: _aio.UnaryUnaryMultiCallable[_replication_pb2.FenceRequest, _replication_pb2.FenceResponse]  # type: ignore[assignment]
+    """Rebalancing, on a source: hold writes to the sessions leaving it (under the map at
+    `epoch`) and answer the revision after which none of them changes; the hold lasts until
+    the node adopts a newer map, `release`, or hold_ms pass and the keeper shows no newer map.
+    """
+    MigrationStatus: _aio.UnaryUnaryMultiCallable[_replication_pb2.MigrationStatusRequest, _replication_pb2.MigrationStatusResponse]  # type: ignore[assignment]
+    """Rebalancing, on a target: how far it has copied from each source."""
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -56,5 +70,24 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
         """The follower sends a Hello, then Acks; the leader sends snapshot chunks
         (when the follower is behind the retained change log) and then change batches.
         """
+
+    @_abc_1.abstractmethod
+    def Fence(
+        self,
+        request: _replication_pb2.FenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.FenceResponse, _abc.Awaitable[_replication_pb2.FenceResponse]]:
+        """Rebalancing, on a source: hold writes to the sessions leaving it (under the map at
+        `epoch`) and answer the revision after which none of them changes; the hold lasts until
+        the node adopts a newer map, `release`, or hold_ms pass and the keeper shows no newer map.
+        """
+
+    @_abc_1.abstractmethod
+    def MigrationStatus(
+        self,
+        request: _replication_pb2.MigrationStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.MigrationStatusResponse, _abc.Awaitable[_replication_pb2.MigrationStatusResponse]]:
+        """Rebalancing, on a target: how far it has copied from each source."""
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
