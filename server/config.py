@@ -27,6 +27,7 @@ class ShardConfig(Limits):
     changelog_retention_s: int = opt(3600, "oldest change-log entry age kept, seconds")
     idempotency_window_s: int = opt(600, "how long a request_id's response is kept for retries")
     sweep_interval_s: float = opt(1.0, "how often the expiry sweeper runs")
+    migration_rate_bytes_s: int = opt(0, "rebalancing: the most snapshot bytes per second this shard sends to one migration target (0 = no limit), so that copying sessions away leaves the shard's CPU and disk to its callers")
     moved_data_grace_s: float = opt(60.0, "rebalancing: how long a shard keeps the sessions that moved away before deleting its copy (routers still holding the old map are sent on meanwhile)")
     grace_s: float = opt(10.0, "graceful shutdown: time in-flight requests get to finish")
     port_file: str = opt("", "write the bound port to this file once serving (for tests and dev)")

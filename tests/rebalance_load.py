@@ -121,3 +121,20 @@ class Load:
         assert not bad_logs, f"{len(bad_logs)} logs differ from their acknowledged appends: {list(bad_logs.items())[:3]}"
         return {"increments": sum(self.increments.values()), "appends": sum(len(v) for v in self.appends.values()),
                 "longest_pause_s": self.longest_pause_s}
+
+
+async def _preload(routers: Sequence[str], sids: Sequence[str], value_bytes: int) -> None:
+    async with AsyncClient(list(routers), timeout=60.0) as client:
+        sem = asyncio.Semaphore(64)
+        blob = b"x" * value_bytes
+
+        async def one(sid: str) -> None:
+            async with sem:
+                await client.session(sid).put("blob", blob)
+
+        await asyncio.gather(*(one(s) for s in sids))
+
+
+def preload(routers: Sequence[str], sids: Sequence[str], value_bytes: int) -> None:
+    """A `blob` key of value_bytes in every session, so that copying them takes a while."""
+    asyncio.run(_preload(routers, sids, value_bytes))

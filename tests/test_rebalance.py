@@ -107,3 +107,115 @@ def test_add_a_third_shard_under_load(cluster2: Cluster) -> None:
     assert {before.owner("default", s).id for s in load.sids if before.owner("default", s).id != after.owner("default", s).id} <= {"s1", "s2"}
     load.check()
     settle_one_copy(c, load)
+
+
+def ideal(view: ClusterView) -> dict[str, float]:
+    total = sum((s.weight or 1) for s in view.pb.shards)
+    return {s.id: (s.weight or 1) / total for s in view.pb.shards}
+
+
+def test_add_a_fourth_then_remove_one(procs: Procs) -> None:
+    c = Cluster(procs, shards=3)
+    load = Load([r.address for r in c.routers]).start()
+    try:
+        load.wait_ops(1500)
+        v3 = c.view()
+        s4 = c.new_shard("s4")
+        out = admin(c.routers[0], "add-shard", "s4", s4.address)
+        assert out.returncode == 0, out.stderr
+        assert "add-shard s4:" in out.stdout and "moved" in out.stdout, out.stdout
+        v4 = c.view()
+        assert 0.18 <= moved_fraction(v3, v4, load.sids) <= 0.32
+        load.wait_ops(1000)
+        out = admin(c.routers[0], "remove-shard", "s2", "--json")
+        assert out.returncode == 0, out.stderr
+        after = c.view()
+        assert [s.id for s in after.pb.shards] == ["s1", "s3", "s4"]
+        owned_by_s2 = [s for s in load.sids if v4.owner("default", s).id == "s2"]
+        assert owned_by_s2 and all(after.owner("default", s).id != "s2" for s in owned_by_s2)
+        got, want = shares(after, load.sids), ideal(after)
+        assert all(abs(got[k] - want[k]) <= 0.05 for k in want), (got, want)
+        load.wait_ops(500)
+        c.shards["s2"].terminate()  # the removed shard's processes can go; the cluster serves on
+        load.wait_ops(1000)
+    finally:
+        load.stop()
+    load.check()
+    del c.shards["s2"]
+    settle_one_copy(c, load)
+
+
+def test_reweight_a_shard(procs: Procs) -> None:
+    c = Cluster(procs, shards=3)
+    load = Load([r.address for r in c.routers]).start()
+    try:
+        load.wait_ops(1500)
+        before = shares(c.view(), load.sids)
+        out = admin(c.routers[0], "set-weight", "s1", "2", "--json")
+        assert out.returncode == 0, out.stderr
+        load.wait_ops(1000)
+    finally:
+        load.stop()
+    after = c.view()
+    assert {s.id: s.weight for s in after.pb.shards} == {"s1": 2, "s2": 1, "s3": 1}
+    got = shares(after, load.sids)
+    assert abs(got["s1"] - 0.5) <= 0.05 and got["s1"] > 1.3 * before["s1"], (before, got)
+    load.check()
+    settle_one_copy(c, load)
+
+
+def test_two_add_shard_calls_at_once(procs: Procs) -> None:
+    c = Cluster(procs, shards=2, routers=2)
+    a, b = c.new_shard("s3"), c.new_shard("s4")
+    calls = [subprocess.Popen([*launch.shardstate_cmd("admin", "--router", r.address), "add-shard", sid, p.address, "--no-wait"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, sid, p in ((c.routers[0], "s3", a), (c.routers[1], "s4", b))]
+    results = [(p.wait(60), *p.communicate()) for p in calls]
+    ok = [r for r in results if r[0] == 0]
+    failed = [r for r in results if r[0] != 0]
+    assert len(ok) == 1 and len(failed) == 1, results
+    assert "a rebalance is already running: add-shard" in failed[0][2], failed[0][2]
+    out = admin(c.routers[0], "rebalance-status", "--json")
+    assert out.returncode == 0, out.stderr
+    maps = []
+    for p in [*c.shards.values(), *c.routers]:
+        st = Stubs(p.address)
+        maps.append(st.admin.GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=T))
+        st.close()
+    joined = maps[0]
+    assert len(joined.shards) == 3 and not joined.migrations
+    loser = "s4" if any(s.id == "s3" for s in joined.shards) else "s3"
+    wait_until(lambda: all(m == joined for m in maps[:2] + [c.stub.admin.GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=T)]))
+    assert all(s.id != loser for s in joined.shards)
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["remove-shard", "s9"], "NOT_FOUND", "no shard 's9'"),
+    (["set-weight", "s1", "0"], "INVALID_ARGUMENT", "weight must be between 1 and 64"),
+    (["set-weight", "s1", "65"], "INVALID_ARGUMENT", "weight must be between 1 and 64"),
+    (["set-weight", "s1", "1"], "FAILED_PRECONDITION", "already has weight 1"),
+    (["add-shard", "s1", "127.0.0.1:1"], "ALREADY_EXISTS", "shard 's1' is already in the cluster map"),
+    (["add-shard", "s5", "127.0.0.1:1"], "UNAVAILABLE", "does not answer"),
+])
+def test_bad_admin_input_changes_nothing(procs: Procs, args: list[str], code: str, words: str) -> None:
+    c = Cluster(procs, shards=1)
+    before = c.view().pb
+    out = admin(c.routers[0], *args)
+    assert out.returncode != 0 and code in out.stderr and words in out.stderr, out.stderr
+    assert c.view().pb == before
+
+
+def test_bad_admin_input_needing_a_cluster(procs: Procs) -> None:
+    c = Cluster(procs, shards=2)
+    before = c.view().pb
+    out = admin(c.routers[0], "add-shard", "s3", c.shards["s2"].address)  # not a fresh shard: s2 itself
+    assert out.returncode != 0 and "already serves shard 's2'" in out.stderr, out.stderr
+    used = c.new_shard("s3")
+    Stubs(used.address).put("x", "k", b"v")  # it holds data: not fresh
+    out = admin(c.routers[0], "add-shard", "s3", used.address)
+    assert out.returncode != 0 and "not a fresh shard" in out.stderr, out.stderr
+    out = admin(c.routers[0], "remove-shard", "s1")
+    assert out.returncode == 0, out.stderr
+    out = admin(c.routers[0], "remove-shard", "s2")
+    assert out.returncode != 0 and "is the last shard" in out.stderr, out.stderr
+    assert [s.id for s in c.view().pb.shards] == ["s2"] and c.view().pb.epoch > before.epoch

@@ -112,10 +112,10 @@ def plan_add(pb: admin_pb2.ClusterMap, shard_id: str, primary: str, replicas: li
         raise InvalidArgumentError("a shard id is required; nothing changed")
     if any(s.id == shard_id for s in pb.shards):
         raise AlreadyExistsError(f"shard {shard_id!r} is already in the cluster map; nothing changed")
-    used = {a for s in pb.shards for a in (s.primary, *s.replicas)}
+    used = {a: s.id for s in pb.shards for a in (s.primary, *s.replicas)}
     for a in (primary, *replicas):
         if a in used:
-            raise FailedPreconditionError(f"{a} already serves another shard in the cluster map; nothing changed")
+            raise FailedPreconditionError(f"{a} already serves shard {used[a]!r} in the cluster map; nothing changed")
     sources = [s.id for s in pb.shards if s.state != admin_pb2.JOINING]
     pb.shards.add(id=shard_id, weight=check_weight(weight), primary=primary, replicas=replicas, state=admin_pb2.JOINING)
     _start(pb, f"add-shard {shard_id}", [(s, shard_id) for s in sources])

@@ -38,7 +38,7 @@ class Migrations:
         self.node = node
         self.engine = engine
         self.repl = repl
-        self.source = Source(node, engine)
+        self.source = Source(node, engine, cfg.migration_rate_bytes_s)
         self.fences = Fences(node, engine.revision, lambda: engine.store.clock.last,
                              engine.wait_for_revision, self._busy_sessions, self._keeper_map)
         self.pullers: dict[str, Puller] = {}

@@ -70,9 +70,10 @@ def _count(snap: Snapshot, pick: SessionFilter) -> int:
 
 
 class Source:
-    def __init__(self, node: Node, engine: Engine) -> None:
+    def __init__(self, node: Node, engine: Engine, rate_bytes_s: int = 0) -> None:
         self.node = node
         self.engine = engine
+        self.rate_bytes_s = rate_bytes_s
         self.targets: dict[str, TargetInfo] = {}
         self.generation = 0
 
@@ -140,6 +141,7 @@ class Source:
                     total = await asyncio.to_thread(_count, snap, pick)
                     it = iter(snap)
                     first = True
+                    sent, began = 0, time.monotonic()
                     while gen == self.generation:
                         chunk, done = await asyncio.to_thread(_take, it, pick)
                         chunk.first = first
@@ -148,9 +150,15 @@ class Source:
                         if done:
                             chunk.last, chunk.revision = True, snap.revision
                         first = False
-                        yield bytes(replication_pb2.LeaderMessage(epoch=node.epoch, snapshot=chunk).SerializeToString())
+                        msg = bytes(replication_pb2.LeaderMessage(epoch=node.epoch, snapshot=chunk).SerializeToString())
+                        yield msg
                         if done:
                             break
+                        sent += len(msg)
+                        if self.rate_bytes_s:  # --migration-rate-bytes-s
+                            ahead = sent / self.rate_bytes_s - (time.monotonic() - began)
+                            if ahead > 0:
+                                await asyncio.sleep(ahead)
                 finally:
                     snap.close()
                 start = snap.revision + 1
