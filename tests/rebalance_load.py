@@ -31,6 +31,7 @@ class Load:
         self.increments: collections.Counter[str] = collections.Counter()
         self.appends: dict[str, list[tuple[int, bytes]]] = collections.defaultdict(list)
         self.errors: list[str] = []
+        self.preloaded: set[str] = set()  # sessions given a blob before the load (tests' preload)
         self.ops = 0
         self.longest_pause_s = 0.0
         self._stop = threading.Event()
@@ -92,7 +93,7 @@ class Load:
 
     def written(self) -> set[str]:
         """Sessions with an acknowledged write (the others were never created)."""
-        return {s for s in self.sids if self.increments[s] or self.appends.get(s)}
+        return {s for s in self.sids if self.increments[s] or self.appends.get(s)} | self.preloaded
 
     async def _read_all(self) -> tuple[dict[str, int], dict[str, list[tuple[int, bytes]]]]:
         counters: dict[str, int] = {}

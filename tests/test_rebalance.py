@@ -185,7 +185,7 @@ def test_two_add_shard_calls_at_once(procs: Procs) -> None:
     joined = maps[0]
     assert len(joined.shards) == 3 and not joined.migrations
     loser = "s4" if any(s.id == "s3" for s in joined.shards) else "s3"
-    wait_until(lambda: all(m == joined for m in maps[:2] + [c.stub.admin.GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=T)]))
+    wait_until(lambda: all(m == joined for m in [*maps[:2], c.stub.admin.GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=T)]))
     assert all(s.id != loser for s in joined.shards)
 
 

@@ -32,10 +32,9 @@ from ..storage import encoding as enc
 from ..storage.engine import Engine
 from ..storage.revision import wall_ms
 from ..storage.snapshot import Snapshot
-from .keys import SessionFilter
+from .keys import SessionFilter, session_of
 
 log = logging.getLogger("shardstate.migration.source")
-_META = enc.META[0]
 
 
 @dataclass
@@ -48,15 +47,20 @@ class TargetInfo:
     conn: int = 0
 
 
-def _take(it: Iterator[tuple[bytes, bytes]], pick: SessionFilter) -> tuple[replication_pb2.SnapshotChunk, bool]:
+def _take(it: Iterator[tuple[bytes, bytes]], pick: SessionFilter,
+          seen: set[tuple[bytes, bytes]]) -> tuple[replication_pb2.SnapshotChunk, bool]:
+    """The next chunk of the sessions `pick` takes; `chunk.sessions` counts those met for the
+    first time (keys sort by family, then session: most sessions are met in their first family)."""
     chunk = replication_pb2.SnapshotChunk()
     size = sessions = 0
     for k, v in it:
-        if not pick.pick(k):
+        s = session_of(k)
+        if s is None or not pick.session(*s):
             continue
         chunk.ops.add(key=k, value=v)
         size += len(k) + len(v)
-        if k[0] == _META:
+        if s not in seen:
+            seen.add(s)
             sessions += 1
         if len(chunk.ops) >= SNAPSHOT_CHUNK_OPS or size >= SNAPSHOT_CHUNK_BYTES:
             chunk.sessions = sessions
@@ -142,8 +146,9 @@ class Source:
                     it = iter(snap)
                     first = True
                     sent, began = 0, time.monotonic()
+                    seen: set[tuple[bytes, bytes]] = set()
                     while gen == self.generation:
-                        chunk, done = await asyncio.to_thread(_take, it, pick)
+                        chunk, done = await asyncio.to_thread(_take, it, pick, seen)
                         chunk.first = first
                         if first:
                             chunk.sessions_total = total
