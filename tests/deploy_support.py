@@ -18,9 +18,11 @@ from shardstate.server.config import ShardConfig
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
-# Flags the manifests give that issue 18's metrics work adds to both configs; until it is on
-# this branch a process is started without it (tests/test_deploy_cluster.py).
-PENDING_FLAGS = {"--metrics-port"} - {"--metrics-port" for f in dataclasses.fields(ShardConfig) if f.name == "metrics_port"}
+# Flags the manifests give that issue 18's metrics work adds to both configs
+# (shardstate.common.obsconfig); until that is on this branch a process is started without them
+# (tests/test_deploy_cluster.py).
+METRICS_FLAGS = {"--metrics-port", "--metrics-host"}
+PENDING_FLAGS = METRICS_FLAGS - {"--" + f.name.replace("_", "-") for f in dataclasses.fields(ShardConfig)}
 
 
 def render_module() -> ModuleType:

@@ -124,6 +124,7 @@ def test_probes_are_grpc_health_on_the_serving_port_and_metrics_are_annotated() 
         notes = d["spec"]["template"]["metadata"]["annotations"]
         assert notes["prometheus.io/scrape"] == "true"
         assert int(notes["prometheus.io/port"]) == ports["metrics"] == int(arg(c["args"], "--metrics-port")) == 9100
+        assert arg(c["args"], "--metrics-host") == "0.0.0.0"  # a scraper is on another pod
         assert set(c["resources"]["requests"]) == {"cpu", "memory"}
 
 

@@ -68,7 +68,8 @@ def container(kind: str, image: str, args: list[str], port: int, resources: dict
     return {
         "name": kind,
         "image": image,
-        "args": [kind, *args, "--metrics-port", str(METRICS_PORT)],
+        # the endpoint binds loopback unless told: Prometheus scrapes from another pod
+        "args": [kind, *args, "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0"],
         "env": pod_env(("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")),
         "ports": [{"name": "grpc", "containerPort": port}, {"name": "metrics", "containerPort": METRICS_PORT}],
         **probes(port, startup_failures),
