@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from shardstate import Client
+from shardstate.common.clustermap import ClusterView
 from shardstate.router.seeds import HOSTS_FILE_ENV
 from shardstate.server import launch
-from shardstate.v1 import admin_pb2
+from shardstate.v1 import admin_pb2, admin_pb2_grpc
 from tests.deploy_support import PENDING_FLAGS, build, container, of_kind, render_module
 from tests.replicas import cluster_map, status, wait_converged, wait_for
 
@@ -195,6 +197,31 @@ def test_the_manifests_processes_form_a_cluster(cluster: list[Pod]) -> None:
         wait_for(lambda p=p, r=r: status(r).keys == status(p).keys, f"{r} to hold {p}'s keys")
         keys += held
     assert keys == len(sessions)
+
+    # failover: pod 0 dies, its replica is promoted; pod 0 restarted with the same arguments
+    # (naming itself in --replica-of) follows the new primary instead of taking over again
+    old, new = shards["shardstate-s1-0"], shards["shardstate-s1-1"]
+    assert old.node is not None
+    old.node.kill()
+    with grpc.insecure_channel(router_addrs[0]) as ch:
+        resp = admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s1"), timeout=60)
+    assert resp.new_primary == addr[new.name]
+    view = ClusterView.of(cluster_map(router_addrs[1]))
+    on_s1 = next(sid for sid in sessions if view.owner("default", sid).id == "s1")
+    old.node.start(wait=False)
+    with Client(router_addrs[1]) as b:
+        # A write on s1 before pod 0 can report ready: a promoted primary's revision is raised
+        # with no entry to carry it, so a replica rejoining an idle one never counts as caught
+        # up until the next write there (reported with this work; not the manifests' doing).
+        later = b.session(on_s1).put("after", b"failover")
+        old.node.wait_ready()
+        back = status(addr[old.name])
+        assert (back.role, back.primary) == (admin_pb2.REPLICA, addr[new.name])
+        for sid in sessions:
+            rec = b.session(sid).get("state")
+            assert rec is not None and (rec.value, rec.version) == (sid.encode(), versions[sid])
+    assert later > versions[on_s1]
+    wait_converged(addr[new.name], addr[old.name])
 
 
 @pytest.mark.skipif(bool(PENDING_FLAGS), reason=f"this build has no {', '.join(sorted(PENDING_FLAGS))} yet")
