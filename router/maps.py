@@ -18,6 +18,7 @@ from shardstate.common import mapswap
 from shardstate.common.clustermap import ClusterView, empty_view, load_cluster_file, node_addresses
 from shardstate.common.errors import InvalidArgumentError
 from shardstate.common.jsonlog import fields
+from shardstate.router import seeds
 from shardstate.router.nodes import NodePool, describe
 from shardstate.v1 import admin_pb2
 
@@ -54,6 +55,7 @@ def bootstrap_map(statuses: Sequence[tuple[str, admin_pb2.StatusResponse]], clus
         sid = node.shard_id or st.header.shard_id
         if not sid:
             continue
+        address = node.address or address  # as the node knows itself (a seed may be its IP)
         if node.role == admin_pb2.REPLICA or sid in primaries:
             replicas.setdefault(sid, []).append(address)
         else:
@@ -237,7 +239,7 @@ class MapHolder:
             delay = min(delay * 2, 1.0)
 
     async def _try_bootstrap(self, file_pb: admin_pb2.ClusterMap | None) -> str | None:
-        addrs = list(self.seeds)
+        addrs = await asyncio.to_thread(seeds.expand, self.seeds)  # names → every address
         if file_pb is not None:
             addrs += [a for a in node_addresses(file_pb) if a not in addrs]
         got = await self.fetch(addrs)

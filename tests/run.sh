@@ -18,7 +18,7 @@ echo "== generated protobuf code"
 .venv/bin/python protos/generate.py --check
 .venv/bin/python benchmarks/etcd_pb/generate.py --check
 echo "== ruff"
-.venv/bin/ruff check client server router tests benchmarks protos/generate.py
+.venv/bin/ruff check client server router tests benchmarks protos/generate.py deploy
 echo "== mypy"
 .venv/bin/python tests/mypy_tree.py
 echo "== pytest"
