@@ -73,12 +73,42 @@ def test_dev_starts_serves_stops_and_restarts_with_the_data(tmp_path: Path, devs
     assert all(gone(p) for p in pids)
 
 
-def test_dev_refuses_a_data_dir_with_other_shards(tmp_path: Path) -> None:
+def test_dev_refuses_a_data_dir_with_gaps_in_its_shards(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    for s in ("s1", "s2"):
+    for s in ("s1", "s3"):
         (data / s).mkdir(parents=True)
     r = cli("dev", "--port", "0", "--data-dir", str(data), "--shards", "3")
-    assert r.returncode == 2 and "--shards 2" in r.stderr
+    assert r.returncode == 2 and "not s1..sN" in r.stderr
+
+
+def _values(router: str, n: int) -> tuple[list[bytes], set[str]]:
+    with grpc.insecure_channel(router) as ch:
+        st = state_pb2_grpc.StateStub(ch)
+        got = [st.Get(state_pb2.GetRequest(session_id=f"grow-{i}", key="k"), timeout=30) for i in range(n)]
+    return [g.record.value for g in got], {g.header.shard_id for g in got}
+
+
+def test_dev_grows_and_shrinks_the_cluster_its_directory_holds(tmp_path: Path) -> None:
+    """--shards N on a directory holding another count adds (or removes) shards through
+    rebalancing: every value is still there, served by the new set of shards."""
+    data = tmp_path / "data"
+    dev = Dev(data, "--shards", "2", "--replicas", "0")
+    with grpc.insecure_channel(dev.router) as ch:
+        st = state_pb2_grpc.StateStub(ch)
+        for i in range(60):
+            assert st.Put(state_pb2.PutRequest(session_id=f"grow-{i}", key="k", value=b"v%d" % i), timeout=30).applied
+    assert dev.terminate() == 0
+    want = [b"v%d" % i for i in range(60)]
+    dev = Dev(data, "--shards", "3", "--replicas", "0")
+    values, used = _values(dev.router, 60)
+    assert values == want and used == {"s1", "s2", "s3"}
+    assert existing_shards(data) == {"s1", "s2", "s3"}
+    assert dev.terminate() == 0
+    dev = Dev(data, "--shards", "2", "--replicas", "0")
+    values, used = _values(dev.router, 60)
+    assert values == want and used == {"s1", "s2"}
+    assert existing_shards(data) == {"s1", "s2"}
+    assert dev.terminate() == 0
 
 
 def test_plan_gives_fixed_consecutive_ports_and_replica_hooks(tmp_path: Path) -> None:

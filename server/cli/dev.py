@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from typing import IO, Any
 
 import grpc
 
+from shardstate.common import errors
 from shardstate.common.supervision import (
     SUPERVISOR_ENV,
     DirectoryInUse,
@@ -170,10 +172,38 @@ class DevCluster:
         if not changed:
             return
         pb.epoch = best.epoch + 1
+        members = {s.id for s in pb.shards}
         for n in shards:
+            if n.spec.shard_id not in members:
+                continue  # a shard being added stays fresh: add-shard gives it the map
             with grpc.insecure_channel(n.address) as ch:
                 admin_pb2_grpc.AdminStub(ch).PublishClusterMap(pb, timeout=10)
         self.console.print(f"  [yellow]↻[/] addresses changed: cluster map re-published at epoch {pb.epoch}")
+
+    def resize(self, router: str, adding: Sequence[str], removing: Sequence[str]) -> None:
+        """add-shard each new shard (with its replicas), remove-shard each extra one, with the
+        progress bar; a removed shard's processes stop and its directories go."""
+        from shardstate.v1 import admin_pb2, admin_pb2_grpc
+
+        from .rebalance import follow
+
+        with grpc.insecure_channel(router) as ch:
+            stub = admin_pb2_grpc.AdminStub(ch)
+            for sid in adding:
+                reps = [n.address for n in self.nodes.values() if n.spec.replica_of == sid]
+                self.console.print(f"adding shard {sid} (its share of the sessions moves to it) …")
+                stub.AddShard(admin_pb2.AddShardRequest(id=sid, primary=self.nodes[sid].address, replicas=reps,
+                                                        weight=1), timeout=30)
+                if follow(stub, False):
+                    raise RuntimeError(f"adding shard {sid} did not finish")
+            for sid in removing:
+                self.console.print(f"removing shard {sid} (its sessions move to the others) …")
+                stub.RemoveShard(admin_pb2.RemoveShardRequest(id=sid), timeout=30)
+                if follow(stub, False):
+                    raise RuntimeError(f"removing shard {sid} did not finish")
+                for name in [n for n, node in self.nodes.items() if node.spec.shard_id == sid]:
+                    self.nodes.pop(name).stop()
+                    shutil.rmtree(self.data / name, ignore_errors=True)
 
     def write_state(self, router: str) -> None:
         state = {
@@ -256,10 +286,15 @@ def main(argv: list[str]) -> int:
     if a.shards is None:
         a.shards = len(have) if have else default_shards(usable_cpus())
     want = {f"s{i}" for i in range(1, a.shards + 1)}
-    if have and have != want:
-        console.print(f"[red]{data} holds a cluster of shards {', '.join(sorted(have, key=lambda s: int(s[1:])))}[/]; "
-                      f"start it with --shards {len(have)} (growing a cluster moves data: use shardstate admin)")
+    if have and have != {f"s{i}" for i in range(1, len(have) + 1)}:
+        console.print(f"[red]{data} holds shards {', '.join(sorted(have, key=lambda s: int(s[1:])))}[/], not "
+                      "s1..sN: start it with shardstate shard and change it with shardstate admin")
         return 2
+    # A different --shards than the directory holds: start the cluster it holds plus the new
+    # shards, then add them (or remove the extra ones) with rebalancing, as an operator would.
+    adding = sorted(want - have, key=lambda s: int(s[1:])) if have else []
+    removing = sorted(have - want, key=lambda s: -int(s[1:]))
+    start_shards = max(a.shards, len(have))
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -268,7 +303,7 @@ def main(argv: list[str]) -> int:
     cluster = DevCluster(data, console)
     console.print(f"[bold]shardstate dev[/]: {a.shards} shards, {a.replicas} replicas each, data in {data}")
     try:
-        stages = plan(a.shards, a.replicas, a.port, data, a.replica_priority == "background")
+        stages = plan(start_shards, a.replicas, a.port, data, a.replica_priority == "background")
         if a.port:
             # Fixed ports: start every shard at once. After a failover the map, not the plan,
             # says which node is primary, and a node waits for the primary it must follow.
@@ -296,6 +331,14 @@ def main(argv: list[str]) -> int:
         return 1
 
     router = cluster.nodes["router"].address
+    if adding or removing:
+        try:
+            cluster.resize(router, adding, removing)
+        except grpc.RpcError as e:
+            err = errors.from_rpc_error(e)
+            console.print(f"[red]✗ resizing the cluster failed: {err.code.name}: {err.message}[/]")
+            cluster.stop()
+            return 1
     cluster.write_state(router)
     print(f"router: {router}", flush=True)
     console.print("Ctrl-C stops the cluster; logs in " + str(data / "logs"))
