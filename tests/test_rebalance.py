@@ -219,3 +219,55 @@ def test_bad_admin_input_needing_a_cluster(procs: Procs) -> None:
     out = admin(c.routers[0], "remove-shard", "s2")
     assert out.returncode != 0 and "is the last shard" in out.stderr, out.stderr
     assert [s.id for s in c.view().pb.shards] == ["s2"] and c.view().pb.epoch > before.epoch
+
+
+def test_a_watch_on_a_moving_session_continues_on_the_new_owner(cluster2: Cluster) -> None:
+    """Writes to sessions that move keep coming while s3 joins; a Watch opened through the
+    router before the move sees every one of them once, in order, with rising revisions."""
+    import threading
+
+    from shardstate.common.ring import Ring
+    from shardstate.v1 import state_pb2
+
+    c = cluster2
+    target = Ring({"s1": 1, "s2": 1, "s3": 1})
+    movers = [f"watched-{i}" for i in range(200) if target.owner("default", f"watched-{i}") == "s3"][:3]
+    assert len(movers) == 3
+    seen: dict[str, list[tuple[int, bytes]]] = {sid: [] for sid in movers}
+    calls = []
+    for sid in movers:
+        c.stub.put(sid, "w", b"0")
+        call = c.stub.state.Watch(state_pb2.WatchRequest(session_id=sid, prefix="w"), timeout=120)
+        calls.append(call)
+
+        def read(call: object = call, sid: str = sid) -> None:
+            for resp in call:  # type: ignore[attr-defined]
+                seen[sid].extend((e.revision, e.record.value) for e in resp.events)
+                if seen[sid] and seen[sid][-1][1] == b"end":
+                    return
+
+        threading.Thread(target=read, daemon=True).start()
+    s3 = c.new_shard("s3")
+    mover = subprocess.Popen([*launch.shardstate_cmd("admin", "--router", c.routers[0].address),
+                              "add-shard", "s3", s3.address, "--json"], stdout=subprocess.PIPE, text=True)
+    i, after = 0, 20
+    while after:  # writes before, during and after the move
+        if mover.poll() is not None:
+            after -= 1
+        i += 1
+        for sid in movers:
+            assert c.stub.put(sid, "w", str(i).encode()).applied
+    assert mover.returncode == 0
+    n = i
+    for sid in movers:
+        assert c.stub.put(sid, "w", b"end").applied
+    assert all(c.view().owner("default", sid).id == "s3" for sid in movers)
+    wait_until(lambda: all(seen[sid] and seen[sid][-1][1] == b"end" for sid in movers), timeout=60)
+    assert n > 20
+    for sid in movers:
+        values = [v for _, v in seen[sid]][:-1]
+        revs = [r for r, _ in seen[sid]]
+        assert values == [str(i).encode() for i in range(1, n + 1)], (sid, values[:5], len(values))
+        assert revs == sorted(set(revs))
+    for call in calls:
+        call.cancel()
