@@ -95,7 +95,7 @@ async def main_async(args: argparse.Namespace, console: Console) -> None:
         s1, s2 = procs.shard("s1"), procs.shard("s2")
         router = procs.router([s1.address, s2.address])
         sids = [f"agent-{i}" for i in range(args.sessions)]
-        console.print(f"preloading {args.sessions} sessions × 1 KiB")
+        console.print(f"preloading {args.sessions} sessions x 1 KiB")
         await preload(router.address, sids, console)
         s3 = procs.shard("s3")
         async with AsyncClient(router.address, timeout=60) as client:
@@ -125,7 +125,7 @@ async def main_async(args: argparse.Namespace, console: Console) -> None:
         assert last is not None and last.phase == "done", last
         scale = move_s / (b1 - b0)
         extra = {p.name: (cpu2[p] - cpu1[p]) - (cpu1[p] - cpu0[p]) * scale for p in (s1, s2, s3)}
-        t = Table(title=f"add a third shard to two, {args.sessions} sessions × 1 KiB, "
+        t = Table(title=f"add a third shard to two, {args.sessions} sessions x 1 KiB, "
                         f"{args.concurrency} concurrent steps")
         t.add_column("figure")
         t.add_column("value", justify="right")
