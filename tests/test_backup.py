@@ -299,3 +299,36 @@ def test_a_backup_cut_by_kill_9_of_a_shard_leaves_nothing_restore_takes(tmp_path
         c.close()
     finally:
         procs.close()
+
+
+def test_a_restore_cut_short_is_run_again_and_completes(tmp_path: Path) -> None:
+    (tmp_path / "procs").mkdir()
+    procs = Procs(tmp_path / "procs")
+    try:
+        src = RouterCluster(procs, shards=1, routers=1)
+        for i in range(3000):  # more than one chunk
+            src.stub(src.routers[0]).put(f"s{i % 50}", f"k{i}", b"v" * 100)
+        res = cli("admin", "--router", src.routers[0].address, "backup", str(tmp_path / "bk"))
+        assert res.returncode == 0, res.stderr
+        dst = RouterCluster(procs, shards=1, routers=1)
+        router = dst.stub(dst.routers[0])
+        from shardstate.server.cli.backup import frames
+
+        with open(tmp_path / "bk" / "shards" / "s1.chunks", "rb") as f:
+            msgs = [m for _, m in frames(f, "s1")]
+        assert len(msgs) > 2 and not msgs[1].snapshot.last
+        with pytest.raises(grpc.RpcError) as e:  # the header and the first chunk, then the stream ends
+            router.admin.Restore(iter(msgs[:2]), timeout=T)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert "run the restore again" in e.value.details()  # type: ignore[attr-defined]
+        res = cli("admin", "--router", dst.routers[0].address, "restore", str(tmp_path / "bk"))
+        assert res.returncode == 0, res.stderr
+        want = src.stub(src.routers[0]).get("s7", "k2957").record
+        got = router.get("s7", "k2957").record
+        assert (got.version, got.create_version, got.value) == (want.version, want.create_version, want.value)
+        keys = sum(n.keys for n in router.admin.Status(admin_pb2.StatusRequest(), timeout=T).nodes)
+        assert keys == 3000
+        src.close()
+        dst.close()
+    finally:
+        procs.close()

@@ -306,7 +306,7 @@ def _pull_all(stub: admin_pb2_grpc.AdminStub, pb: admin_pb2.ClusterMap, tmp: Pat
 
 
 def _cancelled(e: BaseException | None) -> bool:
-    if isinstance(e, BackupError) and str(e) == "cancelled":
+    if (isinstance(e, BackupError) and str(e) == "cancelled") or isinstance(e, grpc.FutureCancelledError):
         return True
     return isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
 
@@ -357,12 +357,9 @@ def check_target(backup: Backup, pb: admin_pb2.ClusterMap, router: str) -> None:
 def restore(stub: admin_pb2_grpc.AdminStub, backup: Backup, router: str = "",
             progress: Any = None) -> list[admin_pb2.RestoreResponse]:
     """Install every shard's backup into the cluster behind `stub` (every shard empty)."""
+    # Whether a shard is empty is the shard's to say (its first answer): a shard whose restore
+    # was cut short holds data and takes the restore again.
     check_target(backup, stub.GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=30), router)
-    st = stub.Status(admin_pb2.StatusRequest(), timeout=30)
-    for n in st.nodes:
-        if n.role == admin_pb2.PRIMARY and n.up and (n.sessions or n.keys):
-            raise BackupError(f"shard {n.shard_id} on {n.address} is not empty: it holds {n.sessions} live sessions "
-                              f"and {n.keys} keys; restore needs a fresh cluster (empty data directories)")
     calls: list[Any] = []
     lock = threading.Lock()
 
