@@ -2,7 +2,8 @@
 (`engine.snapshot`, the one replica catch-up uses); Admin.Restore installs one into an empty shard.
 
 The snapshot point is `_|revision` inside the LevelDB snapshot: every write with a revision up
-to it is in the backup and none above (docs/design.md §13). A restore keeps every key as it
+to it is in the backup and none above (docs/design.md §13); only sessions the shard owns under
+its map are in, and no backup is taken while a rebalance moves sessions. A restore keeps every key as it
 was stored (versions, seqs, metas, idempotency records) and raises the revision clock to the
 backup's revision; node meta `_|restoring` marks a restore under way, so one cut short (the
 stream broke) may be run again and is not taken for data.
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from shardstate.common import errors
 from shardstate.common.grpcserve import Malformed
 from shardstate.v1 import admin_pb2
 
+from .migration.keys import SessionFilter, session_of
 from .node import Node
 from .storage import snapshot
 from .storage.engine import Engine
@@ -53,17 +55,24 @@ class ShardBackup:
                 raise errors.FailedPreconditionError(
                     f"Backup: shard {node.shard_id} holds cluster map epoch {node.epoch}, the backup is "
                     f"taken at epoch {req.epoch}: the map changed; run the backup again")
+            moving = node.view.pb.migrations
+            if moving:
+                pairs = ", ".join(f"{m.source} -> {m.target}" for m in moving)
+                raise errors.FailedPreconditionError(
+                    f"Backup: a rebalance is under way at map epoch {node.epoch} ({pairs}); back up "
+                    "once it has ended")
+            keep = owned_by(node)
             snap = self.engine.snapshot()
         except Exception as e:
             await errors.abort(context, e)
         try:
-            counts = await asyncio.to_thread(snap.count)
+            counts = await asyncio.to_thread(snap.count, keep)
             header = admin_pb2.BackupHeader(
                 shard_id=node.shard_id, node=node.address, revision=snap.revision, epoch=node.epoch,
                 taken_at_ms=wall_ms(), counts=admin_pb2.BackupCounts(**counts))
             log.info("backup started", extra={"fields": {"revision": snap.revision, "entries": counts["entries"]}})
             yield admin_pb2.BackupChunk(header=header)
-            it = iter(snap)
+            it = (kv for kv in snap if keep(kv[0]))
             first = True
             while True:
                 chunk, done = await asyncio.to_thread(snapshot.take, it)
@@ -140,6 +149,23 @@ class ShardBackup:
         return (f"Restore: shard {shard_id} on {self.node.address} is not empty: it holds {sessions} "
                 f"live sessions and {keys} keys (revision {self.engine.revision()}); a restore needs "
                 "a fresh cluster: start its shards on empty data directories")
+
+
+def owned_by(node: Node) -> Callable[[bytes], bool]:
+    """Does a stored key belong in this shard's backup? Not when its session is another
+    shard's under the node's map: a shard keeps sessions that moved away for
+    `--moved-data-grace-s` (docs/design.md §6), and they are backed up where they live now."""
+    view, me = node.view, node.shard_id
+    ring = view.ring if view.epoch else None
+    if ring is None:
+        return lambda key: True
+    pick = SessionFilter(lambda ns, sid: ring.owner(ns, sid) == me)
+
+    def keep(key: bytes) -> bool:
+        s = session_of(key)
+        return s is None or pick.session(*s)
+
+    return keep
 
 
 async def _next(it: AsyncIterator[Any], missing: str) -> Any:

@@ -332,3 +332,42 @@ def test_a_restore_cut_short_is_run_again_and_completes(tmp_path: Path) -> None:
         dst.close()
     finally:
         procs.close()
+
+
+def test_a_shard_backs_up_only_the_sessions_it_owns_and_none_during_a_rebalance(tmp_path: Path) -> None:
+    """Sessions that moved away stay on a shard for a grace period: they are not its backup."""
+    procs = Procs(tmp_path)
+    try:
+        shard = procs.shard("s1")
+        from tests.routercluster import Stubs
+
+        st = Stubs(shard.address)
+        sids = [f"u{i}" for i in range(40)]
+        for sid in sids:  # no map yet: s1 owns every session
+            st.put(sid, "k", b"v")
+        pb = admin_pb2.ClusterMap(epoch=1, shards=[admin_pb2.ShardInfo(id="s1", primary=shard.address),
+                                                   admin_pb2.ShardInfo(id="s2", primary="127.0.0.1:1")])
+        assert st.admin.PublishClusterMap(pb, timeout=T).adopted
+        mine = {s for s in sids if ClusterView.of(pb).owner("", s).id == "s1"}
+        assert 0 < len(mine) < len(sids)
+        msgs = list(st.admin.Backup(admin_pb2.BackupRequest(shard_id="s1", epoch=1), timeout=T))
+        assert msgs[0].header.counts.sessions == len(mine) and msgs[0].header.counts.records == len(mine)
+        from shardstate.server.migration.keys import session_of
+
+        got = {session_of(op.key) for m in msgs[1:] for op in m.snapshot.ops} - {None}
+        assert got == {(b"default", s.encode()) for s in mine}
+        with pytest.raises(grpc.RpcError) as e:  # a map at another epoch than the backup's
+            list(st.admin.Backup(admin_pb2.BackupRequest(shard_id="s1", epoch=7), timeout=T))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        moving = admin_pb2.ClusterMap()
+        moving.CopyFrom(pb)
+        moving.epoch = 2
+        moving.migrations.add(source="s1", target="s2", started_epoch=2, phase="copy")
+        assert st.admin.PublishClusterMap(moving, timeout=T).adopted
+        with pytest.raises(grpc.RpcError) as e:
+            list(st.admin.Backup(admin_pb2.BackupRequest(shard_id="s1"), timeout=T))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        assert "rebalance is under way" in e.value.details()  # type: ignore[attr-defined]
+        st.close()
+    finally:
+        procs.close()

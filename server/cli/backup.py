@@ -346,6 +346,9 @@ def check_target(backup: Backup, pb: admin_pb2.ClusterMap, router: str) -> None:
     have = {s.id: s.weight or 1 for s in pb.shards}
     if not pb.epoch:
         raise BackupError(f"the cluster at {router} has no cluster map yet; wait until its router is serving")
+    if pb.migrations:
+        raise BackupError(f"the cluster at {router} is rebalancing (map epoch {pb.epoch}); restore into a "
+                          "fresh cluster")
     if want != have:
         def show(d: dict[str, int]) -> str:
             return ", ".join(f"{k}" + (f" (weight {w})" if w != 1 else "") for k, w in sorted(d.items())) or "none"

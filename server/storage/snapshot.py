@@ -7,7 +7,7 @@ A snapshot carries every key but the change log and node meta (`~|`, `_|`); its 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from shardstate.v1 import replication_pb2
@@ -41,11 +41,12 @@ class Snapshot:
         """The keys of one family (e.g. enc.META: one per session)."""
         yield from self._snap.iterator(prefix=tag, include_value=False)
 
-    def count(self) -> dict[str, int]:
-        """Keys per family (`COUNTED` names) and `entries`, all of them; reads no values."""
+    def count(self, keep: Callable[[bytes], bool] | None = None) -> dict[str, int]:
+        """Keys per family (`COUNTED` names) and `entries`, all of them (or those `keep`
+        accepts); reads no values."""
         out = dict.fromkeys(("entries", *COUNTED.values()), 0)
         for k in self._snap.iterator(include_value=False):
-            if k[0] in _SKIP:
+            if k[0] in _SKIP or (keep is not None and not keep(k)):
                 continue
             out["entries"] += 1
             name = COUNTED.get(k[0])
