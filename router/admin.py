@@ -16,6 +16,7 @@ import grpc
 from shardstate.common import errors
 from shardstate.common.clustermap import node_addresses
 from shardstate.common.metrics import RateMeter, Registry
+from shardstate.router import backup
 from shardstate.router.failover import promote
 from shardstate.router.maps import MapHolder, validate_map
 from shardstate.router.nodes import NodePool, describe
@@ -139,11 +140,11 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
         await errors.abort(context, errors.UnimplementedError(
             "Admin.SwapClusterMap is served by the primary of the keeper shard (the lowest shard id), not by a router"))
 
-    async def Backup(self, request: Any, context: Any) -> Any:  # type: ignore[override]  # aborts: no stream
-        await self._later(context, "Backup")
+    def Backup(self, request: admin_pb2.BackupRequest, context: Any) -> Any:
+        return backup.backup(self.maps, self.nodes, request, context)
 
-    async def Restore(self, request: Any, context: Any) -> Any:  # type: ignore[override]  # aborts: no stream
-        await self._later(context, "Restore")
+    async def Restore(self, request_iterator: Any, context: Any) -> Any:
+        return await backup.restore(self.maps, self.nodes, request_iterator, context)
 
 
 def drop_node(pb: admin_pb2.ClusterMap, address: str) -> None:

@@ -14,11 +14,12 @@ from shardstate.common.metrics import RateMeter
 from shardstate.common.rebalance import keeper_id
 from shardstate.v1 import admin_pb2
 
+from .backup import ShardBackup
 from .node import Node
 from .service import StateService
 
-ROUTER_ONLY = ("AddShard", "RemoveShard", "SetWeight", "Rebalance", "PromoteReplica", "Backup", "Restore", "RemoveNode")
-STREAMING = ("Rebalance", "Backup", "Restore", "RemoveNode")
+ROUTER_ONLY = ("AddShard", "RemoveShard", "SetWeight", "Rebalance", "PromoteReplica", "RemoveNode")
+STREAMING = ("Rebalance", "RemoveNode")
 
 
 class AdminService:
@@ -26,6 +27,7 @@ class AdminService:
         self.node = node
         self.state = state
         self.load = RateMeter(state.replies)  # replies per second since the previous Status
+        self.backups = ShardBackup(node, node.engine)
 
     async def get_cluster_map(self, req: admin_pb2.GetClusterMapRequest, context: Any) -> admin_pb2.ClusterMap:
         return self.node.view.pb
@@ -72,6 +74,8 @@ class AdminService:
             "PublishClusterMap": self.publish_cluster_map,
             "Status": self.status,
             "SwapClusterMap": self.swap_cluster_map,
+            "Backup": self.backups.backup,
+            "Restore": self.backups.restore,
         }
         for name in ROUTER_ONLY:
             out[name] = _router_only(name, streaming=name in STREAMING)

@@ -76,10 +76,11 @@ ADMIN_CHANGES: dict[str, Any] = {
     "SetWeight": AD.SetWeightRequest(id="zz", weight=3),
     "Rebalance": AD.RebalanceRequest(),
     "PromoteReplica": AD.PromoteReplicaRequest(shard_id="zz"),
-    "Backup": AD.BackupRequest(shard_id="zz", path="/nonexistent/fz"),
-    "Restore": AD.RestoreRequest(shard_id="zz", path="/nonexistent/fz"),
+    "Backup": AD.BackupRequest(shard_id="zz"),
+    "Restore": AD.BackupChunk(header=AD.BackupHeader(shard_id="zz")),
 }
-STREAMING_OUT = {"Watch", "Rebalance", "Backup", "Restore"}
+STREAMING_OUT = {"Watch", "Rebalance", "Backup"}
+STREAMING_IN = {"Restore"}
 
 
 def _encode(fields: list[tuple[int, int | bytes]], wires: dict[int, int]) -> bytes:
@@ -191,6 +192,9 @@ class Fuzzer:
             msgs = [data, mutate(data, self.rnd), SEEDS["Pipeline"].SerializeToString()]
             call = self.channel.stream_stream(path)
             self._check(method, data, lambda: list(call(iter(msgs), timeout=T)))
+        elif method in STREAMING_IN:
+            call_in = self.channel.stream_unary(path)
+            self._check(method, data, lambda: call_in(iter([data]), timeout=T))
         elif method in STREAMING_OUT:
             call_s = self.channel.unary_stream(path)
 

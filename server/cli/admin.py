@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import json_format
 
 from shardstate.common import errors
+from shardstate.server.cli import backup as backup_cli
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 from . import rebalance
@@ -118,6 +119,7 @@ COMMANDS: dict[str, tuple[Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace
     "promote": (promote_cmd, "make a replica the primary of its shard (failover): promote SHARD [--replica ADDR]"),
     "remove-node": (remove_node_cmd, "remove a dead replica from the cluster map: remove-node ADDR"),
     **rebalance.COMMANDS,
+    **backup_cli.COMMANDS,
 }
 
 
@@ -135,6 +137,7 @@ def main(argv: list[str]) -> int:
         if name == "remove-node":
             sp.add_argument("address", help="the node's host:port as `shardstate admin map` lists it")
         rebalance.add_arguments(name, sp)
+        backup_cli.add_arguments(name, sp)
     args = p.parse_args(argv)
     fn = COMMANDS[args.command][0]
     with grpc.insecure_channel(args.router) as ch:

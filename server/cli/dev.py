@@ -269,9 +269,22 @@ def main(argv: list[str]) -> int:
                    default=os.environ.get("SHARDSTATE_DEV_REPLICA_PRIORITY", "background"),
                    help="CPU priority of the replicas: background (Linux SCHED_IDLE: they catch up on "
                         "CPU the primaries and the router leave idle) or normal [default background]")
+    p.add_argument("--restore", metavar="BACKUP", default=None,
+                   help="start a new cluster (empty --data-dir) holding a backup: a directory or tar "
+                        "file written by `shardstate admin backup`")
     a = p.parse_args(argv)
     if (a.shards is not None and a.shards < 1) or a.replicas < 0:
         p.error("--shards must be at least 1 and --replicas not negative")
+    from shardstate.server.cli import backup as backup_cli
+
+    restoring: backup_cli.Backup | None = None
+    if a.restore:
+        try:
+            restoring = backup_cli.open_checked(Path(a.restore))
+            a.shards = backup_cli.dev_shard_count(restoring, a.shards)
+        except backup_cli.BackupError as e:
+            print(f"shardstate dev: {e}", file=sys.stderr)
+            return 1
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False)
@@ -283,6 +296,10 @@ def main(argv: list[str]) -> int:
         print(f"shardstate dev: {e}", file=sys.stderr)
         return 1
     have = existing_shards(data)
+    if restoring is not None and have:
+        print(f"shardstate dev: {data} holds a cluster already (shards {', '.join(sorted(have))}); "
+              "--restore starts a new one: give an empty --data-dir", file=sys.stderr)
+        return 1
     if a.shards is None:
         a.shards = len(have) if have else default_shards(usable_cpus())
     want = {f"s{i}" for i in range(1, a.shards + 1)}
@@ -339,6 +356,15 @@ def main(argv: list[str]) -> int:
             console.print(f"[red]✗ resizing the cluster failed: {err.code.name}: {err.message}[/]")
             cluster.stop()
             return 1
+    if restoring is not None:
+        try:
+            with console.status(f"restoring {a.restore} …"):
+                backup_cli.restore_into(router, restoring)
+        except backup_cli.BackupError as e:
+            print(f"shardstate dev: restore failed: {e}", file=sys.stderr)
+            cluster.stop()
+            return 1
+        console.print(f"restored {a.restore}")
     cluster.write_state(router)
     print(f"router: {router}", flush=True)
     console.print("Ctrl-C stops the cluster; logs in " + str(data / "logs"))

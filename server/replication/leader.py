@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from shardstate.common import errors
 from shardstate.v1 import admin_pb2, replication_pb2
 
 from ..node import Node
-from ..storage import changelog
+from ..storage import changelog, snapshot
 from ..storage import encoding as enc
 from ..storage.engine import Engine
 from ..storage.revision import wall_ms
@@ -36,8 +36,8 @@ HEARTBEAT_S = 0.5
 # a few large batches instead of one per commit. Lag grows by at most this much.
 COALESCE_S = 0.025
 HELLO_TIMEOUT_S = 10.0
-SNAPSHOT_CHUNK_OPS = 2000
-SNAPSHOT_CHUNK_BYTES = 1 << 20
+SNAPSHOT_CHUNK_OPS = snapshot.CHUNK_OPS  # the migration source's chunks follow them too
+SNAPSHOT_CHUNK_BYTES = snapshot.CHUNK_BYTES
 BACKLOG_CAP = 10_000  # counting the backlog stops here (lag figures, not control)
 BACKLOG_EVERY_S = 0.25
 HOLD_GRACE_S = 300.0  # a disconnected follower keeps the log from being trimmed this long
@@ -53,17 +53,6 @@ class FollowerInfo:
     last_seen: float = 0.0  # monotonic
     hold_from: int = 0  # while a snapshot streams: its revision + 1
     caught_up: bool = False
-
-
-def _take(it: Iterator[tuple[bytes, bytes]]) -> tuple[replication_pb2.SnapshotChunk, bool]:
-    chunk = replication_pb2.SnapshotChunk()
-    size = 0
-    for k, v in it:
-        chunk.ops.add(key=k, value=v)
-        size += len(k) + len(v)
-        if len(chunk.ops) >= SNAPSHOT_CHUNK_OPS or size >= SNAPSHOT_CHUNK_BYTES:
-            return chunk, False
-    return chunk, True
 
 
 class Leader:
@@ -263,7 +252,7 @@ class Leader:
             it = iter(snap)
             first = True
             while True:
-                chunk, done = await asyncio.to_thread(_take, it)
+                chunk, done = await asyncio.to_thread(snapshot.take, it)
                 chunk.first = first
                 if done:
                     chunk.last = True

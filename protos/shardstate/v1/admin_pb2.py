@@ -22,62 +22,67 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from shardstate.v1 import replication_pb2 as shardstate_dot_v1_dot_replication__pb2
 from shardstate.v1 import types_pb2 as shardstate_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardstate/v1/admin.proto\x12\rshardstate.v1\x1a\x19shardstate/v1/types.proto\"\x89\x01\n\tShardInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x0f\n\x07primary\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x03(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.shardstate.v1.ShardState\x12\x13\n\x0bnext_weight\x18\x06 \x01(\r\"u\n\tMigration\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x15\n\rstarted_epoch\x18\x03 \x01(\x04\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x0e\n\x06\x63hange\x18\x05 \x01(\t\x12\x12\n\nstarted_ms\x18\x06 \x01(\x04\"\x87\x01\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12(\n\x06shards\x18\x02 \x03(\x0b\x32\x18.shardstate.v1.ShardInfo\x12,\n\nmigrations\x18\x03 \x03(\x0b\x32\x18.shardstate.v1.Migration\x12\x12\n\ncluster_id\x18\x04 \x01(\t\"\x16\n\x14GetClusterMapRequest\";\n\x19PublishClusterMapResponse\x12\x0f\n\x07\x61\x64opted\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x0f\n\rStatusRequest\"\xcd\x02\n\nNodeStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.shardstate.v1.NodeRole\x12\x10\n\x08shard_id\x18\x03 \x01(\t\x12\n\n\x02up\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x04\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x10\n\x08sessions\x18\x08 \x01(\x04\x12\x0c\n\x04keys\x18\t \x01(\x04\x12\r\n\x05\x62ytes\x18\n \x01(\x04\x12\x15\n\rlag_revisions\x18\x0b \x01(\x04\x12\x0e\n\x06lag_ms\x18\x0c \x01(\x04\x12\x17\n\x0f\x64iverged_writes\x18\r \x01(\x04\x12\x0f\n\x07primary\x18\x0e \x01(\t\x12\x10\n\x08uptime_s\x18\x0f \x01(\x04\x12\x0f\n\x07serving\x18\x10 \x01(\x08\x12\x16\n\x0eload_ops_per_s\x18\x11 \x01(\x01\"\xca\x01\n\x0eStatusResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1d.shardstate.v1.ResponseHeader\x12.\n\x0b\x63luster_map\x18\x02 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\x12(\n\x05nodes\x18\x03 \x03(\x0b\x32\x19.shardstate.v1.NodeStatus\x12/\n\x05moves\x18\x04 \x03(\x0b\x32 .shardstate.v1.RebalanceProgress\"W\n\x15SwapClusterMapRequest\x12\x16\n\x0e\x65xpected_epoch\x18\x01 \x01(\x04\x12&\n\x03map\x18\x02 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\"U\n\x16SwapClusterMapResponse\x12\x0f\n\x07swapped\x18\x01 \x01(\x08\x12*\n\x07\x63urrent\x18\x02 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\"P\n\x0f\x41\x64\x64ShardRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07primary\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x03(\t\x12\x0e\n\x06weight\x18\x04 \x01(\r\" \n\x12RemoveShardRequest\x12\n\n\x02id\x18\x01 \x01(\t\"$\n\x11RemoveNodeRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\".\n\x10SetWeightRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\x12\n\x10RebalanceRequest\"\xfc\x01\n\x11RebalanceProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x16\n\x0esessions_total\x18\x02 \x01(\x04\x12\x16\n\x0esessions_moved\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x04\x12\r\n\x05\x65ta_s\x18\x05 \x01(\x01\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x0e\n\x06target\x18\x07 \x01(\t\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x0c\n\x04\x64one\x18\t \x01(\x08\x12\x0e\n\x06\x63hange\x18\n \x01(\t\x12\x11\n\telapsed_s\x18\x0b \x01(\x01\x12\x15\n\rlag_revisions\x18\x0c \x01(\x04\x12\r\n\x05\x65rror\x18\r \x01(\t\":\n\x15PromoteReplicaRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\"o\n\x16PromoteReplicaResponse\x12.\n\x0b\x63luster_map\x18\x01 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\x12\x13\n\x0bnew_primary\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\"/\n\rBackupRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"0\n\x0eRestoreRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x7f\n\x0e\x42\x61\x63kupProgress\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x04*O\n\nShardState\x12\x1b\n\x17SHARD_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0b\n\x07JOINING\x10\x02\x12\x0b\n\x07LEAVING\x10\x03*K\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PRIMARY\x10\x01\x12\x0b\n\x07REPLICA\x10\x02\x12\n\n\x06ROUTER\x10\x03\x32\xc5\x07\n\x05\x41\x64min\x12O\n\rGetClusterMap\x12#.shardstate.v1.GetClusterMapRequest\x1a\x19.shardstate.v1.ClusterMap\x12X\n\x11PublishClusterMap\x12\x19.shardstate.v1.ClusterMap\x1a(.shardstate.v1.PublishClusterMapResponse\x12\x45\n\x06Status\x12\x1c.shardstate.v1.StatusRequest\x1a\x1d.shardstate.v1.StatusResponse\x12\x45\n\x08\x41\x64\x64Shard\x12\x1e.shardstate.v1.AddShardRequest\x1a\x19.shardstate.v1.ClusterMap\x12K\n\x0bRemoveShard\x12!.shardstate.v1.RemoveShardRequest\x1a\x19.shardstate.v1.ClusterMap\x12G\n\tSetWeight\x12\x1f.shardstate.v1.SetWeightRequest\x1a\x19.shardstate.v1.ClusterMap\x12P\n\tRebalance\x12\x1f.shardstate.v1.RebalanceRequest\x1a .shardstate.v1.RebalanceProgress0\x01\x12]\n\x0ePromoteReplica\x12$.shardstate.v1.PromoteReplicaRequest\x1a%.shardstate.v1.PromoteReplicaResponse\x12G\n\x06\x42\x61\x63kup\x12\x1c.shardstate.v1.BackupRequest\x1a\x1d.shardstate.v1.BackupProgress0\x01\x12I\n\x07Restore\x12\x1d.shardstate.v1.RestoreRequest\x1a\x1d.shardstate.v1.BackupProgress0\x01\x12I\n\nRemoveNode\x12 .shardstate.v1.RemoveNodeRequest\x1a\x19.shardstate.v1.ClusterMap\x12]\n\x0eSwapClusterMap\x12$.shardstate.v1.SwapClusterMapRequest\x1a%.shardstate.v1.SwapClusterMapResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardstate/v1/admin.proto\x12\rshardstate.v1\x1a\x1fshardstate/v1/replication.proto\x1a\x19shardstate/v1/types.proto\"\x89\x01\n\tShardInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x0f\n\x07primary\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x03(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.shardstate.v1.ShardState\x12\x13\n\x0bnext_weight\x18\x06 \x01(\r\"u\n\tMigration\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x15\n\rstarted_epoch\x18\x03 \x01(\x04\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x0e\n\x06\x63hange\x18\x05 \x01(\t\x12\x12\n\nstarted_ms\x18\x06 \x01(\x04\"\x87\x01\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12(\n\x06shards\x18\x02 \x03(\x0b\x32\x18.shardstate.v1.ShardInfo\x12,\n\nmigrations\x18\x03 \x03(\x0b\x32\x18.shardstate.v1.Migration\x12\x12\n\ncluster_id\x18\x04 \x01(\t\"\x16\n\x14GetClusterMapRequest\";\n\x19PublishClusterMapResponse\x12\x0f\n\x07\x61\x64opted\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x0f\n\rStatusRequest\"\xcd\x02\n\nNodeStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.shardstate.v1.NodeRole\x12\x10\n\x08shard_id\x18\x03 \x01(\t\x12\n\n\x02up\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x04\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x10\n\x08sessions\x18\x08 \x01(\x04\x12\x0c\n\x04keys\x18\t \x01(\x04\x12\r\n\x05\x62ytes\x18\n \x01(\x04\x12\x15\n\rlag_revisions\x18\x0b \x01(\x04\x12\x0e\n\x06lag_ms\x18\x0c \x01(\x04\x12\x17\n\x0f\x64iverged_writes\x18\r \x01(\x04\x12\x0f\n\x07primary\x18\x0e \x01(\t\x12\x10\n\x08uptime_s\x18\x0f \x01(\x04\x12\x0f\n\x07serving\x18\x10 \x01(\x08\x12\x16\n\x0eload_ops_per_s\x18\x11 \x01(\x01\"\xca\x01\n\x0eStatusResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1d.shardstate.v1.ResponseHeader\x12.\n\x0b\x63luster_map\x18\x02 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\x12(\n\x05nodes\x18\x03 \x03(\x0b\x32\x19.shardstate.v1.NodeStatus\x12/\n\x05moves\x18\x04 \x03(\x0b\x32 .shardstate.v1.RebalanceProgress\"W\n\x15SwapClusterMapRequest\x12\x16\n\x0e\x65xpected_epoch\x18\x01 \x01(\x04\x12&\n\x03map\x18\x02 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\"U\n\x16SwapClusterMapResponse\x12\x0f\n\x07swapped\x18\x01 \x01(\x08\x12*\n\x07\x63urrent\x18\x02 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\"P\n\x0f\x41\x64\x64ShardRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07primary\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x03(\t\x12\x0e\n\x06weight\x18\x04 \x01(\r\" \n\x12RemoveShardRequest\x12\n\n\x02id\x18\x01 \x01(\t\"$\n\x11RemoveNodeRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\".\n\x10SetWeightRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\x12\n\x10RebalanceRequest\"\xfc\x01\n\x11RebalanceProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x16\n\x0esessions_total\x18\x02 \x01(\x04\x12\x16\n\x0esessions_moved\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x04\x12\r\n\x05\x65ta_s\x18\x05 \x01(\x01\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x0e\n\x06target\x18\x07 \x01(\t\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x0c\n\x04\x64one\x18\t \x01(\x08\x12\x0e\n\x06\x63hange\x18\n \x01(\t\x12\x11\n\telapsed_s\x18\x0b \x01(\x01\x12\x15\n\rlag_revisions\x18\x0c \x01(\x04\x12\r\n\x05\x65rror\x18\r \x01(\t\":\n\x15PromoteReplicaRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\"o\n\x16PromoteReplicaResponse\x12.\n\x0b\x63luster_map\x18\x01 \x01(\x0b\x32\x19.shardstate.v1.ClusterMap\x12\x13\n\x0bnew_primary\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\"<\n\rBackupRequest\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04J\x04\x08\x02\x10\x03R\x04path\"\x80\x01\n\x0c\x42\x61\x63kupCounts\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\x10\n\x08sessions\x18\x02 \x01(\x04\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x13\n\x0blog_entries\x18\x04 \x01(\x04\x12\x13\n\x0bidempotency\x18\x05 \x01(\x04\x12\x12\n\ntombstones\x18\x06 \x01(\x04\"\x91\x01\n\x0c\x42\x61\x63kupHeader\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x13\n\x0btaken_at_ms\x18\x05 \x01(\x04\x12+\n\x06\x63ounts\x18\x06 \x01(\x0b\x32\x1b.shardstate.v1.BackupCounts\"j\n\x0b\x42\x61\x63kupChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.shardstate.v1.BackupHeader\x12.\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1c.shardstate.v1.SnapshotChunk\"T\n\x0fRestoreResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\x04*O\n\nShardState\x12\x1b\n\x17SHARD_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0b\n\x07JOINING\x10\x02\x12\x0b\n\x07LEAVING\x10\x03*K\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PRIMARY\x10\x01\x12\x0b\n\x07REPLICA\x10\x02\x12\n\n\x06ROUTER\x10\x03\x32\xc0\x07\n\x05\x41\x64min\x12O\n\rGetClusterMap\x12#.shardstate.v1.GetClusterMapRequest\x1a\x19.shardstate.v1.ClusterMap\x12X\n\x11PublishClusterMap\x12\x19.shardstate.v1.ClusterMap\x1a(.shardstate.v1.PublishClusterMapResponse\x12\x45\n\x06Status\x12\x1c.shardstate.v1.StatusRequest\x1a\x1d.shardstate.v1.StatusResponse\x12\x45\n\x08\x41\x64\x64Shard\x12\x1e.shardstate.v1.AddShardRequest\x1a\x19.shardstate.v1.ClusterMap\x12K\n\x0bRemoveShard\x12!.shardstate.v1.RemoveShardRequest\x1a\x19.shardstate.v1.ClusterMap\x12G\n\tSetWeight\x12\x1f.shardstate.v1.SetWeightRequest\x1a\x19.shardstate.v1.ClusterMap\x12P\n\tRebalance\x12\x1f.shardstate.v1.RebalanceRequest\x1a .shardstate.v1.RebalanceProgress0\x01\x12]\n\x0ePromoteReplica\x12$.shardstate.v1.PromoteReplicaRequest\x1a%.shardstate.v1.PromoteReplicaResponse\x12\x44\n\x06\x42\x61\x63kup\x12\x1c.shardstate.v1.BackupRequest\x1a\x1a.shardstate.v1.BackupChunk0\x01\x12G\n\x07Restore\x12\x1a.shardstate.v1.BackupChunk\x1a\x1e.shardstate.v1.RestoreResponse(\x01\x12I\n\nRemoveNode\x12 .shardstate.v1.RemoveNodeRequest\x1a\x19.shardstate.v1.ClusterMap\x12]\n\x0eSwapClusterMap\x12$.shardstate.v1.SwapClusterMapRequest\x1a%.shardstate.v1.SwapClusterMapResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardstate.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHARDSTATE']._serialized_start=2165
-  _globals['_SHARDSTATE']._serialized_end=2244
-  _globals['_NODEROLE']._serialized_start=2246
-  _globals['_NODEROLE']._serialized_end=2321
-  _globals['_SHARDINFO']._serialized_start=72
-  _globals['_SHARDINFO']._serialized_end=209
-  _globals['_MIGRATION']._serialized_start=211
-  _globals['_MIGRATION']._serialized_end=328
-  _globals['_CLUSTERMAP']._serialized_start=331
-  _globals['_CLUSTERMAP']._serialized_end=466
-  _globals['_GETCLUSTERMAPREQUEST']._serialized_start=468
-  _globals['_GETCLUSTERMAPREQUEST']._serialized_end=490
-  _globals['_PUBLISHCLUSTERMAPRESPONSE']._serialized_start=492
-  _globals['_PUBLISHCLUSTERMAPRESPONSE']._serialized_end=551
-  _globals['_STATUSREQUEST']._serialized_start=553
-  _globals['_STATUSREQUEST']._serialized_end=568
-  _globals['_NODESTATUS']._serialized_start=571
-  _globals['_NODESTATUS']._serialized_end=904
-  _globals['_STATUSRESPONSE']._serialized_start=907
-  _globals['_STATUSRESPONSE']._serialized_end=1109
-  _globals['_SWAPCLUSTERMAPREQUEST']._serialized_start=1111
-  _globals['_SWAPCLUSTERMAPREQUEST']._serialized_end=1198
-  _globals['_SWAPCLUSTERMAPRESPONSE']._serialized_start=1200
-  _globals['_SWAPCLUSTERMAPRESPONSE']._serialized_end=1285
-  _globals['_ADDSHARDREQUEST']._serialized_start=1287
-  _globals['_ADDSHARDREQUEST']._serialized_end=1367
-  _globals['_REMOVESHARDREQUEST']._serialized_start=1369
-  _globals['_REMOVESHARDREQUEST']._serialized_end=1401
-  _globals['_REMOVENODEREQUEST']._serialized_start=1403
-  _globals['_REMOVENODEREQUEST']._serialized_end=1439
-  _globals['_SETWEIGHTREQUEST']._serialized_start=1441
-  _globals['_SETWEIGHTREQUEST']._serialized_end=1487
-  _globals['_REBALANCEREQUEST']._serialized_start=1489
-  _globals['_REBALANCEREQUEST']._serialized_end=1507
-  _globals['_REBALANCEPROGRESS']._serialized_start=1510
-  _globals['_REBALANCEPROGRESS']._serialized_end=1762
-  _globals['_PROMOTEREPLICAREQUEST']._serialized_start=1764
-  _globals['_PROMOTEREPLICAREQUEST']._serialized_end=1822
-  _globals['_PROMOTEREPLICARESPONSE']._serialized_start=1824
-  _globals['_PROMOTEREPLICARESPONSE']._serialized_end=1935
-  _globals['_BACKUPREQUEST']._serialized_start=1937
-  _globals['_BACKUPREQUEST']._serialized_end=1984
-  _globals['_RESTOREREQUEST']._serialized_start=1986
-  _globals['_RESTOREREQUEST']._serialized_end=2034
-  _globals['_BACKUPPROGRESS']._serialized_start=2036
-  _globals['_BACKUPPROGRESS']._serialized_end=2163
-  _globals['_ADMIN']._serialized_start=2324
-  _globals['_ADMIN']._serialized_end=3289
+  _globals['_SHARDSTATE']._serialized_start=2505
+  _globals['_SHARDSTATE']._serialized_end=2584
+  _globals['_NODEROLE']._serialized_start=2586
+  _globals['_NODEROLE']._serialized_end=2661
+  _globals['_SHARDINFO']._serialized_start=105
+  _globals['_SHARDINFO']._serialized_end=242
+  _globals['_MIGRATION']._serialized_start=244
+  _globals['_MIGRATION']._serialized_end=361
+  _globals['_CLUSTERMAP']._serialized_start=364
+  _globals['_CLUSTERMAP']._serialized_end=499
+  _globals['_GETCLUSTERMAPREQUEST']._serialized_start=501
+  _globals['_GETCLUSTERMAPREQUEST']._serialized_end=523
+  _globals['_PUBLISHCLUSTERMAPRESPONSE']._serialized_start=525
+  _globals['_PUBLISHCLUSTERMAPRESPONSE']._serialized_end=584
+  _globals['_STATUSREQUEST']._serialized_start=586
+  _globals['_STATUSREQUEST']._serialized_end=601
+  _globals['_NODESTATUS']._serialized_start=604
+  _globals['_NODESTATUS']._serialized_end=937
+  _globals['_STATUSRESPONSE']._serialized_start=940
+  _globals['_STATUSRESPONSE']._serialized_end=1142
+  _globals['_SWAPCLUSTERMAPREQUEST']._serialized_start=1144
+  _globals['_SWAPCLUSTERMAPREQUEST']._serialized_end=1231
+  _globals['_SWAPCLUSTERMAPRESPONSE']._serialized_start=1233
+  _globals['_SWAPCLUSTERMAPRESPONSE']._serialized_end=1318
+  _globals['_ADDSHARDREQUEST']._serialized_start=1320
+  _globals['_ADDSHARDREQUEST']._serialized_end=1400
+  _globals['_REMOVESHARDREQUEST']._serialized_start=1402
+  _globals['_REMOVESHARDREQUEST']._serialized_end=1434
+  _globals['_REMOVENODEREQUEST']._serialized_start=1436
+  _globals['_REMOVENODEREQUEST']._serialized_end=1472
+  _globals['_SETWEIGHTREQUEST']._serialized_start=1474
+  _globals['_SETWEIGHTREQUEST']._serialized_end=1520
+  _globals['_REBALANCEREQUEST']._serialized_start=1522
+  _globals['_REBALANCEREQUEST']._serialized_end=1540
+  _globals['_REBALANCEPROGRESS']._serialized_start=1543
+  _globals['_REBALANCEPROGRESS']._serialized_end=1795
+  _globals['_PROMOTEREPLICAREQUEST']._serialized_start=1797
+  _globals['_PROMOTEREPLICAREQUEST']._serialized_end=1855
+  _globals['_PROMOTEREPLICARESPONSE']._serialized_start=1857
+  _globals['_PROMOTEREPLICARESPONSE']._serialized_end=1968
+  _globals['_BACKUPREQUEST']._serialized_start=1970
+  _globals['_BACKUPREQUEST']._serialized_end=2030
+  _globals['_BACKUPCOUNTS']._serialized_start=2033
+  _globals['_BACKUPCOUNTS']._serialized_end=2161
+  _globals['_BACKUPHEADER']._serialized_start=2164
+  _globals['_BACKUPHEADER']._serialized_end=2309
+  _globals['_BACKUPCHUNK']._serialized_start=2311
+  _globals['_BACKUPCHUNK']._serialized_end=2417
+  _globals['_RESTORERESPONSE']._serialized_start=2419
+  _globals['_RESTORERESPONSE']._serialized_end=2503
+  _globals['_ADMIN']._serialized_start=2664
+  _globals['_ADMIN']._serialized_end=3624
 # @@protoc_insertion_point(module_scope)

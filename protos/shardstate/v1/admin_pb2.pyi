@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from shardstate.v1 import replication_pb2 as _replication_pb2
 from shardstate.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -607,80 +608,154 @@ class BackupRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SHARD_ID_FIELD_NUMBER: _builtins.int
-    PATH_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     shard_id: _builtins.str
-    """"" = every shard"""
-    path: _builtins.str
-    """directory on the shard's machine"""
+    """required: the shard whose primary streams its snapshot"""
+    epoch: _builtins.int
+    """the map epoch the backup is taken at: a node at another refuses (0 = any)"""
     def __init__(
         self,
         *,
         shard_id: _builtins.str = ...,
-        path: _builtins.str = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "shard_id", b"shard_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "shard_id", b"shard_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BackupRequest: _TypeAlias = BackupRequest  # noqa: Y015
 
 @_typing.final
-class RestoreRequest(_message.Message):
+class BackupCounts(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    SHARD_ID_FIELD_NUMBER: _builtins.int
-    PATH_FIELD_NUMBER: _builtins.int
-    shard_id: _builtins.str
-    path: _builtins.str
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    LOG_ENTRIES_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_FIELD_NUMBER: _builtins.int
+    TOMBSTONES_FIELD_NUMBER: _builtins.int
+    entries: _builtins.int
+    """raw key/values in the snapshot, every family"""
+    sessions: _builtins.int
+    """session metas (expired but unswept ones included)"""
+    records: _builtins.int
+    log_entries: _builtins.int
+    idempotency: _builtins.int
+    """stored replies of request ids"""
+    tombstones: _builtins.int
     def __init__(
         self,
         *,
-        shard_id: _builtins.str = ...,
-        path: _builtins.str = ...,
+        entries: _builtins.int = ...,
+        sessions: _builtins.int = ...,
+        records: _builtins.int = ...,
+        log_entries: _builtins.int = ...,
+        idempotency: _builtins.int = ...,
+        tombstones: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "shard_id", b"shard_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "idempotency", b"idempotency", "log_entries", b"log_entries", "records", b"records", "sessions", b"sessions", "tombstones", b"tombstones"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RestoreRequest: _TypeAlias = RestoreRequest  # noqa: Y015
+Global___BackupCounts: _TypeAlias = BackupCounts  # noqa: Y015
 
 @_typing.final
-class BackupProgress(_message.Message):
+class BackupHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SHARD_ID_FIELD_NUMBER: _builtins.int
-    PHASE_FIELD_NUMBER: _builtins.int
-    ENTRIES_FIELD_NUMBER: _builtins.int
-    BYTES_FIELD_NUMBER: _builtins.int
-    DONE_FIELD_NUMBER: _builtins.int
-    PATH_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TAKEN_AT_MS_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
     shard_id: _builtins.str
-    phase: _builtins.str
-    entries: _builtins.int
-    bytes: _builtins.int
-    done: _builtins.bool
-    path: _builtins.str
+    node: _builtins.str
+    """the primary that took the snapshot"""
     revision: _builtins.int
+    """the snapshot point: every write with revision <= it is in, none above"""
+    epoch: _builtins.int
+    """the cluster map epoch the node held when it took the snapshot"""
+    taken_at_ms: _builtins.int
+    @_builtins.property
+    def counts(self) -> Global___BackupCounts: ...
     def __init__(
         self,
         *,
         shard_id: _builtins.str = ...,
-        phase: _builtins.str = ...,
-        entries: _builtins.int = ...,
-        bytes: _builtins.int = ...,
-        done: _builtins.bool = ...,
-        path: _builtins.str = ...,
+        node: _builtins.str = ...,
         revision: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        taken_at_ms: _builtins.int = ...,
+        counts: Global___BackupCounts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "done", b"done", "entries", b"entries", "path", b"path", "phase", b"phase", "revision", b"revision", "shard_id", b"shard_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "epoch", b"epoch", "node", b"node", "revision", b"revision", "shard_id", b"shard_id", "taken_at_ms", b"taken_at_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___BackupProgress: _TypeAlias = BackupProgress  # noqa: Y015
+Global___BackupHeader: _TypeAlias = BackupHeader  # noqa: Y015
+
+@_typing.final
+class BackupChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___BackupHeader:
+        """the first message, alone"""
+
+    @_builtins.property
+    def snapshot(self) -> _replication_pb2.SnapshotChunk:
+        """then the data; `last` (with `revision`) on the final one"""
+
+    def __init__(
+        self,
+        *,
+        header: Global___BackupHeader | None = ...,
+        snapshot: _replication_pb2.SnapshotChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackupChunk: _TypeAlias = BackupChunk  # noqa: Y015
+
+@_typing.final
+class RestoreResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.str
+    node: _builtins.str
+    revision: _builtins.int
+    """the shard's revision after the restore (>= the backup's)"""
+    entries: _builtins.int
+    """key/values written"""
+    def __init__(
+        self,
+        *,
+        shard_id: _builtins.str = ...,
+        node: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        entries: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "node", b"node", "revision", b"revision", "shard_id", b"shard_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreResponse: _TypeAlias = RestoreResponse  # noqa: Y015

@@ -77,12 +77,12 @@ class AdminStub:
         self.Backup = channel.unary_stream(
                 '/shardstate.v1.Admin/Backup',
                 request_serializer=shardstate_dot_v1_dot_admin__pb2.BackupRequest.SerializeToString,
-                response_deserializer=shardstate_dot_v1_dot_admin__pb2.BackupProgress.FromString,
+                response_deserializer=shardstate_dot_v1_dot_admin__pb2.BackupChunk.FromString,
                 _registered_method=True)
-        self.Restore = channel.unary_stream(
+        self.Restore = channel.stream_unary(
                 '/shardstate.v1.Admin/Restore',
-                request_serializer=shardstate_dot_v1_dot_admin__pb2.RestoreRequest.SerializeToString,
-                response_deserializer=shardstate_dot_v1_dot_admin__pb2.BackupProgress.FromString,
+                request_serializer=shardstate_dot_v1_dot_admin__pb2.BackupChunk.SerializeToString,
+                response_deserializer=shardstate_dot_v1_dot_admin__pb2.RestoreResponse.FromString,
                 _registered_method=True)
         self.RemoveNode = channel.unary_unary(
                 '/shardstate.v1.Admin/RemoveNode',
@@ -149,13 +149,17 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Backup(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One shard's consistent snapshot (a LevelDB snapshot on its primary): a header, then the
+        data in chunks, the last one marked. A router forwards it from the shard's primary.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Restore(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Restore(self, request_iterator, context):
+        """Install one shard's backup (the chunks Backup streamed, in order) on its primary, which
+        must hold no data. A router forwards it to the primary the header's shard_id names.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -223,12 +227,12 @@ def add_AdminServicer_to_server(servicer, server):
             'Backup': grpc.unary_stream_rpc_method_handler(
                     servicer.Backup,
                     request_deserializer=shardstate_dot_v1_dot_admin__pb2.BackupRequest.FromString,
-                    response_serializer=shardstate_dot_v1_dot_admin__pb2.BackupProgress.SerializeToString,
+                    response_serializer=shardstate_dot_v1_dot_admin__pb2.BackupChunk.SerializeToString,
             ),
-            'Restore': grpc.unary_stream_rpc_method_handler(
+            'Restore': grpc.stream_unary_rpc_method_handler(
                     servicer.Restore,
-                    request_deserializer=shardstate_dot_v1_dot_admin__pb2.RestoreRequest.FromString,
-                    response_serializer=shardstate_dot_v1_dot_admin__pb2.BackupProgress.SerializeToString,
+                    request_deserializer=shardstate_dot_v1_dot_admin__pb2.BackupChunk.FromString,
+                    response_serializer=shardstate_dot_v1_dot_admin__pb2.RestoreResponse.SerializeToString,
             ),
             'RemoveNode': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveNode,
@@ -483,7 +487,7 @@ class Admin:
             target,
             '/shardstate.v1.Admin/Backup',
             shardstate_dot_v1_dot_admin__pb2.BackupRequest.SerializeToString,
-            shardstate_dot_v1_dot_admin__pb2.BackupProgress.FromString,
+            shardstate_dot_v1_dot_admin__pb2.BackupChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -495,7 +499,7 @@ class Admin:
             _registered_method=True)
 
     @staticmethod
-    def Restore(request,
+    def Restore(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -505,12 +509,12 @@ class Admin:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/shardstate.v1.Admin/Restore',
-            shardstate_dot_v1_dot_admin__pb2.RestoreRequest.SerializeToString,
-            shardstate_dot_v1_dot_admin__pb2.BackupProgress.FromString,
+            shardstate_dot_v1_dot_admin__pb2.BackupChunk.SerializeToString,
+            shardstate_dot_v1_dot_admin__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

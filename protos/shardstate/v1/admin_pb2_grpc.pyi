@@ -42,8 +42,14 @@ class AdminStub:
     SetWeight: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetWeightRequest, _admin_pb2.ClusterMap]
     Rebalance: _grpc.UnaryStreamMultiCallable[_admin_pb2.RebalanceRequest, _admin_pb2.RebalanceProgress]
     PromoteReplica: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PromoteReplicaRequest, _admin_pb2.PromoteReplicaResponse]
-    Backup: _grpc.UnaryStreamMultiCallable[_admin_pb2.BackupRequest, _admin_pb2.BackupProgress]
-    Restore: _grpc.UnaryStreamMultiCallable[_admin_pb2.RestoreRequest, _admin_pb2.BackupProgress]
+    Backup: _grpc.UnaryStreamMultiCallable[_admin_pb2.BackupRequest, _admin_pb2.BackupChunk]
+    """One shard's consistent snapshot (a LevelDB snapshot on its primary): a header, then the
+    data in chunks, the last one marked. A router forwards it from the shard's primary.
+    """
+    Restore: _grpc.StreamUnaryMultiCallable[_admin_pb2.BackupChunk, _admin_pb2.RestoreResponse]
+    """Install one shard's backup (the chunks Backup streamed, in order) on its primary, which
+    must hold no data. A router forwards it to the primary the header's shard_id names.
+    """
     RemoveNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveNodeRequest, _admin_pb2.ClusterMap]
     """Remove a node that is gone for good (a dead replica) from the cluster map, at the next
     epoch. Refused for a node that answers, and for a shard's primary (promote first).
@@ -66,8 +72,14 @@ class AdminAsyncStub(AdminStub):
     SetWeight: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetWeightRequest, _admin_pb2.ClusterMap]  # type: ignore[assignment]
     Rebalance: _aio.UnaryStreamMultiCallable[_admin_pb2.RebalanceRequest, _admin_pb2.RebalanceProgress]  # type: ignore[assignment]
     PromoteReplica: _aio.UnaryUnaryMultiCallable[_admin_pb2.PromoteReplicaRequest, _admin_pb2.PromoteReplicaResponse]  # type: ignore[assignment]
-    Backup: _aio.UnaryStreamMultiCallable[_admin_pb2.BackupRequest, _admin_pb2.BackupProgress]  # type: ignore[assignment]
-    Restore: _aio.UnaryStreamMultiCallable[_admin_pb2.RestoreRequest, _admin_pb2.BackupProgress]  # type: ignore[assignment]
+    Backup: _aio.UnaryStreamMultiCallable[_admin_pb2.BackupRequest, _admin_pb2.BackupChunk]  # type: ignore[assignment]
+    """One shard's consistent snapshot (a LevelDB snapshot on its primary): a header, then the
+    data in chunks, the last one marked. A router forwards it from the shard's primary.
+    """
+    Restore: _aio.StreamUnaryMultiCallable[_admin_pb2.BackupChunk, _admin_pb2.RestoreResponse]  # type: ignore[assignment]
+    """Install one shard's backup (the chunks Backup streamed, in order) on its primary, which
+    must hold no data. A router forwards it to the primary the header's shard_id names.
+    """
     RemoveNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveNodeRequest, _admin_pb2.ClusterMap]  # type: ignore[assignment]
     """Remove a node that is gone for good (a dead replica) from the cluster map, at the next
     epoch. Refused for a node that answers, and for a shard's primary (promote first).
@@ -141,14 +153,20 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admin_pb2.BackupRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_admin_pb2.BackupProgress], _abc.AsyncIterator[_admin_pb2.BackupProgress]]: ...
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.BackupChunk], _abc.AsyncIterator[_admin_pb2.BackupChunk]]:
+        """One shard's consistent snapshot (a LevelDB snapshot on its primary): a header, then the
+        data in chunks, the last one marked. A router forwards it from the shard's primary.
+        """
 
     @_abc_1.abstractmethod
     def Restore(
         self,
-        request: _admin_pb2.RestoreRequest,
+        request_iterator: _MaybeAsyncIterator[_admin_pb2.BackupChunk],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_admin_pb2.BackupProgress], _abc.AsyncIterator[_admin_pb2.BackupProgress]]: ...
+    ) -> _typing.Union[_admin_pb2.RestoreResponse, _abc.Awaitable[_admin_pb2.RestoreResponse]]:
+        """Install one shard's backup (the chunks Backup streamed, in order) on its primary, which
+        must hold no data. A router forwards it to the primary the header's shard_id names.
+        """
 
     @_abc_1.abstractmethod
     def RemoveNode(
