@@ -24,9 +24,9 @@ from ..replication.leader import (
     BATCH,
     COALESCE_S,
     HEARTBEAT_S,
-    HOLD_GRACE_S,
-    SNAPSHOT_CHUNK_BYTES,
+        SNAPSHOT_CHUNK_BYTES,
     SNAPSHOT_CHUNK_OPS,
+    needed_from,
 )
 from ..storage import encoding as enc
 from ..storage.engine import Engine
@@ -83,14 +83,7 @@ class Source:
 
     def hold(self) -> int:
         """Lowest revision a migration target still needs (0 = none)."""
-        now = time.monotonic()
-        need = 0
-        for t in self.targets.values():
-            if not t.connected and now - t.last_seen > HOLD_GRACE_S:
-                continue
-            want = t.hold_from or t.acked + 1
-            need = want if not need else min(need, want)
-        return need
+        return needed_from(self.targets.values())
 
     def end_streams(self) -> None:
         self.generation += 1

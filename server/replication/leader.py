@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,20 @@ class FollowerInfo:
     caught_up: bool = False
 
 
+def needed_from(streams: Iterable[Any]) -> int:
+    """Lowest revision any of these streams (followers, migration targets: `acked`,
+    `hold_from`, `connected`, `last_seen`) still needs from the change log; 0 = none. One
+    disconnected longer than HOLD_GRACE_S holds nothing."""
+    now = time.monotonic()
+    need = 0
+    for f in streams:
+        if not f.connected and now - f.last_seen > HOLD_GRACE_S:
+            continue
+        want = f.hold_from or f.acked + 1
+        need = want if not need else min(need, want)
+    return need
+
+
 class Leader:
     def __init__(self, node: Node, engine: Engine, acks: AckTracker,
                  on_caught_up: Callable[[str], None]) -> None:
@@ -80,14 +94,7 @@ class Leader:
         store = self.engine.store
         if store.change_count > HOLD_MAX_FACTOR * self.engine.config.changelog_retention:
             return 0  # beyond reason: a follower this far behind gets a snapshot instead
-        now = time.monotonic()
-        need = 0
-        for f in self.followers.values():
-            if not f.connected and now - f.last_seen > HOLD_GRACE_S:
-                continue
-            want = f.hold_from or f.acked + 1
-            need = want if not need else min(need, want)
-        return need
+        return needed_from(self.followers.values())
 
     def end_streams(self) -> None:
         """Every open Follow stream ends (the node is no longer primary, or is stopping)."""
