@@ -209,12 +209,11 @@ def test_the_manifests_processes_form_a_cluster(cluster: list[Pod]) -> None:
     view = ClusterView.of(cluster_map(router_addrs[1]))
     on_s1 = next(sid for sid in sessions if view.owner("default", sid).id == "s1")
     old.node.start(wait=False)
+    # Ready with no write on s1 since the promotion: the promoted primary's raised revision
+    # reaches its replicas as an (empty) change-log entry.
+    old.node.wait_ready()
     with Client(router_addrs[1]) as b:
-        # A write on s1 before pod 0 can report ready: a promoted primary's revision is raised
-        # with no entry to carry it, so a replica rejoining an idle one never counts as caught
-        # up until the next write there (reported with this work; not the manifests' doing).
         later = b.session(on_s1).put("after", b"failover")
-        old.node.wait_ready()
         back = status(addr[old.name])
         assert (back.role, back.primary) == (admin_pb2.REPLICA, addr[new.name])
         for sid in sessions:

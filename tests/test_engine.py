@@ -773,8 +773,11 @@ def test_group_commit_serializes_a_session_and_merges_writers(tmp_path: Path) ->
 
 def test_raise_revision_is_persisted(h: Harness) -> None:
     floor = h.put("a", "k", b"v").version + (10_000 << LOGICAL_BITS)  # ten seconds ahead
-    assert h.run(h.e.raise_revision(floor)) == floor
-    assert h.put("a", "k", b"w").version > floor
+    raised = h.run(h.e.raise_revision(floor))
+    assert raised > floor and h.e.revision() == raised
+    # An (empty) change-log entry carries it, so a replica following this node reaches it.
+    assert [rev for rev, _ in h.e.changes_since_raw(raised, 10)] == [raised]
+    assert h.put("a", "k", b"w").version > raised
     h.reopen()
     assert h.put("a", "k", b"x").version > floor
 

@@ -42,13 +42,12 @@ from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 
 from . import changelog, expiry, idempotency, keys, logs, sessions, snapshot, txn
 from . import encoding as enc
-from .commit import Pending
 from .context import WriteContext, node_write
 from .locks import SessionLocks
 from .revision import wall_ms
-from .store import REVISION_KEY, Store
+from .store import Store
 from .validation import SessionRef, session_ref
-from .values import pack_u64, unpack_u64
+from .values import unpack_u64
 
 log = logging.getLogger("shardstate.engine")
 R = TypeVar("R")
@@ -262,12 +261,14 @@ class Engine:
         return pending.revision
 
     async def raise_revision(self, floor: int) -> int:
-        """Promotion / migration guard rail: every later revision is above `floor`."""
-        clock = self.store.clock
-        clock.raise_to(floor)
+        """Promotion guard rail: every later revision is above `floor`. Written as an empty
+        change-log entry at the raised revision, so that replicas following this node reach
+        its revision (and count as caught up) before its next write."""
+        self.store.clock.raise_to(floor)
         # Through the commit path, so a queued group commit cannot persist a lower revision after it.
-        await self.store.commit(Pending(clock.last, [(REVISION_KEY, pack_u64(clock.last))], changes=0, records={}))
-        return clock.last
+        pending = node_write(self.store, [], self.now_ms())
+        await self.store.commit(pending)
+        return pending.revision
 
     def set_node_meta(self, name: str, value: bytes) -> None:
         self.store.set_node_meta(name, value)
