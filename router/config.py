@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from shardstate.common.config import MiB, opt
 from shardstate.common.errors import InvalidArgumentError
+from shardstate.common.obsconfig import Observability
 
 
 @dataclass
-class RouterConfig:
+class RouterConfig(Observability):
     """One router process: holds only the cluster map."""
 
     listen: str = opt("127.0.0.1:7400", "host:port to serve on; port 0 picks a free one")

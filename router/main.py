@@ -17,7 +17,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate.common import config, errors, eventloop, jsonlog, portfile
+from shardstate.common import config, errors, eventloop, jsonlog, portfile, promexport
 from shardstate.common.grpcserve import register_servicer
 from shardstate.common.jsonlog import fields
 from shardstate.common.metrics import Registry
@@ -84,6 +84,8 @@ class Router:
     async def run(self, stop: asyncio.Event) -> None:
         await self.set_serving(False)
         await self.server.start()
+        cfg = self.cfg
+        metrics = await promexport.start_for(self.metrics, cfg.metrics_port, cfg.metrics_host, cfg.port_file)
         log.info("router listening", extra=fields(address=self.address))
         boot = asyncio.ensure_future(self.maps.bootstrap())
         stopper = asyncio.ensure_future(stop.wait())
@@ -92,6 +94,8 @@ class Router:
         if boot.done():
             if boot.exception() is not None:
                 await self.server.stop(0)
+                if metrics is not None:
+                    await metrics.stop()
                 await self.nodes.close()
                 boot.result()  # raises: e.g. an unreadable cluster file
             await self.set_serving(True)
@@ -110,6 +114,8 @@ class Router:
         if periodic is not None:
             periodic.cancel()
         await self.server.stop(self.cfg.grace_s)
+        if metrics is not None:
+            await metrics.stop()
         await self.links.close()
         await self.nodes.close()
         log.info("router stopped", extra=fields(**self.metrics.snapshot()))
@@ -138,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("router cannot start", extra=fields(error=e.message))
         print(f"shardstate router: {e.message}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        # grpc raises RuntimeError when the listen address cannot be bound.
+    except (RuntimeError, OSError) as e:
+        # grpc raises RuntimeError when the listen address cannot be bound (OSError: --metrics-port).
         log.error("router cannot start", extra=fields(error=str(e)))
         return 2
     with contextlib.suppress(Exception):

@@ -6,6 +6,7 @@ their own modules. Any failure becomes the caller's status through `forward.fail
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,10 +14,11 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from shardstate.common import errors
-from shardstate.common.metrics import Registry
+from shardstate.common.metrics import Registry, gauged
 from shardstate.router.batching import BatchRunner
 from shardstate.router.forward import Forwarder, fail
 from shardstate.router.listing import Lister
+from shardstate.router.metrics import RouterMetrics
 from shardstate.router.pipeline import PipelineHandler
 from shardstate.router.watch import WatchProxy
 from shardstate.router.wire import RawBatch, session_of
@@ -42,6 +44,7 @@ class StateService:
         self.pipeline = pipeline
         self.calls = metrics.counter("shardstate_router_calls_total",
                                      "client calls the router has served (a Batch or a Pipeline request counts one)")
+        self.m = RouterMetrics(metrics)
 
     def drain(self) -> None:
         """Shutdown: long-lived streams end (UNAVAILABLE) once what they hold is answered."""
@@ -49,15 +52,21 @@ class StateService:
         self.watcher.drain()
 
     def _session_call(self, method: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        m = self.m
+
         async def handler(request: bytes, context: Any) -> bytes:
             self.calls.inc()
+            t0 = time.perf_counter()
             try:
                 try:
                     ns, sid = session_of(request)
                 except DecodeError as e:
                     raise _bad_message(method, e) from None
-                return await self.fwd.unary(method, request, ns, sid, context)
+                resp = await self.fwd.unary(method, request, ns, sid, context)
+                m.done(method, t0)
+                return resp
             except Exception as e:
+                m.failed(method, e, t0)
                 await fail(context, e)
                 raise  # unreachable: fail() aborts
 
@@ -65,24 +74,33 @@ class StateService:
 
     async def batch(self, request: bytes, context: Any) -> bytes:
         self.calls.inc()
+        t0 = time.perf_counter()
         try:
             try:
                 ops = list(RawBatch.FromString(request).ops)
             except DecodeError as e:
                 raise _bad_message("Batch", e) from None
-            return await self.runner.run(ops, self.fwd.deadline(context))
+            self.m.batch_ops.observe(len(ops))
+            resp = await self.runner.run(ops, self.fwd.deadline(context))
+            self.m.done("Batch", t0)
+            return resp
         except Exception as e:
+            self.m.failed("Batch", e, t0)
             await fail(context, e)
             raise
 
     async def list_sessions(self, request: bytes, context: Any) -> bytes:
         self.calls.inc()
+        t0 = time.perf_counter()
         try:
             try:
-                return await self.lister.list(request, context)
+                resp = await self.lister.list(request, context)
             except DecodeError as e:
                 raise _bad_message("ListSessions", e) from None
+            self.m.done("ListSessions", t0)
+            return resp
         except Exception as e:
+            self.m.failed("ListSessions", e, t0)
             await fail(context, e)
             raise
 
@@ -93,9 +111,10 @@ class StateService:
                 session_of(request)
             except DecodeError as e:
                 raise _bad_message("Watch", e) from None
-            async for resp in self.watcher.watch(request, context):
+            async for resp in gauged(self.m.watches, self.watcher.watch(request, context)):
                 yield resp
         except Exception as e:
+            self.m.failed("Watch", e, time.perf_counter())
             await fail(context, e)
 
     async def pipe(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 from shardstate.common.config import Limits, opt
 from shardstate.common.errors import InvalidArgumentError
+from shardstate.common.obsconfig import Observability
 
 COMPRESSIONS = ("none", "snappy")
 
 
 @dataclass
-class ShardConfig(Limits):
+class ShardConfig(Limits, Observability):
     """One shard process (a primary, or a replica with --replica-of)."""
 
     id: str = opt("", "shard id (required); placement hashes ids, never addresses")

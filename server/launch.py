@@ -105,6 +105,13 @@ class Node:
         assert self.popen is not None, f"{self.name} was never started"
         return self.popen.pid
 
+    def metrics_address(self) -> str:
+        """host:port of its /metrics once serving (started with --metrics-port), else ""."""
+        from shardstate.common.promexport import metrics_port_file
+
+        port = portfile.read(metrics_port_file(str(self.port_file)))
+        return f"127.0.0.1:{port}" if port else ""
+
     def command(self, listen: str, extra: Sequence[str] = ()) -> list[str]:
         """What `start()` runs; a subclass may run another server that keeps the same contract
         (--listen, --port-file, grpc.health.v1)."""
@@ -116,6 +123,7 @@ class Node:
 
     def start(self, wait: bool = True, listen: str | None = None, extra: Sequence[str] = ()) -> Self:
         self.port_file.unlink(missing_ok=True)
+        Path(f"{self.port_file}.metrics").unlink(missing_ok=True)
         cmd = self.command(listen or f"127.0.0.1:{self.port}", extra)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate.common import config, eventloop, jsonlog, portfile
+from shardstate.common import config, eventloop, jsonlog, portfile, promexport
 from shardstate.common.clustermap import load_cluster_file
 from shardstate.common.errors import RECEIVE_SLACK_BYTES, InvalidArgumentError
 from shardstate.common.supervision import (
@@ -31,7 +31,7 @@ from shardstate.common.supervision import (
 from shardstate.server.config import ShardConfig
 from shardstate.v1 import admin_pb2, state_pb2
 
-from . import handlers
+from . import handlers, opmetrics
 from .admin import AdminService
 from .migration import Migrations
 from .node import Node
@@ -114,6 +114,12 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
     for name in ("", STATE_SERVICE.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    opmetrics.data_gauges(node, node.metrics)
+    engine.on_sweep = opmetrics.sweep_counters(node.metrics)
+    try:
+        metrics = await promexport.start_for(node.metrics, cfg.metrics_port, cfg.metrics_host, cfg.port_file)
+    except OSError as e:
+        raise StartupError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {e}") from e
     previous = (engine.node_meta(ADDRESS_META) or b"").decode()  # repl.start() records the new one
     # A replica serves once it has caught up with its primary (Admin answers meanwhile).
     await repl.start()
@@ -148,6 +154,8 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
     await moves.stop()
     await repl.stop()
     await server.stop(cfg.grace_s)
+    if metrics is not None:
+        await metrics.stop()
     sweeper.cancel()
     try:
         await sweeper

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from shardstate.common import errors, pagetoken
+from shardstate.common.metrics import gauged
 from shardstate.v1 import state_pb2, types_pb2
 
 from .handlers import Partial
 from .node import Node
+from .opmetrics import OpMetrics
 from .storage import validation
 from .storage.engine import Engine
 from .streams import DRAIN, pipeline_behavior, shutting_down, watch_behavior
@@ -43,6 +46,8 @@ class StateService:
                                   "unary calls that reached a handler, refused ones included")
         self.in_flight = m.gauge("shardstate_shard_requests_in_flight",
                                  "unary calls being served (shutdown waits for them)")
+        self.opm = OpMetrics(m)
+        self._batch_size = self.opm.batch_ops.child()
         # With group commit a write waits for its fsync: run a batch's sessions concurrently
         # so their writes share one. Otherwise nothing suspends and plain order is cheapest.
         self.concurrent = engine.store.group_commit
@@ -185,11 +190,14 @@ class StateService:
         if kind is None:
             result.CopyFrom(batch_error(errors.InvalidArgumentError("batch op is empty: set one of its ops")))
             return None
+        t0 = time.perf_counter()
         try:
             resp = await self.ops[kind](inner)
         except Exception as e:
+            self.opm.failed(kind, e, t0)
             result.CopyFrom(batch_error(e))
             return None
+        self.opm.done(kind, resp, t0)
         reply = getattr(result, kind)
         reply.CopyFrom(resp)
         return reply
@@ -250,6 +258,7 @@ class StateService:
             req = req.batch
         assert isinstance(req, state_pb2.BatchRequest)
         n = len(req.ops)
+        self._batch_size.observe(n)
         if n > self.engine.limits.max_batch_ops:
             raise errors.LimitExceededError.of("max_batch_ops", self.engine.limits.max_batch_ops, n, "ops in one Batch")
         resp = state_pb2.BatchResponse() if out is None else out
@@ -344,17 +353,27 @@ class StateService:
 
     def behaviors(self) -> dict[str, Callable[..., Any]]:
         def unary(op: Op, waits: bool = True) -> Callable[[Any, Any], Awaitable[Any]]:
-            """`waits=False`: the op waits for the semi-sync barrier itself (batch)."""
+            """`waits=False`: the op waits for the semi-sync barrier itself (batch), and its
+            ops count themselves."""
+            kind = op.__name__
+            opm = self.opm
 
             async def handler(req: Any, context: Any) -> Any:
                 self.received.inc()
                 if self.draining:
                     await errors.abort(context, shutting_down())
                 self.in_flight.inc()
+                t0 = time.perf_counter()
                 try:
                     before = self.engine.store.committed
-                    resp = await op(req)
+                    try:
+                        resp = await op(req)
+                    except Exception as e:
+                        if waits:
+                            opm.failed(kind, e, t0)
+                        raise
                     if waits:
+                        opm.done(kind, resp, t0)
                         await self.replicated(before, resp.header.replayed, req)
                     return resp
                 except Exception as e:
@@ -372,8 +391,18 @@ class StateService:
             "TrimLog": unary(self.trim_log), "PopLast": unary(self.pop_last),
             "Touch": unary(self.touch), "DeleteSession": unary(self.delete_session),
             "GetSession": unary(self.get_session), "ListSessions": unary(self.list_sessions),
-            "Batch": unary(self.batch, waits=False), "Pipeline": pipeline_behavior(self), "Watch": watch_behavior(self),
+            "Batch": unary(self.batch, waits=False), "Pipeline": pipeline_behavior(self), "Watch": self._watch(),
         }
+
+    def _watch(self) -> Callable[[Any, Any], Any]:
+        """Watch, counted in shardstate_shard_watch_streams while open."""
+        watch, gauge = watch_behavior(self), self.opm.watches
+
+        async def counted(req: Any, context: Any) -> AsyncIterator[Any]:
+            async for resp in gauged(gauge, watch(req, context)):
+                yield resp
+
+        return counted
 
     def drain(self) -> None:
         """Shutdown: long-lived streams finish what they hold and end (UNAVAILABLE)."""

@@ -19,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_SIDE = ("shardstate.server", "shardstate.router", "shardstate.bench")
 # Third-party modules only the server side (the `server` and `bench` extras) installs.
-SERVER_DEPS = ("plyvel", "uvloop", "rich", "grpc_health", "grpc_reflection", "redis", "matplotlib")
+SERVER_DEPS = ("plyvel", "uvloop", "rich", "grpc_health", "grpc_reflection", "redis", "matplotlib",
+               "prometheus_client")
 # What `pip install shardstate` (no extras) installs, by distribution name.
 CLIENT_REQUIREMENTS = {"grpcio", "grpcio-status", "protobuf", "uhashring"}
 
@@ -74,10 +75,12 @@ def violations(paths: list[Path], banned: tuple[str, ...], allowed: tuple[str, .
 
 
 # Modules of shardstate.common that only the servers' entry points use; the one optional
-# server-side import among them: the event loop runs on uvloop when it is installed.
+# server-side imports among them: the event loop runs on uvloop when it is installed; the
+# metrics endpoint is prometheus-client's format.
 NODE_ONLY = ("shardstate.common.eventloop", "shardstate.common.supervision", "shardstate.common.grpcserve",
-             "shardstate.common.portfile")
-OPTIONAL = {"client/common/eventloop.py imports uvloop"}
+             "shardstate.common.portfile", "shardstate.common.promexport")
+OPTIONAL = {"client/common/eventloop.py imports uvloop", "client/common/promexport.py imports prometheus_client",
+            "client/common/promexport.py imports prometheus_client.metrics_core"}
 
 
 def test_the_client_library_imports_no_server_side_module_or_dependency() -> None:

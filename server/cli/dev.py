@@ -8,6 +8,8 @@ touches nothing). Children get SIGTERM when dev dies, however it dies (supervisi
 Ports: router at --port, shard i at --port+i, replica r of shard i at --port+r*N+i, so a
 restart keeps every address; with --port 0 free ports are picked and, on a restart, the map
 the shards persisted is re-published with the new addresses (same shard ids: no data moves).
+Every node serves Prometheus metrics at its port + METRICS_OFFSET (free ports with --port 0),
+listed in dev.json and printed at start.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from shardstate.server import launch
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
+METRICS_OFFSET = 1000  # router 7400 -> metrics on 8400
 
 
 @dataclass
@@ -129,6 +132,7 @@ class DevCluster:
             extra += ["--replica-of", self.nodes[spec.replica_of].address]
         if spec.kind == "router":
             extra += ["--seeds", ",".join(seeds)]
+        extra += ["--metrics-port", str(spec.port + METRICS_OFFSET if spec.port else 0)]
         node = DevNode(spec, self.data)  # fixed ports: the address is known now
         self.nodes[spec.name] = node
         return node.start(wait=False, extra=extra)
@@ -208,7 +212,8 @@ class DevCluster:
     def write_state(self, router: str) -> None:
         state = {
             "pid": os.getpid(), "router": router,
-            "nodes": {n.spec.name: {"pid": n.pid, "address": n.address, "kind": n.spec.kind}
+            "nodes": {n.spec.name: {"pid": n.pid, "address": n.address, "kind": n.spec.kind,
+                                    "metrics": n.metrics_address()}
                       for n in self.nodes.values()},
         }
         tmp = self.data / "dev.json.tmp"
@@ -367,6 +372,8 @@ def main(argv: list[str]) -> int:
         console.print(f"restored {a.restore}")
     cluster.write_state(router)
     print(f"router: {router}", flush=True)
+    for n in cluster.nodes.values():
+        console.print(f"  metrics {n.spec.name:<8} http://{n.metrics_address()}/metrics")
     console.print("Ctrl-C stops the cluster; logs in " + str(data / "logs"))
     reported: set[str] = set()
     while not stop.wait(0.5):

@@ -38,6 +38,7 @@ from .acks import AckTracker
 from .follower import RESYNC_META, Follower
 from .leader import Leader
 from .mapsync import MapSync
+from .metrics import ReplicationMetrics
 
 log = logging.getLogger("shardstate.replication")
 ADDRESS_META = "address"  # the address this node served at last time (ports may change)
@@ -57,6 +58,7 @@ class Replication:
         self.leader = Leader(node, engine, self.acks, self._caught_up)
         self.follower: Follower | None = None
         self.maps = MapSync(node)
+        self.metrics = ReplicationMetrics(node.metrics, node, self.leader, lambda: self.follower)
         self._lock = asyncio.Lock()  # one role transition at a time
         self._tasks: set[asyncio.Task[Any]] = set()
         self._registering: set[str] = set()
@@ -140,7 +142,7 @@ class Replication:
     async def barrier(self, revision: int) -> None:
         """A write at `revision` is acknowledged once --min-replica-acks replicas applied it."""
         if not self.node.is_replica:
-            await self.acks.wait(revision)
+            await self.metrics.timed(self.acks.wait(revision))
 
     # ---- roles ----
 

@@ -75,6 +75,7 @@ class Engine:
         # Sessions the sweeper may reclaim (None: all): a shard leaves alone the sessions it
         # holds but does not own (copied in by a rebalance, or moved away and not yet dropped).
         self.owns: Callable[[bytes, bytes], bool] | None = None
+        self.on_sweep: Callable[[dict[str, int]], None] | None = None  # metrics (opmetrics.py)
         # Request ids with no stored record (made at the first write with one; dropped by
         # every write path other than _write, which must add each record it stores).
         self._absent: idempotency.Absent | None = None
@@ -373,6 +374,8 @@ class Engine:
         while True:
             try:
                 done = await self.sweep_once()
+                if self.on_sweep is not None:
+                    self.on_sweep(done)
                 if any(done.values()):
                     log.info("sweep", extra={"fields": done})
             except asyncio.CancelledError:
