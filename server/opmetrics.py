@@ -2,7 +2,8 @@
 conflicts, idempotent replays, Batch sizes; and the scrape-time gauges of the shard's data.
 
 Every op counts once, as a unary call or as one op of a Batch/Pipeline message. Label values
-are bound once per kind (`OpCells`), so an op costs two clock reads and three dict updates.
+are bound once per kind (`OpCells`): an op costs two clock reads and a bucket update,
+a Put/Delete/Txn one field read more.
 """
 
 from __future__ import annotations
@@ -16,17 +17,22 @@ from shardstate.common.metrics import SIZE_BUCKETS, Registry
 
 from .node import Node
 
-CAS_KINDS = ("put", "delete")  # applied=false is a conflict (expected_version did not match)
+# applied=false (Put/Delete: expected_version did not match) or succeeded=false (Txn) is a conflict
+CAS_KINDS = ("put", "delete", "txn")
 
 
 class OpCells:
-    __slots__ = ("conflicts", "latency", "ok", "replays")
+    """One kind's figures, bound once. `failures` counts its errors: the OK count is the
+    latency histogram's count less them, filled in at collect time (one update less per op)."""
+
+    __slots__ = ("cas", "conflicts", "failures", "kind", "latency")
 
     def __init__(self, m: OpMetrics, kind: str) -> None:
-        self.ok = m.ops.child(op=kind, code="OK")
+        self.kind = kind
         self.latency = m.latency.child(op=kind)
         self.conflicts = m.conflicts.child(op=kind)
-        self.replays = m.replays.child(op=kind)
+        self.failures = 0
+        self.cas = kind in CAS_KINDS
 
 
 class OpMetrics:
@@ -39,13 +45,14 @@ class OpMetrics:
         self.conflicts = registry.counter("shardstate_shard_cas_conflicts_total",
                                           "compare-and-swap ops (Put/Delete with expected_version, "
                                           "Txn compares) that did not apply", ("op",))
+        # counted by StateService.header, which holds the reply's header anyway
         self.replays = registry.counter("shardstate_shard_idempotent_replays_total",
-                                        "writes answered from the idempotency record of their request_id",
-                                        ("op",))
+                                        "writes answered from the idempotency record of their request_id")
         self.batch_ops = registry.histogram("shardstate_shard_batch_ops",
                                             "ops per Batch or Pipeline message", buckets=SIZE_BUCKETS)
         self.watches = registry.gauge("shardstate_shard_watch_streams", "open Watch streams")
         self._cells: dict[str, OpCells] = {}
+        registry.on_collect(self._fill_ok)
 
     def cells(self, kind: str) -> OpCells:
         c = self._cells.get(kind)
@@ -56,18 +63,24 @@ class OpMetrics:
     def done(self, kind: str, resp: Any, t0: float) -> None:
         c = self._cells.get(kind) or self.cells(kind)
         c.latency.observe(time.perf_counter() - t0)
-        c.ok.inc()
-        if resp.header.replayed:
-            c.replays.inc()
-        elif kind in CAS_KINDS:
-            if not resp.applied:
+        if not c.cas:
+            return
+        # a replayed conflict counts again: the caller was told of it again
+        if kind == "txn":
+            if not resp.succeeded:
                 c.conflicts.inc()
-        elif kind == "txn" and not resp.succeeded:
+        elif not resp.applied:
             c.conflicts.inc()
 
     def failed(self, kind: str, exc: BaseException, t0: float) -> None:
-        self.cells(kind).latency.observe(time.perf_counter() - t0)
+        c = self.cells(kind)
+        c.latency.observe(time.perf_counter() - t0)
+        c.failures += 1
         self.ops.inc(op=kind, code=errors.as_shardstate_error(exc).code.name)
+
+    def _fill_ok(self) -> None:
+        for kind, c in self._cells.items():
+            self.ops.values[(("op", kind), ("code", "OK"))] = float(c.latency.count - c.failures)
 
 
 def data_gauges(node: Node, registry: Registry) -> None:

@@ -48,6 +48,7 @@ class StateService:
                                  "unary calls being served (shutdown waits for them)")
         self.opm = OpMetrics(m)
         self._batch_size = self.opm.batch_ops.child()
+        self._replays = self.opm.replays.child()
         # With group commit a write waits for its fsync: run a batch's sessions concurrently
         # so their writes share one. Otherwise nothing suspends and plain order is cheapest.
         self.concurrent = engine.store.group_commit
@@ -72,6 +73,8 @@ class StateService:
     def header(self, resp: Any) -> Any:
         self.replies.inc()
         h = resp.header
+        if h.replayed:
+            self._replays.inc()
         node = self.node
         h.shard_id = node.shard_id
         h.revision = self.engine.store.committed

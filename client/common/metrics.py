@@ -99,20 +99,23 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class HistogramCell:
-    """One label set of a histogram: per-bucket counts (not cumulative), count, sum."""
+    """One label set of a histogram: per-bucket counts (not cumulative) and their sum; the
+    count is the buckets' total, added up when read."""
 
-    __slots__ = ("bounds", "buckets", "count", "sum")
+    __slots__ = ("bounds", "buckets", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = bounds
         self.buckets = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.count = 0
         self.sum = 0.0
 
-    def observe(self, v: float) -> None:
-        self.buckets[bisect.bisect_left(self.bounds, v)] += 1
-        self.count += 1
+    def observe(self, v: float, _bisect: Callable[..., int] = bisect.bisect_left) -> None:
+        self.buckets[_bisect(self.bounds, v)] += 1
         self.sum += v
+
+    @property
+    def count(self) -> int:
+        return sum(self.buckets)
 
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations <= it), +Inf last, as Prometheus exposes them."""
