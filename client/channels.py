@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from shardstate.common import tracing
 from shardstate.common.errors import (
     ClientClosedError,
     InvalidArgumentError,
@@ -133,6 +134,9 @@ class SyncChannels:
                     else:
                         ch = grpc.insecure_channel(address, options=self._options)
                     self._channels.append(ch)
+                    traced = tracing.client_interceptors()
+                    if traced:
+                        ch = grpc.intercept_channel(ch, *traced)
                     self._by_address[address] = ch
         return ch
 
@@ -168,10 +172,12 @@ class AsyncChannels:
         if ch is None:
             if self.closed:
                 raise ClientClosedError(CLOSED)
+            traced = tracing.client_interceptors(aio=True) or None
             if self._credentials is not None:
-                ch = grpc.aio.secure_channel(address, self._credentials, options=self._options)
+                ch = grpc.aio.secure_channel(address, self._credentials, options=self._options,
+                                             interceptors=traced)
             else:
-                ch = grpc.aio.insecure_channel(address, options=self._options)
+                ch = grpc.aio.insecure_channel(address, options=self._options, interceptors=traced)
             self._channels[address] = ch
         return ch
 

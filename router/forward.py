@@ -95,9 +95,12 @@ class Forwarder:
         now = view.shard(route.shard.id)
         return view.epoch > route.view.epoch and (now is None or now.primary != route.shard.primary)
 
-    async def unary(self, method: str, request: bytes, namespace: str, session_id: str, context: Any) -> bytes:
+    async def unary(self, method: str, request: bytes, namespace: str, session_id: str, context: Any,
+                    metadata: tuple[tuple[str, str], ...] | None = None) -> bytes:
+        """`metadata` (a traced call's traceparent) is sent with a unary call of its own: a
+        coalesced Pipeline message cannot carry one caller's metadata."""
         deadline = self.deadline(context)
-        batched = self.links is not None and method in BATCH_FIELD
+        batched = metadata is None and self.links is not None and method in BATCH_FIELD
         relaxed: bool | None = None
         last = ""
         for _ in range(self.max_hops + 1):
@@ -106,14 +109,15 @@ class Forwarder:
                 if relaxed is None:
                     relaxed = relaxed_read(method, request)
                 if relaxed:
-                    got = await self._from_replica(route, method, request, batched, deadline)
+                    got = await self._from_replica(route, method, request, batched, deadline, metadata)
                     if got is not None:
                         return got
             address = route.shard.primary
             try:
                 if batched:
                     return await self._as_batch_op(method, request, address, deadline)
-                resp = await self.nodes.unary(address, method)(request, timeout=self.remaining(deadline))
+                resp = await self.nodes.unary(address, method)(request, timeout=self.remaining(deadline),
+                                                               metadata=metadata)
                 return bytes(resp)
             except aio.AioRpcError as e:
                 exc: errors.ShardstateError = errors.from_rpc_error(e)
@@ -137,7 +141,7 @@ class Forwarder:
         )
 
     async def _from_replica(self, route: Route, method: str, request: bytes, batched: bool,
-                            deadline: float) -> bytes | None:
+                            deadline: float, metadata: tuple[tuple[str, str], ...] | None = None) -> bytes | None:
         """A relaxed read from one of the shard's replicas; None = ask the primary instead
         (no replica up, or it is behind / resyncing / not the owner any more)."""
         address = self.replicas.pick(route.shard)
@@ -146,7 +150,8 @@ class Forwarder:
         try:
             if batched:
                 return await self._as_batch_op(method, request, address, deadline)
-            return bytes(await self.nodes.unary(address, method)(request, timeout=self.remaining(deadline)))
+            return bytes(await self.nodes.unary(address, method)(request, timeout=self.remaining(deadline),
+                                                                 metadata=metadata))
         except aio.AioRpcError as e:
             exc: errors.ShardstateError = errors.from_rpc_error(e)
         except errors.ShardstateError as e:

@@ -17,7 +17,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate.common import config, errors, eventloop, jsonlog, portfile, promexport
+from shardstate.common import config, errors, eventloop, jsonlog, portfile, promexport, tracing
 from shardstate.common.grpcserve import register_servicer
 from shardstate.common.jsonlog import fields
 from shardstate.common.metrics import Registry
@@ -126,8 +126,14 @@ async def serve(cfg: RouterConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if cfg.otel:
+        try:
+            tracing.setup("shardstate-router")
+        except ImportError as e:
+            raise RuntimeError(str(e)) from None
     router = Router(cfg)
     await router.run(stop)
+    tracing.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from shardstate.common import errors
+from shardstate.common import errors, tracing
 from shardstate.common.metrics import Registry, gauged
 from shardstate.router.batching import BatchRunner
 from shardstate.router.forward import Forwarder, fail
@@ -53,6 +53,15 @@ class StateService:
 
     def _session_call(self, method: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
         m = self.m
+        forward: Callable[[str, bytes, str, str, Any], Awaitable[bytes]] = self.fwd.unary
+        if tracing.ON:  # chosen once: an untraced router runs no tracing code per call
+            fwd = self.fwd
+
+            async def traced(method: str, request: bytes, ns: str, sid: str, context: Any) -> bytes:
+                with tracing.span(f"router forward {method}"):
+                    return await fwd.unary(method, request, ns, sid, context, metadata=tracing.outgoing())
+
+            forward = traced
 
         async def handler(request: bytes, context: Any) -> bytes:
             self.calls.inc()
@@ -62,7 +71,7 @@ class StateService:
                     ns, sid = session_of(request)
                 except DecodeError as e:
                     raise _bad_message(method, e) from None
-                resp = await self.fwd.unary(method, request, ns, sid, context)
+                resp = await forward(method, request, ns, sid, context)
                 m.done(method, t0)
                 return resp
             except Exception as e:
@@ -70,7 +79,7 @@ class StateService:
                 await fail(context, e)
                 raise  # unreachable: fail() aborts
 
-        return handler
+        return tracing.traced_handler(handler, f"router {method}") if tracing.ON else handler
 
     async def batch(self, request: bytes, context: Any) -> bytes:
         self.calls.inc()

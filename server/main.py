@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate.common import config, eventloop, jsonlog, portfile, promexport
+from shardstate.common import config, eventloop, jsonlog, portfile, promexport, tracing
 from shardstate.common.clustermap import load_cluster_file
 from shardstate.common.errors import RECEIVE_SLACK_BYTES, InvalidArgumentError
 from shardstate.common.supervision import (
@@ -81,6 +81,11 @@ async def serve(cfg: ShardConfig) -> int:
 
 
 async def _serve(cfg: ShardConfig, engine: Engine) -> int:
+    if cfg.otel:
+        try:
+            tracing.setup(f"shardstate-shard-{cfg.id}")
+        except ImportError as e:
+            raise StartupError(str(e)) from None
     node = Node(cfg.id, engine)
     if cfg.cluster:
         node.adopt(load_cluster_file(cfg.cluster))
@@ -161,6 +166,7 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
         await sweeper
     except asyncio.CancelledError:
         pass
+    tracing.shutdown()
     log.info("stopped", extra={"fields": {"revision": engine.revision()}})
     return 0
 

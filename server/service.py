@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from shardstate.common import errors, pagetoken
+from shardstate.common import errors, pagetoken, tracing
 from shardstate.common.metrics import gauged
 from shardstate.v1 import state_pb2, types_pb2
 
@@ -360,6 +360,10 @@ class StateService:
             ops count themselves."""
             kind = op.__name__
             opm = self.opm
+            replicated = self.replicated
+            if tracing.ON:  # chosen once: an untraced process runs no tracing code per call
+                op = tracing.traced(op, "shard storage write")
+                replicated = self._traced_replicated
 
             async def handler(req: Any, context: Any) -> Any:
                 self.received.inc()
@@ -377,7 +381,7 @@ class StateService:
                         raise
                     if waits:
                         opm.done(kind, resp, t0)
-                        await self.replicated(before, resp.header.replayed, req)
+                        await replicated(before, resp.header.replayed, req)
                     return resp
                 except Exception as e:
                     log_unexpected(e)
@@ -385,7 +389,7 @@ class StateService:
                 finally:
                     self.in_flight.dec()
 
-            return handler
+            return tracing.traced_handler(handler, f"shard {kind}") if tracing.ON else handler
 
         return {
             "Get": unary(self.get), "Put": unary(self.put), "Delete": unary(self.delete),
@@ -396,6 +400,12 @@ class StateService:
             "GetSession": unary(self.get_session), "ListSessions": unary(self.list_sessions),
             "Batch": unary(self.batch, waits=False), "Pipeline": pipeline_behavior(self), "Watch": self._watch(),
         }
+
+    async def _traced_replicated(self, before: int, replayed: bool = False, req: Any = None) -> None:
+        if self.ack_barrier is None:
+            return
+        with tracing.span("shard semi-sync wait"):
+            await self.replicated(before, replayed, req)
 
     def _watch(self) -> Callable[[Any, Any], Any]:
         """Watch, counted in shardstate_shard_watch_streams while open."""

@@ -1,0 +1,79 @@
+"""OpenTelemetry across real processes: the test's own span (in-memory exporter) around one
+`put` of the sync client; the router and the shard (SHARDSTATE_OTEL=1, spans as JSON lines to
+one file) continue its trace: client → router → forward → shard → storage write, semi-sync
+wait. And tracing off: no span, no opentelemetry import in the client library."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from shardstate import Client
+from tests.procs import Procs
+from tests.replicas import wait_for
+
+
+def spans(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_one_put_is_one_trace_from_the_client_through_router_and_shard(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "spans.jsonl"
+    monkeypatch.setenv("SHARDSTATE_OTEL", "1")  # the processes inherit it, and so does the client
+    monkeypatch.setenv("SHARDSTATE_OTEL_FILE", str(out))
+    procs = Procs(tmp_path)
+    try:
+        primary = procs.shard("s1", "--min-replica-acks", "1")
+        procs.shard("s1", "--replica-of", primary.address)
+        router = procs.router([primary.address])
+        mem = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(mem))
+        with Client(router.address, timeout=30) as c:
+            c.session("warm").put("k", b"v")  # untraced: a call without a span sends none
+            with provider.get_tracer("test").start_as_current_span("agent step"):
+                c.session("traced").put("k", b"v")
+        (root,) = mem.get_finished_spans()
+        trace_id = f"{root.context.trace_id:032x}"
+
+        def chain() -> dict[str, dict[str, Any]] | None:
+            mine = {s["name"]: s for s in spans(out) if s["trace_id"] == trace_id}
+            want = ("router Put", "router forward Put", "shard put", "shard storage write", "shard semi-sync wait")
+            return mine if all(n in mine for n in want) else None
+
+        got = wait_for(chain, "the router's and the shard's spans of the traced put")
+        assert got["router Put"]["parent_span_id"] == f"{root.context.span_id:016x}"
+        assert got["router Put"]["service"] == "shardstate-router"
+        assert got["router forward Put"]["parent_span_id"] == got["router Put"]["span_id"]
+        assert got["shard put"]["parent_span_id"] == got["router forward Put"]["span_id"]
+        assert got["shard put"]["service"] == "shardstate-shard-s1"
+        assert got["shard storage write"]["parent_span_id"] == got["shard put"]["span_id"]
+        assert got["shard semi-sync wait"]["parent_span_id"] == got["shard put"]["span_id"]
+        # the warm-up put had no caller span: its trace is the router's own, never the test's
+        roots = [s for s in spans(out) if s["name"] == "router Put" and not s["parent_span_id"]]
+        assert len(roots) == 1 and roots[0]["trace_id"] != trace_id
+    finally:
+        procs.close()
+
+
+def test_tracing_off_imports_no_opentelemetry_in_the_client() -> None:
+    code = ("import sys; from shardstate import Client, Retry\n"
+            "with Client('127.0.0.1:1', retry=Retry(attempts=1), timeout=2) as c:\n"
+            "    try: c.session('s').get('k')\n"
+            "    except Exception: pass\n"
+            "print(any(m.startswith('opentelemetry') for m in sys.modules))")
+    env = {"PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
