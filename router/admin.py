@@ -1,7 +1,6 @@
 """The Admin service on a router: its cluster map, map publication, cluster-wide Status,
-promotion, the removal of dead nodes from the map, and rebalancing (router/rebalance.py).
-
-Backups come in later work; until then those RPCs answer UNIMPLEMENTED saying so.
+promotion, the removal of dead nodes from the map, rebalancing (router/rebalance.py) and
+backups (router/backup.py).
 """
 
 from __future__ import annotations
@@ -93,11 +92,6 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
             header=types_pb2.ResponseHeader(epoch=view.epoch, node=self.address),
             cluster_map=view.pb, nodes=[me, *others], moves=moves,
         )
-
-    async def _later(self, context: Any, what: str) -> Any:
-        await errors.abort(context, errors.UnimplementedError(
-            f"{what} is not built yet on the router; see the README's list of what is missing"
-        ))
 
     async def AddShard(self, request: admin_pb2.AddShardRequest, context: Any) -> Any:
         try:
