@@ -64,7 +64,6 @@ class Rebalancer:
         self.started_ms = 0
         self.phase = "idle"
         self.error = ""
-        self.handovers = 0  # attempts, for tests and logs
 
     # ---- the admin calls ----
 
@@ -232,7 +231,6 @@ class Rebalancer:
         map that ends the rebalance. False (fences released when that is known safe) if any
         step fails: the caller tries again."""
         self.phase = "handing_over"
-        self.handovers += 1
         sources = sorted({m.source for m in pb.migrations})
         loop = asyncio.get_running_loop()
         t0 = loop.time()

@@ -130,7 +130,5 @@ class Fences:
                 await asyncio.sleep(0.5)
                 continue
             if pb.epoch > self.node.epoch:
-                self.node.adopt(pb)  # releases the fence through adopted()
-            if pb.epoch <= f.epoch:
-                f.release(f"held {DEFAULT_HOLD_MS} ms and the keeper's map is still epoch {pb.epoch}")
-            f.release("a newer map")
+                self.node.adopt(pb)  # a newer map: adopting it releases the fence (adopted())
+            f.release(f"the hold ran out; the keeper's map is at epoch {pb.epoch}")

@@ -140,11 +140,8 @@ class Migrations:
     # ---- helpers ----
 
     def _busy_sessions(self) -> list[tuple[str, str]]:
-        locks = self.engine._locks
-        if locks is None:
-            return []
         out = []
-        for mkey in list(locks._locks):
+        for mkey in self.engine.locked_metas():
             s = session_of(mkey)
             if s is not None:
                 out.append((s[0].decode(), s[1].decode()))
@@ -156,7 +153,7 @@ class Migrations:
         if not address or address == self.node.address:
             return pb
         try:
-            return await self.repl.maps._stub(address).GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=2.0)
+            return await self.repl.maps.stub(address).GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=2.0)
         except grpc.RpcError:
             return None
 

@@ -268,7 +268,3 @@ class Puller:
         if n:
             log.info("dropped an earlier copy", extra={"fields": {"source": self.source, "keys": n}})
         return n
-
-    async def forget(self) -> None:
-        """The rebalance ended: the progress record goes."""
-        await self.engine.write_raw([(self.meta_key, None)])

@@ -52,7 +52,7 @@ class MapSync:
         self.node = node
         self._channels: dict[str, aio.Channel] = {}
 
-    def _stub(self, address: str) -> admin_pb2_grpc.AdminStub:
+    def stub(self, address: str) -> admin_pb2_grpc.AdminStub:
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = aio.insecure_channel(address)
@@ -66,7 +66,7 @@ class MapSync:
     async def fetch(self, addresses: list[str]) -> list[admin_pb2.ClusterMap]:
         async def one(a: str) -> admin_pb2.ClusterMap | None:
             try:
-                return await self._stub(a).GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=TIMEOUT_S)
+                return await self.stub(a).GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=TIMEOUT_S)
             except grpc.RpcError:
                 return None
 
@@ -82,7 +82,7 @@ class MapSync:
     async def status(self, address: str) -> admin_pb2.NodeStatus | None:
         """The node's own Status line, None when it does not answer."""
         try:
-            st = await self._stub(address).Status(admin_pb2.StatusRequest(), timeout=TIMEOUT_S)
+            st = await self.stub(address).Status(admin_pb2.StatusRequest(), timeout=TIMEOUT_S)
         except grpc.RpcError:
             return None
         return st.nodes[0] if st.nodes else None
@@ -90,7 +90,7 @@ class MapSync:
     async def publish(self, pb: admin_pb2.ClusterMap, addresses: list[str]) -> list[admin_pb2.PublishClusterMapResponse]:
         async def one(a: str) -> admin_pb2.PublishClusterMapResponse | None:
             try:
-                return await self._stub(a).PublishClusterMap(pb, timeout=TIMEOUT_S)
+                return await self.stub(a).PublishClusterMap(pb, timeout=TIMEOUT_S)
             except grpc.RpcError:
                 return None
 
@@ -108,7 +108,7 @@ class MapSync:
             await self.publish(pb, [a for a in addresses if a != self.node.address])
 
         try:
-            new = await mapswap.swap(self._stub, self.node.view.pb, mutate, publish)
+            new = await mapswap.swap(self.stub, self.node.view.pb, mutate, publish)
         except ShardstateError as e:
             log.warning("cluster map change failed", extra={"fields": {"why": why, "error": e.message}})
             return None

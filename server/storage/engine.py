@@ -326,6 +326,11 @@ class Engine:
             if len(ops) < SWEEP_BATCH:
                 return
 
+    def locked_metas(self) -> list[bytes]:
+        """Meta keys of the sessions whose writes are in flight (group commit only; without
+        it a write never suspends, so none is ever in flight between two events)."""
+        return self._locks.held() if self._locks is not None else []
+
     def _busy(self, mkey: bytes) -> bool:
         return self._locks is not None and self._locks.busy(mkey)
 

@@ -36,3 +36,7 @@ class SessionLocks:
 
     def busy(self, key: bytes) -> bool:
         return key in self._locks
+
+    def held(self) -> list[bytes]:
+        """The keys held or waited for now."""
+        return list(self._locks)
