@@ -18,6 +18,7 @@ from shardstate.common.metrics import RateMeter, Registry
 from shardstate.router import backup
 from shardstate.router.failover import promote
 from shardstate.router.maps import MapHolder, validate_map
+from shardstate.router.metrics import rebalance_gauges
 from shardstate.router.nodes import NodePool, describe
 from shardstate.router.rebalance import Rebalancer
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, types_pb2
@@ -54,6 +55,7 @@ class RouterAdmin(admin_pb2_grpc.AdminServicer):
         self.load = RateMeter(metrics.get("shardstate_router_calls_total"))  # calls/s since the previous Status
         self.serving = serving or (lambda: True)
         self.rebalancer = Rebalancer(maps, nodes)
+        rebalance_gauges(metrics, self.rebalancer)
 
     async def GetClusterMap(self, request: admin_pb2.GetClusterMapRequest, context: Any) -> admin_pb2.ClusterMap:
         return self.maps.view.pb

@@ -28,6 +28,7 @@ from shardstate.router.config import RouterConfig
 from shardstate.router.forward import Forwarder
 from shardstate.router.listing import Lister
 from shardstate.router.maps import MapHolder
+from shardstate.router.metrics import RouterMetrics
 from shardstate.router.nodes import NodePool
 from shardstate.router.pipeline import PipelineHandler
 from shardstate.router.service import SERVICE, StateService
@@ -61,9 +62,10 @@ class Router:
         self.address = f"{host}:{self.port}"
         self.serving = False
         runner = BatchRunner(self.fwd, self.links, cfg.max_batch_ops, self.address)
+        calls = RouterMetrics(self.metrics)
         self.state = StateService(
             self.fwd, runner, Lister(self.fwd, self.address), WatchProxy(self.fwd),
-            PipelineHandler(runner), self.metrics,
+            PipelineHandler(runner, calls), calls,
         )
         self.admin = RouterAdmin(self.maps, self.nodes, self.address, self.metrics, lambda: self.serving)
         self.server.add_generic_rpc_handlers((self.state.handler(),))

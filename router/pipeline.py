@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from google.protobuf.message import DecodeError
 from shardstate.common import errors
 from shardstate.common.protowire import last_varint
 from shardstate.router.batching import BatchRunner
+from shardstate.router.metrics import RouterMetrics
 from shardstate.router.wire import RawPipelineRequest, RawPipelineResponse, length_delimited, varint
 
 log = logging.getLogger("shardstate.router.pipeline")
@@ -40,8 +42,9 @@ def response_bytes(rid: int, batch_response: bytes) -> bytes:
 
 
 class PipelineHandler:
-    def __init__(self, runner: BatchRunner) -> None:
+    def __init__(self, runner: BatchRunner, metrics: RouterMetrics) -> None:
         self.runner = runner
+        self.m = metrics
         self.draining = False
         self._readers: set[asyncio.Task[None]] = set()
 
@@ -54,9 +57,15 @@ class PipelineHandler:
 
     async def one(self, req: Any) -> bytes:
         deadline = asyncio.get_running_loop().time() + self.runner.fwd.default_timeout_s
+        t0 = time.perf_counter()
+        ops = list(req.batch.ops)
+        self.m.calls.inc()
+        self.m.batch_ops.observe(len(ops))
         try:
-            body = await self.runner.run(list(req.batch.ops), deadline)
+            body = await self.runner.run(ops, deadline)
+            self.m.done("Pipeline", t0)
         except Exception as e:
+            self.m.failed("Pipeline", e, t0)
             err = errors.as_shardstate_error(e)
             if not isinstance(e, errors.ShardstateError):
                 log.exception("pipeline batch failed")

@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from shardstate.common import errors, tracing
-from shardstate.common.metrics import Registry, gauged
+from shardstate.common.metrics import gauged
 from shardstate.router.batching import BatchRunner
 from shardstate.router.forward import Forwarder, fail
 from shardstate.router.listing import Lister
@@ -36,15 +36,14 @@ def _bad_message(method: str, e: Exception) -> errors.InvalidArgumentError:
 
 class StateService:
     def __init__(self, fwd: Forwarder, runner: BatchRunner, lister: Lister, watch: WatchProxy,
-                 pipeline: PipelineHandler, metrics: Registry) -> None:
+                 pipeline: PipelineHandler, metrics: RouterMetrics) -> None:
         self.fwd = fwd
         self.runner = runner
         self.lister = lister
         self.watcher = watch
         self.pipeline = pipeline
-        self.calls = metrics.counter("shardstate_router_calls_total",
-                                     "client calls the router has served (a Batch or a Pipeline request counts one)")
-        self.m = RouterMetrics(metrics)
+        self.calls = metrics.calls
+        self.m = metrics
 
     def drain(self) -> None:
         """Shutdown: long-lived streams end (UNAVAILABLE) once what they hold is answered."""
@@ -127,8 +126,7 @@ class StateService:
             await fail(context, e)
 
     async def pipe(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-        self.calls.inc()
-        try:
+        try:  # each request message counts as a call (PipelineHandler.one)
             async for resp in self.pipeline.serve(requests, context):
                 yield resp
         except Exception as e:

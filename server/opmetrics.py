@@ -15,6 +15,7 @@ from typing import Any
 from shardstate.common import errors
 from shardstate.common.metrics import SIZE_BUCKETS, Registry
 
+from . import leveldbstats
 from .node import Node
 
 # applied=false (Put/Delete: expected_version did not match) or succeeded=false (Txn) is a conflict
@@ -104,6 +105,7 @@ def data_gauges(node: Node, registry: Registry) -> None:
         disk.set(await asyncio.to_thread(engine.disk_bytes))
 
     registry.on_collect(refresh)
+    leveldbstats.register(engine.store.db, registry)
 
 
 def sweep_counters(registry: Registry) -> Any:

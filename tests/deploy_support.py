@@ -25,8 +25,9 @@ METRICS_FLAGS = {"--metrics-port", "--metrics-host"}
 PENDING_FLAGS = METRICS_FLAGS - {"--" + f.name.replace("_", "-") for f in dataclasses.fields(ShardConfig)}
 
 
-def render_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("shardstate_k8s_render", K8S / "render.py")
+def render_module(path: Path = K8S / "render.py") -> ModuleType:
+    """A deploy/ script loaded as a module (deploy/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"shardstate_{path.parent.name}_render", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -5,17 +5,24 @@ those."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import plyvel
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardstate.common.metrics import Registry
 from shardstate.common.promexport import render
-from shardstate.v1 import state_pb2
+from shardstate.server import leveldbstats
+from shardstate.server.migration import metrics as migration_metrics
+from shardstate.v1 import replication_pb2, state_pb2
+from tests.deploy_support import ROOT, render_module
 from tests.procs import Proc, Procs
 from tests.replicas import wait_for
 from tests.routercluster import Stubs, T
@@ -33,6 +40,15 @@ def scrape(node: Proc) -> Samples:
         text = resp.read().decode()
     return {(s.name, frozenset(s.labels.items())): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def families(node: Proc) -> set[str]:
+    """Every metric name `node` exports, with or without samples (as PromQL names them)."""
+    with urllib.request.urlopen(f"http://{node.metrics_address()}/metrics", timeout=T) as resp:
+        fams = list(text_string_to_metric_families(resp.read().decode()))
+    names = {f.name for f in fams} | {s.name for f in fams for s in f.samples}
+    return names | {f"{f.name}_total" for f in fams if f.type == "counter"} | {
+        f"{f.name}_{suffix}" for f in fams if f.type == "histogram" for suffix in ("bucket", "sum", "count")}
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -114,6 +130,80 @@ def test_replica_reports_its_lag_and_role(cluster: tuple[Proc, Proc, Proc, Stubs
     assert value(s, "shardstate_shard_is_primary") == 0
     assert value(s, "shardstate_replication_lag_revisions", replica=replica.address) == 0
     assert value(s, "shardstate_replication_replica_connected", replica=replica.address) == 1
+
+
+def test_pipeline_requests_count_one_call_each(cluster: tuple[Proc, Proc, Proc, Stubs]) -> None:
+    primary, _, router, stubs = cluster
+    before_r, before_s = scrape(router), scrape(primary)
+    n, per = 3, 4
+    reqs = [state_pb2.PipelineRequest(id=i + 1, batch=state_pb2.BatchRequest(ops=[
+        state_pb2.BatchOp(put=state_pb2.PutRequest(session_id=f"pipe-{i}", key=f"k{j}", value=b"v"))
+        for j in range(per)])) for i in range(n)]
+    got = list(stubs.state.Pipeline(iter(reqs), timeout=T))
+    assert sorted(r.id for r in got) == [1, 2, 3] and all(r.code == 0 for r in got)
+    assert all(res.put.applied for r in got for res in r.batch.results)
+
+    r, s = scrape(router), scrape(primary)
+
+    def delta(now: Samples, before: Samples, name: str, **labels: str) -> float:
+        return value(now, name, **labels) - value(before, name, **labels)
+
+    assert delta(r, before_r, "shardstate_router_requests_total", rpc="Pipeline", code="OK") == n
+    assert delta(r, before_r, "shardstate_router_calls_total") == n
+    assert delta(r, before_r, "shardstate_router_batch_ops_count") == n
+    assert delta(r, before_r, "shardstate_router_batch_ops_sum") == n * per
+    assert delta(s, before_s, "shardstate_shard_ops_total", op="put", code="OK") == n * per
+
+
+def test_dashboard_names_only_exported_metrics(cluster: tuple[Proc, Proc, Proc, Stubs]) -> None:
+    """deploy/grafana/shardstate.json is what its script writes, and each metric its
+    expressions name is one a router or a shard serves."""
+    grafana = render_module(ROOT / "deploy" / "grafana" / "render.py")
+    assert (ROOT / "deploy" / "grafana" / "shardstate.json").read_text() == grafana.text(), \
+        "run deploy/grafana/render.py"
+    primary, replica, router, _ = cluster
+    exported = families(router) | families(primary) | families(replica)
+    used = {name for panel in grafana.dashboard()["panels"] for t in panel.get("targets", [])
+            for name in re.findall(r"shardstate_[a-z_]+", t["expr"])}
+    assert len(used) >= 30
+    assert used - exported == set()
+
+
+def test_leveldb_stats_from_a_real_store(tmp_path: Path) -> None:
+    db = plyvel.DB(str(tmp_path / "db"), create_if_missing=True)
+    try:
+        for i in range(40_000):
+            db.put(b"k%08d" % i, os.urandom(100))  # incompressible
+        db.compact_range()
+        rows = leveldbstats.parse_stats(db.get_property(b"leveldb.stats").decode())
+        reg = Registry()
+        leveldbstats.register(db, reg)
+        asyncio.run(reg.refresh())
+    finally:
+        db.close()
+    assert rows and sum(r.files for r in rows) >= 1
+    assert sum(r.written_bytes for r in rows) >= 4 << 20  # 40 000 x 100 B, written at least once
+    files = reg.get("shardstate_shard_leveldb_files")
+    assert files.total() == sum(r.files for r in rows)
+    assert reg.get("shardstate_shard_leveldb_compaction_written_bytes_total").total() == \
+        sum(r.written_bytes for r in rows)
+    assert leveldbstats.parse_stats("garbage\n  1 x 2 3 4 5\n") == []
+
+
+def test_migration_gauges_follow_the_pairs() -> None:
+    reg = Registry()
+    pairs = [replication_pb2.PairStatus(source="s1", phase="tailing", sessions_total=10, sessions_copied=10,
+                                        bytes=4096, position=90, source_revision=100)]
+    migration_metrics.register(reg, lambda: pairs)
+    asyncio.run(reg.refresh())
+    assert reg.get("shardstate_migration_sessions_copied").value(source="s1") == 10
+    assert reg.get("shardstate_migration_lag_revisions").value(source="s1") == 10
+    assert reg.get("shardstate_migration_phase").value(source="s1", phase="tailing") == 1
+    assert reg.get("shardstate_migration_phase").value(source="s1", phase="copying") == 0
+    pairs.clear()  # the pair finished: its series go
+    asyncio.run(reg.refresh())
+    assert reg.get("shardstate_migration_copied_bytes").total() == 0
+    assert reg.get("shardstate_migration_phase").values == {}
 
 
 def test_no_endpoint_without_the_flag(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from ..node import Node
 from ..replication import Replication, wire
 from ..storage import encoding as enc
 from ..storage.engine import Engine
+from . import metrics
 from .cleanup import drop_unowned
 from .fence import Fences
 from .keys import session_of
@@ -46,6 +47,7 @@ class Migrations:
         self._again = False
         self._cleanup: asyncio.Task[None] | None = None
         self._closing = False
+        metrics.register(node.metrics, lambda: [p.status() for p in self.pullers.values()])
 
     # ---- wiring ----
 
