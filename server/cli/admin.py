@@ -1,6 +1,6 @@
 """`shardstate admin --router ADDR COMMAND`: cluster administration from a shell.
 
-`status` (a table of the router and every node), `map` (the cluster map), failover
+`status` and `watch-status` (server/cli/status.py), `map` (the cluster map), failover
 (`promote`, `remove-node`) and rebalancing (`add-shard`, `remove-shard`, `set-weight`,
 `rebalance-status`: server/cli/rebalance.py).
 """
@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -20,36 +19,11 @@ from shardstate.common import errors
 from shardstate.server.cli import backup as backup_cli
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
-from . import rebalance
+from . import rebalance, status
+from .status import STATE, console
 
 TIMEOUT_S = 30.0
 DEFAULT_ROUTER = "127.0.0.1:7400"
-ROLE = {admin_pb2.PRIMARY: "primary", admin_pb2.REPLICA: "replica", admin_pb2.ROUTER: "router"}
-STATE = {admin_pb2.ACTIVE: "active", admin_pb2.JOINING: "joining", admin_pb2.LEAVING: "leaving"}
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
-
-
-def console() -> Any:
-    from rich.console import Console
-
-    # Piped output keeps whole rows rather than wrapping at 80 columns.
-    return Console() if sys.stdout.isatty() else Console(width=200)
-
-
-def replica_lag(n: admin_pb2.NodeStatus) -> str:
-    """Replicas: writes behind / ms behind their primary; any node: writes set aside after a failover."""
-    out = f"{n.lag_revisions} writes / {n.lag_ms} ms" if n.role == admin_pb2.REPLICA and n.up else ""
-    if n.diverged_writes:
-        out += f"{' · ' if out else ''}[yellow]{n.diverged_writes} set aside[/]"
-    return out
 
 
 def promote_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
@@ -72,28 +46,6 @@ def remove_node_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) ->
     return 0
 
 
-def status_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
-    resp = stub.Status(admin_pb2.StatusRequest(), timeout=TIMEOUT_S)
-    if args.json:
-        print(json_format.MessageToJson(resp))
-        return 0 if all(n.up for n in resp.nodes) else 1
-    from rich.table import Table
-
-    table = Table(title=f"cluster {resp.cluster_map.cluster_id or '-'} · map epoch {resp.cluster_map.epoch}")
-    for col in ("node", "role", "shard", "up", "epoch", "revision", "lag", "sessions", "keys", "bytes", "ops/s", "uptime", "error"):
-        table.add_column(col, justify="right" if col in ("sessions", "keys", "bytes", "ops/s", "epoch") else "left")
-    for n in resp.nodes:
-        up = "[green]up[/]" if n.up else "[red]DOWN[/]"
-        table.add_row(
-            n.address, ROLE.get(n.role, "?"), n.shard_id or "-", up, str(n.epoch) if n.up else "",
-            str(n.revision) if n.revision else "", replica_lag(n), str(n.sessions) if n.role != admin_pb2.ROUTER else "",
-            str(n.keys) if n.role != admin_pb2.ROUTER else "", human_bytes(n.bytes) if n.bytes else "",
-            f"{n.load_ops_per_s:.0f}" if n.up else "", f"{n.uptime_s}s" if n.up else "", n.error,
-        )
-    console().print(table)
-    return 0 if all(n.up for n in resp.nodes) else 1
-
-
 def map_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     pb = stub.GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=TIMEOUT_S)
     if args.json:
@@ -114,7 +66,8 @@ def map_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
 # subcommand -> (function, help); later commands (add-shard, remove-shard, set-weight,
 # promote, backup) register here.
 COMMANDS: dict[str, tuple[Callable[[admin_pb2_grpc.AdminStub, argparse.Namespace], int], str]] = {
-    "status": (status_cmd, "the router and every node: role, up/down, revision, sessions, sizes"),
+    "status": (status.status_cmd, "the router and every node: role, shard, revision, lag, sessions, size, load"),
+    "watch-status": (status.watch_status_cmd, "the status, refreshed every --interval seconds until Ctrl-C"),
     "map": (map_cmd, "the cluster map the router holds"),
     "promote": (promote_cmd, "make a replica the primary of its shard (failover): promote SHARD [--replica ADDR]"),
     "remove-node": (remove_node_cmd, "remove a dead replica from the cluster map: remove-node ADDR"),
@@ -136,6 +89,7 @@ def main(argv: list[str]) -> int:
             sp.add_argument("--replica", default="", help="replica address to promote (default: the most caught-up)")
         if name == "remove-node":
             sp.add_argument("address", help="the node's host:port as `shardstate admin map` lists it")
+        status.add_arguments(name, sp)
         rebalance.add_arguments(name, sp)
         backup_cli.add_arguments(name, sp)
     args = p.parse_args(argv)

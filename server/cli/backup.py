@@ -459,7 +459,7 @@ def backup_cmd(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    from .admin import console, human_bytes
+    from .status import console, human_bytes
 
     table = Table("shard", "revision", "sessions", "keys", "log", "size", "sha256",
                   title=f"backup at map epoch {manifest['epoch']}")

@@ -13,6 +13,8 @@ from google.protobuf import json_format
 
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
+from .status import human_bytes
+
 TIMEOUT_S = 30.0
 
 
@@ -26,14 +28,6 @@ def add_arguments(name: str, sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--weight", type=int, default=1, help="placement weight [1]")
     if name == "set-weight":
         sp.add_argument("weight", type=int, help="the new weight (1..64)")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def follow(stub: admin_pb2_grpc.AdminStub, as_json: bool) -> int:
@@ -58,7 +52,7 @@ def follow(stub: admin_pb2_grpc.AdminStub, as_json: bool) -> int:
                 continue
             last = p
             rate = p.sessions_moved / p.elapsed_s if p.elapsed_s else 0.0
-            extra = f"{_human(p.bytes_moved)} {rate:.0f}/s {p.phase}"
+            extra = f"{human_bytes(p.bytes_moved)} {rate:.0f}/s {p.phase}"
             if task is None:
                 task = bar.add_task(p.change or "rebalance", total=max(p.sessions_total, 1), extra=extra)
             bar.update(task, total=max(p.sessions_total, 1), completed=p.sessions_moved, extra=extra)
@@ -79,7 +73,7 @@ def _summary(p: admin_pb2.RebalanceProgress | None, as_json: bool) -> int:
               "follow it with: shardstate admin rebalance-status", file=sys.stderr)
         return 1
     rate = p.sessions_moved / p.elapsed_s if p.elapsed_s else 0.0
-    print(f"{p.change}: {p.sessions_moved} sessions ({_human(p.bytes_moved)}) moved in "
+    print(f"{p.change}: {p.sessions_moved} sessions ({human_bytes(p.bytes_moved)}) moved in "
           f"{p.elapsed_s:.1f} s ({rate:.0f} sessions/s); cluster map epoch {p.epoch}")
     return 0
 
