@@ -17,6 +17,7 @@ from shardstate.common import errors, pagetoken, tracing
 from shardstate.common.metrics import gauged
 from shardstate.v1 import state_pb2, types_pb2
 
+from . import tracerefs
 from .handlers import Partial
 from .node import Node
 from .opmetrics import OpMetrics
@@ -402,6 +403,11 @@ class StateService:
         }
 
     async def _traced_replicated(self, before: int, replayed: bool = False, req: Any = None) -> None:
+        committed = self.engine.store.committed
+        if committed > before and not replayed:  # a write: its replicas' apply joins this trace
+            for k, v in tracing.outgoing():
+                if k == tracing.TRACEPARENT:
+                    tracerefs.note(committed, v)
         if self.ack_barrier is None:
             return
         with tracing.span("shard semi-sync wait"):

@@ -1,7 +1,7 @@
 """OpenTelemetry across real processes: the test's own span (in-memory exporter) around one
 `put` of the sync client; the router and the shard (SHARDSTATE_OTEL=1, spans as JSON lines to
 one file) continue its trace: client → router → forward → shard → storage write, semi-sync
-wait. And tracing off: no span, no opentelemetry import in the client library."""
+wait, and the replica's apply and ack. And tracing off: no span, no opentelemetry import in the client library."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_one_put_is_one_trace_from_the_client_through_router_and_shard(
     procs = Procs(tmp_path)
     try:
         primary = procs.shard("s1", "--min-replica-acks", "1")
-        procs.shard("s1", "--replica-of", primary.address)
+        replica = procs.shard("s1", "--replica-of", primary.address)
         router = procs.router([primary.address])
         mem = InMemorySpanExporter()
         provider = TracerProvider()
@@ -49,7 +49,8 @@ def test_one_put_is_one_trace_from_the_client_through_router_and_shard(
 
         def chain() -> dict[str, dict[str, Any]] | None:
             mine = {s["name"]: s for s in spans(out) if s["trace_id"] == trace_id}
-            want = ("router Put", "router forward Put", "shard put", "shard storage write", "shard semi-sync wait")
+            want = ("router Put", "router forward Put", "shard put", "shard storage write", "shard semi-sync wait",
+                    "replica apply")
             return mine if all(n in mine for n in want) else None
 
         got = wait_for(chain, "the router's and the shard's spans of the traced put")
@@ -60,9 +61,15 @@ def test_one_put_is_one_trace_from_the_client_through_router_and_shard(
         assert got["shard put"]["service"] == "shardstate-shard-s1"
         assert got["shard storage write"]["parent_span_id"] == got["shard put"]["span_id"]
         assert got["shard semi-sync wait"]["parent_span_id"] == got["shard put"]["span_id"]
+        # the replica's apply and ack, from the change batch that carried the put
+        assert got["replica apply"]["parent_span_id"] == got["shard put"]["span_id"]
+        assert got["replica apply"]["attributes"]["replica"] == replica.address
         # the warm-up put had no caller span: its trace is the router's own, never the test's
         roots = [s for s in spans(out) if s["name"] == "router Put" and not s["parent_span_id"]]
         assert len(roots) == 1 and roots[0]["trace_id"] != trace_id
+        # one replica span per write, each in its write's trace
+        applies = sorted(s["trace_id"] for s in spans(out) if s["name"] == "replica apply")
+        assert applies == sorted([trace_id, roots[0]["trace_id"]])
     finally:
         procs.close()
 

@@ -135,6 +135,13 @@ def span(name: str, **attrs: Any) -> Iterator[Any]:
         yield s
 
 
+def ended_span(name: str, traceparent: str, start_ns: int, **attrs: Any) -> None:
+    """A span `name`, child of the span `traceparent` names, from `start_ns` until now (work
+    whose caller's context came in a message rather than in a call's metadata)."""
+    parent = incoming(((TRACEPARENT, traceparent),))
+    _tracer.start_span(name, context=parent, start_time=start_ns, attributes=attrs).end()
+
+
 def client_interceptors(aio: bool = False) -> list[Any]:
     """Interceptors adding the caller's current trace context to every unary call of the
     client library; [] unless SHARDSTATE_OTEL is on and opentelemetry is installed."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc import aio
 
-from shardstate.common import errors
+from shardstate.common import errors, tracing
 from shardstate.common.transport import channel_options
 from shardstate.v1 import replication_pb2
 
@@ -62,6 +63,7 @@ class Follower:
         self.last_contact_ms = 0
         self.error = ""
         self._ack_lazily = False  # the leader's last ChangeBatch.ack_lazily
+        self._traced: list[tuple[int, str, int]] = []  # (revision, traceparent, arrival ns) until acked
         self._resync = False  # node meta _|resync is b"1" (read at stream start, kept by _install)
         self._task: asyncio.Task[None] | None = None
 
@@ -180,8 +182,21 @@ class Follower:
             if rev != sent or not rev:
                 await call.write(replication_pb2.FollowerMessage(ack=replication_pb2.FollowAck(applied_revision=rev)))
                 sent = rev
+                if self._traced:
+                    self._end_traced(rev)
                 if self._ack_lazily:
                     await asyncio.sleep(LAZY_ACK_S)  # what arrives meanwhile folds into the next ack
+
+    def _end_traced(self, acked: int) -> None:
+        """Traced writes up to `acked`: a span from their batch's arrival to the ack."""
+        keep = []
+        for revision, traceparent, start_ns in self._traced:
+            if revision <= acked:
+                tracing.ended_span("replica apply", traceparent, start_ns, revision=revision,
+                                   replica=self.node.address)
+            else:
+                keep.append((revision, traceparent, start_ns))
+        self._traced = keep
 
     async def _stream(self, channel: aio.Channel) -> None:
         engine, node = self.engine, self.node
@@ -236,6 +251,9 @@ class Follower:
                     b = msg.changes
                     self._ack_lazily = b.ack_lazily
                     entries = b.entries
+                    if b.traces and tracing.ON:
+                        now = time.time_ns()
+                        self._traced.extend((t.revision, t.traceparent, now) for t in b.traces)
                     if entries:
                         await engine.apply_changes(entries)
                         self.applied_ts_ms = replication_pb2.ChangeEntryOps.FromString(entries[-1]).ts_ms

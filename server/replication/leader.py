@@ -16,9 +16,10 @@ from typing import Any
 
 import grpc
 
-from shardstate.common import errors
+from shardstate.common import errors, tracing
 from shardstate.v1 import admin_pb2, replication_pb2
 
+from .. import tracerefs
 from ..node import Node
 from ..storage import changelog, snapshot
 from ..storage import encoding as enc
@@ -288,7 +289,8 @@ class Leader:
                 else:
                     backlog = max(0, backlog - len(batch))
                 lazy = self.acks.need <= 0 and info.caught_up and not info.hold_from
-                body = wire.change_batch([raw for _, raw in batch], leader_rev, wall_ms(), backlog, lazy)
+                traces = tracerefs.between(batch[0][0], batch[-1][0]) if tracing.ON else ()
+                body = wire.change_batch([raw for _, raw in batch], leader_rev, wall_ms(), backlog, lazy, traces)
                 yield wire.leader_message(wire.CHANGES, body, self.node.epoch)
                 self.batches_sent.inc(replica=info.id)
                 self.entries_sent.inc(len(batch), replica=info.id)

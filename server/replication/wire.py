@@ -34,7 +34,7 @@ def _scalar(field: int, n: int) -> bytes:
 
 
 def change_batch(entries: Sequence[bytes], leader_revision: int, leader_ts_ms: int, backlog: int = 0,
-                 ack_lazily: bool = False) -> bytes:
+                 ack_lazily: bool = False, traces: Sequence[tuple[int, str]] = ()) -> bytes:
     parts: list[bytes] = []
     add = parts.extend
     for e in entries:
@@ -43,6 +43,10 @@ def change_batch(entries: Sequence[bytes], leader_revision: int, leader_ts_ms: i
     parts.append(_scalar(3, leader_ts_ms))
     parts.append(_scalar(4, backlog))
     parts.append(_scalar(5, int(ack_lazily)))
+    for revision, traceparent in traces:
+        tp = traceparent.encode()
+        ref = _scalar(1, revision) + field_head(2, len(tp)) + tp
+        add((field_head(6, len(ref)), ref))
     return b"".join(parts)
 
 

@@ -420,6 +420,7 @@ class ChangeBatch(_message.Message):
     LEADER_TS_MS_FIELD_NUMBER: _builtins.int
     BACKLOG_FIELD_NUMBER: _builtins.int
     ACK_LAZILY_FIELD_NUMBER: _builtins.int
+    TRACES_FIELD_NUMBER: _builtins.int
     leader_revision: _builtins.int
     leader_ts_ms: _builtins.int
     backlog: _builtins.int
@@ -430,6 +431,10 @@ class ChangeBatch(_message.Message):
     """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChangeEntry]: ...
+    @_builtins.property
+    def traces(self) -> _containers.RepeatedCompositeFieldContainer[Global___TraceRef]:
+        """traced writes among `entries` (only with --otel)"""
+
     def __init__(
         self,
         *,
@@ -438,14 +443,41 @@ class ChangeBatch(_message.Message):
         leader_ts_ms: _builtins.int = ...,
         backlog: _builtins.int = ...,
         ack_lazily: _builtins.bool = ...,
+        traces: _abc.Iterable[Global___TraceRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_lazily", b"ack_lazily", "backlog", b"backlog", "entries", b"entries", "leader_revision", b"leader_revision", "leader_ts_ms", b"leader_ts_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_lazily", b"ack_lazily", "backlog", b"backlog", "entries", b"entries", "leader_revision", b"leader_revision", "leader_ts_ms", b"leader_ts_ms", "traces", b"traces"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChangeBatch: _TypeAlias = ChangeBatch  # noqa: Y015
+
+@_typing.final
+class TraceRef(_message.Message):
+    """A traced write's W3C traceparent: the replica's apply and ack join the writer's trace.
+    Sent beside the entries, never stored in the change log.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    traceparent: _builtins.str
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        traceparent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "traceparent", b"traceparent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceRef: _TypeAlias = TraceRef  # noqa: Y015
 
 @_typing.final
 class LeaderMessage(_message.Message):
@@ -556,6 +588,7 @@ class ChangeBatchRaw(_message.Message):
     LEADER_TS_MS_FIELD_NUMBER: _builtins.int
     BACKLOG_FIELD_NUMBER: _builtins.int
     ACK_LAZILY_FIELD_NUMBER: _builtins.int
+    TRACES_FIELD_NUMBER: _builtins.int
     leader_revision: _builtins.int
     leader_ts_ms: _builtins.int
     backlog: _builtins.int
@@ -564,6 +597,8 @@ class ChangeBatchRaw(_message.Message):
     def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """serialized ChangeEntry"""
 
+    @_builtins.property
+    def traces(self) -> _containers.RepeatedCompositeFieldContainer[Global___TraceRef]: ...
     def __init__(
         self,
         *,
@@ -572,10 +607,11 @@ class ChangeBatchRaw(_message.Message):
         leader_ts_ms: _builtins.int = ...,
         backlog: _builtins.int = ...,
         ack_lazily: _builtins.bool = ...,
+        traces: _abc.Iterable[Global___TraceRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_lazily", b"ack_lazily", "backlog", b"backlog", "entries", b"entries", "leader_revision", b"leader_revision", "leader_ts_ms", b"leader_ts_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_lazily", b"ack_lazily", "backlog", b"backlog", "entries", b"entries", "leader_revision", b"leader_revision", "leader_ts_ms", b"leader_ts_ms", "traces", b"traces"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
