@@ -21,6 +21,7 @@ import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before g
 import argparse
 import asyncio
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -183,7 +184,7 @@ async def load_redis(address: str, ns: argparse.Namespace, values: Values, conso
 
 
 def run_shard(ns: argparse.Namespace, workdir: Path, values: Values, console: Console) -> dict[str, Any]:
-    srv = servers.start_shard(workdir, "s1")
+    srv = servers.start_shard(workdir, "s1", shlex.split(ns.shard_args))
     try:
         rss0 = procstat.rss_bytes(srv.pid)
         took = asyncio.run(load_shard(srv.address, ns, values, console))
@@ -191,7 +192,7 @@ def run_shard(ns: argparse.Namespace, workdir: Path, values: Values, console: Co
         time.sleep(ns.settle)
         assert srv.data_dir is not None
         parts = procstat.rss_parts(srv.pid)
-        return {"store": "shardstate shard" + (" (raw Batch)" if ns.raw else ""), "sessions": ns.sessions, "load_s": round(took, 1),
+        return {"store": "shardstate shard" + (" (raw Batch)" if ns.raw else "") + (f" {ns.shard_args}" if ns.shard_args else ""), "sessions": ns.sessions, "load_s": round(took, 1),
                 "load_rate": round(ns.sessions / took), "rss_before_bytes": rss0,
                 "rss_bytes": parts["rss"], "rss_anon_bytes": parts["anon"], "rss_file_bytes": parts["file"],
                 "disk_bytes": procstat.dir_bytes(srv.data_dir)}
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                         "library's puts each leave a 10-minute idempotency record, which this leaves out)")
     p.add_argument("--settle", type=float, default=SETTLE_S,
                    help=f"seconds to wait after loading the shard before reading sizes (default {SETTLE_S:g})")
+    p.add_argument("--shard-args", default="", help='extra flags for the shard, e.g. "--block-cache-mib 16"')
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ns = p.parse_args(argv)
     if ns.sessions < 1 or ns.batch < 1 or ns.inflight < 1 or not 1 <= ns.value_size <= 1 << 20:

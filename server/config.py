@@ -24,6 +24,11 @@ class ShardConfig(Limits, Observability):
     compression: str = opt("none", "LevelDB block compression: none, or snappy (smaller files for compressible values such as JSON, more CPU per write and compaction; set it when the store is created or later, both read back)")
     fsync: bool = opt(False, "sync every write to disk (survives power loss; writes are group-committed). Off: a killed process loses nothing, a power cut may")
     compaction_nice: int = opt(10, "nice value (0-19) of LevelDB's flush and compaction thread: above 0 that work yields the CPU to requests when both want it, so a flush or compaction does not stall the writes around it; LevelDB still slows writes down itself when compaction falls behind. 0 = same priority as requests")
+    block_cache_mib: int = opt(64, "LevelDB's block cache, MiB: table blocks read recently, kept uncompressed (a read of a cached block touches no file)")
+    write_buffer_mib: int = opt(32, "LevelDB's memtable, MiB (each process draws its size within +-25%% of it); a full one is flushed to a level-0 file while the next fills, so up to two are in memory")
+    max_open_files: int = opt(1000, "LevelDB table files kept open; each holds its index and bloom filter in memory (a read of a table not open opens it first)")
+    session_cache: int = opt(20_000, "sessions whose metadata and encoded names the shard keeps in memory (reads of other sessions read LevelDB)")
+    record_cache: int = opt(16_384, "values of up to 4 KiB the shard keeps in memory after reading or writing them")
     changelog_retention: int = opt(100_000, "change-log entries kept for replicas, watches and migration")
     changelog_retention_s: int = opt(3600, "oldest change-log entry age kept, seconds")
     idempotency_window_s: int = opt(600, "how long a request_id's response is kept for retries")
@@ -45,5 +50,10 @@ class ShardConfig(Limits, Observability):
             raise InvalidArgumentError("--min-replica-acks cannot be negative")
         if not 0 <= self.compaction_nice <= 19:
             raise InvalidArgumentError(f"--compaction-nice must be 0..19 (a nice value), got {self.compaction_nice}")
+        for name in ("block_cache_mib", "write_buffer_mib", "max_open_files", "session_cache", "record_cache"):
+            low = 0 if name in ("session_cache", "record_cache") else (64 if name == "max_open_files" else 1)
+            if getattr(self, name) < low:
+                flag = "--" + name.replace("_", "-")
+                raise InvalidArgumentError(f"{flag} must be at least {low}, got {getattr(self, name)}")
         if self.compression not in COMPRESSIONS:
             raise InvalidArgumentError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")

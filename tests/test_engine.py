@@ -814,3 +814,32 @@ def test_write_buffer_sizes_spread_around_the_mean() -> None:
     assert all(0.75 * WRITE_BUFFER_MEAN <= s < 1.25 * WRITE_BUFFER_MEAN for s in sizes)
     assert len(set(sizes)) == 50
     assert min(sizes) < 0.85 * WRITE_BUFFER_MEAN and max(sizes) > 1.15 * WRITE_BUFFER_MEAN
+
+
+@pytest.mark.parametrize("sessions, records", [(50, 20), (0, 0)])
+def test_caches_stay_within_their_configured_sizes(tmp_path: Path, sessions: int, records: int) -> None:
+    """--session-cache and --record-cache bound what the shard holds in memory however many
+    sessions it serves; every value still reads back (from LevelDB past the caches)."""
+    h = Harness(tmp_path / "db", session_cache=sessions, record_cache=records)
+    try:
+        versions = []
+        for i in range(300):
+            versions.append(h.put(f"c-{i}", "k", b"v%d" % i).version)
+            assert h.e.store.cached()[0] <= sessions and h.e.store.cached()[1] <= records
+        for i in range(300):
+            got = h.get(f"c-{i}", "k")
+            assert got.found and got.record.value == b"v%d" % i and got.record.version == versions[i]
+        metas, recs = h.e.store.cached()
+        assert metas <= sessions and recs <= records
+        assert len(h.e._refs) <= sessions
+        assert not h.put("c-7", "k", b"late", expected_version=versions[6]).applied
+        again = h.put("c-7", "k", b"again", expected_version=versions[7])  # CAS on LevelDB's copy
+        assert again.applied and h.get("c-7", "k").record.version == again.version > versions[7]
+    finally:
+        h.close()
+
+
+def test_cache_sizes_are_validated() -> None:
+    for flag, bad in (("block_cache_mib", 0), ("max_open_files", 10), ("session_cache", -1)):
+        with pytest.raises(InvalidArgumentError, match=f"--{flag.replace('_', '-')} must be at least"):
+            ShardConfig(id="s1", **{flag: bad}).validate()

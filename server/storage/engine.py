@@ -45,7 +45,7 @@ from . import encoding as enc
 from .context import WriteContext, node_write
 from .locks import SessionLocks
 from .revision import wall_ms
-from .store import Store
+from .store import MB, CacheSizes, Store
 from .validation import SessionRef, session_ref
 from .values import unpack_u64
 
@@ -54,7 +54,6 @@ R = TypeVar("R")
 SWEEP_BATCH = 500
 IDEMPOTENCY_RESCAN_MS = 60_000  # the idempotency collector reads its index from the start this often
 TRIM_CHUNK = 1000  # change-log entries deleted per WriteBatch by the sweeper (~1 ms each)
-REF_CACHE_SIZE = 100_000
 
 
 class Engine:
@@ -66,7 +65,12 @@ class Engine:
         self.limits = config
         self.shard_id = config.id
         self.store = Store(config.data_dir, config, fsync=config.fsync, compression=config.compression,
-                           background_nice=config.compaction_nice)
+                           background_nice=config.compaction_nice, sizes=CacheSizes(
+                               block_cache_bytes=config.block_cache_mib * MB,
+                               write_buffer_bytes=config.write_buffer_mib * MB,
+                               max_open_files=config.max_open_files,
+                               metas=config.session_cache, records=config.record_cache))
+        self._ref_cap = config.session_cache
         self._locks = SessionLocks() if self.store.group_commit else None
         self._window_ms = int(config.idempotency_window_s * 1000)
         self.retention_hold: Callable[[], int] | None = None
@@ -97,9 +101,10 @@ class Engine:
         ref = refs.get((namespace, session_id))
         if ref is None:
             ref = session_ref(namespace, session_id, self.limits)
-            if len(refs) >= REF_CACHE_SIZE:
+            if len(refs) >= self._ref_cap:
                 refs.clear()
-            refs[(namespace, session_id)] = ref
+            if self._ref_cap:
+                refs[(namespace, session_id)] = ref
         return ref
 
     # ---- reads: no locks, one DB read plus the (cached) session meta ----

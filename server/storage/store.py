@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import plyvel
@@ -24,7 +25,7 @@ from .revision import RevisionClock
 from .values import unpack_u64
 
 COMPACTED_KEY = enc.node_key("compacted")
-META_CACHE_SIZE = 100_000
+META_CACHE_SIZE = 20_000
 # Recently written or read records (d| keys): a CAS reads its record first, and a LevelDB get
 # cost more than the rest of the read. Bounded: at most this many, each at most this big.
 RECORD_CACHE_SIZE = 16_384
@@ -49,9 +50,21 @@ WRITE_BUFFER_MEAN = 32 * MB
 WRITE_BUFFER_JITTER = 0.25
 
 
-def write_buffer_size(rng: random.Random | None = None) -> int:
+def write_buffer_size(rng: random.Random | None = None, mean: int = WRITE_BUFFER_MEAN) -> int:
     r = (rng or random).random()
-    return int(WRITE_BUFFER_MEAN * (1 - WRITE_BUFFER_JITTER + 2 * WRITE_BUFFER_JITTER * r))
+    return int(mean * (1 - WRITE_BUFFER_JITTER + 2 * WRITE_BUFFER_JITTER * r))
+
+
+@dataclass(frozen=True)
+class CacheSizes:
+    """What the store keeps in memory: LevelDB's block cache, memtable and open tables, and the
+    store's own meta and record caches (ShardConfig's --block-cache-mib and the rest)."""
+
+    block_cache_bytes: int = 64 * MB
+    write_buffer_bytes: int = WRITE_BUFFER_MEAN
+    max_open_files: int = 1000
+    metas: int = META_CACHE_SIZE
+    records: int = RECORD_CACHE_SIZE
 
 
 LEGACY_MOVE_CHUNK = 1000
@@ -79,17 +92,19 @@ def move_legacy_changes(db: Any) -> int:
 
 class Store:
     def __init__(self, path: str, limits: Limits, *, fsync: bool = False, compression: str = "none",
-                 background_nice: int = 0) -> None:
+                 background_nice: int = 0, sizes: CacheSizes = CacheSizes()) -> None:
         # LevelDB records each block's compression, so a store written with either setting
         # opens with the other; only new blocks follow the current one.
         self.db: Any = plyvel.DB(
-            path, create_if_missing=True, write_buffer_size=write_buffer_size(),
-            lru_cache_size=64 * MB, bloom_filter_bits=10, block_size=BLOCK_SIZE,
+            path, create_if_missing=True, write_buffer_size=write_buffer_size(mean=sizes.write_buffer_bytes),
+            lru_cache_size=sizes.block_cache_bytes, max_open_files=sizes.max_open_files,
+            bloom_filter_bits=10, block_size=BLOCK_SIZE,
             compression=None if compression == "none" else compression,
         )
         cpu.start_leveldb_background(self.db, background_nice)
         self.path = path
         self.limits = limits
+        self.sizes = sizes
         self.fsync = fsync
         move_legacy_changes(self.db)
         last = unpack_u64(self.db.get(REVISION_KEY))
@@ -120,11 +135,17 @@ class Store:
             pass
         raw = self.db.get(mkey)
         meta = types_pb2.SessionInfo.FromString(raw) if raw is not None else None
-        if len(self._meta) >= META_CACHE_SIZE:
-            for k in list(self._meta)[: META_CACHE_SIZE // 10]:
-                del self._meta[k]
-        self._meta[mkey] = meta
+        self._cache_meta(mkey, meta)
         return meta
+
+    def _cache_meta(self, mkey: bytes, meta: types_pb2.SessionInfo | None) -> None:
+        metas, cap = self._meta, self.sizes.metas
+        if len(metas) >= cap and mkey not in metas:
+            if not cap:
+                return
+            for k in list(metas)[: cap // 10 or 1]:  # the oldest tenth (dicts keep insertion order)
+                del metas[k]
+        metas[mkey] = meta
 
     def live_meta(self, mkey: bytes, now: int) -> types_pb2.SessionInfo | None:
         """The session's meta, or None when it does not exist or has expired."""
@@ -132,6 +153,10 @@ class Store:
         if meta is None or (meta.expires_at_ms and meta.expires_at_ms <= now):
             return None
         return meta
+
+    def cached(self) -> tuple[int, int]:
+        """(session metas, records) held in memory now."""
+        return len(self._meta), len(self._records)
 
     def meta_cached(self, mkey: bytes) -> bool:
         return mkey in self._meta
@@ -167,8 +192,11 @@ class Store:
         if raw is not None and len(raw) > RECORD_CACHE_MAX_BYTES:
             records.pop(dkey, None)
             return
-        if len(records) >= RECORD_CACHE_SIZE:
-            for k in list(records)[: RECORD_CACHE_SIZE // 10]:
+        cap = self.sizes.records
+        if len(records) >= cap:
+            if not cap:
+                return
+            for k in list(records)[: cap // 10 or 1]:
                 del records[k]
         records[dkey] = raw
 
@@ -218,7 +246,7 @@ class Store:
         if self.tail is not None:
             self.tail.add(p)
         for mkey, meta in p.metas.items():
-            self._meta[mkey] = meta
+            self._cache_meta(mkey, meta)
         if p.records is None:
             self._records.clear()
         else:
