@@ -8,6 +8,7 @@ multiplexed over one Pipeline stream per address (shardstate.pipeline).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ from shardstate.channels import (
     parse_addresses,
 )
 from shardstate.client import DEFAULT_TIMEOUT_S, VIEW_TIMEOUT_S
-from shardstate.common import errors
+from shardstate.common import errors, tls
 from shardstate.common.clustermap import ClusterView
 from shardstate.common.errors import ConflictError, ShardstateError, UnimplementedError
 from shardstate.common.records import Change, Entry, Record, SessionInfo
@@ -69,10 +70,14 @@ class AsyncClient:
         batch_hold_s: float = HOLD_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
         options: Sequence[tuple[str, Any]] = (),
         version_cache: int = 256,
         direct: bool = False,
     ) -> None:
+        credentials = tls.client_credentials(credentials, ca_file, cert_file, key_file, direct)
         pool = AddressPool(parse_addresses(addresses))
         self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
         self._fetching: asyncio.Future[None] | None = None  # direct mode: the map fetch under way

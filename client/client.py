@@ -6,6 +6,7 @@ with blocking gRPC calls.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from types import TracebackType
@@ -19,7 +20,7 @@ from shardstate.channels import (
     SyncChannels,
     parse_addresses,
 )
-from shardstate.common import errors
+from shardstate.common import errors, tls
 from shardstate.common.clustermap import ClusterView
 from shardstate.common.errors import ShardstateError
 from shardstate.common.records import Change, Entry, Record, SessionInfo
@@ -50,7 +51,11 @@ class Client:
 
     `retry`: the policy for UNAVAILABLE / DEADLINE_EXCEEDED (every mutation carries one
     request_id for all its attempts, so retries never apply twice). `timeout`: the default
-    deadline of each call in seconds (None: none), overridable per call."""
+    deadline of each call in seconds (None: none), overridable per call.
+
+    TLS: `ca_file` (PEM of the CA to trust; without it the system's roots), and for direct
+    mode, whose shards require a client certificate, `cert_file` and `key_file`; or any
+    `credentials=` of your own. The files are read once, here."""
 
     def __init__(
         self,
@@ -61,10 +66,14 @@ class Client:
         retry: Retry | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
         options: Sequence[tuple[str, Any]] = (),
         version_cache: int = 256,
         direct: bool = False,
     ) -> None:
+        credentials = tls.client_credentials(credentials, ca_file, cert_file, key_file, direct)
         pool = AddressPool(parse_addresses(addresses))
         self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
         self._channels = SyncChannels(channel_options(max_message_bytes, options), credentials)

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from shardstate.common.config import MiB, opt
 from shardstate.common.errors import InvalidArgumentError
 from shardstate.common.obsconfig import Observability
+from shardstate.common.tlsconfig import TlsConfig
 
 
 @dataclass
-class RouterConfig(Observability):
+class RouterConfig(Observability, TlsConfig):
     """One router process: holds only the cluster map."""
 
     listen: str = opt("127.0.0.1:7400", "host:port to serve on; port 0 picks a free one")
@@ -32,3 +33,4 @@ class RouterConfig(Observability):
             raise InvalidArgumentError("give --seeds ADDR[,ADDR...] or --cluster FILE")
         if self.max_hops < 1:
             raise InvalidArgumentError("--max-hops must be at least 1")
+        self.validate_tls()

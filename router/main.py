@@ -17,7 +17,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate.common import config, errors, eventloop, jsonlog, portfile, promexport, tracing
+from shardstate.common import config, errors, eventloop, jsonlog, portfile, promexport, tls, tracing
 from shardstate.common.grpcserve import register_servicer
 from shardstate.common.jsonlog import fields
 from shardstate.common.metrics import Registry
@@ -57,7 +57,9 @@ class Router:
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
         ])
-        self.port = self.server.add_insecure_port(cfg.listen)
+        # TLS on: plain TLS for the router's clients (no client certificate asked for); its
+        # own channels to the shards present its (cluster) certificate.
+        self.port = tls.add_port(self.server, cfg.listen, cfg.tls_files(), require_client_auth=False)
         host = cfg.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
         self.serving = False
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     cfg = config.from_args(RouterConfig, ns)
     jsonlog.setup(component="router")
+    tls.use(cfg.tls_files())
     try:
         cfg.validate()
         eventloop.run(serve(cfg))

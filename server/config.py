@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from shardstate.common.config import Limits, opt
 from shardstate.common.errors import InvalidArgumentError
 from shardstate.common.obsconfig import Observability
+from shardstate.common.tlsconfig import TlsConfig
 
 COMPRESSIONS = ("none", "snappy")
 
 
 @dataclass
-class ShardConfig(Limits, Observability):
+class ShardConfig(Limits, Observability, TlsConfig):
     """One shard process (a primary, or a replica with --replica-of)."""
 
     id: str = opt("", "shard id (required); placement hashes ids, never addresses")
@@ -57,3 +58,4 @@ class ShardConfig(Limits, Observability):
                 raise InvalidArgumentError(f"{flag} must be at least {low}, got {getattr(self, name)}")
         if self.compression not in COMPRESSIONS:
             raise InvalidArgumentError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+        self.validate_tls()

@@ -24,7 +24,7 @@ from typing import Any, Self
 
 import grpc
 
-from shardstate.common import portfile
+from shardstate.common import portfile, tls
 from shardstate.common.supervision import PR_SET_PDEATHSIG
 
 READY_TIMEOUT_S = 60.0
@@ -36,17 +36,24 @@ def shardstate_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "shardstate.server.cli", *args]
 
 
-def healthy(address: str, service: str = "", timeout: float = 2.0) -> bool:
-    """True when `address` answers grpc.health.v1 Check(service) with SERVING."""
+def healthy(address: str, service: str = "", timeout: float = 2.0,
+            files: tls.TlsFiles | None = tls.PROCESS) -> bool:
+    """True when `address` answers grpc.health.v1 Check(service) with SERVING (over TLS with
+    `files`; default: this process's TLS setting)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    with tls.channel(address, tls=files) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                         timeout=timeout)
         except grpc.RpcError:
             return False
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def tls_args(files: tls.TlsFiles) -> list[str]:
+    """The flags that start a node with `files`."""
+    return ["--tls-ca", files.ca, "--tls-cert", files.cert, "--tls-key", files.key]
 
 
 def _find_prctl() -> Any:
@@ -81,10 +88,12 @@ class Node:
     """One shard or router child process: `start()`, `wait_ready()`, then its `address`.
 
     A restart (`start()` again) reuses the port it had, so a cluster map naming it stays valid.
+    With `tls` it is started with those files (--tls-ca/--tls-cert/--tls-key) and probed with them.
     """
 
     def __init__(self, kind: str, args: Sequence[str], *, port_file: Path, log_path: Path, name: str = "",
-                 port: int = 0, env: Mapping[str, str] | None = None, own_group: bool = False) -> None:
+                 port: int = 0, env: Mapping[str, str] | None = None, own_group: bool = False,
+                 tls_files: tls.TlsFiles | None = None) -> None:
         self.kind = kind  # "shard" or "router"
         self.args = list(args)
         self.port_file = port_file
@@ -95,6 +104,7 @@ class Node:
         self.own_group = own_group  # a terminal's Ctrl-C then reaches only the starter
         self.popen: subprocess.Popen[bytes] | None = None
         self.data_dir: Path | None = None  # where it keeps its data, when the starter says
+        self.tls = tls_files
 
     @property
     def address(self) -> str:
@@ -115,7 +125,9 @@ class Node:
     def command(self, listen: str, extra: Sequence[str] = ()) -> list[str]:
         """What `start()` runs; a subclass may run another server that keeps the same contract
         (--listen, --port-file, grpc.health.v1)."""
-        return shardstate_cmd(self.kind, "--listen", listen, "--port-file", str(self.port_file), *self.args, *extra)
+        files = tls_args(self.tls) if self.tls is not None else []
+        return shardstate_cmd(self.kind, "--listen", listen, "--port-file", str(self.port_file), *files,
+                              *self.args, *extra)
 
     @property
     def returncode(self) -> int | None:
@@ -143,13 +155,13 @@ class Node:
         if port is None:
             return False
         self.port = port
-        return healthy(self.address)
+        return healthy(self.address, files=self.tls)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         wait_all([self], timeout)
 
     def healthy(self, service: str = "") -> bool:
-        return healthy(self.address, service)
+        return healthy(self.address, service, files=self.tls)
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -228,6 +240,7 @@ class Dev:
         self.lines: list[str] = []
         self._line = threading.Condition()
         self._eof = False
+        self.tls: tls.TlsFiles | None = None  # with --tls: the CA and client certificate dev made
         cmd = shardstate_cmd("dev", "--port", str(port), "--data-dir", str(data), *extra)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.err_path, "ab") as err:
@@ -268,7 +281,8 @@ class Dev:
                 self._line.wait(min(left, 0.5))
             line = next(line for line in self.lines if line.startswith("router: "))
         self.address = line.split(" ", 1)[1].strip()
-        while not healthy(self.address):
+        self.tls = self.client_tls()
+        while not healthy(self.address, files=self.tls):
             if time.monotonic() > deadline or not self.alive():
                 raise RuntimeError(f"shardstate dev's router {self.address} is not healthy:\n{self.log_tail()}")
             time.sleep(POLL_S)
@@ -277,6 +291,14 @@ class Dev:
     def state(self) -> dict[str, Any]:
         """DATA/dev.json: {"pid", "router", "nodes": {name: {"pid", "address", "kind"}}}."""
         return dict(json.loads((self.data / "dev.json").read_text()))
+
+    def client_tls(self) -> tls.TlsFiles | None:
+        """With `dev --tls`: the files a client of this cluster needs (dev.json's "tls")."""
+        try:
+            t = self.state().get("tls")
+        except FileNotFoundError:
+            return None
+        return tls.TlsFiles(ca=t["ca"], cert=t["client_cert"], key=t["client_key"]) if t else None
 
     def node_pids(self) -> dict[str, int]:
         try:

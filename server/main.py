@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate.common import config, eventloop, jsonlog, portfile, promexport, tracing
+from shardstate.common import config, eventloop, jsonlog, portfile, promexport, tls, tracing
 from shardstate.common.clustermap import load_cluster_file
 from shardstate.common.errors import RECEIVE_SLACK_BYTES, InvalidArgumentError
 from shardstate.common.supervision import (
@@ -35,6 +35,7 @@ from . import handlers, opmetrics
 from .admin import AdminService
 from .migration import Migrations
 from .node import Node
+from .nodegate import NodeGate
 from .replication import Replication
 from .replication.manager import ADDRESS_META
 from .service import StateService
@@ -59,7 +60,9 @@ def advertised(listen: str, port: int) -> str:
 
 
 def make_server(cfg: ShardConfig) -> grpc.aio.Server:
-    return grpc.aio.server(options=[
+    # TLS on: node-to-node calls need a cluster certificate (server/nodegate.py).
+    interceptors = [NodeGate(cfg.tls_node_name)] if cfg.tls_files() is not None else []
+    return grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", cfg.max_request_bytes + RECEIVE_SLACK_BYTES),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share it
@@ -91,7 +94,8 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
         node.adopt(load_cluster_file(cfg.cluster))
     server = make_server(cfg)
     try:
-        port = server.add_insecure_port(cfg.listen)
+        # mTLS: every caller (router, peer shard, direct-mode client) presents a certificate of the CA.
+        port = tls.add_port(server, cfg.listen, cfg.tls_files(), require_client_auth=True)
     except RuntimeError as e:
         raise StartupError(f"cannot listen on {cfg.listen}: {e}") from e
     if not port:
@@ -198,6 +202,7 @@ def main(argv: list[str]) -> int:
         print(f"shardstate shard: {e.message}", file=sys.stderr)
         return 2
     jsonlog.setup(component="shard", shard_id=cfg.id)
+    tls.use(cfg.tls_files())  # this shard's channels to its peers present its certificate
     try:
         return eventloop.run(serve(cfg))
     except DirectoryInUse as e:

@@ -60,14 +60,14 @@ class Backend(Protocol):
         """What a report should say about how this store was driven (client, call pattern)."""
 
 
-def make_backend(kind: str, address: str, concurrency: int, step_impl: str = "auto") -> Backend:
+def make_backend(kind: str, address: str, concurrency: int, step_impl: str = "auto", tls: Any = None) -> Backend:
     """`kind` is shardstate, shardstate-direct, redis or etcd; `address` is host:port of the
-    router / server."""
+    router / server; `tls` (shardstate only) the client's TlsFiles."""
     impl = resolve_step_impl(kind, step_impl)
     if kind in ("shardstate", "shardstate-direct"):
         from shardstate.bench.shardstate_backend import ShardstateBackend
 
-        return ShardstateBackend(address, impl, direct=kind == "shardstate-direct")
+        return ShardstateBackend(address, impl, direct=kind == "shardstate-direct", tls=tls)
     if kind == "redis":
         from shardstate.bench.redis_backend import RedisBackend
 

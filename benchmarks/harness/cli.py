@@ -15,7 +15,8 @@ from shardstate.bench import report
 from shardstate.bench.backends import STEP_IMPLS
 from shardstate.bench.runner import RunConfig, result_ok, run
 from shardstate.bench.workloads import MIXED, WORKLOADS
-from shardstate.common import eventloop
+from shardstate.common import config, eventloop
+from shardstate.common.tlsconfig import TlsFlags
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no live progress display")
     p.add_argument("--cpu-pid", action="append", default=[], metavar="NAME=PID",
                    help="also report this process's CPU seconds over the window (repeatable)")
+    config.add_arguments(p, TlsFlags)  # --tls-ca (and --tls-cert/--tls-key for --direct) for a TLS cluster
     return p
 
 
@@ -83,7 +85,7 @@ def config_from(ns: argparse.Namespace) -> RunConfig:
         backend=("shardstate-direct" if ns.direct else "shardstate") if kind == "router" else kind, address=addr, workload=ns.workload,
         sessions=ns.sessions, concurrency=ns.concurrency, duration=ns.duration, warmup=ns.warmup,
         value_size=ns.value_size, zipf=ns.zipf, seed=ns.seed, step_impl=ns.step_impl,
-        load=not ns.no_load, cpu_pids=pids,
+        load=not ns.no_load, cpu_pids=pids, tls=config.from_args(TlsFlags, ns).tls_files(),
     )
 
 

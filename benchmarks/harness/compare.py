@@ -29,6 +29,7 @@ from rich.table import Table
 from shardstate.bench import procstat, report, servers
 from shardstate.bench.backends import BACKENDS
 from shardstate.bench.workloads import WORKLOADS
+from shardstate.common.tls import TlsFiles
 from shardstate.server import launch
 
 REPO = Path(__file__).resolve().parent.parent.parent  # only meaningful in a source checkout
@@ -165,7 +166,7 @@ def start_store(store: str, workdir: Path, dev_args: Sequence[str]) -> tuple[ser
 
 
 def bench_cmd(store: str, pattern: str, address: str, ns: argparse.Namespace, pids: dict[str, int],
-              json_path: Path) -> list[str]:
+              json_path: Path, tls_files: TlsFiles | None = None) -> list[str]:
     flag = "--router" if store.startswith(BASELINE) else f"--{store}"
     cmd = [*launch.shardstate_cmd(), "bench", flag, address,
            "--workload", ns.workload, "--sessions", str(ns.sessions), "--concurrency", str(ns.concurrency),
@@ -174,6 +175,8 @@ def bench_cmd(store: str, pattern: str, address: str, ns: argparse.Namespace, pi
            "--json", str(json_path)]
     if store == DIRECT:
         cmd.append("--direct")
+    if tls_files is not None:  # a dev cluster started with --dev-arg=--tls
+        cmd += launch.tls_args(tls_files)
     for name, pid in pids.items():
         cmd += ["--cpu-pid", f"{name}={pid}"]
     if ns.quiet:
@@ -209,7 +212,7 @@ def run_store(store: str, pattern: str, ns: argparse.Namespace, workdir: Path, o
         console.print(f"compare: {version} at {srv.address} ({len(pids)} process(es), "
                       f"started in {time.monotonic() - t0:.1f} s)")
         json_path = out / f"{name}.json"
-        cmd = bench_cmd(store, pattern, srv.address, ns, pids, json_path)
+        cmd = bench_cmd(store, pattern, srv.address, ns, pids, json_path, getattr(srv, "tls", None))
         with open(out / f"{name}.txt", "wb") as table_out:
             child = subprocess.Popen(cmd, stdout=table_out, stdin=subprocess.DEVNULL)
             rc = child.wait(timeout=ns.warmup + ns.duration + BENCH_EXTRA_S)

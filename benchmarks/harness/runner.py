@@ -24,6 +24,7 @@ from shardstate.bench import procstat
 from shardstate.bench.backends import make_backend, resolve_step_impl
 from shardstate.bench.stats import CONFLICT, ERROR, Recorder
 from shardstate.bench.workloads import SessionPicker, Values, make_op, session_ids
+from shardstate.common.tls import TlsFiles
 
 DRAIN_TIMEOUT_S = 30.0
 ERROR_BACKOFF_S = 0.01  # after an error, so a dead server does not turn into a hot loop
@@ -44,6 +45,7 @@ class RunConfig:
     step_impl: str = "auto"  # see backends.STEP_IMPLS
     load: bool = True
     cpu_pids: dict[str, int] = field(default_factory=dict)  # name -> pid, CPU sampled over the window
+    tls: TlsFiles | None = None  # shardstate with TLS: the client's CA (and certificate, for direct mode)
 
 
 @dataclass
@@ -59,7 +61,7 @@ async def run(cfg: RunConfig, console: Console | None = None, live: bool = True)
     ids = session_ids(cfg.sessions)
     picker = SessionPicker(ids, cfg.zipf, rng)
     values = Values(cfg.value_size, rng)
-    backend = make_backend(cfg.backend, cfg.address, cfg.concurrency, cfg.step_impl)
+    backend = make_backend(cfg.backend, cfg.address, cfg.concurrency, cfg.step_impl, cfg.tls)
     op = make_op(cfg.workload, backend, values, rng)
     rec = Recorder()
     phase = Phase()

@@ -15,17 +15,20 @@ from typing import Any
 
 from shardstate import AsyncClient, AsyncSession, ConflictError
 from shardstate.bench.backends import CACHED_ATTEMPTS, LOAD_PARALLELISM, LOG_STREAM, STATE_KEY
+from shardstate.common.tls import TlsFiles
 
 
 class ShardstateBackend:
     name = "shardstate"
 
-    def __init__(self, address: str, step_impl: str = "cached", direct: bool = False) -> None:
+    def __init__(self, address: str, step_impl: str = "cached", direct: bool = False,
+                 tls: TlsFiles | None = None) -> None:
         self.address = address
         self.step_impl = step_impl
         self.direct = direct
         self.name = "shardstate-direct" if direct else "shardstate"
-        self.client = AsyncClient(address, direct=direct)
+        files = tls or TlsFiles()
+        self.client = AsyncClient(address, direct=direct, ca_file=files.ca, cert_file=files.cert, key_file=files.key)
         self._handles: dict[str, AsyncSession] = {}
         self._stats: dict[str, Any] = {}
         if step_impl == "cached":

@@ -15,11 +15,11 @@ from collections.abc import Callable
 import grpc
 from google.protobuf import json_format
 
-from shardstate.common import errors
+from shardstate.common import errors, tls
 from shardstate.server.cli import backup as backup_cli
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
-from . import rebalance, status
+from . import rebalance, status, tlsopts
 from .status import STATE, console
 
 TIMEOUT_S = 30.0
@@ -80,6 +80,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="shardstate admin", description="Cluster administration through a router.")
     p.add_argument("--router", default=os.environ.get("SHARDSTATE_ROUTER", DEFAULT_ROUTER),
                    help=f"router address [env SHARDSTATE_ROUTER; default {DEFAULT_ROUTER}]")
+    tlsopts.add(p)
     sub = p.add_subparsers(dest="command", required=True)
     for name, (_, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_)
@@ -94,7 +95,9 @@ def main(argv: list[str]) -> int:
         backup_cli.add_arguments(name, sp)
     args = p.parse_args(argv)
     fn = COMMANDS[args.command][0]
-    with grpc.insecure_channel(args.router) as ch:
+    if not tlsopts.use("admin", args):
+        return 2
+    with tls.channel(args.router) as ch:
         try:
             return fn(admin_pb2_grpc.AdminStub(ch), args)
         except grpc.RpcError as e:

@@ -31,7 +31,7 @@ from typing import IO, Any
 import grpc
 from google.protobuf import json_format
 
-from shardstate.common import errors
+from shardstate.common import errors, tls
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 FORMAT = "shardstate-backup"
@@ -407,7 +407,7 @@ def open_checked(path: Path, progress: Any = None) -> Backup:
 def restore_into(router: str, backup: Backup) -> list[admin_pb2.RestoreResponse]:
     """`restore` through a channel of its own (for `shardstate dev --restore`)."""
     try:
-        with grpc.insecure_channel(router) as ch:
+        with tls.channel(router) as ch:
             return restore(admin_pb2_grpc.AdminStub(ch), backup, router)
     except grpc.RpcError as e:
         err = errors.from_rpc_error(e)

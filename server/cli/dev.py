@@ -4,7 +4,8 @@ router), started in order, health-checked, and stopped gracefully together.
 Layout of the data directory:  DATA/s1 ... (LevelDB per shard), DATA/s1-r1 ... (replicas),
 DATA/logs/<node>.log, DATA/run/<node>.port, DATA/dev.json (pids and addresses while running),
 DATA/dev.lock (held by the running dev, with its pid: a second dev on DATA is refused and
-touches nothing). Children get SIGTERM when dev dies, however it dies (supervision.py).
+touches nothing), DATA/tls/ with --tls (a throwaway CA, one certificate per node, a client
+certificate: server/cli/devtls.py; kept across restarts). Children get SIGTERM when dev dies, however it dies (supervision.py).
 Ports: router at --port, shard i at --port+i, replica r of shard i at --port+r*N+i, so a
 restart keeps every address; with --port 0 free ports are picked and, on a restart, the map
 the shards persisted is re-published with the new addresses (same shard ids: no data moves).
@@ -31,7 +32,7 @@ from typing import IO, Any
 
 import grpc
 
-from shardstate.common import errors
+from shardstate.common import errors, tls
 from shardstate.common.supervision import (
     SUPERVISOR_ENV,
     DirectoryInUse,
@@ -40,6 +41,8 @@ from shardstate.common.supervision import (
     lock_holder,
 )
 from shardstate.server import launch
+
+from .devtls import DevCerts
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -61,10 +64,10 @@ class NodeSpec:
 class DevNode(launch.Node):
     """A started child of dev, with the spec it was started from."""
 
-    def __init__(self, spec: NodeSpec, data: Path) -> None:
+    def __init__(self, spec: NodeSpec, data: Path, tls_files: tls.TlsFiles | None = None) -> None:
         super().__init__(spec.kind, spec.args, port_file=data / "run" / f"{spec.name}.port",
                          log_path=data / "logs" / f"{spec.name}.log", name=spec.name, port=spec.port,
-                         env={SUPERVISOR_ENV: str(os.getpid())}, own_group=True)
+                         env={SUPERVISOR_ENV: str(os.getpid())}, own_group=True, tls_files=tls_files)
         self.spec = spec
 
 
@@ -115,10 +118,15 @@ def existing_shards(data: Path) -> set[str]:
 
 
 class DevCluster:
-    def __init__(self, data: Path, console: Any) -> None:
+    def __init__(self, data: Path, console: Any, with_tls: bool = False) -> None:
         self.data = data
         self.console = console
         self.nodes: dict[str, DevNode] = {}
+        self.certs: DevCerts | None = None
+        if with_tls:
+            self.certs = DevCerts(data / "tls")
+            # dev's own calls (re-publishing the map, add-shard, restore) go as a node's would.
+            tls.use(self.certs.node("router"))
         (data / "logs").mkdir(parents=True, exist_ok=True)
         (data / "run").mkdir(parents=True, exist_ok=True)
 
@@ -133,7 +141,7 @@ class DevCluster:
         if spec.kind == "router":
             extra += ["--seeds", ",".join(seeds)]
         extra += ["--metrics-port", str(spec.port + METRICS_OFFSET if spec.port else 0)]
-        node = DevNode(spec, self.data)  # fixed ports: the address is known now
+        node = DevNode(spec, self.data, self.certs.node(spec.name) if self.certs else None)
         self.nodes[spec.name] = node
         return node.start(wait=False, extra=extra)
 
@@ -151,7 +159,7 @@ class DevCluster:
         shards = [n for n in self.nodes.values() if n.spec.kind == "shard"]
         maps = []
         for n in shards:
-            with grpc.insecure_channel(n.address) as ch:
+            with tls.channel(n.address) as ch:
                 maps.append(admin_pb2_grpc.AdminStub(ch).GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=10))
         best = max(maps, key=lambda m: m.epoch)
         if best.epoch == 0:
@@ -180,7 +188,7 @@ class DevCluster:
         for n in shards:
             if n.spec.shard_id not in members:
                 continue  # a shard being added stays fresh: add-shard gives it the map
-            with grpc.insecure_channel(n.address) as ch:
+            with tls.channel(n.address) as ch:
                 admin_pb2_grpc.AdminStub(ch).PublishClusterMap(pb, timeout=10)
         self.console.print(f"  [yellow]↻[/] addresses changed: cluster map re-published at epoch {pb.epoch}")
 
@@ -191,7 +199,7 @@ class DevCluster:
 
         from .rebalance import follow
 
-        with grpc.insecure_channel(router) as ch:
+        with tls.channel(router) as ch:
             stub = admin_pb2_grpc.AdminStub(ch)
             for sid in adding:
                 reps = [n.address for n in self.nodes.values() if n.spec.replica_of == sid]
@@ -209,13 +217,22 @@ class DevCluster:
                     self.nodes.pop(name).stop()
                     shutil.rmtree(self.data / name, ignore_errors=True)
 
+    def client_tls(self) -> tls.TlsFiles | None:
+        """With --tls: the CA and the client certificate to give a client (direct mode needs the
+        certificate; through a router the CA is enough)."""
+        return self.certs.client() if self.certs else None
+
     def write_state(self, router: str) -> None:
-        state = {
+        state: dict[str, Any] = {
             "pid": os.getpid(), "router": router,
             "nodes": {n.spec.name: {"pid": n.pid, "address": n.address, "kind": n.spec.kind,
-                                    "metrics": n.metrics_address()}
+                                    "metrics": n.metrics_address(),
+                                    **({"tls_cert": n.tls.cert, "tls_key": n.tls.key} if n.tls else {})}
                       for n in self.nodes.values()},
         }
+        client = self.client_tls()
+        if client is not None:
+            state["tls"] = {"ca": client.ca, "client_cert": client.cert, "client_key": client.key}
         tmp = self.data / "dev.json.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.data / "dev.json")
@@ -274,6 +291,11 @@ def main(argv: list[str]) -> int:
                    default=os.environ.get("SHARDSTATE_DEV_REPLICA_PRIORITY", "background"),
                    help="CPU priority of the replicas: background (Linux SCHED_IDLE: they catch up on "
                         "CPU the primaries and the router leave idle) or normal [default background]")
+    p.add_argument("--tls", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get("SHARDSTATE_DEV_TLS", "") in ("1", "true", "yes", "on"),
+                   help="TLS everywhere: make a throwaway CA and certificates under DATA/tls (kept across "
+                        "restarts) and start every node with them; routers serve TLS, shards require "
+                        "client certificates [env SHARDSTATE_DEV_TLS]")
     p.add_argument("--restore", metavar="BACKUP", default=None,
                    help="start a new cluster (empty --data-dir) holding a backup: a directory or tar "
                         "file written by `shardstate admin backup`")
@@ -322,7 +344,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
 
-    cluster = DevCluster(data, console)
+    cluster = DevCluster(data, console, a.tls)
     console.print(f"[bold]shardstate dev[/]: {a.shards} shards, {a.replicas} replicas each, data in {data}")
     try:
         stages = plan(start_shards, a.replicas, a.port, data, a.replica_priority == "background")
@@ -371,7 +393,15 @@ def main(argv: list[str]) -> int:
             return 1
         console.print(f"restored {a.restore}")
     cluster.write_state(router)
+    client = cluster.client_tls()
+    if client is not None:
+        # Before the router line: a starter that waits for that line has these already.
+        print(f"tls-ca: {client.ca}\ntls-client-cert: {client.cert}\ntls-client-key: {client.key}", flush=True)
     print(f"router: {router}", flush=True)
+    if client is not None:
+        console.print(f"TLS on: give a client the CA, e.g. Client({router!r}, ca_file={client.ca!r}) or "
+                      f"shardstate get --router {router} --tls-ca {client.ca} SESSION KEY; direct mode "
+                      f"also needs cert_file={client.cert!r}, key_file={client.key!r}")
     for n in cluster.nodes.values():
         console.print(f"  metrics {n.spec.name:<8} http://{n.metrics_address()}/metrics")
     console.print("Ctrl-C stops the cluster; logs in " + str(data / "logs"))

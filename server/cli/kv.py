@@ -14,8 +14,10 @@ from typing import Any
 
 import grpc
 
-from shardstate.common import errors
+from shardstate.common import errors, tls
 from shardstate.v1 import state_pb2, state_pb2_grpc
+
+from . import tlsopts
 
 TIMEOUT_S = 30.0
 DEFAULT_ROUTER = "127.0.0.1:7400"
@@ -26,11 +28,14 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--router", default=os.environ.get("SHARDSTATE_ROUTER", DEFAULT_ROUTER),
                    help=f"router address [env SHARDSTATE_ROUTER; default {DEFAULT_ROUTER}]")
     p.add_argument("--namespace", "-n", default="", help="namespace (default: 'default')")
+    tlsopts.add(p)
     return p
 
 
-def _run(router: str, fn: Callable[[state_pb2_grpc.StateStub], int]) -> int:
-    with grpc.insecure_channel(router) as ch:
+def _run(prog: str, a: argparse.Namespace, fn: Callable[[state_pb2_grpc.StateStub], int]) -> int:
+    if not tlsopts.use(prog, a):
+        return 2
+    with tls.channel(a.router) as ch:
         try:
             return fn(state_pb2_grpc.StateStub(ch))
         except grpc.RpcError as e:
@@ -64,7 +69,7 @@ def get_main(argv: list[str]) -> int:
         _out(resp.record.value)
         return 0
 
-    return _run(a.router, call)
+    return _run("get", a, call)
 
 
 def put_main(argv: list[str]) -> int:
@@ -92,7 +97,7 @@ def put_main(argv: list[str]) -> int:
         print(resp.version)
         return 0
 
-    return _run(a.router, call)
+    return _run("put", a, call)
 
 
 def _sessions(st: state_pb2_grpc.StateStub, ns: str, prefix: str) -> Iterator[Any]:
@@ -154,4 +159,4 @@ def ls_main(argv: list[str]) -> int:
         print(f"{len(rows)} {'sessions' if a.session is None else 'keys'}")
         return 0
 
-    return _run(a.router, call)
+    return _run("ls", a, call)

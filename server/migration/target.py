@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import grpc
 from grpc import aio
 
-from shardstate.common import errors
+from shardstate.common import errors, tls
 from shardstate.common.rebalance import Move
 from shardstate.common.transport import channel_options
 from shardstate.v1 import admin_pb2, replication_pb2
@@ -127,7 +127,7 @@ class Puller:
                 self.error = f"shard {self.source} is not in the cluster map"
                 await asyncio.sleep(1.0)
                 continue
-            channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = tls.aio_channel(address, CHANNEL_OPTIONS)
             try:
                 await self._stream(channel)
                 backoff = BACKOFF_MIN_S

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc import aio
 
-from shardstate.common import errors, tracing
+from shardstate.common import errors, tls, tracing
 from shardstate.common.transport import channel_options
 from shardstate.v1 import replication_pb2
 
@@ -117,7 +117,7 @@ class Follower:
                     if channel is not None:
                         await channel.close()
                     target = self.target
-                    channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+                    channel = tls.aio_channel(target, CHANNEL_OPTIONS)
                 try:
                     await self._stream(channel)
                     backoff = BACKOFF_MIN_S

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 import grpc
 from grpc import aio
 
-from shardstate.common import mapswap
+from shardstate.common import mapswap, tls
 from shardstate.common.clustermap import node_addresses
 from shardstate.common.errors import ShardstateError
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
@@ -55,7 +55,7 @@ class MapSync:
     def stub(self, address: str) -> admin_pb2_grpc.AdminStub:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = aio.insecure_channel(address)
+            ch = self._channels[address] = tls.aio_channel(address)
         return admin_pb2_grpc.AdminStub(ch)
 
     def peers(self, extra: Iterable[str] = ()) -> list[str]:
