@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER_SIDE = ("shardstate.server", "shardstate.router", "shardstate.bench")
 # Third-party modules only the server side (the `server` and `bench` extras) installs.
 SERVER_DEPS = ("plyvel", "uvloop", "rich", "grpc_health", "grpc_reflection", "redis", "matplotlib",
-               "prometheus_client")
+               "prometheus_client", "cryptography")
 # What `pip install shardstate` (no extras) installs, by distribution name.
 CLIENT_REQUIREMENTS = {"grpcio", "grpcio-status", "protobuf", "uhashring"}
 

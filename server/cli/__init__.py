@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 # a third-party module a subcommand needs -> the extra that installs it
 EXTRAS = {"plyvel": "server", "uvloop": "server", "rich": "server", "grpc_health": "server",
-          "grpc_reflection": "server", "redis": "bench", "matplotlib": "bench"}
+          "grpc_reflection": "server", "cryptography": "server", "redis": "bench", "matplotlib": "bench"}
 
 
 def usage() -> str:
