@@ -209,6 +209,18 @@ def test_the_cli_takes_tls_flags_and_environment(cluster: Cluster) -> None:
     assert len(nodes) == 5 and all(n.get("up") for n in nodes)  # the router's Status calls to every shard
 
 
+def test_the_bench_harness_loads_a_tls_cluster_in_direct_mode(cluster: Cluster, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = subprocess.run(launch.shardstate_cmd(
+        "bench", "--router", cluster.router, "--direct", *launch.tls_args(cluster.client_files),
+        "--sessions", "20", "--concurrency", "2", "--duration", "1", "--warmup", "0.2", "--value-size", "32",
+        "--quiet", "--json", str(out)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(out.read_text())
+    assert result["completed"] > 0 and result["errors"] == 0, result.get("error_samples")
+    assert result["config"]["tls"]["ca"] == cluster.ca
+
+
 # ---- node-to-node calls ----
 
 def test_node_to_node_calls_need_a_cluster_certificate(cluster: Cluster, other_ca: tls.TlsFiles) -> None:
