@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shlex
 import socket
 import ssl
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +44,7 @@ from shardstate.v1 import (
 from tests.devcluster import Dev, cli
 
 TIMEOUT_S = 30.0
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 class Cluster:
@@ -219,6 +223,25 @@ def test_the_bench_harness_loads_a_tls_cluster_in_direct_mode(cluster: Cluster, 
     result = json.loads(out.read_text())
     assert result["completed"] > 0 and result["errors"] == 0, result.get("error_samples")
     assert result["config"]["tls"]["ca"] == cluster.ca
+
+
+def test_the_readme_tls_examples_run_as_written(cluster: Cluster) -> None:
+    text = README.read_text()
+    section = text[text.index("\n## TLS\n"):]
+    section = section[: section.index("\n## ", 5)]
+    shell, python = re.findall(r"```(?:sh|python)\n(.*?)```", section, flags=re.S)
+
+    def local(code: str) -> str:
+        return code.replace("127.0.0.1:7400", cluster.router).replace(".shardstate/tls/", f"{cluster.tls_dir}/")
+
+    cmd = " ".join(shlex.quote(a) for a in launch.shardstate_cmd())
+    lines = [ln for ln in shell.splitlines() if ln.strip() and not ln.startswith("shardstate dev")]
+    script = "set -e\n" + "\n".join(local(ln).replace("shardstate ", f"{cmd} ", 1) for ln in lines)
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "hello" in r.stdout and "router" in r.stdout
+    r = subprocess.run([sys.executable, "-c", local(python)], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (0, "b'hello'\n"), r.stderr
 
 
 # ---- node-to-node calls ----

@@ -1,5 +1,6 @@
 """The `client_or_address` argument of the asyncio adapters: an AsyncClient to share, or an
-address (or addresses) for which the adapter makes an AsyncClient of its own and closes it."""
+address (or addresses) for which the adapter makes an AsyncClient of its own (default options,
+plaintext: for TLS pass an AsyncClient made with ca_file=) and closes it."""
 
 from __future__ import annotations
 
