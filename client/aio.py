@@ -78,7 +78,7 @@ class AsyncClient:
         direct: bool = False,
     ) -> None:
         credentials = tls.client_credentials(credentials, ca_file, cert_file, key_file, direct)
-        pool = AddressPool(parse_addresses(addresses))
+        pool = AddressPool(parse_addresses(addresses), tls=credentials is not None)
         self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
         self._fetching: asyncio.Future[None] | None = None  # direct mode: the map fetch under way
         self._channels = AsyncChannels(channel_options(max_message_bytes, options), credentials)

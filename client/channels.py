@@ -32,6 +32,7 @@ CLOSED = "the client is closed; calls after close() need a new client"
 _CONNECT_FAILED = "failed to connect"
 _REFUSED = "Connection refused"
 _BACKING_OFF = ("FD Shutdown", "handshaker shutdown")
+_CLOSED = "Socket closed"  # among others, what a TLS server does to a plaintext connection
 
 
 def parse_addresses(addresses: str | Iterable[str]) -> tuple[str, ...]:
@@ -56,8 +57,9 @@ def parse_addresses(addresses: str | Iterable[str]) -> tuple[str, ...]:
 class AddressPool:
     """Round-robin over addresses, skipping those marked down until their time is up."""
 
-    def __init__(self, addresses: Sequence[str], down_for: float = DOWN_FOR_S) -> None:
+    def __init__(self, addresses: Sequence[str], down_for: float = DOWN_FOR_S, tls: bool = False) -> None:
         self.addresses = tuple(addresses)
+        self.tls = tls  # the client connects with TLS credentials
         self.down_for = down_for
         self._counter = itertools.count()  # next() on a count is atomic under the GIL
         self._down_until: dict[str, float] = {}
@@ -75,6 +77,8 @@ class AddressPool:
             reason = "connection refused (is a router or shard listening there?)"
         else:
             reason = msg.split("last error: ", 1)[-1]
+            if not self.tls and reason.endswith(_CLOSED):
+                reason += " (if the cluster serves TLS, give the client ca_file=)"
         out = UnavailableError(f"cannot connect to {address}: {reason}")
         out.__cause__ = exc
         return out

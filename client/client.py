@@ -74,7 +74,7 @@ class Client:
         direct: bool = False,
     ) -> None:
         credentials = tls.client_credentials(credentials, ca_file, cert_file, key_file, direct)
-        pool = AddressPool(parse_addresses(addresses))
+        pool = AddressPool(parse_addresses(addresses), tls=credentials is not None)
         self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
         self._channels = SyncChannels(channel_options(max_message_bytes, options), credentials)
 

@@ -172,7 +172,7 @@ def test_direct_mode_with_tls_needs_a_client_certificate(cluster: Cluster) -> No
 
 
 def test_a_plaintext_client_cannot_connect(cluster: Cluster) -> None:
-    with Client(cluster.router, timeout=5) as c, pytest.raises(UnavailableError):
+    with Client(cluster.router, timeout=5) as c, pytest.raises(UnavailableError, match="give the client ca_file="):
         c.session("plain").get("k")
     with grpc.insecure_channel(cluster.address("s1")) as ch:
         err = rpc_error(lambda: state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(session_id="x", key="k"),
