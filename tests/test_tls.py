@@ -327,6 +327,29 @@ def test_a_replaced_certificate_is_served_without_a_restart(cluster: Cluster) ->
         assert all(c.session(f"after-reload-{i}").get("k").value == b"x" for i in range(10))
 
 
+def test_a_shard_added_over_tls_takes_its_share(cluster: Cluster, tmp_path: Path) -> None:
+    """Rebalancing's node-to-node calls (SwapClusterMap, Follow filtered for the move, Fence,
+    MigrationStatus) all pass the cluster-certificate gate."""
+    with Client(cluster.router, ca_file=cluster.ca) as c:
+        for i in range(40):
+            c.session(f"moving-{i}").put("k", b"m%d" % i)
+    files = devtls.DevCerts(cluster.tls_dir).node("s3")
+    s3 = launch.Node("shard", ["--id", "s3", "--data-dir", str(tmp_path / "s3")], port_file=tmp_path / "s3.port",
+                     log_path=tmp_path / "s3.log", tls_files=files)
+    try:
+        s3.start()
+        r = cli("admin", "--router", cluster.router, "--tls-ca", cluster.ca, "add-shard", "s3", s3.address)
+        assert r.returncode == 0, r.stdout + r.stderr + s3.log_tail()
+        with tls.channel(cluster.router, tls=tls.TlsFiles(ca=cluster.ca)) as ch:
+            st = state_pb2_grpc.StateStub(ch)
+            got = [st.Get(state_pb2.GetRequest(session_id=f"moving-{i}", key="k"), timeout=TIMEOUT_S)
+                   for i in range(40)]
+        assert [g.record.value for g in got] == [b"m%d" % i for i in range(40)]
+        assert "s3" in {g.header.shard_id for g in got}
+    finally:
+        s3.stop()
+
+
 # ---- no cluster needed ----
 
 def test_node_only_methods() -> None:
@@ -380,3 +403,20 @@ def test_the_reloader_waits_for_a_matching_pair(pki: tls.TlsFiles, tmp_path: Pat
     Path(files.key).write_bytes(fresh.key)
     assert reload() is not None and reload.reloads == 1
     assert reload() is None
+
+
+def test_channel_credentials_follow_the_files_and_keep_the_last_good_pair(pki: tls.TlsFiles, tmp_path: Path) -> None:
+    files = tls.TlsFiles(str(tmp_path / "ca.pem"), str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    for src, dst in zip(pki.paths, files.paths, strict=True):
+        Path(dst).write_bytes(Path(src).read_bytes())
+    first = files.channel_credentials()
+    assert files.channel_credentials() is first  # unchanged files: the same credentials
+    ca = devtls.Issued(Path(pki.ca).read_bytes(), (Path(pki.ca).parent / "ca-key.pem").read_bytes())
+    fresh = devtls.issue(ca, "n1")
+    Path(files.cert).write_bytes(fresh.cert)
+    assert files.channel_credentials() is first  # a certificate beside the old key: not yet
+    Path(files.key).write_bytes(fresh.key)
+    second = files.channel_credentials()
+    assert second is not first
+    Path(files.key).unlink()
+    assert files.channel_credentials() is second  # a file gone mid-replace: the last good pair

@@ -157,15 +157,22 @@ _creds: dict[TlsFiles, tuple[Stamp, grpc.ChannelCredentials]] = {}
 
 
 def _channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
-    try:
-        stamp = files.stamp()
-    except OSError as e:
-        raise InvalidArgumentError(f"TLS file unreadable: {e}") from None
+    """Credentials from the files as they are now; while they are being replaced (a file gone,
+    a certificate beside the old key) the last good ones, if this process has any."""
     with _creds_lock:
         hit = _creds.get(files)
+    try:
+        stamp = files.stamp()
         if hit is not None and hit[0] == stamp:
             return hit[1]
-    ca, cert, key = files.read()
+        files.validate()
+        ca, cert, key = files.read()
+    except (OSError, InvalidArgumentError) as e:
+        if hit is not None:
+            return hit[1]
+        if isinstance(e, InvalidArgumentError):
+            raise
+        raise InvalidArgumentError(f"TLS file unreadable: {e}") from None
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     with _creds_lock:
         _creds[files] = (stamp, creds)
