@@ -21,6 +21,7 @@ from shardstate.batch import Batch
 from shardstate.channels import (
     AddressPool,
     AsyncChannels,
+    client_token,
     parse_addresses,
 )
 from shardstate.client import DEFAULT_TIMEOUT_S, VIEW_TIMEOUT_S
@@ -76,12 +77,14 @@ class AsyncClient:
         options: Sequence[tuple[str, Any]] = (),
         version_cache: int = 256,
         direct: bool = False,
+        token: str | None = None,
     ) -> None:
         credentials = tls.client_credentials(credentials, ca_file, cert_file, key_file, direct)
         pool = AddressPool(parse_addresses(addresses), tls=credentials is not None)
         self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
         self._fetching: asyncio.Future[None] | None = None  # direct mode: the map fetch under way
-        self._channels = AsyncChannels(channel_options(max_message_bytes, options), credentials)
+        self._channels = AsyncChannels(channel_options(max_message_bytes, options), credentials,
+                                      client_token(token))
         self._max_batch_ops = max_batch_ops
         self._mux = (Mux(self._channels.stub, self._pipeline, max_batch_ops, self._core.timeout,
                          self._cluster_view, codec.timeout(batch_hold_s, "batch_hold_s") or HOLD_S)

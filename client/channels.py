@@ -7,6 +7,7 @@ spread round-robin, and an address that failed with UNAVAILABLE skipped for a wh
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -16,6 +17,8 @@ import grpc
 import grpc.aio
 
 from shardstate.common import tracing
+from shardstate.common.auth import CLIENT_TOKEN_ENV
+from shardstate.common.authwire import with_token
 from shardstate.common.errors import (
     ClientClosedError,
     InvalidArgumentError,
@@ -112,13 +115,22 @@ class AddressPool:
         return any(a != address and self.is_up(a) for a in self.addresses)
 
 
+def client_token(token: str | None) -> str | None:
+    """The token a client sends: `token`, else SHARDSTATE_TOKEN, else none."""
+    if token is not None and not isinstance(token, str):
+        raise InvalidArgumentError(f"token must be a str, got {type(token).__name__}")
+    return token or os.environ.get(CLIENT_TOKEN_ENV) or None
+
+
 class SyncChannels:
-    """One `grpc.Channel` and State stub per address, made on first use."""
+    """One `grpc.Channel` and State stub per address, made on first use; with a token, every
+    call on them sends it (`authorization: Bearer ...`)."""
 
     def __init__(self, options: list[tuple[str, Any]],
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None) -> None:
         self._options = options
         self._credentials = credentials
+        self._token = token
         self._stubs: dict[str, state_pb2_grpc.StateStub] = {}
         self._by_address: dict[str, grpc.Channel] = {}
         self._channels: list[grpc.Channel] = []
@@ -141,6 +153,7 @@ class SyncChannels:
                     traced = tracing.client_interceptors()
                     if traced:
                         ch = grpc.intercept_channel(ch, *traced)
+                    ch = with_token(ch, self._token)
                     self._by_address[address] = ch
         return ch
 
@@ -161,12 +174,14 @@ class SyncChannels:
 
 
 class AsyncChannels:
-    """One `grpc.aio.Channel` and State stub per address, made on first use (inside the loop)."""
+    """One `grpc.aio.Channel` and State stub per address, made on first use (inside the loop);
+    with a token, every call and stream on them sends it."""
 
     def __init__(self, options: list[tuple[str, Any]],
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None) -> None:
         self._options = options
         self._credentials = credentials
+        self._token = token
         self._stubs: dict[str, state_pb2_grpc.StateStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.closed = False
@@ -182,6 +197,7 @@ class AsyncChannels:
                                              interceptors=traced)
             else:
                 ch = grpc.aio.insecure_channel(address, options=self._options, interceptors=traced)
+            ch = with_token(ch, self._token)
             self._channels[address] = ch
         return ch
 

@@ -18,6 +18,7 @@ from shardstate.batch import Batch
 from shardstate.channels import (
     AddressPool,
     SyncChannels,
+    client_token,
     parse_addresses,
 )
 from shardstate.common import errors, tls
@@ -51,7 +52,9 @@ class Client:
 
     `retry`: the policy for UNAVAILABLE / DEADLINE_EXCEEDED (every mutation carries one
     request_id for all its attempts, so retries never apply twice). `timeout`: the default
-    deadline of each call in seconds (None: none), overridable per call.
+    deadline of each call in seconds (None: none), overridable per call. `token`: sent as
+    `authorization: Bearer TOKEN` with every call, direct ones included (default:
+    SHARDSTATE_TOKEN; none when unset).
 
     TLS: `ca_file` (PEM of the CA to trust; without it the system's roots), and for direct
     mode, whose shards require a client certificate, `cert_file` and `key_file`; or any
@@ -72,11 +75,13 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
         version_cache: int = 256,
         direct: bool = False,
+        token: str | None = None,
     ) -> None:
         credentials = tls.client_credentials(credentials, ca_file, cert_file, key_file, direct)
         pool = AddressPool(parse_addresses(addresses), tls=credentials is not None)
         self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
-        self._channels = SyncChannels(channel_options(max_message_bytes, options), credentials)
+        self._channels = SyncChannels(channel_options(max_message_bytes, options), credentials,
+                                      client_token(token))
 
     # ---- public surface ----
 

@@ -14,11 +14,12 @@ from typing import Any
 import grpc
 
 from shardstate.common import errors
+from shardstate.common.auth import OP_FIELD_NAME, OP_FIELD_ROLE, Gate
 from shardstate.common.clustermap import ClusterView
 from shardstate.router.forward import Forwarder, Route
 from shardstate.router.replicas import from_replicas, replica_reads
 from shardstate.router.shardlink import ShardLinks, SubBatchError, expire_at
-from shardstate.router.wire import RawBatchResponse, error_result, op_session, redirect_of
+from shardstate.router.wire import RawBatchResponse, error_result, op_target, redirect_of
 from shardstate.v1 import state_pb2, types_pb2
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -44,20 +45,36 @@ def split(
     return groups, empty
 
 
-def sessions_of(ops: Sequence[bytes], results: list[bytes | None]) -> tuple[list[tuple[str, str] | None], set[int]]:
+def sessions_of(ops: Sequence[bytes], results: list[bytes | None],
+                gate: Gate | None = None) -> tuple[list[tuple[str, str] | None], set[int]]:
     """Each op's (namespace, session_id) (None: no op set), checked at the edge: an op that
     does not parse or names a session in bad UTF-8 gets its INVALID_ARGUMENT result here and
     is never sent, so it cannot fail the shard message it would share with other callers' ops.
+    With a `gate` (auth on), an op whose namespace or role the caller's token does not grant,
+    or over its namespace's ops/s, gets that error the same way, alone.
     Returns the sessions and the indexes of those bad ops."""
     sessions: list[tuple[str, str] | None] = []
     bad: set[int] = set()
     for i, op in enumerate(ops):
         try:
-            sessions.append(op_session(op, i))
+            target = op_target(op, i)
         except errors.InvalidArgumentError as e:
             sessions.append(None)
             bad.add(i)
             results[i] = error_result(INVALID_ARGUMENT, e.message)
+            continue
+        if target is None:
+            sessions.append(None)
+            continue
+        ns, sid, field = target
+        if gate is not None:
+            err = gate.op(ns, OP_FIELD_ROLE[field], f"ops[{i}] {OP_FIELD_NAME[field]}")
+            if err is not None:
+                sessions.append(None)
+                bad.add(i)
+                results[i] = limit_result(err)
+                continue
+        sessions.append((ns, sid))
     return sessions, bad
 
 
@@ -118,14 +135,16 @@ class BatchRunner:
         if n > self.max_batch_ops:
             raise errors.LimitExceededError.of("max_batch_ops", self.max_batch_ops, n, "ops in the batch")
 
-    async def run(self, ops: Sequence[bytes], deadline: float, replicas: bool = True) -> bytes:
-        """Encoded BatchResponse for encoded ops."""
+    async def run(self, ops: Sequence[bytes], deadline: float, replicas: bool = True, gate: Gate | None = None) -> bytes:
+        """Encoded BatchResponse for encoded ops; `gate`: the caller's token, checked per op."""
         self.check(len(ops))
         results: list[bytes | None] = [None] * len(ops)
-        sessions, bad = sessions_of(ops, results)
+        sessions, bad = sessions_of(ops, results, gate)
         # EVENTUAL / min_revision reads go to replicas meanwhile (router/replicas.py).
         view0 = self.fwd.maps.view
         relaxed = replica_reads(view0, ops, self.fwd.replicas) if replicas and any(s.replicas for s in view0.pb.shards) else {}
+        if bad and relaxed:
+            relaxed = {i: a for i, a in relaxed.items() if i not in bad}
         on_replicas = asyncio.ensure_future(from_replicas(self.links, self.fwd.replicas, ops, relaxed, deadline)) if relaxed else None
         pending = [i for i in range(len(ops)) if i not in relaxed and i not in bad]
         headers: dict[str, bytes] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardstate.common.authconfig import AuthOptions
 from shardstate.common.config import MiB, opt
 from shardstate.common.errors import InvalidArgumentError
 from shardstate.common.obsconfig import Observability
@@ -11,7 +12,7 @@ from shardstate.common.tlsconfig import TlsConfig
 
 
 @dataclass
-class RouterConfig(Observability, TlsConfig):
+class RouterConfig(Observability, TlsConfig, AuthOptions):
     """One router process: holds only the cluster map."""
 
     listen: str = opt("127.0.0.1:7400", "host:port to serve on; port 0 picks a free one")

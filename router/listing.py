@@ -20,6 +20,7 @@ import grpc
 from grpc import aio
 
 from shardstate.common import errors
+from shardstate.common.auth import READ, Gate
 from shardstate.common.pagetoken import Cursor, decode_token, encode_token
 from shardstate.router.forward import Forwarder, Relay, unavailable
 from shardstate.v1 import admin_pb2, state_pb2, types_pb2
@@ -66,8 +67,10 @@ class Lister:
         self.fwd = fwd
         self.node = node
 
-    async def list(self, request: bytes, context: object) -> bytes:
+    async def list(self, request: bytes, context: object, gate: Gate | None = None) -> bytes:
         req = state_pb2.ListSessionsRequest.FromString(request)
+        if gate is not None:
+            gate.call(req.namespace, READ, "ListSessions")
         cursor = decode_token(req.page_token)
         limit = min(req.limit or DEFAULT_PAGE, MAX_PAGE)
         deadline = self.fwd.deadline(context)

@@ -17,7 +17,18 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate.common import config, errors, eventloop, jsonlog, portfile, promexport, tls, tracing
+from shardstate.common import (
+    auth,
+    authwire,
+    config,
+    errors,
+    eventloop,
+    jsonlog,
+    portfile,
+    promexport,
+    tls,
+    tracing,
+)
 from shardstate.common.grpcserve import register_servicer
 from shardstate.common.jsonlog import fields
 from shardstate.common.metrics import Registry
@@ -43,6 +54,8 @@ class Router:
 
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
+        self.auth, cluster_token = auth.from_config(cfg.auth_file, cfg.cluster_token_file)
+        authwire.set_cluster_token(cluster_token)  # sent to every node (router/nodes.py)
         self.nodes = NodePool()
         seeds = [s.strip() for s in cfg.seeds.split(",") if s.strip()]
         self.maps = MapHolder(self.nodes, seeds, cfg.cluster, cfg.refresh_interval_s)
@@ -52,7 +65,7 @@ class Router:
         self.fwd = Forwarder(self.maps, self.nodes, cfg.max_hops, cfg.forward_timeout_s,
                              links=self.links if cfg.shard_pipeline else None)
         self.health = health.aio.HealthServicer()
-        self.server = aio.server(options=[
+        self.server = aio.server(interceptors=authwire.server_interceptors(self.auth, node=False), options=[
             ("grpc.max_receive_message_length", cfg.max_request_bytes + errors.RECEIVE_SLACK_BYTES),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
@@ -67,7 +80,7 @@ class Router:
         calls = RouterMetrics(self.metrics)
         self.state = StateService(
             self.fwd, runner, Lister(self.fwd, self.address), WatchProxy(self.fwd),
-            PipelineHandler(runner, calls), calls,
+            PipelineHandler(runner, calls, self.auth), calls, self.auth,
         )
         self.admin = RouterAdmin(self.maps, self.nodes, self.address, self.metrics, lambda: self.serving)
         self.server.add_generic_rpc_handlers((self.state.handler(),))
@@ -90,7 +103,7 @@ class Router:
         await self.server.start()
         cfg = self.cfg
         metrics = await promexport.start_for(self.metrics, cfg.metrics_port, cfg.metrics_host, cfg.port_file)
-        log.info("router listening", extra=fields(address=self.address))
+        log.info("router listening", extra=fields(address=self.address, auth=self.auth is not None))
         boot = asyncio.ensure_future(self.maps.bootstrap())
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({boot, stopper}, return_when=asyncio.FIRST_COMPLETED)

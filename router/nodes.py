@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from shardstate.common import tls
+from shardstate.common import authwire, tls
 from shardstate.common.transport import channel_options
 from shardstate.v1 import admin_pb2_grpc, replication_pb2_grpc
 
@@ -37,7 +37,7 @@ class NodePool:
     def channel(self, address: str) -> aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = tls.aio_channel(address, CHANNEL_OPTIONS)
+            ch = authwire.node_channel(tls.aio_channel(address, CHANNEL_OPTIONS))
             self._channels[address] = ch
         return ch
 

@@ -18,6 +18,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from shardstate.common import errors
+from shardstate.common.auth import Authorizer
 from shardstate.common.protowire import last_varint
 from shardstate.router.batching import BatchRunner
 from shardstate.router.metrics import RouterMetrics
@@ -42,9 +43,10 @@ def response_bytes(rid: int, batch_response: bytes) -> bytes:
 
 
 class PipelineHandler:
-    def __init__(self, runner: BatchRunner, metrics: RouterMetrics) -> None:
+    def __init__(self, runner: BatchRunner, metrics: RouterMetrics, auth: Authorizer | None = None) -> None:
         self.runner = runner
         self.m = metrics
+        self.auth = auth
         self.draining = False
         self._readers: set[asyncio.Task[None]] = set()
 
@@ -55,14 +57,17 @@ class PipelineHandler:
         for r in list(self._readers):
             r.cancel()
 
-    async def one(self, req: Any) -> bytes:
+    async def one(self, req: Any, metadata: Any = None) -> bytes:
         deadline = asyncio.get_running_loop().time() + self.runner.fwd.default_timeout_s
         t0 = time.perf_counter()
         ops = list(req.batch.ops)
         self.m.calls.inc()
         self.m.batch_ops.observe(len(ops))
         try:
-            body = await self.runner.run(ops, deadline)
+            # Auth on: the token is looked up again for each message (a token removed from the
+            # file stops working on open streams too), each op checked on its own.
+            gate = self.auth.gate(metadata) if self.auth is not None else None
+            body = await self.runner.run(ops, deadline, gate=gate)
             self.m.done("Pipeline", t0)
         except Exception as e:
             self.m.failed("Pipeline", e, t0)
@@ -79,10 +84,11 @@ class PipelineHandler:
         slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
         ending: list[errors.ShardstateError] = []
+        metadata = context.invocation_metadata() if self.auth is not None else None
 
         async def run(req: Any) -> None:
             try:
-                out.put_nowait(await self.one(req))
+                out.put_nowait(await self.one(req, metadata))
             finally:
                 slots.release()
 

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from shardstate.common import errors, tracing
+from shardstate.common.auth import METHOD_ROLE, READ, Authorizer
 from shardstate.common.metrics import gauged
 from shardstate.router.batching import BatchRunner
 from shardstate.router.forward import Forwarder, fail
@@ -36,7 +37,8 @@ def _bad_message(method: str, e: Exception) -> errors.InvalidArgumentError:
 
 class StateService:
     def __init__(self, fwd: Forwarder, runner: BatchRunner, lister: Lister, watch: WatchProxy,
-                 pipeline: PipelineHandler, metrics: RouterMetrics) -> None:
+                 pipeline: PipelineHandler, metrics: RouterMetrics, auth: Authorizer | None = None) -> None:
+        self.auth = auth  # tokens on: each call's (each op's) namespace and role are checked here
         self.fwd = fwd
         self.runner = runner
         self.lister = lister
@@ -52,6 +54,8 @@ class StateService:
 
     def _session_call(self, method: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
         m = self.m
+        auth = self.auth
+        role = METHOD_ROLE[method]
         forward: Callable[[str, bytes, str, str, Any], Awaitable[bytes]] = self.fwd.unary
         if tracing.ON:  # chosen once: an untraced router runs no tracing code per call
             fwd = self.fwd
@@ -70,6 +74,8 @@ class StateService:
                     ns, sid = session_of(request)
                 except DecodeError as e:
                     raise _bad_message(method, e) from None
+                if auth is not None:
+                    auth.gate(context.invocation_metadata()).call(ns, role, method)
                 resp = await forward(method, request, ns, sid, context)
                 m.done(method, t0)
                 return resp
@@ -89,7 +95,8 @@ class StateService:
             except DecodeError as e:
                 raise _bad_message("Batch", e) from None
             self.m.batch_ops.observe(len(ops))
-            resp = await self.runner.run(ops, self.fwd.deadline(context))
+            gate = self.auth.gate(context.invocation_metadata()) if self.auth is not None else None
+            resp = await self.runner.run(ops, self.fwd.deadline(context), gate=gate)
             self.m.done("Batch", t0)
             return resp
         except Exception as e:
@@ -102,7 +109,8 @@ class StateService:
         t0 = time.perf_counter()
         try:
             try:
-                resp = await self.lister.list(request, context)
+                gate = self.auth.gate(context.invocation_metadata()) if self.auth is not None else None
+                resp = await self.lister.list(request, context, gate)
             except DecodeError as e:
                 raise _bad_message("ListSessions", e) from None
             self.m.done("ListSessions", t0)
@@ -116,9 +124,11 @@ class StateService:
         self.calls.inc()
         try:
             try:
-                session_of(request)
+                ns, _ = session_of(request)
             except DecodeError as e:
                 raise _bad_message("Watch", e) from None
+            if self.auth is not None:
+                self.auth.gate(context.invocation_metadata()).call(ns, READ, "Watch")
             async for resp in gauged(self.m.watches, self.watcher.watch(request, context)):
                 yield resp
         except Exception as e:

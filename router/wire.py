@@ -125,6 +125,12 @@ _OP_NAMES = {f"op{f.number}": f.name for f in state_pb2.BatchOp.DESCRIPTOR.field
 def op_session(op: bytes, i: int = 0) -> tuple[str, str] | None:
     """(namespace, session_id) of encoded BatchOp `ops[i]`, or None when no op is set.
     Raises InvalidArgumentError naming the op when it does not parse or a name is not UTF-8."""
+    target = op_target(op, i)
+    return None if target is None else (target[0], target[1])
+
+
+def op_target(op: bytes, i: int = 0) -> tuple[str, str, int] | None:
+    """op_session and the op's BatchOp field number (1 get ... 10 get_session)."""
     try:
         ref = OpRef.FromString(op)
     except DecodeError as e:
@@ -134,7 +140,7 @@ def op_session(op: bytes, i: int = 0) -> tuple[str, str] | None:
         return None
     inner = getattr(ref, name)
     try:
-        return utf8(inner.namespace, "namespace") or "default", utf8(inner.session_id, "session_id")
+        return utf8(inner.namespace, "namespace") or "default", utf8(inner.session_id, "session_id"), int(name[2:])
     except InvalidArgumentError as e:
         raise InvalidArgumentError(f"ops[{i}].{_OP_NAMES[name]}: {e.message}") from None
 

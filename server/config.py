@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardstate.common.authconfig import AuthOptions
 from shardstate.common.config import Limits, opt
 from shardstate.common.errors import InvalidArgumentError
 from shardstate.common.obsconfig import Observability
@@ -13,7 +14,7 @@ COMPRESSIONS = ("none", "snappy")
 
 
 @dataclass
-class ShardConfig(Limits, Observability, TlsConfig):
+class ShardConfig(Limits, Observability, TlsConfig, AuthOptions):
     """One shard process (a primary, or a replica with --replica-of)."""
 
     id: str = opt("", "shard id (required); placement hashes ids, never addresses")
@@ -39,6 +40,7 @@ class ShardConfig(Limits, Observability, TlsConfig):
     grace_s: float = opt(10.0, "graceful shutdown: time in-flight requests get to finish")
     port_file: str = opt("", "write the bound port to this file once serving (for tests and dev)")
     cluster: str = opt("", "cluster file (TOML) to adopt at start")
+    usage_poll_s: float = opt(1.0, "with namespace limits on sessions or bytes: how often a primary asks the other primaries what they hold of each limited namespace (a write is refused when this shard's exact figure plus theirs as last heard would pass the limit)")
     background_replica: bool = opt(False, "while this node is a replica, run its threads at the lowest CPU priority (Linux SCHED_IDLE): catching up uses only CPU the primaries and routers on the same machine leave idle (shardstate dev sets it). Replication lag grows while the machine is saturated (shown by admin status). A promotion returns the node to normal priority, which needs root, CAP_SYS_NICE or RLIMIT_NICE; without, it logs a warning and stays in the background until restarted")
 
     def validate(self) -> None:
@@ -47,6 +49,8 @@ class ShardConfig(Limits, Observability, TlsConfig):
             raise InvalidArgumentError("--id is required: the shard id the cluster map knows it by")
         if ":" not in self.listen:
             raise InvalidArgumentError(f"--listen must be HOST:PORT, got {self.listen!r}")
+        if self.usage_poll_s <= 0:
+            raise InvalidArgumentError(f"--usage-poll-s must be positive, got {self.usage_poll_s}")
         if self.min_replica_acks < 0:
             raise InvalidArgumentError("--min-replica-acks cannot be negative")
         if not 0 <= self.compaction_nice <= 19:

@@ -15,23 +15,53 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from shardstate.common import errors, grpcserve
+from shardstate.common.auth import OP_ROLE, Gate
 from shardstate.common.grpcserve import Malformed, diagnose
 from shardstate.common.protowire import WireError, read_fields
 from shardstate.v1 import state_pb2
 
-__all__ = ["Malformed", "Partial", "register", "split_batch"]
+__all__ = ["Malformed", "Partial", "authorized", "register", "split_batch"]
 
 
 class Partial:
     """A BatchRequest (or the batch of a PipelineRequest `id`) some of whose ops do not parse:
-    `batch` holds every op (an empty BatchOp in place of a bad one), `bad` each bad op's error."""
+    `batch` holds every op (an empty BatchOp in place of a bad one), `bad` each bad op's error
+    (also the ops `authorized` refuses)."""
 
     __slots__ = ("bad", "batch", "id")
 
-    def __init__(self, batch: state_pb2.BatchRequest, bad: dict[int, errors.InvalidArgumentError], id: int = 0) -> None:
+    def __init__(self, batch: state_pb2.BatchRequest, bad: dict[int, errors.ShardstateError], id: int = 0) -> None:
         self.batch = batch
         self.bad = bad
         self.id = id
+
+
+def authorized(gate: Gate, req: Any) -> Any:
+    """A BatchRequest, Partial or PipelineRequest with each op the caller may not run (its
+    namespace or role not granted, or over its namespace's ops/s) set aside as a bad op of a
+    `Partial`: it fails alone and the others run (docs/design.md §14). The cluster token (a
+    router's coalesced ops, checked at the router) passes as it is."""
+    if gate.cluster:
+        return req
+    rid = 0
+    if type(req) is Partial:
+        batch, bad, rid = req.batch, dict(req.bad), req.id
+    elif type(req) is state_pb2.PipelineRequest:
+        batch, bad, rid = req.batch, {}, req.id
+    else:
+        batch, bad = req, {}
+    for i, op in enumerate(batch.ops):
+        if i in bad:
+            continue
+        kind = op.WhichOneof("op")
+        if kind is None:
+            continue
+        err = gate.op(getattr(op, kind).namespace, OP_ROLE[kind], f"ops[{i}] {kind}")
+        if err is not None:
+            bad[i] = err
+    if not bad:
+        return req
+    return Partial(batch, bad, rid)
 
 
 _OP_DESC = state_pb2.BatchOp.DESCRIPTOR
@@ -55,7 +85,7 @@ def split_batch(data: bytes) -> Partial:
     """A BatchRequest that failed to parse whole, op by op (raises WireError when even its
     framing is broken)."""
     batch = state_pb2.BatchRequest()
-    bad: dict[int, errors.InvalidArgumentError] = {}
+    bad: dict[int, errors.ShardstateError] = {}
     for number, raw in read_fields(data):
         if number != 1:
             continue  # an unknown field, kept out of the way

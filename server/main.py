@@ -19,7 +19,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstate.common import config, eventloop, jsonlog, portfile, promexport, tls, tracing
+from shardstate.common import (
+    auth,
+    authwire,
+    config,
+    eventloop,
+    jsonlog,
+    portfile,
+    promexport,
+    tls,
+    tracing,
+)
 from shardstate.common.clustermap import load_cluster_file
 from shardstate.common.errors import RECEIVE_SLACK_BYTES, InvalidArgumentError
 from shardstate.common.supervision import (
@@ -36,6 +46,7 @@ from .admin import AdminService
 from .migration import Migrations
 from .node import Node
 from .nodegate import NodeGate
+from .quota import Quota
 from .replication import Replication
 from .replication.manager import ADDRESS_META
 from .service import StateService
@@ -59,10 +70,12 @@ def advertised(listen: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def make_server(cfg: ShardConfig) -> grpc.aio.Server:
-    # TLS on: node-to-node calls need a cluster certificate (server/nodegate.py).
+def make_server(cfg: ShardConfig, authorizer: auth.Authorizer | None = None) -> grpc.aio.Server:
+    # TLS on: node-to-node calls need a cluster certificate (server/nodegate.py); auth on:
+    # every call a token, node-to-node calls the cluster token (client/common/authwire.py).
     interceptors = [NodeGate(cfg.tls_node_name)] if cfg.tls_files() is not None else []
-    return grpc.aio.server(interceptors=interceptors, options=[
+    interceptors += authwire.server_interceptors(authorizer, node=True) or []
+    return grpc.aio.server(interceptors=interceptors or None, options=[
         ("grpc.max_receive_message_length", cfg.max_request_bytes + RECEIVE_SLACK_BYTES),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share it
@@ -89,10 +102,12 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
             tracing.setup(f"shardstate-shard-{cfg.id}")
         except ImportError as e:
             raise StartupError(str(e)) from None
+    authorizer, cluster_token = auth.from_config(cfg.auth_file, cfg.cluster_token_file)
+    authwire.set_cluster_token(cluster_token)  # node-to-node channels send it
     node = Node(cfg.id, engine)
     if cfg.cluster:
         node.adopt(load_cluster_file(cfg.cluster))
-    server = make_server(cfg)
+    server = make_server(cfg, authorizer)
     try:
         # mTLS: every caller (router, peer shard, direct-mode client) presents a certificate of the CA.
         port = tls.add_port(server, cfg.listen, cfg.tls_files(), require_client_auth=True)
@@ -101,8 +116,11 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
     if not port:
         raise StartupError(f"cannot listen on {cfg.listen}")
     node.address = advertised(cfg.listen, port)
-    state = StateService(engine, node)
+    state = StateService(engine, node, authorizer)
     handlers.register(server, STATE_SERVICE, state.behaviors())
+    quota = Quota(authorizer, node, engine, cfg.usage_poll_s) if authorizer is not None else None
+    if quota is not None:
+        quota.register(server)
     repl = Replication(cfg, node, engine, state)
     repl.register(server)
     moves = Migrations(cfg, node, engine, repl)
@@ -148,10 +166,12 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
     if cfg.port_file and not stop.is_set():
         portfile.write(cfg.port_file, port)
     sweeper = asyncio.create_task(engine.run_sweeper())
+    poller = asyncio.create_task(quota.run()) if quota is not None else None
     log.info("serving", extra={"fields": {
         "shard_id": cfg.id, "address": node.address, "port": port, "data_dir": cfg.data_dir,
         "revision": engine.revision(), "epoch": node.epoch, "fsync": cfg.fsync,
         "role": "replica" if node.is_replica else "primary", "primary": node.primary,
+        "auth": authorizer is not None,
     }})
     await stop.wait()
 
@@ -165,11 +185,15 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
     await server.stop(cfg.grace_s)
     if metrics is not None:
         await metrics.stop()
-    sweeper.cancel()
-    try:
-        await sweeper
-    except asyncio.CancelledError:
-        pass
+    for task in (sweeper, poller):
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+    if quota is not None:
+        await quota.close()
     tracing.shutdown()
     log.info("stopped", extra={"fields": {"revision": engine.revision()}})
     return 0

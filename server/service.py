@@ -13,12 +13,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from shardstate.common import auth as authz
 from shardstate.common import errors, pagetoken, tracing
 from shardstate.common.metrics import gauged
 from shardstate.v1 import state_pb2, types_pb2
 
 from . import tracerefs
-from .handlers import Partial
+from .handlers import Partial, authorized
 from .node import Node
 from .opmetrics import OpMetrics
 from .storage import validation
@@ -34,10 +35,22 @@ WRITE_KINDS = frozenset(("put", "delete", "increment", "append", "txn", "touch")
 BATCH_KINDS = ("get", "put", "delete", "increment", "append", "read_log", "txn", "scan", "touch", "get_session")
 
 
+# What each unary handler's op needs (auth on): method name for messages, role.
+OP_AUTH = {
+    "get": ("Get", authz.READ), "scan": ("Scan", authz.READ), "read_log": ("ReadLog", authz.READ),
+    "get_session": ("GetSession", authz.READ), "list_sessions": ("ListSessions", authz.READ),
+    "put": ("Put", authz.WRITE), "delete": ("Delete", authz.WRITE), "increment": ("Increment", authz.WRITE),
+    "txn": ("Txn", authz.WRITE), "append": ("Append", authz.WRITE), "trim_log": ("TrimLog", authz.WRITE),
+    "pop_last": ("PopLast", authz.WRITE), "touch": ("Touch", authz.WRITE),
+    "delete_session": ("DeleteSession", authz.WRITE),
+}
+
+
 class StateService:
-    def __init__(self, engine: Engine, node: Node) -> None:
+    def __init__(self, engine: Engine, node: Node, auth: authz.Authorizer | None = None) -> None:
         self.engine = engine
         self.node = node
+        self.auth = auth  # tokens on: every call's namespace and role are checked here
         self.draining = False
         self.streams: set[asyncio.Queue[Any]] = set()  # inboxes of open Pipelines
         m = node.metrics
@@ -256,7 +269,7 @@ class StateService:
     ) -> state_pb2.BatchResponse:
         """Run every op; `out` (e.g. a PipelineResponse's batch) is filled in place. A
         `Partial` request's bad ops each get their own INVALID_ARGUMENT result."""
-        bad: dict[int, errors.InvalidArgumentError] = {}
+        bad: dict[int, errors.ShardstateError] = {}
         if isinstance(req, Partial):
             bad = req.bad
             req = req.batch
@@ -303,7 +316,7 @@ class StateService:
                 await self.fence.hold(inner.namespace, inner.session_id)
 
     async def _run_grouped(self, req: state_pb2.BatchRequest, resp: state_pb2.BatchResponse,
-                           bad: dict[int, errors.InvalidArgumentError]) -> None:
+                           bad: dict[int, errors.ShardstateError]) -> None:
         """Ops in order; the writes of a run of ops on distinct sessions go to LevelDB as one
         WriteBatch (each op keeps its own revision, change-log entry and idempotency record).
         An op on a session already in the run closes the run first, so it sees those writes.
@@ -362,6 +375,8 @@ class StateService:
             kind = op.__name__
             opm = self.opm
             replicated = self.replicated
+            auth = self.auth
+            need = OP_AUTH.get(kind)
             if tracing.ON:  # chosen once: an untraced process runs no tracing code per call
                 op = tracing.traced(op, "shard storage write")
                 replicated = self._traced_replicated
@@ -374,6 +389,12 @@ class StateService:
                 t0 = time.perf_counter()
                 try:
                     before = self.engine.store.committed
+                    if auth is not None:
+                        gate = auth.gate(context.invocation_metadata())
+                        if need is not None:
+                            gate.call(req.namespace, need[1], need[0])
+                        else:  # Batch: each op on its own
+                            req = authorized(gate, req)
                     try:
                         resp = await op(req)
                     except Exception as e:

@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from shardstate.common import errors
+from shardstate.common.auth import READ
 from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 
-from .handlers import Malformed, Partial
+from .handlers import Malformed, Partial, authorized
 from .storage.entries import events_of
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ def pipeline_behavior(svc: StateService) -> Callable[[AsyncIterator[Any], Any], 
     async def pipeline(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         if svc.draining:
             await errors.abort(context, shutting_down())
+        auth = svc.auth
+        metadata = context.invocation_metadata() if auth is not None else None
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         reader = asyncio.create_task(_read_into(requests, inbox))
         svc.streams.add(inbox)
@@ -79,6 +82,12 @@ def pipeline_behavior(svc: StateService) -> Callable[[AsyncIterator[Any], Any], 
                 elif type(item) is state_pb2.PipelineRequest or type(item) is Partial:
                     if ending is not None:
                         continue  # read after DRAIN: not accepted
+                    if auth is not None:  # per message: a token removed from the file stops here
+                        try:
+                            item = authorized(auth.gate(metadata), item)
+                        except errors.ShardstateError as e:
+                            yield state_pb2.PipelineResponse(id=item.id, code=errors.to_code_int(e), message=e.message)
+                            continue
                     if not svc.concurrent:
                         yield await _answer(svc, item)  # nothing suspends: answer in order
                     else:
@@ -113,6 +122,8 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
             if svc.draining:
                 raise shutting_down()
             ref = engine.ref(req.namespace, req.session_id)
+            if svc.auth is not None:
+                svc.auth.gate(context.invocation_metadata()).call(req.namespace, READ, "Watch")
             svc.node.check_owner(req.namespace, req.session_id)
             start = req.from_revision or engine.revision() + 1
             oldest = engine.oldest_revision()

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "shard": ("shardstate.server.main", "main", "run one shard server (primary or replica)"),
     "router": ("shardstate.router.main", "main", "run one router"),
     "admin": ("shardstate.server.cli.admin", "main", "cluster admin: status, map, promote, remove-node, backup, restore"),
+    "auth": ("shardstate.server.cli.auth", "main", "tokens: new-token, hash-token, check a token file"),
     "bench": ("shardstate.bench.cli", "main", "load a cluster and print throughput and latency"),
     "get": ("shardstate.server.cli.kv", "get_main", "print one key of a session"),
     "put": ("shardstate.server.cli.kv", "put_main", "write one key of a session"),

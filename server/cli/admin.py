@@ -16,7 +16,9 @@ import grpc
 from google.protobuf import json_format
 
 from shardstate.common import errors, tls
+from shardstate.common.authwire import with_token
 from shardstate.server.cli import backup as backup_cli
+from shardstate.server.cli.auth import add_token_arguments, token_of
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 from . import rebalance, status, tlsopts
@@ -81,6 +83,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--router", default=os.environ.get("SHARDSTATE_ROUTER", DEFAULT_ROUTER),
                    help=f"router address [env SHARDSTATE_ROUTER; default {DEFAULT_ROUTER}]")
     tlsopts.add(p)
+    add_token_arguments(p)
     sub = p.add_subparsers(dest="command", required=True)
     for name, (_, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_)
@@ -99,7 +102,7 @@ def main(argv: list[str]) -> int:
         return 2
     with tls.channel(args.router) as ch:
         try:
-            return fn(admin_pb2_grpc.AdminStub(ch), args)
+            return fn(admin_pb2_grpc.AdminStub(with_token(ch, token_of(args))), args)
         except grpc.RpcError as e:
             err = errors.from_rpc_error(e)
             print(f"error: {err.code.name}: {err.message}", file=sys.stderr)

@@ -32,6 +32,7 @@ import grpc
 from google.protobuf import json_format
 
 from shardstate.common import errors, tls
+from shardstate.common.authwire import with_token
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 FORMAT = "shardstate-backup"
@@ -404,11 +405,11 @@ def open_checked(path: Path, progress: Any = None) -> Backup:
     return backup
 
 
-def restore_into(router: str, backup: Backup) -> list[admin_pb2.RestoreResponse]:
+def restore_into(router: str, backup: Backup, token: str | None = None) -> list[admin_pb2.RestoreResponse]:
     """`restore` through a channel of its own (for `shardstate dev --restore`)."""
     try:
         with tls.channel(router) as ch:
-            return restore(admin_pb2_grpc.AdminStub(ch), backup, router)
+            return restore(admin_pb2_grpc.AdminStub(with_token(ch, token)), backup, router)
     except grpc.RpcError as e:
         err = errors.from_rpc_error(e)
         raise BackupError(f"{err.code.name}: {err.message}") from None

@@ -33,6 +33,7 @@ from typing import IO, Any
 import grpc
 
 from shardstate.common import errors, tls
+from shardstate.common.authwire import with_token
 from shardstate.common.supervision import (
     SUPERVISOR_ENV,
     DirectoryInUse,
@@ -41,6 +42,7 @@ from shardstate.common.supervision import (
     lock_holder,
 )
 from shardstate.server import launch
+from shardstate.server.cli import devauth
 
 from .devtls import DevCerts
 
@@ -118,9 +120,11 @@ def existing_shards(data: Path) -> set[str]:
 
 
 class DevCluster:
-    def __init__(self, data: Path, console: Any, with_tls: bool = False) -> None:
+    def __init__(self, data: Path, console: Any, with_tls: bool = False, auth: devauth.DevAuth | None = None) -> None:
         self.data = data
         self.console = console
+        self.auth = auth  # --auth: every node gets the token file and the cluster token
+        self.token = auth.cluster_token if auth is not None else None  # dev's own calls
         self.nodes: dict[str, DevNode] = {}
         self.certs: DevCerts | None = None
         if with_tls:
@@ -141,6 +145,8 @@ class DevCluster:
         if spec.kind == "router":
             extra += ["--seeds", ",".join(seeds)]
         extra += ["--metrics-port", str(spec.port + METRICS_OFFSET if spec.port else 0)]
+        if self.auth is not None:
+            extra += self.auth.node_args()
         node = DevNode(spec, self.data, self.certs.node(spec.name) if self.certs else None)
         self.nodes[spec.name] = node
         return node.start(wait=False, extra=extra)
@@ -160,7 +166,8 @@ class DevCluster:
         maps = []
         for n in shards:
             with tls.channel(n.address) as ch:
-                maps.append(admin_pb2_grpc.AdminStub(ch).GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=10))
+                maps.append(admin_pb2_grpc.AdminStub(with_token(ch, self.token)).GetClusterMap(
+                    admin_pb2.GetClusterMapRequest(), timeout=10))
         best = max(maps, key=lambda m: m.epoch)
         if best.epoch == 0:
             return  # a new cluster: the router bootstraps it
@@ -189,7 +196,7 @@ class DevCluster:
             if n.spec.shard_id not in members:
                 continue  # a shard being added stays fresh: add-shard gives it the map
             with tls.channel(n.address) as ch:
-                admin_pb2_grpc.AdminStub(ch).PublishClusterMap(pb, timeout=10)
+                admin_pb2_grpc.AdminStub(with_token(ch, self.token)).PublishClusterMap(pb, timeout=10)
         self.console.print(f"  [yellow]↻[/] addresses changed: cluster map re-published at epoch {pb.epoch}")
 
     def resize(self, router: str, adding: Sequence[str], removing: Sequence[str]) -> None:
@@ -200,7 +207,7 @@ class DevCluster:
         from .rebalance import follow
 
         with tls.channel(router) as ch:
-            stub = admin_pb2_grpc.AdminStub(ch)
+            stub = admin_pb2_grpc.AdminStub(with_token(ch, self.token))
             for sid in adding:
                 reps = [n.address for n in self.nodes.values() if n.spec.replica_of == sid]
                 self.console.print(f"adding shard {sid} (its share of the sessions moves to it) …")
@@ -233,6 +240,8 @@ class DevCluster:
         client = self.client_tls()
         if client is not None:
             state["tls"] = {"ca": client.ca, "client_cert": client.cert, "client_key": client.key}
+        if self.auth is not None:
+            state["auth"] = self.auth.state()
         tmp = self.data / "dev.json.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.data / "dev.json")
@@ -296,6 +305,10 @@ def main(argv: list[str]) -> int:
                    help="TLS everywhere: make a throwaway CA and certificates under DATA/tls (kept across "
                         "restarts) and start every node with them; routers serve TLS, shards require "
                         "client certificates [env SHARDSTATE_DEV_TLS]")
+    p.add_argument("--auth", action=argparse.BooleanOptionalAction, default=None,
+                   help="tokens on: make an admin, a read-write and a read-only token for the default namespace "
+                        "(printed, and in DATA/dev-tokens.json), the hashed DATA/tokens.toml and a cluster token; "
+                        "every node checks every call [default: as the last start of --data-dir]")
     p.add_argument("--restore", metavar="BACKUP", default=None,
                    help="start a new cluster (empty --data-dir) holding a backup: a directory or tar "
                         "file written by `shardstate admin backup`")
@@ -344,7 +357,10 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
 
-    cluster = DevCluster(data, console, a.tls)
+    if a.auth is None:
+        a.auth = devauth.was_on(data)
+    dev_auth = devauth.prepare(data) if a.auth else None
+    cluster = DevCluster(data, console, a.tls, dev_auth)
     console.print(f"[bold]shardstate dev[/]: {a.shards} shards, {a.replicas} replicas each, data in {data}")
     try:
         stages = plan(start_shards, a.replicas, a.port, data, a.replica_priority == "background")
@@ -386,7 +402,7 @@ def main(argv: list[str]) -> int:
     if restoring is not None:
         try:
             with console.status(f"restoring {a.restore} …"):
-                backup_cli.restore_into(router, restoring)
+                backup_cli.restore_into(router, restoring, cluster.token)
         except backup_cli.BackupError as e:
             print(f"shardstate dev: restore failed: {e}", file=sys.stderr)
             cluster.stop()
@@ -397,7 +413,12 @@ def main(argv: list[str]) -> int:
     if client is not None:
         # Before the router line: a starter that waits for that line has these already.
         print(f"tls-ca: {client.ca}\ntls-client-cert: {client.cert}\ntls-client-key: {client.key}", flush=True)
+    if dev_auth is not None:  # before the router line too
+        for key, token in dev_auth.tokens.items():
+            print(f"token {key}: {token}", flush=True)
     print(f"router: {router}", flush=True)
+    if dev_auth is not None:
+        console.print(f"tokens in {dev_auth.tokens_file} (give one to Client(token=...) or SHARDSTATE_TOKEN)")
     if client is not None:
         console.print(f"TLS on: give a client the CA, e.g. Client({router!r}, ca_file={client.ca!r}) or "
                       f"shardstate get --router {router} --tls-ca {client.ca} SESSION KEY; direct mode "

@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 
 from shardstate.common import errors, tls
+from shardstate.common.authwire import with_token
+from shardstate.server.cli.auth import add_token_arguments, token_of
 from shardstate.v1 import state_pb2, state_pb2_grpc
 
 from . import tlsopts
@@ -29,15 +31,17 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help=f"router address [env SHARDSTATE_ROUTER; default {DEFAULT_ROUTER}]")
     p.add_argument("--namespace", "-n", default="", help="namespace (default: 'default')")
     tlsopts.add(p)
+    add_token_arguments(p)
     return p
 
 
 def _run(prog: str, a: argparse.Namespace, fn: Callable[[state_pb2_grpc.StateStub], int]) -> int:
     if not tlsopts.use(prog, a):
         return 2
+    token = token_of(a)
     with tls.channel(a.router) as ch:
         try:
-            return fn(state_pb2_grpc.StateStub(ch))
+            return fn(state_pb2_grpc.StateStub(with_token(ch, token)))
         except grpc.RpcError as e:
             err = errors.from_rpc_error(e)
             print(f"error: {err.code.name}: {err.message}", file=sys.stderr)

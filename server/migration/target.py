@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import grpc
 from grpc import aio
 
-from shardstate.common import errors, tls
+from shardstate.common import authwire, errors, tls
 from shardstate.common.rebalance import Move
 from shardstate.common.transport import channel_options
 from shardstate.v1 import admin_pb2, replication_pb2
@@ -129,7 +129,7 @@ class Puller:
                 continue
             channel = tls.aio_channel(address, CHANNEL_OPTIONS)
             try:
-                await self._stream(channel)
+                await self._stream(authwire.node_channel(channel))
                 backoff = BACKOFF_MIN_S
             except Restart as r:
                 log.warning("migration restarts from a snapshot", extra={"fields": {"source": self.source, "why": str(r)}})

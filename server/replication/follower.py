@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc import aio
 
-from shardstate.common import errors, tls, tracing
+from shardstate.common import authwire, errors, tls, tracing
 from shardstate.common.transport import channel_options
 from shardstate.v1 import replication_pb2
 
@@ -119,7 +119,7 @@ class Follower:
                     target = self.target
                     channel = tls.aio_channel(target, CHANNEL_OPTIONS)
                 try:
-                    await self._stream(channel)
+                    await self._stream(authwire.node_channel(channel))
                     backoff = BACKOFF_MIN_S
                 except Diverged as d:
                     await self.set_aside(d.fork, target)

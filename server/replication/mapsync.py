@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 import grpc
 from grpc import aio
 
-from shardstate.common import mapswap, tls
+from shardstate.common import authwire, mapswap, tls
 from shardstate.common.clustermap import node_addresses
 from shardstate.common.errors import ShardstateError
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
@@ -56,7 +56,7 @@ class MapSync:
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = tls.aio_channel(address)
-        return admin_pb2_grpc.AdminStub(ch)
+        return admin_pb2_grpc.AdminStub(authwire.node_channel(ch))
 
     def peers(self, extra: Iterable[str] = ()) -> list[str]:
         me = self.node.address

@@ -29,6 +29,8 @@ class Pending:
     # Every record (d| key) it writes, for the record cache: key -> bytes (None = deleted).
     # None = not known (e.g. a replica's applied entries): the whole record cache is dropped.
     records: dict[bytes, bytes | None] | None = None
+    # (namespace, sessions, bytes) it adds to what the shard holds (storage/usage.py), if any.
+    usage: tuple[str, int, int] | None = None
 
 
 def write_batch(db: Any, pendings: list[Pending], sync: bool) -> None:

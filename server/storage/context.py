@@ -16,6 +16,7 @@ from . import encoding as enc
 from . import entries
 from .commit import Op, Pending
 from .store import REVISION_KEY, Store
+from .usage import delta
 from .validation import SessionRef
 from .values import (
     StoredRecord,
@@ -31,7 +32,7 @@ _MISSING = object()
 
 class WriteContext:
     __slots__ = (
-        "base", "db", "deleted", "dprefix", "events", "expired", "got", "limits", "meta", "now",
+        "base", "db", "deleted", "dprefix", "events", "expired", "got", "limits", "loaded", "meta", "now",
         "pending", "ref", "rev", "session_ttl_ms", "store",
     )
 
@@ -49,7 +50,7 @@ class WriteContext:
         self.meta: types_pb2.SessionInfo | None = None  # working copy once a mutation needs it
         self.deleted = False  # the session was deleted/reclaimed by this write
         self.dprefix = enc.data_prefix_in(ref.part)
-        base = store.load_meta(ref.mkey)
+        base = self.loaded = store.load_meta(ref.mkey)  # on disk before this write (namespace usage)
         self.expired: types_pb2.SessionInfo | None = None
         if base is not None and base.expires_at_ms and base.expires_at_ms <= now:
             self.expired, base = base, None
@@ -190,6 +191,8 @@ class WriteContext:
         ref, rev, now = self.ref, self.revision(), self.now
         metas: dict[bytes, Any] = {}
         meta = self.meta
+        after = meta if meta is not None else (None if self.deleted else self.loaded)
+        usage = delta(ref.ns, self.loaded, after) if after is not self.loaded else None
         if meta is not None:
             old_exp = self.base.expires_at_ms if self.base is not None else 0
             if self.session_ttl_ms:
@@ -212,7 +215,7 @@ class WriteContext:
         entry = entries.encode(rev, ref.nsb, ref.sidb, now, ops, self.events, self.pending)
         ops.append((enc.change_key(rev), entry))
         ops.append((REVISION_KEY, pack_u64(rev)))
-        return Pending(rev, ops, metas, records=records)
+        return Pending(rev, ops, metas, records=records, usage=usage)
 
 
 def node_write(store: Store, ops: list[Op], now: int) -> Pending:

@@ -80,6 +80,9 @@ class Engine:
         # holds but does not own (copied in by a rebalance, or moved away and not yet dropped).
         self.owns: Callable[[bytes, bytes], bool] | None = None
         self.on_sweep: Callable[[dict[str, int]], None] | None = None  # metrics (opmetrics.py)
+        # Namespace limits (server/quota.py): raises for a write that would pass one; set with
+        # store.usage only when a namespace has a sessions or bytes limit.
+        self.quota: Callable[[tuple[str, int, int]], None] | None = None
         # Request ids with no stored record (made at the first write with one; dropped by
         # every write path other than _write, which must add each record it stores).
         self._absent: idempotency.Absent | None = None
@@ -180,6 +183,8 @@ class Engine:
                     self._recorded_until = now + self._window_ms
             pending = ctx.finish(extra)
             if pending is not None:
+                if pending.usage is not None and self.quota is not None:
+                    self.quota(pending.usage)  # refused: nothing is written
                 await self.store.commit(pending, hold=True)
             return resp
         finally:
@@ -232,6 +237,8 @@ class Engine:
     async def apply_changes(self, entries: Sequence[bytes | replication_pb2.ChangeEntry]) -> int:
         """Replica: apply a primary's entries in one WriteBatch; returns the applied revision."""
         self._absent = self._idem_from = None  # the entries may store idempotency records
+        if self.store.usage is not None:
+            self.store.usage.forget()
         pending = changelog.replica_pending(self.store, entries)
         if pending is not None:
             await self.store.commit(pending)
@@ -246,6 +253,8 @@ class Engine:
         """Follower: `first` clears all data (node meta kept); `revision` (last chunk) sets the
         applied revision and makes it the start of the follower's change-log history."""
         self._absent = self._idem_from = None  # the chunk may store idempotency records
+        if self.store.usage is not None:
+            self.store.usage.forget()
         if first:
             snapshot.clear_data(self.store)
         snapshot.write_chunk(self.store, ops, revision)
@@ -258,6 +267,8 @@ class Engine:
         self._absent = self._idem_from = None  # the ops may store idempotency records
         if floor:
             self.store.clock.raise_to(floor)
+        if self.store.usage is not None:
+            self.store.usage.raw(ops)
         pending = node_write(self.store, ops, self.now_ms())
         await self.store.commit(pending)
         meta = enc.META[0]

@@ -204,15 +204,25 @@ class Store:
 
     async def commit(self, pending: Pending, hold: bool = False) -> None:
         """Write `pending`; `hold` (request handlers): join the open group, if any."""
-        if self._committer is None:
-            if hold and self._group is not None:
-                self._group.append(pending)  # lands at end_group(), before anyone is answered
-                return
-            # Unsynced writes return once LevelDB's log has the batch (a kill -9 loses nothing).
-            write_batch(self.db, [pending], False)
-            self.written(pending)
-        else:
-            await self._committer.commit(pending)
+        usage = self.usage
+        if usage is not None and pending.usage is not None:
+            # Counted before it lands, so that the next write's limit check (which may come
+            # before this one's group or fsync is written) sees it.
+            usage.add(pending.usage)
+        try:
+            if self._committer is None:
+                if hold and self._group is not None:
+                    self._group.append(pending)  # lands at end_group(), before anyone is answered
+                    return
+                # Unsynced writes return once LevelDB's log has the batch (a kill -9 loses nothing).
+                write_batch(self.db, [pending], False)
+                self.written(pending)
+            else:
+                await self._committer.commit(pending)
+        except BaseException:
+            if usage is not None:
+                usage.forget()  # it may or may not have landed: count again
+            raise
 
     def begin_group(self) -> bool:
         """Hold the unsynced request writes (commit(hold=True)) that follow until end_group() and write them as one
@@ -231,7 +241,12 @@ class Store:
         group, self._group = self._group, None
         if not group:
             return
-        write_batch(self.db, group, False)
+        try:
+            write_batch(self.db, group, False)
+        except BaseException:
+            if self.usage is not None:
+                self.usage.forget()
+            raise
         for p in group:
             self.written(p, wake=False)
         self.wake()
@@ -241,6 +256,7 @@ class Store:
         return self._committer is not None
 
     tail: Any = None  # changelog.Tail of recent change-log entries (primary only), or None
+    usage: Any = None  # usage.Usage when namespace limits need it (server/quota.py), or None
 
     def written(self, p: Pending, wake: bool = True) -> None:
         if self.tail is not None:

@@ -22,6 +22,82 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class NamespaceUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def namespaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        namespaces: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespaces", b"namespaces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamespaceUsageRequest: _TypeAlias = NamespaceUsageRequest  # noqa: Y015
+
+@_typing.final
+class NamespaceFigures(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    sessions: _builtins.int
+    bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        sessions: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "namespace", b"namespace", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamespaceFigures: _TypeAlias = NamespaceFigures  # noqa: Y015
+
+@_typing.final
+class NamespaceUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.str
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamespaceFigures]:
+        """this node's own, exact"""
+
+    @_builtins.property
+    def cluster(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamespaceFigures]:
+        """its own plus the other primaries' as last heard"""
+
+    def __init__(
+        self,
+        *,
+        shard_id: _builtins.str = ...,
+        held: _abc.Iterable[Global___NamespaceFigures] | None = ...,
+        cluster: _abc.Iterable[Global___NamespaceFigures] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "held", b"held", "shard_id", b"shard_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamespaceUsageResponse: _TypeAlias = NamespaceUsageResponse  # noqa: Y015
+
+@_typing.final
 class FenceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -49,6 +49,11 @@ class ReplicationStub:
                 request_serializer=shardstate_dot_v1_dot_replication__pb2.MigrationStatusRequest.SerializeToString,
                 response_deserializer=shardstate_dot_v1_dot_replication__pb2.MigrationStatusResponse.FromString,
                 _registered_method=True)
+        self.NamespaceUsage = channel.unary_unary(
+                '/shardstate.v1.Replication/NamespaceUsage',
+                request_serializer=shardstate_dot_v1_dot_replication__pb2.NamespaceUsageRequest.SerializeToString,
+                response_deserializer=shardstate_dot_v1_dot_replication__pb2.NamespaceUsageResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -78,6 +83,14 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NamespaceUsage(self, request, context):
+        """Namespace limits: what this node holds of each namespace asked (the primaries ask each
+        other once a second), and what it knows of the whole cluster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +108,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.MigrationStatus,
                     request_deserializer=shardstate_dot_v1_dot_replication__pb2.MigrationStatusRequest.FromString,
                     response_serializer=shardstate_dot_v1_dot_replication__pb2.MigrationStatusResponse.SerializeToString,
+            ),
+            'NamespaceUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.NamespaceUsage,
+                    request_deserializer=shardstate_dot_v1_dot_replication__pb2.NamespaceUsageRequest.FromString,
+                    response_serializer=shardstate_dot_v1_dot_replication__pb2.NamespaceUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class Replication:
             '/shardstate.v1.Replication/MigrationStatus',
             shardstate_dot_v1_dot_replication__pb2.MigrationStatusRequest.SerializeToString,
             shardstate_dot_v1_dot_replication__pb2.MigrationStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NamespaceUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardstate.v1.Replication/NamespaceUsage',
+            shardstate_dot_v1_dot_replication__pb2.NamespaceUsageRequest.SerializeToString,
+            shardstate_dot_v1_dot_replication__pb2.NamespaceUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

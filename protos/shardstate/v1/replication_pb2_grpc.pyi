@@ -44,6 +44,10 @@ class ReplicationStub:
     """
     MigrationStatus: _grpc.UnaryUnaryMultiCallable[_replication_pb2.MigrationStatusRequest, _replication_pb2.MigrationStatusResponse]
     """Rebalancing, on a target: how far it has copied from each source."""
+    NamespaceUsage: _grpc.UnaryUnaryMultiCallable[_replication_pb2.NamespaceUsageRequest, _replication_pb2.NamespaceUsageResponse]
+    """Namespace limits: what this node holds of each namespace asked (the primaries ask each
+    other once a second), and what it knows of the whole cluster.
+    """
 
 @_typing.type_check_only
 class ReplicationAsyncStub(ReplicationStub):
@@ -59,6 +63,10 @@ class ReplicationAsyncStub(ReplicationStub):
     """
     MigrationStatus: _aio.UnaryUnaryMultiCallable[_replication_pb2.MigrationStatusRequest, _replication_pb2.MigrationStatusResponse]  # type: ignore[assignment]
     """Rebalancing, on a target: how far it has copied from each source."""
+    NamespaceUsage: _aio.UnaryUnaryMultiCallable[_replication_pb2.NamespaceUsageRequest, _replication_pb2.NamespaceUsageResponse]  # type: ignore[assignment]
+    """Namespace limits: what this node holds of each namespace asked (the primaries ask each
+    other once a second), and what it knows of the whole cluster.
+    """
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -89,5 +97,15 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_replication_pb2.MigrationStatusResponse, _abc.Awaitable[_replication_pb2.MigrationStatusResponse]]:
         """Rebalancing, on a target: how far it has copied from each source."""
+
+    @_abc_1.abstractmethod
+    def NamespaceUsage(
+        self,
+        request: _replication_pb2.NamespaceUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.NamespaceUsageResponse, _abc.Awaitable[_replication_pb2.NamespaceUsageResponse]]:
+        """Namespace limits: what this node holds of each namespace asked (the primaries ask each
+        other once a second), and what it knows of the whole cluster.
+        """
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
