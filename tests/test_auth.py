@@ -6,6 +6,9 @@ token is UNAUTHENTICATED; node-to-node calls need the cluster token; the file is
 from __future__ import annotations
 
 import asyncio
+import json
+import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 from shardstate import AsyncClient, Client
 from shardstate.common import auth, errors
 from shardstate.common.authwire import with_token
+from shardstate.server import launch
 from shardstate.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -25,7 +29,7 @@ from shardstate.v1 import (
     types_pb2,
 )
 from tests.authcluster import CLUSTER_TOKEN, AuthCluster
-from tests.devcluster import cli
+from tests.devcluster import Dev, cli
 from tests.procs import Procs
 from tests.stubs import expect_error, uid, wait_until
 
@@ -312,3 +316,68 @@ def test_no_message_or_log_holds_a_token(cluster: AuthCluster) -> None:
         assert not any(s in text for s in SECRETS), log
         assert not any(auth.hash_token(s) in text for s in SECRETS), log
     assert not any(s in cluster.token_file.read_text() for s in SECRETS)
+
+
+def test_dev_auth_makes_three_tokens_and_starts_every_node_with_auth(tmp_path: Path, devs: list[Dev]) -> None:
+    data = tmp_path / "data"
+    dev = Dev(data, "--auth", "--shards", "2", "--replicas", "1")
+    devs.append(dev)
+    path = data / "dev-tokens.json"
+    tokens = json.loads(path.read_text())
+    assert set(tokens) == {"admin", "readwrite", "read"}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((data / "cluster-token").stat().st_mode) == 0o600
+    for key, token in tokens.items():
+        assert f"token {key}: {token}" in dev.lines
+    assert not any(t in (data / "tokens.toml").read_text() for t in tokens.values())
+    assert dev.state()["auth"]["tokens"] == str(path)
+    sid = uid("dev")
+    with Client(dev.router, token=tokens["readwrite"]) as rw, Client(dev.router, token=tokens["read"]) as rd:
+        rw.session(sid).put("k", "v")
+        assert rd.session(sid).get("k").value == b"v"  # type: ignore[union-attr]
+        with pytest.raises(errors.PermissionDeniedError):
+            rd.session(sid).put("k", "w")
+    with Client(dev.router) as anon, pytest.raises(errors.UnauthenticatedError):
+        anon.session(sid).get("k")
+    # Every node checks (a shard reached directly too), and the replica follows with the cluster token.
+    for node in dev.state()["nodes"].values():
+        if node["kind"] == "shard":
+            state, _, ch = stubs(node["address"], None)
+            try:
+                expect_error(grpc.StatusCode.UNAUTHENTICATED, state.Get, state_pb2.GetRequest(session_id=sid, key="k"),
+                             timeout=T)
+            finally:
+                ch.close()
+    out = cli("admin", "--router", dev.router, "--token", tokens["admin"], "status")
+    assert out.returncode == 0 and out.stdout.count("replica") >= 2, out.stdout + out.stderr
+    assert "down" not in out.stdout
+    assert cli("admin", "--router", dev.router, "--token", tokens["read"], "promote", "s1").returncode == 1
+    assert dev.terminate() == 0
+    # A restart on the same directory keeps auth and the tokens.
+    again = Dev(data, "--shards", "2", "--replicas", "1")
+    devs.append(again)
+    assert json.loads(path.read_text()) == tokens
+    with Client(again.router, token=tokens["read"]) as rd:
+        assert rd.session(sid).get("k").value == b"v"  # type: ignore[union-attr]
+    with Client(again.router) as anon, pytest.raises(errors.UnauthenticatedError):
+        anon.session(sid).get("k")
+
+
+def test_shardstate_auth_makes_token_file_entries(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.toml"
+    made = cli("auth", "new-token", "--role", "write", "-n", "team-a/*", "-n", "default", "--name", "ci",
+               "--append", str(path))
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("sst_") and token not in path.read_text()
+    table = auth.parse(path.read_text())
+    grant = table.grants[auth.hash_token(token)]
+    assert grant.role == auth.WRITE and grant.covers("team-a/x") and grant.covers("default") and grant.name == "ci"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    hashed = subprocess.run(launch.shardstate_cmd("auth", "hash-token"), input=token + "\n", capture_output=True,
+                            text=True, timeout=60)
+    assert hashed.stdout.strip() == auth.hash_token(token)
+    assert cli("auth", "check", str(path)).stdout.startswith(f"{path}: 1 tokens")
+    path.write_text(path.read_text() + "[[token]]\nrole = 'root'\n")
+    bad = cli("auth", "check", str(path))
+    assert bad.returncode == 1 and "sha256" in bad.stderr
