@@ -29,8 +29,10 @@ _EXPORTS = {
     "InvalidArgumentError": "shardstate.common.errors",
     "LimitExceededError": "shardstate.common.errors",
     "NotFoundError": "shardstate.common.errors",
+    "PermissionDeniedError": "shardstate.common.errors",
     "ShardstateError": "shardstate.common.errors",
     "TransientError": "shardstate.common.errors",
+    "UnauthenticatedError": "shardstate.common.errors",
     "UnavailableError": "shardstate.common.errors",
     "Change": "shardstate.common.records",
     "Entry": "shardstate.common.records",
@@ -63,6 +65,7 @@ __all__ = [
     "LimitExceededError",
     "NoBackoff",
     "NotFoundError",
+    "PermissionDeniedError",
     "Record",
     "Retry",
     "Session",
@@ -71,6 +74,7 @@ __all__ = [
     "TransientError",
     "Txn",
     "TxnResult",
+    "UnauthenticatedError",
     "UnavailableError",
 ]
 
@@ -102,8 +106,10 @@ if TYPE_CHECKING:
         InvalidArgumentError,
         LimitExceededError,
         NotFoundError,
+        PermissionDeniedError,
         ShardstateError,
         TransientError,
+        UnauthenticatedError,
         UnavailableError,
     )
     from shardstate.common.records import Change, Entry, Record, SessionInfo

@@ -39,7 +39,7 @@ class Partial:
 def authorized(gate: Gate, req: Any) -> Any:
     """A BatchRequest, Partial or PipelineRequest with each op the caller may not run (its
     namespace or role not granted, or over its namespace's ops/s) set aside as a bad op of a
-    `Partial`: it fails alone and the others run (docs/design.md §14). The cluster token (a
+    `Partial`: it fails alone and the others run (docs/design.md §15). The cluster token (a
     router's coalesced ops, checked at the router) passes as it is."""
     if gate.cluster:
         return req

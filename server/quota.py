@@ -1,4 +1,4 @@
-"""Namespace limits on sessions and bytes, on a shard (docs/design.md §14): a write that would
+"""Namespace limits on sessions and bytes, on a shard (docs/design.md §15): a write that would
 take its namespace past `max_sessions` or `max_bytes` is refused before anything is written.
 
 The figure a write is judged by: what this shard holds of the namespace (exact, kept by every

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from tests.authcluster import CLUSTER_TOKEN, AuthCluster
 from tests.devcluster import Dev, cli
 from tests.procs import Procs
 from tests.stubs import expect_error, uid, wait_until
+from tests.test_readme import README
 
 T = 30.0
 ADMIN = "sst_test-admin-0123456789"
@@ -352,6 +356,7 @@ def test_dev_auth_makes_three_tokens_and_starts_every_node_with_auth(tmp_path: P
     assert out.returncode == 0 and out.stdout.count("replica") >= 2, out.stdout + out.stderr
     assert "down" not in out.stdout
     assert cli("admin", "--router", dev.router, "--token", tokens["read"], "promote", "s1").returncode == 1
+    readme_section_runs(dev.router, data, tokens)
     assert dev.terminate() == 0
     # A restart on the same directory keeps auth and the tokens.
     again = Dev(data, "--shards", "2", "--replicas", "1")
@@ -381,3 +386,35 @@ def test_shardstate_auth_makes_token_file_entries(tmp_path: Path) -> None:
     path.write_text(path.read_text() + "[[token]]\nrole = 'root'\n")
     bad = cli("auth", "check", str(path))
     assert bad.returncode == 1 and "sha256" in bad.stderr
+
+
+def readme_section_runs(router: str, data: Path, tokens: dict[str, str]) -> None:
+    """The README's "Tokens and limits" examples as written (the address and data directory
+    aside) against a `dev --auth` cluster."""
+    section = README.read_text().split("## Tokens and limits", 1)[1].split("\n## ", 1)[0]
+
+    def written(code: str) -> str:
+        return code.replace("127.0.0.1:7400", router).replace(".shardstate/", f"{data}/")
+
+    py = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(py) == 1
+    out = subprocess.run([sys.executable, "-c", written(py[0])], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "b'step-1'" and "needs the write role" in out.stdout
+    shell = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[1]
+    env = {k: v for k, v in os.environ.items() if k != "SHARDSTATE_TOKEN"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # `shardstate`, `python3` of this venv
+    out = subprocess.run(["bash", "-euc", written(shell)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    new = out.stdout.strip().splitlines()[-1]
+    assert new.startswith("sst_") and "router" in out.stdout
+
+    def works() -> bool:
+        try:
+            with Client(router, token=new, namespace="team-a/x") as c:
+                c.session("readme").put("k", "v")
+            return True
+        except errors.UnauthenticatedError:
+            return False
+
+    wait_until(works)

@@ -1,5 +1,5 @@
 """Tokens, roles and per-namespace limits: the token file, its reload, and the one check that
-routers and shards make of every call (docs/design.md §14). Standard library and the errors table only.
+routers and shards make of every call (docs/design.md §15). Standard library and the errors table only.
 
 The token file (TOML; `--auth-file`, or the same text in SHARDSTATE_TOKENS):
 

@@ -1,5 +1,5 @@
 """The auth flags every server process takes (shard and router alike): the token file and the
-cluster token (docs/design.md §14); auth is off unless a token file or SHARDSTATE_TOKENS is given."""
+cluster token (docs/design.md §15); auth is off unless a token file or SHARDSTATE_TOKENS is given."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 and the `--token`/`--token-file` options every command that calls a cluster takes.
 
 A token is printed once, by new-token, and never written anywhere by it: the file holds
-only its sha256 (docs/design.md §14).
+only its sha256 (docs/design.md §15).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What this shard holds of each namespace (sessions, bytes), for the namespace limits
-(docs/design.md §14): counted by a scan of the namespace's session metas the first time it is
+(docs/design.md §15): counted by a scan of the namespace's session metas the first time it is
 asked, then kept by every write's delta.
 
 A session counts from its first write to its deletion or reclaim (an expired session not yet
