@@ -191,8 +191,10 @@ class WriteContext:
         ref, rev, now = self.ref, self.revision(), self.now
         metas: dict[bytes, Any] = {}
         meta = self.meta
-        after = meta if meta is not None else (None if self.deleted else self.loaded)
-        usage = delta(ref.ns, self.loaded, after) if after is not self.loaded else None
+        usage = None
+        if self.store.usage is not None:  # namespace limits are configured (server/quota.py)
+            after = meta if meta is not None else (None if self.deleted else self.loaded)
+            usage = delta(ref.ns, self.loaded, after) if after is not self.loaded else None
         if meta is not None:
             old_exp = self.base.expires_at_ms if self.base is not None else 0
             if self.session_ttl_ms:
