@@ -449,3 +449,30 @@ def readme_section_runs(router: str, data: Path, tokens: dict[str, str]) -> None
             return False
 
     wait_until(works)
+
+
+def test_tokens_and_tls_together(tmp_path: Path, devs: list[Dev]) -> None:
+    """`dev --tls --auth`: both layers on every node; node-to-node calls carry a cluster
+    certificate and the cluster token, clients a CA (a client certificate in direct mode) and a token."""
+    data = tmp_path / "data"
+    dev = Dev(data, "--tls", "--auth", "--shards", "2", "--replicas", "1")
+    devs.append(dev)
+    tokens = json.loads((data / "dev-tokens.json").read_text())
+    files = dev.state()["tls"]
+    ca = files["ca"]
+    sids = [uid("both") for _ in range(10)]
+    with Client(dev.router, ca_file=ca, token=tokens["readwrite"]) as rw, \
+            Client(dev.router, ca_file=ca, token=tokens["read"]) as rd:
+        for s in sids:
+            rw.session(s).put("k", s)
+        assert [rd.session(s).get("k").value for s in sids] == [s.encode() for s in sids]  # type: ignore[union-attr]
+        denied(rd.session(sids[0]).put, "k", "no")
+    with Client(dev.router, ca_file=ca) as anon, pytest.raises(errors.UnauthenticatedError):
+        anon.session(sids[0]).get("k")
+    with Client(dev.router, ca_file=ca, cert_file=files["client_cert"], key_file=files["client_key"],
+                token=tokens["read"], direct=True) as direct:
+        assert [direct.session(s).get("k").value for s in sids] == [s.encode() for s in sids]  # type: ignore[union-attr]
+        denied(direct.session(sids[0]).put, "k", "no")
+    out = cli("admin", "--router", dev.router, "--tls-ca", ca, "--token", tokens["admin"], "status")
+    assert out.returncode == 0 and "down" not in out.stdout, out.stdout + out.stderr
+    assert cli("admin", "--router", dev.router, "--tls-ca", ca, "status").returncode == 1  # no token
