@@ -12,6 +12,6 @@ EngineModel = machine(EngineDriver, "EngineModel")
 
 TestEngineModel = EngineModel.TestCase
 TestEngineModel.settings = settings(
-    max_examples=400, stateful_step_count=80, deadline=None, derandomize=True, database=None,
+    max_examples=260, stateful_step_count=80, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )

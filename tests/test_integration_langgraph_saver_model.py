@@ -199,6 +199,6 @@ def test_saver_matches_in_memory_saver(router: str) -> None:
     global CLIENT
     with Client(router) as CLIENT:
         SaverMachine.TestCase.settings = settings(
-            max_examples=80, stateful_step_count=40, deadline=None,
+            max_examples=50, stateful_step_count=40, deadline=None,
             suppress_health_check=list(HealthCheck))
         SaverMachine.TestCase().runTest()
