@@ -199,6 +199,22 @@ def test_the_kv_commands_send_the_token(cluster: AuthCluster, tmp_path: Path) ->
     assert cli("get", "--router", cluster.router.address, sid, "k").returncode == 1  # no token
 
 
+def test_the_bench_sends_the_token(cluster: AuthCluster, tmp_path: Path) -> None:
+    """`shardstate bench --token-file`: every step succeeds with a write token; with a read
+    token the load itself is refused (exit 2, PermissionDeniedError) and the token is not printed."""
+    (tmp_path / "rw").write_text(RW + "\n")
+    out = tmp_path / "bench.json"
+    args = ("bench", "--router", cluster.router.address, "--sessions", "20", "--concurrency", "4",
+            "--warmup", "0", "--duration", "1", "--quiet")
+    ok = cli(*args, "--token-file", str(tmp_path / "rw"), "--json", str(out))
+    assert ok.returncode == 0, ok.stderr
+    r = json.loads(out.read_text())
+    assert r["completed"] > 0 and r["errors"] == 0 and r["completed"] == r["successes"] + r["conflicts"]
+    refused = cli(*args, "--token", RD)
+    assert refused.returncode == 2 and "PermissionDeniedError" in refused.stderr, refused.stderr
+    assert RD not in refused.stderr + refused.stdout
+
+
 def test_the_token_file_is_reloaded_without_a_restart(cluster: AuthCluster) -> None:
     new = "sst_test-added-later-0123456789"
     shard = cluster.shards[0].address

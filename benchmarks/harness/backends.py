@@ -60,14 +60,15 @@ class Backend(Protocol):
         """What a report should say about how this store was driven (client, call pattern)."""
 
 
-def make_backend(kind: str, address: str, concurrency: int, step_impl: str = "auto", tls: Any = None) -> Backend:
+def make_backend(kind: str, address: str, concurrency: int, step_impl: str = "auto", tls: Any = None,
+                 token: str | None = None) -> Backend:
     """`kind` is shardstate, shardstate-direct, redis or etcd; `address` is host:port of the
-    router / server; `tls` (shardstate only) the client's TlsFiles."""
+    router / server; `tls` and `token` (shardstate only) the client's TlsFiles and bearer token."""
     impl = resolve_step_impl(kind, step_impl)
     if kind in ("shardstate", "shardstate-direct"):
         from shardstate.bench.shardstate_backend import ShardstateBackend
 
-        return ShardstateBackend(address, impl, direct=kind == "shardstate-direct", tls=tls)
+        return ShardstateBackend(address, impl, direct=kind == "shardstate-direct", tls=tls, token=token)
     if kind == "redis":
         from shardstate.bench.redis_backend import RedisBackend
 

@@ -16,6 +16,7 @@ from shardstate.bench.backends import STEP_IMPLS
 from shardstate.bench.runner import RunConfig, result_ok, run
 from shardstate.bench.workloads import MIXED, WORKLOADS
 from shardstate.common import config, eventloop
+from shardstate.common.authconfig import add_token_arguments, token_of
 from shardstate.common.tlsconfig import TlsFlags
 
 
@@ -62,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-pid", action="append", default=[], metavar="NAME=PID",
                    help="also report this process's CPU seconds over the window (repeatable)")
     config.add_arguments(p, TlsFlags)  # --tls-ca (and --tls-cert/--tls-key for --direct) for a TLS cluster
+    add_token_arguments(p)  # --token / --token-file for a cluster with --auth-file
     return p
 
 
@@ -77,6 +79,8 @@ def config_from(ns: argparse.Namespace) -> RunConfig:
                              ("--value-size", ns.value_size, 1)):
         if value < low:
             raise SystemExit(f"{flag} must be at least {low}, got {value}")
+    if (ns.token or ns.token_file) and kind != "router":
+        raise SystemExit("--token / --token-file go with --router (Redis and etcd are run without auth)")
     if ns.direct and kind != "router":
         raise SystemExit("--direct goes with --router (the router the client learns the cluster map from)")
     if ns.duration <= 0 or ns.warmup < 0 or ns.zipf < 0:
@@ -86,6 +90,7 @@ def config_from(ns: argparse.Namespace) -> RunConfig:
         sessions=ns.sessions, concurrency=ns.concurrency, duration=ns.duration, warmup=ns.warmup,
         value_size=ns.value_size, zipf=ns.zipf, seed=ns.seed, step_impl=ns.step_impl,
         load=not ns.no_load, cpu_pids=pids, tls=config.from_args(TlsFlags, ns).tls_files(),
+        token=token_of(ns),
     )
 
 

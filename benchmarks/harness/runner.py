@@ -46,6 +46,7 @@ class RunConfig:
     load: bool = True
     cpu_pids: dict[str, int] = field(default_factory=dict)  # name -> pid, CPU sampled over the window
     tls: TlsFiles | None = None  # shardstate with TLS: the client's CA (and certificate, for direct mode)
+    token: str | None = None  # shardstate with auth: the bearer token (None: SHARDSTATE_TOKEN, if set)
 
 
 @dataclass
@@ -61,7 +62,7 @@ async def run(cfg: RunConfig, console: Console | None = None, live: bool = True)
     ids = session_ids(cfg.sessions)
     picker = SessionPicker(ids, cfg.zipf, rng)
     values = Values(cfg.value_size, rng)
-    backend = make_backend(cfg.backend, cfg.address, cfg.concurrency, cfg.step_impl, cfg.tls)
+    backend = make_backend(cfg.backend, cfg.address, cfg.concurrency, cfg.step_impl, cfg.tls, cfg.token)
     op = make_op(cfg.workload, backend, values, rng)
     rec = Recorder()
     phase = Phase()

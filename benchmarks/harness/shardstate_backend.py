@@ -22,13 +22,14 @@ class ShardstateBackend:
     name = "shardstate"
 
     def __init__(self, address: str, step_impl: str = "cached", direct: bool = False,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, token: str | None = None) -> None:
         self.address = address
         self.step_impl = step_impl
         self.direct = direct
         self.name = "shardstate-direct" if direct else "shardstate"
         files = tls or TlsFiles()
-        self.client = AsyncClient(address, direct=direct, ca_file=files.ca, cert_file=files.cert, key_file=files.key)
+        self.client = AsyncClient(address, direct=direct, ca_file=files.ca, cert_file=files.cert, key_file=files.key,
+                                  token=token)
         self._handles: dict[str, AsyncSession] = {}
         self._stats: dict[str, Any] = {}
         if step_impl == "cached":

@@ -16,9 +16,9 @@ import grpc
 from google.protobuf import json_format
 
 from shardstate.common import errors, tls
+from shardstate.common.authconfig import add_token_arguments, token_of
 from shardstate.common.authwire import with_token
 from shardstate.server.cli import backup as backup_cli
-from shardstate.server.cli.auth import add_token_arguments, token_of
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
 from . import rebalance, status, tlsopts

@@ -1,5 +1,6 @@
 """`shardstate auth new-token|hash-token|check`: make token-file entries and check a token file;
-and the `--token`/`--token-file` options every command that calls a cluster takes.
+the `--token`/`--token-file` options every command that calls a cluster takes live in
+shardstate.common.authconfig (the bench takes them too).
 
 A token is printed once, by new-token, and never written anywhere by it: the file holds
 only its sha256 (docs/design.md §15).
@@ -14,21 +15,6 @@ from pathlib import Path
 
 from shardstate.common import auth
 from shardstate.common.errors import InvalidArgumentError
-
-
-def add_token_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", default=None,
-                   help=f"bearer token to send [env {auth.CLIENT_TOKEN_ENV}] (a file keeps it out of `ps`: --token-file)")
-    p.add_argument("--token-file", default=None, help="read the token from this file's first line")
-
-
-def token_of(args: argparse.Namespace) -> str | None:
-    if getattr(args, "token_file", None):
-        try:
-            return Path(args.token_file).read_text().splitlines()[0].strip() or None
-        except (OSError, IndexError) as e:
-            raise SystemExit(f"error: cannot read a token from {args.token_file}: {e}") from None
-    return getattr(args, "token", None) or os.environ.get(auth.CLIENT_TOKEN_ENV) or None
 
 
 def append_entry(path: Path, entry: str) -> None:

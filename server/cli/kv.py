@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 
 from shardstate.common import errors, tls
+from shardstate.common.authconfig import add_token_arguments, token_of
 from shardstate.common.authwire import with_token
-from shardstate.server.cli.auth import add_token_arguments, token_of
 from shardstate.v1 import state_pb2, state_pb2_grpc
 
 from . import tlsopts
