@@ -1,6 +1,8 @@
 """Auto-batching for AsyncClient: single ops issued in the same event-loop tick are coalesced
 into one batch and multiplexed over one long-lived `Pipeline` stream per address (tagged ids,
-answered out of order) - docs/design.md §8.
+answered out of order) - docs/design.md §8. At most WINDOW batches per address are
+unanswered; ops submitted meanwhile wait and leave together when an answer comes (without
+that, callers whose ops go to different shards fall out of step and batches shrink to one op).
 
 Per op the hot path does little: a future and a pending entry at submit; at flush the ops'
 serialized requests are framed by hand into the PipelineRequest bytes (no message copies);
@@ -48,6 +50,7 @@ _ID_TAG, _BATCH_TAG = b"\x08", b"\x12"  # PipelineRequest.id = 1, .batch = 2
 
 
 _NEVER = float("inf")
+WINDOW = 1  # batches a connection has unanswered at most (docs/design.md §8)
 HOLD_S = 0.3  # the longest a batch in flight holds back its ops before they go per shard
 CALM_S = 1.0  # a shard answering within HOLD_S for this long has its ops batched with others again
 USUAL_FACTOR = 20.0  # held back means unanswered for this many times the usual answer time ...
@@ -116,7 +119,7 @@ def _encode(pending: list[Pending]) -> tuple[list[Pending], bytes]:
 class _Sent:
     """The ops of one batch in flight: answered together, each op failing on its own."""
 
-    __slots__ = ("answered", "at", "body", "ops", "rescued", "shard", "timer")
+    __slots__ = ("answered", "at", "body", "on_done", "ops", "rescued", "shard", "timer")
 
     def __init__(self, ops: list[Pending], body: bytes, shard: str | None = None) -> None:
         self.ops = ops
@@ -126,6 +129,13 @@ class _Sent:
         self.at = 0.0  # time.monotonic() when it was sent
         self.answered = 0.0  # time.monotonic() when it was answered (0: not yet)
         self.rescued = False  # its ops were re-sent per shard after it held them back too long
+        self.on_done: Callable[[], None] | None = None  # Conn's window: called once, when answered, failed or rescued
+
+    def release(self) -> None:
+        """Give back the batch's place in its connection's window (once)."""
+        done, self.on_done = self.on_done, None
+        if done is not None:
+            done()
 
     def deliver(self, results: Any) -> None:
         """Resolve each op with its response message, or its error."""
@@ -148,6 +158,7 @@ class _Sent:
                 fut.set_result(getattr(result, field))
             except asyncio.InvalidStateError:
                 pass  # expired or cancelled meanwhile
+        self.release()  # last: the callers it woke run before the next batch leaves, and join it
 
     def fail(self, exc: BaseException) -> None:
         self.answered = time.monotonic()
@@ -157,6 +168,7 @@ class _Sent:
             fut = op[2]
             if not fut.done():
                 fut.set_exception(exc)
+        self.release()
 
 
 class _Stream:
@@ -252,7 +264,7 @@ class Conn:
                  timeout: float | None,
                  fetch_view: Callable[[], Awaitable[ClusterView | None]] | None = None,
                  hold_s: float = HOLD_S, address: str = "",
-                 metrics: BatchingMetrics | None = None) -> None:
+                 metrics: BatchingMetrics | None = None, window: int = WINDOW) -> None:
         self.address = address
         self.metrics = metrics or BatchingMetrics(Registry())
         self.stub = stub
@@ -276,6 +288,8 @@ class Conn:
         self._watch: asyncio.TimerHandle | None = None
         self._split: dict[str, float] = {}  # shard id -> when it was last seen holding ops back
         self._usual = 0.0  # the usual answer time of a batch (USUAL_WEIGHT)
+        self.window = window  # at most this many batches unanswered; later ops wait and coalesce
+        self._unanswered = 0
 
     def submit(self, field: str, request: Any, timeout: float | None) -> asyncio.Future[Any]:
         """One op into the next batch: a future of its response message (or its error),
@@ -302,8 +316,17 @@ class Conn:
 
     def _flush(self) -> None:
         self._scheduled = False
-        if self._pending:
+        if self._pending and self._unanswered < self.window:
             self._send_pending()
+
+    def _answered(self) -> None:
+        """A batch left the window: the ops that waited for room go now, with those of the
+        callers its answer woke (this runs after them, scheduled behind their wake-ups)."""
+        self._unanswered -= 1
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
 
     def _send_pending(self) -> None:
         """The pending ops as one batch; ops to a shard that held a batch back go apart, one
@@ -338,6 +361,9 @@ class Conn:
                 self._send(_Sent(ops, body, sid))
 
     def _send(self, sent: _Sent, earliest: float | None = None) -> None:
+        if sent.on_done is None:  # (a batch sent again after a fallback holds its place already)
+            self._unanswered += 1
+            sent.on_done = self._answered
         self.metrics.batches.inc(address=self.address)
         self.metrics.ops.inc(len(sent.ops), address=self.address)
         self._arm(sent, earliest)
@@ -404,6 +430,7 @@ class Conn:
                 break  # sent in order: the rest are younger
             if sent.answered:
                 continue
+            sent.release()  # held back: it no longer keeps later ops waiting for room
             if sent.shard is not None:
                 self._split[sent.shard] = now  # still slow
             elif not sent.rescued:
@@ -421,6 +448,7 @@ class Conn:
     def _rescue(self, held: list[_Sent], now: float) -> None:
         for sent in held:
             sent.rescued = True
+            sent.release()  # a held-back batch does not keep the others' ops waiting
             groups: dict[str, list[Pending]] = {}
             for p in sent.ops:
                 if not p[2].done():
