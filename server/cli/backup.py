@@ -366,6 +366,7 @@ def restore(stub: admin_pb2_grpc.AdminStub, backup: Backup, router: str = "",
     check_target(backup, stub.GetClusterMap(admin_pb2.GetClusterMapRequest(), timeout=30), router)
     calls: list[Any] = []
     lock = threading.Lock()
+    first: list[BaseException] = []  # errors in the order they came: the first is the cause
 
     def push(shard: dict[str, Any]) -> admin_pb2.RestoreResponse:
         task = progress.add_task(f"restore {shard['id']}", total=shard["bytes"]) if progress else None
@@ -377,7 +378,12 @@ def restore(stub: admin_pb2_grpc.AdminStub, backup: Backup, router: str = "",
         with lock:
             fut = stub.Restore.future(backup.chunks(shard, advance))
             calls.append(fut)
-        resp: admin_pb2.RestoreResponse = fut.result()
+        try:
+            resp: admin_pb2.RestoreResponse = fut.result()
+        except BaseException as e:
+            with lock:
+                first.append(e)
+            raise
         return resp
 
     with ThreadPoolExecutor(max_workers=len(backup.shards)) as pool:
@@ -388,10 +394,12 @@ def restore(stub: admin_pb2_grpc.AdminStub, backup: Backup, router: str = "",
                 for c in calls:
                     c.cancel()
             wait(futs)
-    errs = [f.exception() for f in futs if f.exception() is not None]
+    # The other shards' calls, cancelled once one failed, may end CANCELLED or, when the cancel
+    # meets their stream mid-way at the router, UNAVAILABLE: the error that came first is the cause.
+    errs = first or [e for e in (f.exception() for f in futs) if e is not None]
     real = [e for e in errs if not _cancelled(e)]
     if errs:
-        raise (real or errs)[0]  # type: ignore[misc]
+        raise (real or errs)[0]
     return [f.result() for f in futs]
 
 
