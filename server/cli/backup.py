@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -51,12 +52,31 @@ class BackupError(Exception):
 # ---- reading a backup ----
 
 
+class _Serialized(io.RawIOBase):
+    """A tar member read under the tar's lock: every member of a TarFile reads through its one
+    file object (seek, then read), so members read from several threads at once (a restore
+    sends every shard at once) must take turns, or one reads another's bytes."""
+
+    def __init__(self, f: IO[bytes], lock: threading.Lock) -> None:
+        self._f, self._lock = f, lock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        with self._lock:
+            data = self._f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
 class Source:
     """The files of a backup: a directory or a tar file of the same names."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._tar: tarfile.TarFile | None = None
+        self._lock = threading.Lock()
         if path.is_dir():
             return
         if not path.exists():
@@ -77,7 +97,7 @@ class Source:
             f = None
         if f is None:
             raise BackupError(self._missing(name))
-        return f
+        return io.BufferedReader(_Serialized(f, self._lock), 1 << 16)
 
     def _missing(self, name: str) -> str:
         if name == MANIFEST:
