@@ -2,7 +2,10 @@
 gains two write tokens, for namespaces `a` and `b`, and `[namespace.a] max_ops_per_s`. In
 interleaved rounds, tenant b runs a closed loop of puts alone, then with tenant a hammering
 far over its limit from another process (every call beyond it answered RESOURCE_EXHAUSTED).
-Prints b's ops/s alone and beside a, and what a got through and was refused.
+Tenant a uses the library's client: by default its Retry waits out each refusal, as a
+well-behaved caller does; `--a-retry none` makes it come straight back instead, as a caller
+that ignores the refusals would. Prints b's ops/s alone and beside a, and what a got through
+and was refused (refusals that reached a's callers, after their retries).
 
     .venv/bin/python benchmarks/tenant_bench.py                        # 3 rounds x 10 s
     .venv/bin/python benchmarks/tenant_bench.py --rounds 5 --limit 200 --json tenants.json
@@ -27,18 +30,20 @@ from typing import Any
 
 from rich.console import Console
 
-from shardstate import AsyncClient
+from shardstate import NO_RETRY, AsyncClient, Retry
 from shardstate.bench import procstat
 from shardstate.common.errors import LimitExceededError
 from shardstate.server import launch
 
 
 async def loop(router: str, token: str, namespace: str, callers: int, duration: float,
-               rate: float = 0.0) -> dict[str, int]:
+               rate: float = 0.0, retry: bool = True) -> dict[str, int]:
     """`callers` callers putting for `duration` s: as fast as answers come, or together at
-    `rate` calls/s (each on its own schedule, so a refused call does not speed the others)."""
+    `rate` calls/s (each on its own schedule, so a refused call does not speed the others).
+    `retry`: the client's default Retry (refusals waited out), else none."""
     done = {"ok": 0, "refused": 0}
-    async with AsyncClient(router, token=token, namespace=namespace, timeout=30) as c:
+    async with AsyncClient(router, token=token, namespace=namespace, timeout=30,
+                           retry=Retry() if retry else NO_RETRY) as c:
         end = time.monotonic() + duration
 
         async def caller(i: int) -> None:
@@ -58,7 +63,17 @@ async def loop(router: str, token: str, namespace: str, callers: int, duration: 
                 n += 1
 
         await asyncio.gather(*(caller(i) for i in range(callers)))
+    done["cpu_ms"] = int(time.process_time() * 1000)  # this process's, for the hammer's report
     return done
+
+
+def cpu_now(pids: dict[str, int]) -> dict[str, float]:
+    return {name: procstat.cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def cpu_per_s(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Each node's CPU in ms per wall second over a window."""
+    return {n: round((after[n] - before[n]) * 1000 / seconds) for n in before if n in after}
 
 
 def new_token(file: Path, namespace: str) -> str:
@@ -76,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hammer", type=int, default=64, help="tenant a's concurrent callers")
     p.add_argument("--offered", type=float, default=0.0,
                    help="tenant a's calls/s (0: a closed loop, as fast as the answers come)")
+    p.add_argument("--a-retry", choices=("default", "none"), default="default",
+                   help="tenant a's client: the default Retry (waits out refusals) or none")
     p.add_argument("--json", metavar="FILE")
     ns = p.parse_args(argv)
     console = Console()
@@ -90,26 +107,39 @@ def main(argv: list[str] | None = None) -> int:
             f.write(f"\n[namespace.a]\nmax_ops_per_s = {ns.limit}\n")
         time.sleep(3)  # the servers reload the file within a second or two
         asyncio.run(loop(router, tb, "b", ns.callers, 2.0))  # warm-up: b's sessions exist
+        pids = dev.node_pids()
         for rnd in range(1, ns.rounds + 1):
+            c0 = cpu_now(pids)
             alone = asyncio.run(loop(router, tb, "b", ns.callers, ns.duration))
+            c1 = cpu_now(pids)
             hammer = subprocess.Popen([sys.executable, __file__, "--hammer-only", router, ta, str(ns.hammer),
-                                       str(ns.duration + 2), str(ns.offered)], stdout=subprocess.PIPE, text=True)
+                                       str(ns.duration + 2), str(ns.offered), ns.a_retry], stdout=subprocess.PIPE, text=True)
             time.sleep(1.0)  # a's load is on before b's window opens
+            c2 = cpu_now(pids)
             beside = asyncio.run(loop(router, tb, "b", ns.callers, ns.duration))
+            c3 = cpu_now(pids)
             out, _ = hammer.communicate(timeout=ns.duration * 3 + 60)
             a = json.loads(out.strip().splitlines()[-1])
             row = {"round": rnd, "b_alone_ops_s": alone["ok"] / ns.duration,
                    "b_beside_ops_s": beside["ok"] / ns.duration, "b_refused": alone["refused"] + beside["refused"],
-                   "a_ok_ops_s": a["ok"] / (ns.duration + 2), "a_refused": a["refused"]}
+                   "a_ok_ops_s": a["ok"] / (ns.duration + 2), "a_refused": a["refused"],
+                   "cpu_ms_per_s_alone": cpu_per_s(c0, c1, ns.duration),
+                   "cpu_ms_per_s_beside": cpu_per_s(c2, c3, ns.duration),
+                   "a_client_cpu_ms_per_s": round(a["cpu_ms"] / (ns.duration + 2))}
             rows.append(row)
             console.print(f"round {rnd}: b alone {row['b_alone_ops_s']:,.0f} ops/s, beside a "
                           f"{row['b_beside_ops_s']:,.0f} ({row['b_beside_ops_s'] / row['b_alone_ops_s']:.2f}x); "
                           f"a got {row['a_ok_ops_s']:,.0f}/s through, {a['refused']:,} refused")
+            alone_cpu, beside_cpu = row["cpu_ms_per_s_alone"], row["cpu_ms_per_s_beside"]
+            console.print("  CPU ms/s alone -> beside: " + ", ".join(
+                f"{n} {alone_cpu[n]}->{beside_cpu[n]}" for n in sorted(alone_cpu))
+                + f"; a's client {row['a_client_cpu_ms_per_s']}")
     finally:
         dev.terminate()
     alone_m = statistics.median(r["b_alone_ops_s"] for r in rows)
     beside_m = statistics.median(r["b_beside_ops_s"] for r in rows)
     offered = f"{ns.offered:,.0f} calls/s" if ns.offered else f"a closed loop of {ns.hammer} callers"
+    offered += ", retrying" if ns.a_retry == "default" else ", not retrying"
     console.print(f"median: b alone {alone_m:,.0f} ops/s, beside a at its limit {beside_m:,.0f} "
                   f"({beside_m / alone_m:.2f}x); a's limit {ns.limit}/s per process, a offered {offered}")
     m = procstat.machine()
@@ -120,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 7 and sys.argv[1] == "--hammer-only":
-        _, _, r, t, n, d, rate = sys.argv
-        print(json.dumps(asyncio.run(loop(r, t, "a", int(n), float(d), float(rate)))))
+    if len(sys.argv) == 8 and sys.argv[1] == "--hammer-only":
+        _, _, r, t, n, d, rate, retry = sys.argv
+        print(json.dumps(asyncio.run(loop(r, t, "a", int(n), float(d), float(rate), retry == "default"))))
         sys.exit(0)
     sys.exit(main())

@@ -19,12 +19,13 @@ from shardstate.common.errors import (
     HistoryCompactedError,
     InvalidArgumentError,
     NotFoundError,
+    RateLimitedError,
     ShardstateError,
     UnavailableError,
 )
 from shardstate.common.records import Change, Entry, Record, SessionInfo
 from shardstate.direct import DirectRoutes
-from shardstate.retry import Retry
+from shardstate.retry import Retry, on_tick
 from shardstate.v1 import state_pb2
 from shardstate.versions import UNKNOWN, VersionCache, _Unknown
 
@@ -172,6 +173,8 @@ class ClientCore:
             raise exc
         if unavailable and self.pool.other_up(address):
             return 0.0  # another address can take the retry at once
+        if isinstance(exc, RateLimitedError):
+            return on_tick(delay)  # the throttled callers' retries wake together: one batch
         return delay
 
     def succeeded(self, address: str) -> None:

@@ -5,12 +5,19 @@ An injected policy object (as in redis-py): `Client(addrs, retry=Retry(attempts=
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shardstate.common.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from shardstate.common.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    RateLimitedError,
+    UnavailableError,
+)
 
 
 class Backoff(Protocol):
@@ -56,7 +63,10 @@ class ExponentialBackoff:
 
 
 def _default_retry_on() -> tuple[type[BaseException], ...]:
-    return (UnavailableError, DeadlineExceededError)
+    # RateLimitedError: over a namespace's max_ops_per_s. Waiting it out (with the backoff's
+    # jitter) turns a throttled caller's burst of refusals into a few spaced attempts, so it
+    # runs at about its limit instead of spending the servers' CPU on refusals.
+    return (UnavailableError, DeadlineExceededError, RateLimitedError)
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,10 @@ class Retry:
     """`attempts` counts every try, the first included (1 = never retry).
 
     Retrying is safe for every call the library makes: reads are idempotent and every
-    mutation carries one request_id for all its attempts, so the shard applies it once."""
+    mutation carries one request_id for all its attempts, so the shard applies it once.
+    By default it retries UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED over
+    `max_ops_per_s` (`RateLimitedError`); never the other limits, which do not pass by
+    waiting. An explicit `batch()` gives each op's error in place and retries none."""
 
     attempts: int = 6
     backoff: Backoff = field(default_factory=ExponentialBackoff)
@@ -87,3 +100,15 @@ class Retry:
 
 
 NO_RETRY = Retry(attempts=1, backoff=NoBackoff())
+
+# A throttled call's retry waits until the next multiple of this on the monotonic clock (the
+# asyncio loop's clock): the retries of one client's throttled callers then wake together and
+# leave in one batch, not one message each, which is what a refusal costs the servers and the
+# client most (benchmarks/RESULTS.md, 2026-12-03, tenants).
+THROTTLE_TICK_S = 0.05
+
+
+def on_tick(delay: float, tick: float = THROTTLE_TICK_S) -> float:
+    """`delay`, lengthened to end on the next multiple of `tick` of time.monotonic()."""
+    now = time.monotonic()
+    return math.ceil((now + delay) / tick) * tick - now

@@ -22,7 +22,14 @@ from shardstate.common.errors import (
     UnavailableError,
 )
 from shardstate.operations import Attempt, Call, ClientCore, SessionCore, Sleep, resume
-from shardstate.retry import ConstantBackoff, ExponentialBackoff, NoBackoff, Retry
+from shardstate.retry import (
+    THROTTLE_TICK_S,
+    ConstantBackoff,
+    ExponentialBackoff,
+    NoBackoff,
+    Retry,
+    on_tick,
+)
 from shardstate.txn import Txn
 from shardstate.v1 import state_pb2, types_pb2
 from shardstate.versions import UNKNOWN, VersionCache
@@ -59,6 +66,21 @@ def test_retry_policy_decides_by_error_kind_and_attempts() -> None:
     only = Retry(attempts=5, backoff=NoBackoff(), retry_on=(NotFoundError,))
     assert only.delay(NotFoundError("x"), 1) == 0.0
     assert only.delay(UnavailableError("x"), 1) is None
+
+
+def test_only_the_ops_per_s_limit_is_retried_and_its_retries_wake_on_a_shared_tick() -> None:
+    r = Retry(attempts=3, backoff=ConstantBackoff(0.25))
+    rate = errors.from_status(8, "over", [types_pb2.LimitExceeded(limit="max_ops_per_s", value=5, actual=6)])
+    size = errors.from_status(8, "big", [types_pb2.LimitExceeded(limit="max_value_bytes", value=5, actual=6)])
+    assert isinstance(rate, errors.RateLimitedError) and isinstance(rate, errors.LimitExceededError)
+    assert type(size) is errors.LimitExceededError
+    assert r.delay(rate, 1) == 0.25 and r.delay(rate, 3) is None
+    assert r.delay(size, 1) is None  # a size limit does not pass by waiting
+    for delay in (0.0, 0.01, 0.05, 0.3):
+        wait = on_tick(delay)
+        end = time.monotonic() + wait
+        assert delay - 1e-3 <= wait <= delay + THROTTLE_TICK_S + 1e-3
+        assert abs(end / THROTTLE_TICK_S - round(end / THROTTLE_TICK_S)) < 0.02  # ends on a tick
 
 
 # ---- codec ----

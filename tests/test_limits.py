@@ -5,13 +5,14 @@ write that would pass them, storing nothing. Counts are asserted, never duration
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from shardstate import Client
+from shardstate import NO_RETRY, AsyncClient, Client, Retry
 from shardstate.common import errors
 from shardstate.common.authwire import with_token
 from shardstate.v1 import replication_pb2, replication_pb2_grpc, state_pb2, state_pb2_grpc
@@ -44,8 +45,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthCluster]:
         procs.close()
 
 
-def client(c: AuthCluster, token: str, ns: str) -> Client:
-    return Client(c.router.address, token=token, namespace=ns)
+def client(c: AuthCluster, token: str, ns: str, retry: Retry | None = None) -> Client:
+    return Client(c.router.address, token=token, namespace=ns, retry=retry or Retry())
 
 
 def batch_of_gets(address: str, token: str, ns: str, n: int) -> state_pb2.BatchResponse:
@@ -87,7 +88,7 @@ def test_over_max_ops_per_s_an_op_gets_resource_exhausted_naming_the_limit(clust
         r = refused[0]
         assert "'slow'" in r.message and "max_ops_per_s=5" in r.message
         assert r.limit_exceeded.limit == "max_ops_per_s" and r.limit_exceeded.value == 5
-    with client(cluster, SLOW, "slow") as c:
+    with client(cluster, SLOW, "slow", retry=NO_RETRY) as c:  # a client that does not wait it out
         seen: list[errors.LimitExceededError] = []
         for _ in range(200):
             try:
@@ -95,7 +96,31 @@ def test_over_max_ops_per_s_an_op_gets_resource_exhausted_naming_the_limit(clust
             except errors.LimitExceededError as e:
                 seen.append(e)
                 break
-        assert seen and seen[0].limit == "max_ops_per_s" and "'slow'" in seen[0].message
+        assert seen and isinstance(seen[0], errors.RateLimitedError)
+        assert seen[0].limit == "max_ops_per_s" and "'slow'" in seen[0].message
+
+
+def test_the_default_retry_waits_out_max_ops_per_s_and_every_call_lands(cluster: AuthCluster) -> None:
+    # 5 ops/s: 12 puts in a row from one client and 10 at once from an async one go past the
+    # bucket; with the default Retry each refused call waits and tries again, and none fails.
+    sid = uid("ride")
+    with client(cluster, SLOW, "slow") as c:
+        s = c.session(sid)
+        for i in range(12):
+            s.put("k", str(i))
+
+    async def at_once() -> list[object]:
+        async with AsyncClient(cluster.router.address, token=SLOW, namespace="slow") as ac:
+            return await asyncio.gather(*(ac.session(f"ride-{i}").put("k", str(i)) for i in range(10)),
+                                        return_exceptions=True)
+
+    out = asyncio.run(at_once())
+    assert [type(r).__name__ for r in out if isinstance(r, BaseException)] == []
+    with client(cluster, SLOW, "slow") as c:
+        rec = c.session(sid).get("k")
+        assert rec is not None and rec.value == b"11"
+        got = [c.session(f"ride-{i}").get("k") for i in range(10)]
+        assert [r.value if r else None for r in got] == [str(i).encode() for i in range(10)]
 
 
 def test_a_throttled_tenant_does_not_stop_another_tenants_calls(cluster: AuthCluster) -> None:

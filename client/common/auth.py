@@ -30,8 +30,8 @@ from typing import Any
 
 from shardstate.common.errors import (
     InvalidArgumentError,
-    LimitExceededError,
     PermissionDeniedError,
+    RateLimitedError,
     ShardstateError,
     UnauthenticatedError,
 )
@@ -244,12 +244,12 @@ class TokenBucket:
         return False
 
 
-def over_rate(namespace: str, rate: float) -> LimitExceededError:
+def over_rate(namespace: str, rate: float) -> RateLimitedError:
     shown = int(rate) if rate == int(rate) else rate
-    return LimitExceededError(
+    return RateLimitedError(
         f"namespace {namespace!r} is over its limit max_ops_per_s={shown} (ops per second, on this "
         "router or shard); nothing was done, retry later",
-        detail=types_pb2.LimitExceeded(limit="max_ops_per_s", value=int(rate), actual=int(rate) + 1))
+        detail=types_pb2.LimitExceeded(limit=RateLimitedError.RATE_LIMIT, value=int(rate), actual=int(rate) + 1))
 
 
 # ---- the source: file and environment, reloaded on change ----
@@ -364,7 +364,7 @@ class Authorizer:
     def limits(self, namespace: str) -> NamespaceLimits | None:
         return self.source.current().limits.get(namespace)
 
-    def admit(self, namespace: str, n: float = 1.0) -> LimitExceededError | None:
+    def admit(self, namespace: str, n: float = 1.0) -> RateLimitedError | None:
         """None, or the error for an op over the namespace's ops/s in this process."""
         lim = self.source.table.limits.get(namespace)  # current() ran in grant()
         if lim is None or not lim.max_ops_per_s:

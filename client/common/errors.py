@@ -59,6 +59,14 @@ class LimitExceededError(ShardstateError):
         return self.detail.limit if self.detail is not None else ""
 
 
+class RateLimitedError(LimitExceededError):
+    """Over a namespace's `max_ops_per_s`. Unlike the other limits it passes by itself (the
+    bucket refills), so the client's default `Retry` waits and tries again, as AWS SDKs do
+    with throttling; it reaches the caller when the attempts are used up."""
+
+    RATE_LIMIT: ClassVar[str] = "max_ops_per_s"
+
+
 class NotFoundError(ShardstateError, LookupError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -225,6 +233,8 @@ def from_status(code: grpc.StatusCode | int, message: str, details: list[Any] | 
         code = code_from_int(code)
     for d in details or []:
         cls = DETAIL_TO_ERROR.get(type(d))
+        if cls is LimitExceededError and d.limit == RateLimitedError.RATE_LIMIT:
+            cls = RateLimitedError
         if cls is not None:
             return cls(message, detail=d)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
