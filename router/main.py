@@ -60,6 +60,7 @@ class Router:
         seeds = [s.strip() for s in cfg.seeds.split(",") if s.strip()]
         self.maps = MapHolder(self.nodes, seeds, cfg.cluster, cfg.refresh_interval_s)
         self.metrics = Registry()  # the process's one registry (docs/design.md §9)
+        auth.export_refusals(self.metrics, self.auth)
         self.links = ShardLinks(self.nodes, self.metrics, use_pipeline=cfg.shard_pipeline,
                                 max_ops=cfg.max_batch_ops, max_bytes=cfg.max_request_bytes)
         self.fwd = Forwarder(self.maps, self.nodes, cfg.max_hops, cfg.forward_timeout_s,

@@ -142,6 +142,7 @@ async def _serve(cfg: ShardConfig, engine: Engine) -> int:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     opmetrics.data_gauges(node, node.metrics)
+    auth.export_refusals(node.metrics, authorizer)
     engine.on_sweep = opmetrics.sweep_counters(node.metrics)
     try:
         metrics = await promexport.start_for(node.metrics, cfg.metrics_port, cfg.metrics_host, cfg.port_file)

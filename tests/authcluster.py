@@ -27,7 +27,8 @@ class AuthCluster:
     """`shards` primaries (s1..), `replicas` replicas of s1, one router; all with auth on."""
 
     def __init__(self, procs: Procs, tokens: Mapping[str, tuple[str, Sequence[str]]], limits: str = "",
-                 shards: int = 2, replicas: int = 0, shard_args: Sequence[str] = ()) -> None:
+                 shards: int = 2, replicas: int = 0, shard_args: Sequence[str] = (),
+                 router_args: Sequence[str] = ()) -> None:
         self.procs = procs
         self.tokens = dict(tokens)
         self.limits = limits
@@ -40,7 +41,7 @@ class AuthCluster:
         self.shards: list[Proc] = [procs.shard(f"s{i}", *args, *shard_args) for i in range(1, shards + 1)]
         self.replicas: list[Proc] = [procs.shard("s1", "--replica-of", self.shards[0].address, *args, *shard_args)
                                      for _ in range(replicas)]
-        self.router = procs.router([s.address for s in self.shards + self.replicas], *args)
+        self.router = procs.router([s.address for s in self.shards + self.replicas], *args, *router_args)
 
     def write(self) -> None:
         write_token_file(self.token_file, self.tokens, self.limits)

@@ -6,7 +6,9 @@ write that would pass them, storing nothing. Counts are asserted, never duration
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -17,7 +19,7 @@ from shardstate.common import errors
 from shardstate.common.authwire import with_token
 from shardstate.v1 import replication_pb2, replication_pb2_grpc, state_pb2, state_pb2_grpc
 from tests.authcluster import CLUSTER_TOKEN, AuthCluster
-from tests.procs import Procs
+from tests.procs import Proc, Procs
 from tests.stubs import uid, wait_until
 
 T = 30.0
@@ -40,7 +42,8 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthCluster]:
     procs = Procs(tmp_path_factory.mktemp("limits"))
     try:
-        yield AuthCluster(procs, TOKENS, LIMITS, shards=2)
+        metrics = ("--metrics-port", "0")
+        yield AuthCluster(procs, TOKENS, LIMITS, shards=2, shard_args=metrics, router_args=metrics)
     finally:
         procs.close()
 
@@ -152,6 +155,44 @@ def test_a_throttled_tenant_does_not_stop_another_tenants_calls(cluster: AuthClu
             t.join()
     assert ok == 100
     assert slow_refused[0] > 0
+
+
+def test_refusals_are_counted_by_reason_in_metrics_without_a_token_or_namespace(cluster: AuthCluster) -> None:
+    router, shard = cluster.router, cluster.shards[0]
+    before, shard_before = refusals(router), refusals(shard)
+    for _ in range(2):  # no token: UNAUTHENTICATED
+        with grpc.insecure_channel(router.address) as ch, pytest.raises(grpc.RpcError) as info:
+            state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(namespace="fast", session_id="s", key="k"), timeout=T)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with client(cluster, FAST, "fast", retry=NO_RETRY) as c:  # a namespace not granted, 3 times
+        for i in range(3):
+            with pytest.raises(errors.PermissionDeniedError):
+                c.session(f"x{i}", namespace="slow").get("k")
+    resp = batch_of_gets(router.address, SLOW, "slow", 50)
+    over = sum(r.code == EXHAUSTED for r in resp.results)
+    with grpc.insecure_channel(shard.address) as ch, pytest.raises(grpc.RpcError):  # at a shard (direct mode)
+        state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(namespace="fast", session_id="s", key="k"), timeout=T)
+    after, shard_after = refusals(router), refusals(shard)
+    assert over >= 44
+    assert {r: after[r] - before[r] for r in after} == {"unauthenticated": 2, "permission_denied": 3, "rate_limited": over}
+    assert {r: shard_after[r] - shard_before[r] for r in shard_after} == {
+        "unauthenticated": 1, "permission_denied": 0, "rate_limited": 0}
+    text = metrics_text(router) + metrics_text(shard)
+    assert SLOW not in text and FAST not in text and "namespace=" not in text.split("shardstate_auth_refusals")[1][:400]
+
+
+def metrics_text(node: Proc) -> str:
+    with urllib.request.urlopen(f"http://{node.metrics_address()}/metrics", timeout=T) as resp:
+        return str(resp.read().decode())
+
+
+def refusals(node: Proc) -> dict[str, float]:
+    out = dict.fromkeys(("unauthenticated", "permission_denied", "rate_limited"), 0.0)
+    for line in metrics_text(node).splitlines():
+        m = re.match(r'shardstate_auth_refusals_total\{reason="(\w+)"\} ([0-9.e+]+)$', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
 
 
 def test_max_sessions_refuses_the_write_that_would_pass_it_and_stores_nothing(cluster: AuthCluster) -> None:

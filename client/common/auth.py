@@ -35,6 +35,7 @@ from shardstate.common.errors import (
     ShardstateError,
     UnauthenticatedError,
 )
+from shardstate.common.metrics import Registry
 from shardstate.v1 import types_pb2
 
 log = logging.getLogger("shardstate.auth")
@@ -49,6 +50,7 @@ RELOAD_CHECK_S = 1.0
 MIN_CLUSTER_TOKEN_CHARS = 16
 MAX_BUCKETS = 100_000
 LIMIT_KEYS = ("max_sessions", "max_bytes", "max_ops_per_s")
+REFUSAL_REASONS = ("unauthenticated", "permission_denied", "rate_limited")
 
 # What each State method and each BatchOp needs.
 METHOD_ROLE = {
@@ -328,6 +330,12 @@ class Authorizer:
         self._seen: dict[str, Grant] = {}  # token -> grant, for the current table
         self._seen_table: Table | None = None
         self._buckets: dict[str, TokenBucket] = {}
+        # calls and ops refused here, by reason (shardstate_auth_refusals_total; never a
+        # token, a token's name or a namespace as a label)
+        self.refusals: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+
+    def refused(self, reason: str) -> None:
+        self.refusals[reason] += 1
 
     @property
     def has_cluster_token(self) -> bool:
@@ -336,6 +344,7 @@ class Authorizer:
     def grant(self, token: str | None) -> Grant:
         """The grant of `token`; UNAUTHENTICATED when there is none or it is unknown."""
         if not token:
+            self.refusals["unauthenticated"] += 1
             raise UnauthenticatedError("this call needs a token: send 'authorization: Bearer TOKEN' "
                                        "(Client(token=...) or SHARDSTATE_TOKEN)")
         table = self.source.current()
@@ -351,6 +360,7 @@ class Authorizer:
         else:
             found = table.grants.get(digest)
             if found is None:
+                self.refusals["unauthenticated"] += 1
                 raise UnauthenticatedError("the token is not known here (revoked, mistyped, or for another cluster)")
             g = found
         if len(self._seen) >= 10_000:
@@ -376,6 +386,23 @@ class Authorizer:
                 self._buckets.clear()
             b = self._buckets[namespace] = TokenBucket(lim.max_ops_per_s, now)
         return None if b.take(now, n) else over_rate(namespace, lim.max_ops_per_s)
+
+
+def export_refusals(registry: Registry, authorizer: Authorizer | None) -> None:
+    """shardstate_auth_refusals_total{reason} of a router or shard with auth on: calls and
+    ops refused UNAUTHENTICATED, PERMISSION_DENIED, or RESOURCE_EXHAUSTED over max_ops_per_s
+    (each op of a Batch or Pipeline message counts one)."""
+    if authorizer is None:
+        return
+    c = registry.counter("shardstate_auth_refusals_total",
+                         "calls and ops refused here: unauthenticated, permission_denied, rate_limited", ("reason",))
+
+    def collect() -> None:
+        for reason, n in authorizer.refusals.items():
+            c.values[(("reason", reason),)] = float(n)
+
+    collect()
+    registry.on_collect(collect)
 
 
 def denied(grant: Grant, namespace: str, role: int, what: str) -> PermissionDeniedError | None:
@@ -411,8 +438,12 @@ class Gate:
         namespace = namespace or "default"
         err = denied(g, namespace, role, what)
         if err is not None:
+            self.auth.refused("permission_denied")
             return err
-        return self.auth.admit(namespace)
+        over = self.auth.admit(namespace)
+        if over is not None:
+            self.auth.refused("rate_limited")
+        return over
 
     def call(self, namespace: str, role: int, what: str) -> None:
         err = self.op(namespace, role, what)
@@ -423,8 +454,10 @@ class Gate:
         """The method-level check (`method_role`): raises PERMISSION_DENIED naming the role."""
         g = self.grant
         if need == CLUSTER and not g.cluster:
+            self.auth.refused("permission_denied")
             raise PermissionDeniedError(f"{method} is a node-to-node call: only the cluster token may make it")
         if need > ANY and g.role < need and not g.cluster:
+            self.auth.refused("permission_denied")
             raise PermissionDeniedError(
                 f"{method} needs the {ROLE_NAMES[need]} role; the token's role is {ROLE_NAMES[g.role]}; nothing was done")
 
