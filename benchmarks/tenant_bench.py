@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ss-tenants-"))
     dev = launch.Dev(work / "data", "--shards", "2", "--replicas", "1", "--auth", log_path=work / "dev.log")
     rows: list[dict[str, Any]] = []
+    # one event loop for every window: grpc.aio's poller outlives a loop that asyncio.run closed
+    # and would call into it ("Event loop is closed")
+    runner = asyncio.Runner()
     try:
         router = dev.wait_router(120)
         tokens_file = work / "data" / "tokens.toml"
@@ -106,17 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         with tokens_file.open("a") as f:
             f.write(f"\n[namespace.a]\nmax_ops_per_s = {ns.limit}\n")
         time.sleep(3)  # the servers reload the file within a second or two
-        asyncio.run(loop(router, tb, "b", ns.callers, 2.0))  # warm-up: b's sessions exist
+        runner.run(loop(router, tb, "b", ns.callers, 2.0))  # warm-up: b's sessions exist
         pids = dev.node_pids()
         for rnd in range(1, ns.rounds + 1):
             c0 = cpu_now(pids)
-            alone = asyncio.run(loop(router, tb, "b", ns.callers, ns.duration))
+            alone = runner.run(loop(router, tb, "b", ns.callers, ns.duration))
             c1 = cpu_now(pids)
             hammer = subprocess.Popen([sys.executable, __file__, "--hammer-only", router, ta, str(ns.hammer),
                                        str(ns.duration + 2), str(ns.offered), ns.a_retry], stdout=subprocess.PIPE, text=True)
             time.sleep(1.0)  # a's load is on before b's window opens
             c2 = cpu_now(pids)
-            beside = asyncio.run(loop(router, tb, "b", ns.callers, ns.duration))
+            beside = runner.run(loop(router, tb, "b", ns.callers, ns.duration))
             c3 = cpu_now(pids)
             out, _ = hammer.communicate(timeout=ns.duration * 3 + 60)
             a = json.loads(out.strip().splitlines()[-1])
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{n} {alone_cpu[n]}->{beside_cpu[n]}" for n in sorted(alone_cpu))
                 + f"; a's client {row['a_client_cpu_ms_per_s']}")
     finally:
+        runner.close()
         dev.terminate()
     alone_m = statistics.median(r["b_alone_ops_s"] for r in rows)
     beside_m = statistics.median(r["b_beside_ops_s"] for r in rows)
