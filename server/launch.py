@@ -28,6 +28,7 @@ from shardstate.common import portfile, tls
 from shardstate.common.supervision import PR_SET_PDEATHSIG
 
 READY_TIMEOUT_S = 60.0
+SERVING = "SERVING"  # what health() returns for a node that serves
 POLL_S = 0.05
 
 
@@ -36,19 +37,26 @@ def shardstate_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "shardstate.server.cli", *args]
 
 
-def healthy(address: str, service: str = "", timeout: float = 2.0,
-            files: tls.TlsFiles | None = tls.PROCESS) -> bool:
-    """True when `address` answers grpc.health.v1 Check(service) with SERVING (over TLS with
-    `files`; default: this process's TLS setting)."""
+def health(address: str, service: str = "", timeout: float = 2.0,
+           files: tls.TlsFiles | None = tls.PROCESS) -> str:
+    """What `address` answers grpc.health.v1 Check(service) (over TLS with `files`; default:
+    this process's TLS setting): SERVING, NOT_SERVING …, or the call's error code and message."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with tls.channel(address, tls=files) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                         timeout=timeout)
-        except grpc.RpcError:
-            return False
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.RpcError as e:
+            return f"{e.code().name}: {e.details()}"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
+def healthy(address: str, service: str = "", timeout: float = 2.0,
+            files: tls.TlsFiles | None = tls.PROCESS) -> bool:
+    """True when `address` answers grpc.health.v1 Check(service) with SERVING."""
+    return health(address, service, timeout, files) == SERVING
+
 
 
 def tls_args(files: tls.TlsFiles) -> list[str]:

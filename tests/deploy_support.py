@@ -1,11 +1,16 @@
-"""The deployment files as tests read them: the Kustomize base of deploy/k8s rendered in
-Python (kustomization.yaml's resources, loaded in order), deploy/k8s/render.py imported, the
-containers of each workload, and the flags each process accepts."""
+"""The deployment files as tests read them: deploy/k8s's kustomizations built in Python (their
+resources loaded in order, then their RFC 6902 patches applied: all that render.py writes uses;
+tests/test_deploy_manifests.py checks this against `kubectl kustomize` where kubectl is
+installed), deploy/k8s/render.py imported, the containers of each workload, and the flags each
+process (and the probes' `shardstate health`) accepts."""
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import importlib.util
+import shlex
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -13,10 +18,12 @@ from typing import Any
 import yaml
 
 from shardstate.router.config import RouterConfig
+from shardstate.server.cli import health
 from shardstate.server.config import ShardConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
+SECURE = K8S / "secure"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 # Flags the manifests give that issue 18's metrics work adds to both configs
 # (shardstate.common.obsconfig); until that is on this branch a process is started without them
@@ -34,14 +41,44 @@ def render_module(path: Path = K8S / "render.py") -> ModuleType:
     return mod
 
 
-def build(base: Path = K8S) -> list[dict[str, Any]]:
-    """`kustomize build` of a base that only lists resources: every document, in order."""
-    kust = yaml.safe_load((base / "kustomization.yaml").read_text())
-    assert set(kust) <= {"apiVersion", "kind", "resources"}, "the base uses only resources"
+def build(root: Path = K8S) -> list[dict[str, Any]]:
+    """`kustomize build` of a kustomization of resources (files, or directories of another
+    kustomization) and patches (RFC 6902 ops, a target kind and name each): every document."""
+    kust = yaml.safe_load((root / "kustomization.yaml").read_text())
+    assert set(kust) <= {"apiVersion", "kind", "resources", "patches"}, "only resources and patches"
     docs: list[dict[str, Any]] = []
     for res in kust["resources"]:
-        docs += [d for d in yaml.safe_load_all((base / res).read_text()) if d]
+        path = root / res
+        docs += build(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in kust.get("patches", []):
+        target = patch["target"]
+        assert set(target) <= {"group", "version", "kind", "name"}, target
+        (doc,) = [d for d in docs if (d["kind"], d["metadata"]["name"]) == (target["kind"], target["name"])]
+        for op in yaml.safe_load((root / patch["path"]).read_text()):
+            json_patch(doc, op)
     return docs
+
+
+def json_patch(doc: dict[str, Any], op: dict[str, Any]) -> None:
+    """One RFC 6902 operation (test, add, replace, remove) applied to `doc` in place."""
+    *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+    node: Any = doc
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    key: Any = (len(node) if last == "-" else int(last)) if isinstance(node, list) else last
+    kind, value = op["op"], copy.deepcopy(op.get("value"))
+    if kind == "test":
+        assert node[key] == value, f"test {op['path']}: {node[key]!r} != {value!r}"
+    elif kind == "remove":
+        del node[key]
+    elif kind == "add" and isinstance(node, list):
+        node.insert(key, value)
+    elif kind in ("add", "replace"):
+        if kind == "replace":
+            assert node[key] is not None  # replace needs the member there (IndexError, KeyError)
+        node[key] = value
+    else:
+        raise AssertionError(f"no op {kind} ({op['path']})")
 
 
 def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -58,3 +95,23 @@ def flags(config_cls: type) -> set[str]:
 
 
 FLAGS = {"shard": flags(ShardConfig), "router": flags(RouterConfig)}
+
+
+def health_args(probe: dict[str, Any]) -> list[str]:
+    """The arguments of `shardstate health` in an exec probe, run directly or by `sh -c 'exec
+    shardstate health ...'` (variables left as written)."""
+    command = probe["exec"]["command"]
+    if command[:2] == ["sh", "-c"]:
+        command = shlex.split(command[2])
+        assert command[0] == "exec", command  # sh replaced by the check: its exit status is the probe's
+        command = command[1:]
+    assert command[:2] == ["shardstate", "health"], command
+    return list(command[2:])
+
+
+def health_flags(args: list[str]) -> argparse.Namespace:
+    """What `shardstate health` makes of `args` (AssertionError when it would refuse them)."""
+    try:
+        return health.parser().parse_args(args)
+    except SystemExit:
+        raise AssertionError(f"shardstate health refuses {args}") from None

@@ -1,138 +1,25 @@
 """The manifests' processes form a working cluster: every pod of deploy/k8s (rendered for two
 shard groups of a primary and one replica, and two routers) runs as a real process with exactly
-its container's arguments, after what the kubelet and the cluster's DNS would do to them:
-
-- `$(POD_NAME)`, `$(POD_NAMESPACE)` expanded from the pod's downward-API env;
-- each pod gets its own loopback address, 127.B.C.n with B.C chosen per run (Linux routes all
-  of 127.0.0.0/8 to loopback), and its DNS name `pod.service.ns.svc.cluster.local` in the
-  arguments is replaced by that address, `0.0.0.0` too (gRPC resolves those names itself);
-- the Service names the routers seed with stay names, resolved through SHARDSTATE_HOSTS_FILE
-  to every pod behind them, as a headless Service resolves (router/seeds.py);
-- the volume's mount path is a temporary directory per pod.
-Ports are the manifests' own (7401, 7400): the addresses are new each run.
+its container's arguments, after what the kubelet and the cluster's DNS would do to them
+(tests/deploy_pods.py: each pod on its own 127.B.C.n address, which stands for its DNS name).
+The secure overlay's pods: tests/test_deploy_cluster_secure.py.
 """
 
 from __future__ import annotations
 
-import random
-import re
-import socket
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
 from shardstate import Client
 from shardstate.common.clustermap import ClusterView
-from shardstate.router.seeds import HOSTS_FILE_ENV
-from shardstate.server import launch
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
-from tests.deploy_support import PENDING_FLAGS, build, container, of_kind, render_module
+from tests.deploy_pods import Pod, pods_of, running
+from tests.deploy_support import PENDING_FLAGS, build, render_module
 from tests.replicas import cluster_map, status, wait_converged, wait_for
-
-NAMESPACE = "store"
-DOMAIN = "svc.cluster.local"
-
-
-@dataclass
-class Pod:
-    name: str
-    workload: dict[str, Any]
-    host: str
-    dns: str = ""  # its stable name, for StatefulSet pods
-    node: launch.Node | None = field(default=None, repr=False)
-
-    @property
-    def kind(self) -> str:
-        return str(container(self.workload)["args"][0])
-
-
-class PodProcess(launch.Node):
-    """A node started with the pod's arguments as they are, on the pod's own address."""
-
-    def __init__(self, pod: Pod, args: list[str], tmp: Path, hosts_file: Path) -> None:
-        super().__init__(pod.kind, args, port_file=tmp / f"{pod.name}.port", log_path=tmp / f"{pod.name}.log",
-                         name=pod.name, env={HOSTS_FILE_ENV: str(hosts_file)})
-        self.host = pod.host
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def command(self, listen: str, extra: Any = ()) -> list[str]:
-        return launch.shardstate_cmd(*self.args, "--port-file", str(self.port_file))
-
-
-def loopback_base() -> str:
-    """127.B.C, unused by anything listening on the manifests' ports."""
-    for _ in range(50):
-        base = f"127.{random.randrange(16, 250)}.{random.randrange(256)}"
-        try:
-            for port in (7400, 7401):
-                with socket.socket() as s:
-                    s.bind((f"{base}.1", port))
-        except OSError:
-            continue
-        return base
-    raise AssertionError("no free loopback range")
-
-
-def pods_of(docs: list[dict[str, Any]]) -> list[Pod]:
-    base, pods = loopback_base(), []
-    for w in of_kind(docs, "StatefulSet") + of_kind(docs, "Deployment"):
-        for i in range(w["spec"]["replicas"]):
-            name = f"{w['metadata']['name']}-{i}"
-            dns = f"{name}.{w['spec']['serviceName']}.{NAMESPACE}.{DOMAIN}" if w["kind"] == "StatefulSet" else ""
-            pods.append(Pod(name, w, f"{base}.{len(pods) + 1}", dns))
-    return pods
-
-
-def hosts_text(pods: list[Pod]) -> str:
-    """Each pod's name, and each headless Service's name on a line per pod behind it."""
-    lines = []
-    for p in pods:
-        if p.dns:
-            service = p.dns.split(".", 1)[1]
-            lines.append(f"{p.host} {p.dns} {service}")
-    return "\n".join(lines) + "\n"
-
-
-def kubelet_args(pod: Pod, pods: list[Pod], tmp: Path) -> list[str]:
-    """The container's args as the process would get them in the pod, on this machine."""
-    c = container(pod.workload)
-    env = {"metadata.name": pod.name, "metadata.namespace": NAMESPACE}
-    values = {e["name"]: env[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in c["env"]}
-    by_dns = {p.dns: p.host for p in pods if p.dns}
-    mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
-    if mounts:
-        (tmp / pod.name).mkdir()  # the volume, mounted
-
-    def local(addr: str) -> str:
-        host, _, port = addr.rpartition(":")
-        return f"{pod.host if host == '0.0.0.0' else by_dns.get(host, host)}:{port}"
-
-    out: list[str] = []
-    for a in c["args"]:
-        a = re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a)
-        if a == "0.0.0.0":
-            a = pod.host  # every address of the pod: here, its one
-        if re.fullmatch(r"[\w.-]+:\d+(,[\w.-]+:\d+)*", a):
-            a = ",".join(local(x) for x in a.split(","))
-        for m in mounts:
-            if a.startswith(m + "/"):
-                a = str(tmp / pod.name) + a[len(m):]
-        out.append(a)
-    for flag in PENDING_FLAGS:  # not in this build yet (tests/deploy_support.py)
-        if flag in out:
-            i = out.index(flag)
-            del out[i : i + 2]
-    if "--metrics-port" in out:
-        out[out.index("--metrics-port") + 1] = "0"  # 9100 on every pod would collide on one machine
-    return out
 
 
 @pytest.fixture
@@ -140,22 +27,8 @@ def cluster(tmp_path: Path) -> Iterator[list[Pod]]:
     render = render_module()
     assert render.main(["--out", str(tmp_path / "k8s"), "--shards", "2", "--replicas", "1", "--routers", "2"]) == 0
     pods = pods_of(build(tmp_path / "k8s"))
-    hosts = tmp_path / "hosts"
-    hosts.write_text(hosts_text(pods))
-    for p in pods:
-        p.node = PodProcess(p, kubelet_args(p, pods, tmp_path), tmp_path, hosts)
-    try:
-        # as the StatefulSets start them (OrderedReady): pod 0 of each group, then the next
-        ordinals = sorted({int(p.name.rsplit("-", 1)[1]) for p in pods if p.dns})
-        for n in ordinals:
-            wave = [p.node for p in pods if p.dns and p.name.endswith(f"-{n}") and p.node]
-            launch.wait_all([w.start(wait=False) for w in wave])
-        launch.wait_all([p.node.start(wait=False) for p in pods if not p.dns and p.node])
+    with running(pods, tmp_path):
         yield pods
-    finally:
-        for p in pods:
-            if p.node is not None:
-                p.node.stop(grace=10)
 
 
 def test_the_manifests_processes_form_a_cluster(cluster: list[Pod]) -> None:

@@ -1,27 +1,34 @@
 """The Kubernetes manifests and the image definition, checked without a cluster or a docker
-daemon: deploy/k8s is what render.py writes, every document validates against the Kubernetes
-schemas kubernetes-validate ships (strict: no unknown field), and the pieces agree with each
-other and with the processes' flags."""
+daemon: deploy/k8s (the base, the secure overlay) is what render.py writes, every document of
+both validates against the Kubernetes schemas kubernetes-validate ships (strict: no unknown
+field), and the pieces agree with each other and with the processes' flags. What is the
+overlay's own: tests/test_deploy_secure_manifests.py."""
 
 from __future__ import annotations
 
 import copy
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from tests.deploy_support import (
     DOCKERFILE,
     FLAGS,
     K8S,
     ROOT,
+    SECURE,
     build,
     container,
+    health_args,
+    health_flags,
     of_kind,
     render_module,
 )
@@ -40,17 +47,37 @@ def arg(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
+def yaml_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml"))
+
+
+def by_name(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
 def test_checked_in_files_are_what_render_writes(tmp_path: Path) -> None:
     render.main(["--out", str(tmp_path)])
-    names = sorted(p.name for p in K8S.glob("*.yaml"))
-    assert names == sorted(p.name for p in tmp_path.glob("*.yaml"))
+    names = yaml_files(K8S)
+    assert names == yaml_files(tmp_path)
+    assert {"kustomization.yaml", "base/kustomization.yaml", "secure/kustomization.yaml"} <= set(names)
     for name in names:
         assert (K8S / name).read_text() == (tmp_path / name).read_text(), f"run deploy/k8s/render.py ({name})"
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl here to build the kustomizations with")
+@pytest.mark.parametrize("where", ["", "base", "secure"])
+def test_kubectl_kustomize_builds_what_the_tests_read(where: str) -> None:
+    # tests/deploy_support.build stands for `kustomize build` in every other test
+    out = subprocess.run(["kubectl", "kustomize", str(K8S / where)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    theirs = by_name([d for d in yaml.safe_load_all(out.stdout) if d])  # in kustomize's own order
+    assert theirs == by_name(build(K8S / where)) and len(theirs) == 12
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_document_validates_against_the_kubernetes_schemas(version: str, tmp_path: Path) -> None:
-    docs = build() + rendered(tmp_path, "--shards", "5", "--replicas", "0", "--routers", "1")
+    docs = build() + build(SECURE) + rendered(tmp_path, "--shards", "5", "--replicas", "0", "--routers", "1")
+    docs += build(tmp_path / "secure")
     kinds = {d["kind"] for d in docs}
     assert kinds == {"Service", "StatefulSet", "Deployment", "PodDisruptionBudget"}
     for d in docs:
@@ -77,9 +104,13 @@ def test_shard_count_and_replicas_are_values(tmp_path: Path) -> None:
     assert router["spec"]["replicas"] == 3
     seeds = arg(container(router)["args"], "--seeds").split(",")
     assert seeds == [f"shardstate-s{i}.$(POD_NAMESPACE).svc.cluster.local:7401" for i in range(1, 5)]
+    secure = of_kind(build(tmp_path / "secure"), "Deployment")[0]
+    assert len(arg(container(secure)["args"], "--seeds").split(",")) == 4 * 3  # every pod's own name
     # fewer groups later: the files of the groups gone are removed
     docs = rendered(tmp_path, "--shards", "2")
-    assert len(of_kind(docs, "StatefulSet")) == 2 and not (tmp_path / "shard-s3.yaml").exists()
+    assert len(of_kind(docs, "StatefulSet")) == 2
+    assert len(of_kind(build(tmp_path / "secure"), "StatefulSet")) == 2
+    assert not (tmp_path / "base" / "shard-s3.yaml").exists() and not (tmp_path / "secure" / "shard-s3.yaml").exists()
 
 
 def test_each_group_is_a_statefulset_behind_a_headless_service_and_follows_pod_0() -> None:
@@ -100,8 +131,10 @@ def test_each_group_is_a_statefulset_behind_a_headless_service_and_follows_pod_0
         assert spec["volumeClaimTemplates"][0]["metadata"]["name"] == mount["name"]
 
 
-def test_containers_use_only_flags_the_processes_have_and_the_variables_they_define() -> None:
-    for d in of_kind(build(), "StatefulSet") + of_kind(build(), "Deployment"):
+@pytest.mark.parametrize("where", [K8S, SECURE], ids=["base", "secure"])
+def test_containers_use_only_flags_the_processes_have_and_the_variables_they_define(where: Path) -> None:
+    docs = build(where)
+    for d in of_kind(docs, "StatefulSet") + of_kind(docs, "Deployment"):
         c = container(d)
         kind, *rest = c["args"]
         assert kind in FLAGS
@@ -111,6 +144,14 @@ def test_containers_use_only_flags_the_processes_have_and_the_variables_they_def
         defined = {e["name"] for e in c["env"]}
         for a in rest:
             assert set(re.findall(r"\$\((\w+)\)", a)) <= defined, a
+        # exec probes run `shardstate health` with flags it has; sh expands the pod's variables
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert ("exec" in c[probe]) == (where == SECURE)  # the kubelet's grpc probe speaks no TLS
+            if "exec" in c[probe]:
+                args = health_args(c[probe])
+                assert health_flags(args).address
+                for a in args:
+                    assert set(re.findall(r"\$\{?(\w+)", a)) <= defined, a
 
 
 def test_probes_are_grpc_health_on_the_serving_port_and_metrics_are_annotated() -> None:

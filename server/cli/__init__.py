@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "get": ("shardstate.server.cli.kv", "get_main", "print one key of a session"),
     "put": ("shardstate.server.cli.kv", "put_main", "write one key of a session"),
     "ls": ("shardstate.server.cli.kv", "ls_main", "list sessions, or the keys of one session"),
+    "health": ("shardstate.server.cli.health", "main", "exit 0 when a node answers grpc.health.v1 SERVING (a probe)"),
 }
 
 
