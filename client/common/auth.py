@@ -344,7 +344,7 @@ class Authorizer:
     def grant(self, token: str | None) -> Grant:
         """The grant of `token`; UNAUTHENTICATED when there is none or it is unknown."""
         if not token:
-            self.refusals["unauthenticated"] += 1
+            self.refused("unauthenticated")
             raise UnauthenticatedError("this call needs a token: send 'authorization: Bearer TOKEN' "
                                        "(Client(token=...) or SHARDSTATE_TOKEN)")
         table = self.source.current()
@@ -360,7 +360,7 @@ class Authorizer:
         else:
             found = table.grants.get(digest)
             if found is None:
-                self.refusals["unauthenticated"] += 1
+                self.refused("unauthenticated")
                 raise UnauthenticatedError("the token is not known here (revoked, mistyped, or for another cluster)")
             g = found
         if len(self._seen) >= 10_000:
