@@ -63,9 +63,9 @@ class ExponentialBackoff:
 
 
 def _default_retry_on() -> tuple[type[BaseException], ...]:
-    # RateLimitedError: over a namespace's max_ops_per_s. Waiting it out (with the backoff's
-    # jitter) turns a throttled caller's burst of refusals into a few spaced attempts, so it
-    # runs at about its limit instead of spending the servers' CPU on refusals.
+    # RateLimitedError: over a namespace's max_ops_per_s. Waiting it out (the backoff, ended
+    # on a shared tick: on_tick, applied by ClientCore.failed) turns a throttled caller's burst
+    # of refusals into a few attempts, batched with its client's other throttled callers.
     return (UnavailableError, DeadlineExceededError, RateLimitedError)
 
 

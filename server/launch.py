@@ -58,7 +58,6 @@ def healthy(address: str, service: str = "", timeout: float = 2.0,
     return health(address, service, timeout, files) == SERVING
 
 
-
 def tls_args(files: tls.TlsFiles) -> list[str]:
     """The flags that start a node with `files`."""
     return ["--tls-ca", files.ca, "--tls-cert", files.cert, "--tls-key", files.key]
