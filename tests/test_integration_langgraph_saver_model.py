@@ -2,6 +2,9 @@
 machine on a real `shardstate dev` cluster): put, put_writes, get_tuple, list (config,
 filter, before, limit, list(None)), delete_thread — and copy_thread, prune and
 delete_for_runs, which InMemorySaver lacks, applied to its dicts by the model below.
+Channel "m" is a list that mostly grows (stored as deltas on the version before) and is
+sometimes replaced; reads go through the saver that wrote (which remembers its blobs) or a
+fresh one (which must read every delta's chain from the cluster).
 
 Documented differences the comparison allows for: list() goes thread by thread in thread-id
 order and newest checkpoint first across a thread's namespaces (InMemorySaver: insertion
@@ -63,14 +66,16 @@ class SaverMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.ref = InMemorySaver()
-        self.saver = ShardStateSaver(CLIENT, prefix=fresh_prefix())
+        self.prefix = fresh_prefix()
+        self.saver = ShardStateSaver(CLIENT, prefix=self.prefix)
         self.step = 0
 
     @initialize(puts=st.lists(st.tuples(threads, namespaces, runs), min_size=1, max_size=4))
     def seed(self, puts: list[tuple[str, str, str]]) -> None:
         """Every run starts from a few checkpoints, so the other rules have data to work on."""
         for thread, ns, run in puts:
-            self.put(thread=thread, ns=ns, run=run, fork=False, update={"a": 1}, drop_b=False)
+            self.put(thread=thread, ns=ns, run=run, fork=False, update={"a": 1}, drop_b=False,
+                     m="append")
             for task, path in (("k1", "p"), ("k2", "")):
                 self.put_writes(thread=thread, ns=ns, which=None, task=task, path=path,
                                 writes=[("x", 1)])
@@ -80,9 +85,9 @@ class SaverMachine(RuleBasedStateMachine):
 
     @rule(thread=threads, ns=namespaces, run=runs, fork=st.booleans(),
           update=st.dictionaries(st.sampled_from(["a", "b"]), st.integers(0, 9), max_size=2),
-          drop_b=st.booleans())
-    def put(self, thread: str, ns: str, run: str, fork: bool, update: dict[str, int],
-            drop_b: bool) -> None:
+          drop_b=st.booleans(), m=st.sampled_from([None, "append", "append", "append", "reset"]))
+    def put(self, thread: str, ns: str, run: str, fork: bool, update: dict[str, Any],
+            drop_b: bool, m: str | None) -> None:
         self.step += 1
         parent = self.latest(thread, ns)
         if fork and parent is not None:  # from an older checkpoint, as update_state does
@@ -91,6 +96,12 @@ class SaverMachine(RuleBasedStateMachine):
         versions = dict(base.checkpoint["channel_versions"]) if base else {}
         values = dict(base.checkpoint["channel_values"]) if base else {}
         new = {}
+        update = dict(update)
+        if m == "append":  # ids with 0x00 and 0xFF, some items as long as the rest together
+            item = f"\x00{self.step}\xff" * (40 if self.step % 9 == 0 else 1)
+            update["m"] = [*values.get("m", []), item]
+        elif m == "reset":
+            update["m"] = [f"r{self.step}"]
         for ch, v in update.items():
             versions[ch] = new[ch] = self.saver.get_next_version(versions.get(ch), None)
             values[ch] = v
@@ -103,6 +114,13 @@ class SaverMachine(RuleBasedStateMachine):
         md: Any = {"step": self.step, "run_id": run, "owner": f"o{self.step % 2}"}
         cfg = self.cfg(thread, ns, parent)
         assert self.saver.put(cfg, c, md, new) == self.ref.put(cfg, c, md, new)
+
+    @rule(thread=threads, ns=namespaces, run=runs, n=st.integers(2, 12))
+    def steps(self, thread: str, ns: str, run: str, n: int) -> None:
+        """An agent's run: n checkpoints in a row, each adding to m (chains past MAX_CHAIN)."""
+        for _ in range(n):
+            self.put(thread=thread, ns=ns, run=run, fork=False, update={}, drop_b=False,
+                     m="append")
 
     @rule(thread=threads, ns=namespaces, which=st.one_of(st.none(), st.integers(0, 5)),
           task=st.sampled_from(["k1", "k2"]),
@@ -118,19 +136,24 @@ class SaverMachine(RuleBasedStateMachine):
         self.saver.put_writes(cfg, writes, task, path)
         self.ref.put_writes(cfg, writes, task, path)
 
-    @rule(thread=threads, ns=namespaces, which=st.one_of(st.none(), st.integers(0, 5)))
-    def get_tuple(self, thread: str, ns: str, which: int | None) -> None:
+    def reader(self, fresh: bool) -> ShardStateSaver:
+        return ShardStateSaver(CLIENT, prefix=self.prefix) if fresh else self.saver
+
+    @rule(thread=threads, ns=namespaces, which=st.one_of(st.none(), st.integers(0, 5)),
+          fresh=st.booleans())
+    def get_tuple(self, thread: str, ns: str, which: int | None, fresh: bool) -> None:
         cids = sorted(self.ref.storage.get(thread, {}).get(ns, {}))
         cid = cids[which % len(cids)] if which is not None and cids else None
         cfg = self.cfg(thread, ns, cid)
-        assert view(self.saver.get_tuple(cfg)) == view(self.ref.get_tuple(cfg))
+        assert view(self.reader(fresh).get_tuple(cfg)) == view(self.ref.get_tuple(cfg))
 
     @rule(thread=st.one_of(st.none(), threads), ns=st.one_of(st.none(), namespaces),
           filter=st.one_of(st.none(), st.fixed_dictionaries({"owner": st.sampled_from(["o0", "o1"])}),
                            st.fixed_dictionaries({"run_id": runs})),
-          before=st.one_of(st.none(), st.integers(0, 5)), limit=st.one_of(st.none(), st.integers(0, 4)))
+          before=st.one_of(st.none(), st.integers(0, 5)), limit=st.one_of(st.none(), st.integers(0, 4)),
+          fresh=st.booleans())
     def list(self, thread: str | None, ns: str | None, filter: Any, before: int | None,
-             limit: int | None) -> None:
+             limit: int | None, fresh: bool) -> None:
         config: Any = None
         if thread is not None:
             config = {"configurable": {"thread_id": thread}}
@@ -141,7 +164,8 @@ class SaverMachine(RuleBasedStateMachine):
             cids = sorted(cid for n in self.ref.storage.get(thread, {}).values() for cid in n)
             if cids:
                 before_cfg = self.cfg(thread, "", cids[before % len(cids)])
-        got = [view(t) for t in self.saver.list(config, filter=filter, before=before_cfg, limit=limit)]
+        got = [view(t) for t in self.reader(fresh).list(config, filter=filter, before=before_cfg,
+                                                         limit=limit)]
         want = list(self.ref.list(config, filter=filter, before=before_cfg))
         want.sort(key=lambda t: (t.config["configurable"]["thread_id"], [-ord(ch) for ch in t.checkpoint["id"]]))
         assert got == [view(t) for t in want][:limit]

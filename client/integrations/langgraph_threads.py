@@ -9,7 +9,10 @@ order-reversing encoding, so the newest checkpoint of a namespace sorts first):
     c/{ns}/{rid}                       the checkpoint (without channel values), its metadata,
                                        parent and id
     c/{ns}/{rid}/w/{task_id}/{idx}     one pending write of it; (task_id, idx) is its identity
-    b/{ns}/{channel}/{version}         a channel's value at a version: stored once per version
+    b/{ns}/{channel}/{version}         a channel's value at a version: stored once per version,
+                                       whole, or (when it is the list of the version before
+                                       with items appended) as a delta: the items added and
+                                       the versions back to a whole one (at most MAX_CHAIN)
     x/{key}/{token}/{i}                a part of a large blob or write stored at `key` (which
                                        then holds only b"\xc1" + [token, parts]); the parts
                                        are committed before the Txn that refers to them
@@ -67,6 +70,8 @@ PART_BYTES = 256 << 10  # a value this large is stored in parts (the server's de
 INLINE_BYTES = 2 << 20  # is 1 MiB a value, 4 MiB a request); and more go out of line
 TXN_KEYS = 250  # keys one put or put_writes Txn writes at most (the server takes 1000 ops)
 _PARTED = 0xC1  # the first byte of a parted value (never the start of a msgpack value)
+_DELTA = 0x94  # the first byte of a delta blob: [type, header, appended, chain]; whole: 0x92
+MAX_CHAIN = 8  # deltas in a row on one whole blob; the next version is stored whole
 _FLIP = str.maketrans("0123456789abcdef", "fedcba9876543210")
 
 
@@ -121,6 +126,57 @@ def _outline(sid: str, items: list[tuple[str, bytes]]) -> tuple[list[tuple[str, 
     return out, parts.chunks()
 
 
+def _array_head(data: bytes) -> int:
+    """The length of the msgpack array header `data` starts with (0: not an array)."""
+    if not data:
+        return 0
+    b = data[0]
+    return 1 if 0x90 <= b <= 0x9F else 3 if b == 0xDC else 5 if b == 0xDD else 0
+
+
+def appended(prev: bytes, new: bytes) -> tuple[bytes, bytes] | None:
+    """When `new` is the msgpack array `prev` with items appended (byte for byte): new's
+    header and the bytes of the items it adds; else None."""
+    hp, hn = _array_head(prev), _array_head(new)
+    if not hp or not hn or len(new) - hn <= len(prev) - hp:
+        return None
+    if not new.startswith(memoryview(prev)[hp:], hn):
+        return None
+    return new[:hn], new[hn + len(prev) - hp:]
+
+
+def _is_delta(value: bytes | None) -> bool:
+    return bool(value) and value[0] == _DELTA  # type: ignore[index]
+
+
+def _chain_keys(key: str, chain: list[str]) -> list[str]:
+    """The blob keys of a delta's chain (versions of the same channel as `key`)."""
+    stem = key[:key.rindex("/") + 1]
+    return [stem + enc(v) for v in chain]
+
+
+def _undelta(key: str, record: bytes, values: dict[str, bytes | None]) -> bytes:
+    """A delta blob made whole, from `values` (blob keys -> whole values, or the stored
+    delta records of the chain's later versions); the newest chain version found whole is
+    the starting point."""
+    t, head, suffix, chain = ormsgpack.unpackb(record)
+    keys = _chain_keys(key, chain)
+    start = next((i for i in range(len(keys) - 1, -1, -1)
+                  if (v := values.get(keys[i])) is not None and not _is_delta(v)), None)
+    if start is None:
+        raise ShardstateError(f"the base of {key!r} is missing: the thread's data is damaged")
+    _, base = ormsgpack.unpackb(values[keys[start]])  # type: ignore[arg-type]
+    pieces = [head, memoryview(base)[_array_head(base):]]
+    for k in keys[start + 1:]:
+        v = values.get(k)
+        if v is None or not _is_delta(v):
+            raise ShardstateError(f"{k!r} of the chain of {key!r} is missing: the thread's "
+                                  "data is damaged")
+        pieces.append(ormsgpack.unpackb(v)[2])
+    pieces.append(suffix)
+    return ormsgpack.packb([t, b"".join(pieces)])
+
+
 def _part_keys(key: str, value: bytes) -> list[str]:
     """The keys of a parted value's parts ([] for a value stored whole)."""
     if not value or value[0] != _PARTED:
@@ -147,6 +203,18 @@ def _inflate(sid: str, items: list[tuple[str, bytes | None]]) -> Plan[list[bytes
                                   f"{len(keys)}): the thread's data is damaged")
         values[i] = b"".join(found[k].value for k in keys)
     return values
+
+
+class _Blob:
+    """A channel value to store at a version: what is stored (`whole`, or a delta on
+    `chain`)."""
+
+    __slots__ = ("chain", "channel", "key", "stored", "version", "whole")
+
+    def __init__(self, key: str, version: str, channel: str, stored: bytes, whole: bytes,
+                 chain: list[str]) -> None:
+        self.key, self.version, self.channel = key, version, channel
+        self.stored, self.whole, self.chain = stored, whole, chain
 
 
 class _Record:
@@ -192,6 +260,9 @@ class SaverCore:
         # and a random part, see next_version) are kept, and a deleted thread's are dropped
         self.blobs: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self.blob_bytes = 0
+        # the newest blob this process wrote per (thread session, ns, channel): its version
+        # and its delta chain ([] when whole), the base of the next version's delta
+        self.last: dict[tuple[str, str, str], tuple[str, list[str]]] = {}
         self.lock = threading.Lock()  # the sync saver's async methods run in worker threads
 
     @property
@@ -244,8 +315,10 @@ class SaverCore:
         """Drop what this process remembers of a thread it deleted or rewrote."""
         with self.lock:
             self.heads.pop(sid, None)
-            for key in [k for k in self.blobs if k[0] == sid]:
-                self.blob_bytes -= len(self.blobs.pop(key))
+            for last in [k for k in self.last if k[0] == sid]:
+                del self.last[last]
+            for blob in [k for k in self.blobs if k[0] == sid]:
+                self.blob_bytes -= len(self.blobs.pop(blob))
 
     # ---- put ----
 
@@ -259,34 +332,71 @@ class SaverCore:
         c = checkpoint.copy()
         values: dict[str, Any] = c.pop("channel_values")  # type: ignore[misc]
         dumps = self.serde.dumps_typed
-        blobs = [(_bkey(ns, k, v), ormsgpack.packb(list(dumps(values[k]))), _ours(v))
-                 for k, v in new_versions.items() if k in values]
+        blobs: list[_Blob] = []
+        for k, v in new_versions.items():
+            if k in values:
+                t, data = dumps(values[k])
+                blobs.append(self._blob(sid, ns, k, v, t, data))
         md = get_checkpoint_metadata(config, metadata)
         ct, cb = dumps(c)
         mt, mb = dumps(md)
         raw = ormsgpack.packb([ct, cb, mt, mb, conf.get("checkpoint_id"), cid])
-        stored, parts = _outline(sid, [(k, b) for k, b, _ in blobs])
-        if len(stored) > TXN_KEYS:  # the blobs past a Txn's worth go first, on their own
-            parts.extend(Writes(sid, puts=stored[TXN_KEYS:]).chunks())
-            stored = stored[:TXN_KEYS]
-        for part in parts:
-            yield [part]
-        stored.append((_ckey(ns, cid), raw))  # the checkpoint with its blobs: one Txn
-        reqs: list[Request] = [Commit(sid, _puts(stored))]
         run_id = md.get("run_id")
-        if run_id and (run_id, thread_id) not in self.indexed:
-            reqs.append(Commit(self.run_sid(str(run_id)), _puts([(f"t/{enc(str(thread_id))}", b"")])))
-        yield reqs
-        if len(reqs) > 1:
-            with self.lock:
-                if len(self.indexed) >= 100_000:
-                    self.indexed.clear()
-                self.indexed.add((run_id, thread_id))
+        indexed = not run_id or (run_id, thread_id) in self.indexed
+        while True:
+            stored, parts = _outline(sid, [(b.key, b.stored) for b in blobs])
+            if len(stored) > TXN_KEYS:  # the blobs past a Txn's worth go first, on their own
+                parts.extend(Writes(sid, puts=stored[TXN_KEYS:]).chunks())
+                stored = stored[:TXN_KEYS]
+            for part in parts:
+                yield [part]
+            stored.append((_ckey(ns, cid), raw))  # the checkpoint with its blobs: one Txn
+            # a delta's chain must still be there (prune or delete may have taken it since)
+            bases = sorted({k for b in blobs for k in _chain_keys(b.key, b.chain)})
+            reqs: list[Request] = [Commit(sid, _puts(stored, bases))]
+            if not indexed:
+                reqs.append(Commit(self.run_sid(str(run_id)),
+                                   _puts([(f"t/{enc(str(thread_id))}", b"")])))
+            res, *_ = yield reqs
+            if not indexed:
+                indexed = True
+                with self.lock:
+                    if len(self.indexed) >= 100_000:
+                        self.indexed.clear()
+                    self.indexed.add((run_id, thread_id))
+            if res.succeeded:
+                break
+            self._forget(sid)  # what it remembered of the thread is out of date: all whole
+            blobs = [_Blob(b.key, b.version, b.channel, b.whole, b.whole, []) for b in blobs]
         self._remember_head(sid, ns, cid, checkpoint["channel_versions"])
-        for k, b, ours in blobs:
-            if ours:
-                self._remember_blob(sid, k, b)
+        for b in blobs:
+            if _ours(b.version):
+                self._remember_blob(sid, b.key, b.whole)
+                with self.lock:
+                    if len(self.last) >= 100_000:
+                        self.last.clear()
+                    self.last[(sid, ns, b.channel)] = (b.version, b.chain)
         return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": cid}}
+
+    def _blob(self, sid: str, ns: str, channel: str, version: Any, t: str, data: bytes) -> _Blob:
+        """A channel's value to store: as a delta on the version this process wrote before
+        it when its list only grew (and the chain is short enough), else whole."""
+        key = _bkey(ns, channel, version)
+        whole = ormsgpack.packb([t, data])
+        if _ours(version):
+            with self.lock:
+                last = self.last.get((sid, ns, channel))
+            if last is not None and len(last[1]) < MAX_CHAIN:
+                prev_version, prev_chain = last
+                prev = self._cached_blob(sid, _bkey(ns, channel, prev_version))
+                if prev is not None:
+                    prev_t, prev_data = ormsgpack.unpackb(prev)
+                    added = appended(prev_data, data) if prev_t == t else None
+                    if added is not None and 2 * len(added[1]) < len(data):
+                        chain = [*prev_chain, prev_version]
+                        delta = ormsgpack.packb([t, added[0], added[1], chain])
+                        return _Blob(key, version, channel, delta, whole, chain)
+        return _Blob(key, str(version), channel, whole, whole, [])
 
     # ---- put_writes ----
 
@@ -451,8 +561,36 @@ class SaverCore:
             for k, r in zip(missing, got, strict=True):
                 out[k] = r.value if r is not None else None
         names = list(out)
-        whole = yield from _inflate(sid, [(keys[k], out[k]) for k in names])
-        return dict(zip(names, whole, strict=True))
+        whole = dict(zip(names, (yield from _inflate(sid, [(keys[k], out[k]) for k in names])),
+                         strict=True))
+        deltas = [k for k in names if _is_delta(whole[k])]
+        if not deltas:
+            return whole
+        # a delta's chain: the newest version this process has whole, and the deltas after it
+        have: dict[str, bytes | None] = {}
+        need: list[str] = []
+        for k in deltas:
+            chain = _chain_keys(keys[k], ormsgpack.unpackb(whole[k])[3])  # type: ignore[arg-type]
+            for i in range(len(chain) - 1, -1, -1):
+                if chain[i] in have:
+                    break
+                if (data := self._cached_blob(sid, chain[i])) is not None:
+                    have[chain[i]] = data
+                    break
+                if chain[i] not in need:
+                    need.append(chain[i])
+        stored = [fetched.get(key) for key in need]
+        unknown = [key for key, v in zip(need, stored, strict=True) if v is None]
+        if unknown:
+            got = yield [Get(sid, key) for key in unknown]
+            found = {key: (r.value if r is not None else None)
+                     for key, r in zip(unknown, got, strict=True)}
+            stored = [found.get(key, v) for key, v in zip(need, stored, strict=True)]
+        have.update(zip(need, (yield from _inflate(sid, list(zip(need, stored, strict=True)))),
+                        strict=True))
+        for k in deltas:
+            whole[k] = _undelta(keys[k], whole[k], have)  # type: ignore[arg-type]
+        return whole
 
     def _tuple(self, thread_id: Any, rec: _Record, checkpoint: Checkpoint, writes: list[bytes],
                blobs: dict[str, bytes | None]) -> CheckpointTuple:
@@ -582,6 +720,12 @@ class SaverCore:
         for r in kept.values():
             for k, v in loads(r.ckpt)["channel_versions"].items():
                 referenced.add(_bkey(r.ns, k, v))
+        stored = {r.key: r.value for r in everything}
+        for r in everything:  # and the chains of the deltas among them
+            if r.key in referenced and r.value:
+                value = b"".join(stored.get(k) or b"" for k in _part_keys(r.key, r.value)) or r.value
+                if _is_delta(value):
+                    referenced.update(_chain_keys(r.key, ormsgpack.unpackb(value)[3]))
         deletes = Writes(sid)
         parts: set[str] = set()  # the parts the values that stay refer to
         for r in everything:
@@ -629,8 +773,11 @@ class SaverCore:
         return None
 
 
-def _puts(items: list[tuple[str, bytes]]) -> Any:
+def _puts(items: list[tuple[str, bytes]], present: Sequence[str] = ()) -> Any:
+    """A Txn's build: put every item, if every key of `present` exists."""
     def build(txn: Any) -> Any:
+        for k in present:
+            txn.if_exists(k)
         for k, v in items:
             txn.put(k, v)
         return txn
