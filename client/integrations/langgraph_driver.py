@@ -120,21 +120,11 @@ def _apply(ops: list[tuple[str, bytes | None]]) -> Callable[[Txn[Any]], Any]:
     return build
 
 
-class _Handles:
-    """Session handles by id (a handle carries the session TTL sent with every write)."""
-
-    def __init__(self, make: Callable[[str], Any], size: int = 4096) -> None:
-        self._make = make
-        self._size = size
-        self._by_id: dict[str, Any] = {}
-
-    def __call__(self, sid: str) -> Any:
-        h = self._by_id.get(sid)
-        if h is None:
-            if len(self._by_id) >= self._size:
-                self._by_id.clear()
-            h = self._by_id[sid] = self._make(sid)
-        return h
+def _handles(client: Any, ttl: float | None, namespace: str | None) -> Callable[[str], Any]:
+    """Session handles by id (a handle carries the session TTL sent with every write). Made
+    per request, not kept: one costs under a microsecond, and thousands kept alive would be
+    walked by every full garbage collection of the agent's process."""
+    return lambda sid: client.session(sid, ttl=ttl, namespace=namespace)
 
 
 class SyncDriver:
@@ -149,7 +139,7 @@ class SyncDriver:
         self.client: Client = (client_or_address if isinstance(client_or_address, Client)
                                else Client(client_or_address))
         self.namespace = namespace
-        self.session = _Handles(lambda sid: self.client.session(sid, ttl=ttl, namespace=namespace))
+        self.session = _handles(self.client, ttl, namespace)
 
     def run(self, plan: Plan[T]) -> T:
         answers: list[Any] | None = None
@@ -199,7 +189,7 @@ class AsyncDriver:
         self.client: AsyncClient = (client_or_address if isinstance(client_or_address, AsyncClient)
                                     else AsyncClient(client_or_address))
         self.namespace = namespace
-        self.session = _Handles(lambda sid: self.client.session(sid, ttl=ttl, namespace=namespace))
+        self.session = _handles(self.client, ttl, namespace)
 
     async def run(self, plan: Plan[T]) -> T:
         answers: list[Any] | None = None
