@@ -174,7 +174,7 @@ def test_a_growing_list_is_stored_as_deltas_and_reads_back_anywhere(router: str)
         with Client(router) as c:
             stored = sum(len(r.value) for r in c.session(f"{prefix}t/{t}").scan(prefix="b/", limit=None))
         whole = sum(len(messages[0]) * n for n in range(1, 31))  # each version stored whole
-        assert stored < whole / 3  # wholes at 4 of 30 versions, deltas of ~1 KiB between
+        assert stored < whole / 5  # whole at 2 of 30 versions (MAX_CHAIN 16), deltas of ~1 KiB
         # a saver that wrote none of it reads every version from the cluster
         got = [t.checkpoint["channel_values"]["m"] for t in fresh.list(cfg(t))]
         assert got == [messages[:n] for n in range(30, 0, -1)]

@@ -115,7 +115,7 @@ class SaverMachine(RuleBasedStateMachine):
         cfg = self.cfg(thread, ns, parent)
         assert self.saver.put(cfg, c, md, new) == self.ref.put(cfg, c, md, new)
 
-    @rule(thread=threads, ns=namespaces, run=runs, n=st.integers(2, 12))
+    @rule(thread=threads, ns=namespaces, run=runs, n=st.integers(2, 20))
     def steps(self, thread: str, ns: str, run: str, n: int) -> None:
         """An agent's run: n checkpoints in a row, each adding to m (chains past MAX_CHAIN)."""
         for _ in range(n):

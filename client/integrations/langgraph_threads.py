@@ -71,7 +71,7 @@ INLINE_BYTES = 2 << 20  # is 1 MiB a value, 4 MiB a request); and more go out of
 TXN_KEYS = 250  # keys one put or put_writes Txn writes at most (the server takes 1000 ops)
 _PARTED = 0xC1  # the first byte of a parted value (never the start of a msgpack value)
 _DELTA = 0x94  # the first byte of a delta blob: [type, header, appended, chain]; whole: 0x92
-MAX_CHAIN = 8  # deltas in a row on one whole blob; the next version is stored whole
+MAX_CHAIN = 16  # deltas in a row on one whole blob; the next version is stored whole
 _FLIP = str.maketrans("0123456789abcdef", "fedcba9876543210")
 
 
@@ -149,10 +149,17 @@ def _is_delta(value: bytes | None) -> bool:
     return bool(value) and value[0] == _DELTA  # type: ignore[index]
 
 
+def _short(version: str) -> str:
+    """One of next_version's versions without its counter's leading zeros (as a delta's
+    chain stores it)."""
+    return version[:32].lstrip("0") + version[32:]
+
+
 def _chain_keys(key: str, chain: list[str]) -> list[str]:
-    """The blob keys of a delta's chain (versions of the same channel as `key`)."""
+    """The blob keys of a delta's chain (`_short` versions of the same channel as `key`)."""
     stem = key[:key.rindex("/") + 1]
-    return [stem + enc(v) for v in chain]
+    return [stem + enc(counter.zfill(32) + "." + rest)
+            for counter, rest in (v.split(".", 1) for v in chain)]
 
 
 def _undelta(key: str, record: bytes, values: dict[str, bytes | None]) -> bytes:
@@ -393,7 +400,7 @@ class SaverCore:
                     prev_t, prev_data = ormsgpack.unpackb(prev)
                     added = appended(prev_data, data) if prev_t == t else None
                     if added is not None and 2 * len(added[1]) < len(data):
-                        chain = [*prev_chain, prev_version]
+                        chain = [*prev_chain, _short(prev_version)]
                         delta = ormsgpack.packb([t, added[0], added[1], chain])
                         return _Blob(key, version, channel, delta, whole, chain)
         return _Blob(key, str(version), channel, whole, whole, [])
