@@ -476,6 +476,23 @@ def test_values_over_the_servers_value_limit_are_stored_in_parts(router: str) ->
             assert fresh.get_tuple(cfg(t)).checkpoint["channel_values"] == {**values, "big": new_big}
 
 
+def test_deltas_on_a_value_stored_in_parts_read_back_and_survive_prune(router: str) -> None:
+    """A list whose first item is 600 KiB (stored in 3 parts) then grows: the versions after it
+    are deltas on the parted one; a fresh saver reads them, also after prune keep_latest."""
+    import os
+
+    prefix = fresh_prefix()
+    with ShardStateSaver(router, prefix=prefix) as saver:
+        t = uid()
+        _, messages = grow(saver, t, 4, start=[os.urandom(600 << 10)])
+        keys = session_keys(router, prefix, t)
+        assert len([k for k in keys if k.startswith("x/")]) == 3  # only the first is parted
+        saver.prune([t], strategy="keep_latest")
+        assert len([k for k in session_keys(router, prefix, t) if k.startswith("x/")]) == 3
+        with ShardStateSaver(router, prefix=prefix) as fresh:
+            assert fresh.get_tuple(cfg(t)).checkpoint["channel_values"]["m"] == messages
+
+
 def test_import_shardstate_does_not_import_langgraph() -> None:
     import subprocess
     import sys
