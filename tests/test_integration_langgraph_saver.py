@@ -152,6 +152,42 @@ def test_appended_finds_exactly_what_a_list_gained(a: list[Any], b: list[Any], c
     assert appended(old, ormsgpack.packb({"not": "a list"})) is None
 
 
+@given(shape=st.lists(st.booleans(), min_size=1, max_size=40), kept=st.sets(st.integers(0, 39)),
+       channels=st.integers(1, 3))
+def test_deletion_order_never_leaves_a_version_without_its_chain(
+        shape: list[bool], kept: set[int], channels: int) -> None:
+    """A pure unit: versions 1..n of each channel, each whole or a delta on the one before
+    (`shape`, chains of at most MAX_CHAIN); prune keeps some and their chains. At every point
+    of the deletes in deletion_order, each version still there has its whole chain, and the
+    checkpoints go first and the parts last."""
+    from shardstate.integrations.langgraph_threads import (
+        MAX_CHAIN,
+        _bkey,
+        deletion_order,
+        next_version,
+    )
+    chains: dict[str, list[str]] = {}
+    for ch in range(channels):
+        version, chain = None, []
+        for delta in shape:
+            prev = version
+            version = next_version(version)
+            chain = [*chain, _bkey("", f"c{ch}", prev)] if delta and prev and len(chain) < MAX_CHAIN else []
+            chains[_bkey("", f"c{ch}", version)] = chain
+    blobs = list(chains)
+    keep = {blobs[i] for i in kept if i < len(blobs)}
+    keep |= {k for b in keep for k in chains[b]}
+    gone = [b for b in blobs if b not in keep] + ["x/a/t/0", "c/%2F/ff", "c/%2F/ff/w/t/0"]
+    order = deletion_order(sorted(gone))
+    assert sorted(order) == sorted(gone)
+    assert order[:2] == ["c/%2F/ff", "c/%2F/ff/w/t/0"] and order[-1] == "x/a/t/0"
+    present = set(blobs)
+    for k in order:
+        present.discard(k)
+        for b in present:
+            assert all(c in present for c in chains[b]), (b, k)
+
+
 def grow(saver: ShardStateSaver, t: str, steps: int, parent: Any = None,
          start: list[str] | None = None) -> tuple[Any, list[str]]:
     """`steps` checkpoints of thread t, each adding a 1 KiB message to channel m."""

@@ -162,6 +162,27 @@ def _chain_keys(key: str, chain: list[str]) -> list[str]:
             for counter, rest in (v.split(".", 1) for v in chain)]
 
 
+def deletion_order(keys: list[str]) -> list[str]:
+    """The order a thread's keys are deleted in, over Txns that land one by one: checkpoints
+    and writes first (a reader never finds a checkpoint whose values are gone), then blobs,
+    newest version first within each channel (so a version that is still there has its whole
+    delta chain: what a put building on it checks), then parts."""
+    rank = {"c/": 0, "b/": 1}
+    ordered = sorted(keys, key=lambda k: rank.get(k[:2], 2))
+    blobs = [k for k in ordered if k.startswith("b/")]
+    blobs.sort(key=lambda k: (k[:k.rindex("/")], _version_order(k[k.rindex("/") + 1:])), reverse=True)
+    first = next((i for i, k in enumerate(ordered) if k.startswith("b/")), len(ordered))
+    ordered[first:first + len(blobs)] = blobs
+    return ordered
+
+
+def _version_order(segment: str) -> tuple[int, str]:
+    """A blob key's version segment as it orders: next_version's counter, then the rest (an
+    int version as its value)."""
+    counter = dec(segment).split(".", 1)[0]
+    return (int(counter), segment) if counter.isdigit() else (-1, segment)
+
+
 def _undelta(key: str, record: bytes, values: dict[str, bytes | None]) -> bytes:
     """A delta blob made whole, from `values` (blob keys -> whole values, or the stored
     delta records of the chain's later versions); the newest chain version found whole is
@@ -358,8 +379,10 @@ class SaverCore:
             for part in parts:
                 yield [part]
             stored.append((_ckey(ns, cid), raw))  # the checkpoint with its blobs: one Txn
-            # a delta's chain must still be there (prune or delete may have taken it since)
-            bases = sorted({k for b in blobs for k in _chain_keys(b.key, b.chain)})
+            # a delta's chain must still be there (prune or delete may have taken it since):
+            # blobs are deleted newest first (deletion_order), so while the version a delta
+            # builds on exists, so does the rest of its chain
+            bases = sorted({_chain_keys(b.key, b.chain[-1:])[0] for b in blobs if b.chain})
             reqs: list[Request] = [Commit(sid, _puts(stored, bases))]
             if not indexed:
                 reqs.append(Commit(self.run_sid(str(run_id)),
@@ -733,22 +756,22 @@ class SaverCore:
                 value = b"".join(stored.get(k) or b"" for k in _part_keys(r.key, r.value)) or r.value
                 if _is_delta(value):
                     referenced.update(_chain_keys(r.key, ormsgpack.unpackb(value)[3]))
-        deletes = Writes(sid)
+        gone: list[str] = []
         parts: set[str] = set()  # the parts the values that stay refer to
         for r in everything:
             kind = r.key[:2]
             if kind == "c/":
-                gone = (r.key if _is_record(r.key) else _owner(r.key)) not in kept
+                drop = (r.key if _is_record(r.key) else _owner(r.key)) not in kept
             elif kind == "b/":
-                gone = r.key not in referenced
+                drop = r.key not in referenced
             else:
                 continue
-            if gone:
-                deletes.deletes.append(r.key)
+            if drop:
+                gone.append(r.key)
             else:
                 parts.update(_part_keys(r.key, r.value))
-        deletes.deletes.extend(r.key for r in everything
-                               if r.key.startswith("x/") and r.key not in parts)
+        gone.extend(r.key for r in everything if r.key.startswith("x/") and r.key not in parts)
+        deletes = Writes(sid, deletes=deletion_order(gone))
         for chunk in deletes.chunks():
             yield [chunk]
         self._forget(sid)
