@@ -167,20 +167,15 @@ def deletion_order(keys: list[str]) -> list[str]:
     and writes first (a reader never finds a checkpoint whose values are gone), then blobs,
     newest version first within each channel (so a version that is still there has its whole
     delta chain: what a put building on it checks), then parts."""
-    rank = {"c/": 0, "b/": 1}
-    ordered = sorted(keys, key=lambda k: rank.get(k[:2], 2))
-    blobs = [k for k in ordered if k.startswith("b/")]
-    blobs.sort(key=lambda k: (k[:k.rindex("/")], _version_order(k[k.rindex("/") + 1:])), reverse=True)
-    first = next((i for i, k in enumerate(ordered) if k.startswith("b/")), len(ordered))
-    ordered[first:first + len(blobs)] = blobs
-    return ordered
-
-
-def _version_order(segment: str) -> tuple[int, str]:
-    """A blob key's version segment as it orders: next_version's counter, then the rest (an
-    int version as its value)."""
-    counter = dec(segment).split(".", 1)[0]
-    return (int(counter), segment) if counter.isdigit() else (-1, segment)
+    def order(key: str) -> tuple[int, str, int]:
+        if key.startswith("c/"):
+            return (0, key, 0)
+        if not key.startswith("b/"):
+            return (2, key, 0)
+        stem, version = key.rsplit("/", 1)
+        counter = dec(version).split(".", 1)[0]  # next_version's counter, or an int version
+        return (1, stem, -int(counter) if counter.isdigit() else 0)
+    return sorted(keys, key=order)
 
 
 def _undelta(key: str, record: bytes, values: dict[str, bytes | None]) -> bytes:
