@@ -208,6 +208,15 @@ def _part_keys(key: str, value: bytes) -> list[str]:
     return [f"x/{key}/{token}/{j}" for j in range(n)]
 
 
+def _read(sid: str, keys: list[str], fetched: dict[str, bytes | None]) -> Plan[list[bytes | None]]:
+    """The stored values of `keys`: from `fetched` (what an earlier request already read),
+    the others in one round trip."""
+    unknown = [k for k in keys if k not in fetched]
+    got = (yield [Get(sid, k) for k in unknown]) if unknown else []
+    found = {k: (r.value if r is not None else None) for k, r in zip(unknown, got, strict=True)}
+    return [fetched[k] if k in fetched else found[k] for k in keys]
+
+
 def _inflate(sid: str, items: list[tuple[str, bytes | None]]) -> Plan[list[bytes | None]]:
     """The values of `items` with every parted one read back whole (one more round trip
     when there is any)."""
@@ -573,19 +582,12 @@ class SaverCore:
         """Each channel's stored blob at its version: from `fetched`, the cache, or a read."""
         keys = {k: _bkey(ns, k, v) for k, v in versions.items()}
         out: dict[str, bytes | None] = {}
-        missing: list[str] = []
         for k, key in keys.items():
-            if key in fetched:
-                out[k] = fetched[key]
-            elif (data := self._cached_blob(sid, key)) is not None:
+            if key not in fetched and (data := self._cached_blob(sid, key)) is not None:
                 out[k] = data
-            else:
-                missing.append(k)
-        if missing:
-            got = yield [Get(sid, keys[k]) for k in missing]
-            for k, r in zip(missing, got, strict=True):
-                out[k] = r.value if r is not None else None
-        names = list(out)
+        rest = [k for k in keys if k not in out]
+        out.update(zip(rest, (yield from _read(sid, [keys[k] for k in rest], fetched)), strict=True))
+        names = list(keys)
         whole = dict(zip(names, (yield from _inflate(sid, [(keys[k], out[k]) for k in names])),
                          strict=True))
         deltas = [k for k in names if _is_delta(whole[k])]
@@ -604,13 +606,7 @@ class SaverCore:
                     break
                 if chain[i] not in need:
                     need.append(chain[i])
-        stored = [fetched.get(key) for key in need]
-        unknown = [key for key, v in zip(need, stored, strict=True) if v is None]
-        if unknown:
-            got = yield [Get(sid, key) for key in unknown]
-            found = {key: (r.value if r is not None else None)
-                     for key, r in zip(unknown, got, strict=True)}
-            stored = [found.get(key, v) for key, v in zip(need, stored, strict=True)]
+        stored = yield from _read(sid, need, fetched)
         have.update(zip(need, (yield from _inflate(sid, list(zip(need, stored, strict=True)))),
                         strict=True))
         for k in deltas:
