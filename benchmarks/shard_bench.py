@@ -5,9 +5,16 @@ at several client concurrencies, over loopback with plain grpc.aio stubs (no cli
     .venv/bin/python benchmarks/shard_bench.py --duration 2 --sessions 2000
     .venv/bin/python benchmarks/shard_bench.py --address 127.0.0.1:7401 --pid 1234
     .venv/bin/python benchmarks/shard_bench.py --baseline   # also a no-op grpc.aio server
+    .venv/bin/python benchmarks/shard_bench.py --pipeline 1,4,16,64 --request-ids
 
 Each cell runs a short warm-up, then `--duration` seconds of measurement. CPU comes from
 /proc/<pid>/stat (utime + stime) of the shard before and after the measured window.
+
+--pipeline N,...: cells of one Pipeline stream with one message in flight, N ops per message
+(each on another session), as a router or the client library sends them; then a least-squares
+fit of the shard's CPU per message as `a + b * N`: what a message costs whatever it holds (a)
+and what each op in it adds (b). --request-ids gives every CAS a request_id, as the client
+library does (the shard then stores an idempotency record with each write).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,6 +62,7 @@ class Cell:
     shard_cores: float | None
     conflicts: int
     errors: int
+    ops_per_message: int = 0  # --pipeline cells: ops per Pipeline message (0: unary calls)
 
     @property
     def ops_per_s(self) -> float:
@@ -160,6 +168,121 @@ async def load_sessions(
     return versions
 
 
+_rid = iter(range(1, 1 << 62))
+
+
+def cas_request(sid: str, value: bytes, expected: int, rid: bool) -> state_pb2.PutRequest:
+    req = state_pb2.PutRequest(session_id=sid, key="state", value=value, expected_version=expected)
+    if rid:
+        req.request_id = f"bench-{next(_rid):x}"
+    return req
+
+
+def note_cas(versions: dict[str, int], sid: str, r: state_pb2.PutResponse) -> bool:
+    """Remember the session's version after a CAS; True when it was a conflict."""
+    versions[sid] = r.version if r.applied else r.current.version
+    return not r.applied
+
+
+async def run_pipeline_cell(
+    stub: state_pb2_grpc.StateStub,
+    op: str,
+    per_message: int,
+    sids: list[str],
+    versions: dict[str, int],
+    value: bytes,
+    duration: float,
+    warmup: float,
+    pid: int | None,
+    rid: bool,
+) -> Cell:
+    """One Pipeline stream, one message of `per_message` ops in flight (distinct sessions)."""
+    rng = random.Random(per_message)
+    outbox: asyncio.Queue[state_pb2.PipelineRequest | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[state_pb2.PipelineRequest]:
+        while (item := await outbox.get()) is not None:
+            yield item
+
+    call = stub.Pipeline(requests())
+    lat: list[float] = []
+    counters = {"conflicts": 0, "errors": 0}
+    n_ops = 0
+
+    async def one(mid: int, measuring: bool) -> None:
+        nonlocal n_ops
+        chosen = rng.sample(sids, min(per_message, len(sids)))
+        req = state_pb2.PipelineRequest(id=mid)
+        for sid in chosen:
+            if op == "get":
+                req.batch.ops.add(get=state_pb2.GetRequest(session_id=sid, key="state"))
+            else:
+                req.batch.ops.add(put=cas_request(sid, value, versions[sid], rid))
+        t0 = time.perf_counter()
+        await outbox.put(req)
+        resp = await call.read()
+        if measuring:
+            lat.append(time.perf_counter() - t0)
+            n_ops += len(chosen)
+        if resp.code:
+            counters["errors"] += len(chosen) if measuring else 0
+            return
+        for sid, r in zip(chosen, resp.batch.results, strict=True):
+            if r.code:
+                counters["errors"] += measuring
+            elif op != "get" and note_cas(versions, sid, r.put):
+                counters["conflicts"] += measuring
+
+    mid = 0
+    end = time.monotonic() + warmup
+    while time.monotonic() < end:
+        mid += 1
+        await one(mid, False)
+    cpu0, ccpu0, t0 = cpu_seconds(pid) if pid else None, time.process_time(), time.monotonic()
+    end = t0 + duration
+    while time.monotonic() < end:
+        mid += 1
+        await one(mid, True)
+    elapsed = time.monotonic() - t0
+    cpu1, ccpu1 = cpu_seconds(pid) if pid else None, time.process_time()
+    await outbox.put(None)
+    await call.read()  # EOF: the shard ends the stream once the half-close reaches it
+    lat.sort()
+    n = len(lat)
+    shard_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    return Cell(
+        server="shard",
+        op=op,
+        concurrency=1,
+        ops=n_ops,
+        seconds=elapsed,
+        p50_ms=lat[n // 2] * 1000 if n else 0.0,
+        p99_ms=lat[min(n - 1, int(0.99 * n))] * 1000 if n else 0.0,
+        shard_cpu_us_per_op=(shard_cpu / n_ops * 1e6) if shard_cpu is not None and n_ops else None,
+        client_cpu_us_per_op=((ccpu1 - ccpu0) / n_ops * 1e6) if n_ops else 0.0,
+        shard_cores=(shard_cpu / elapsed) if shard_cpu is not None else None,
+        conflicts=counters["conflicts"],
+        errors=counters["errors"],
+        ops_per_message=per_message,
+    )
+
+
+def fit(cells: list[Cell]) -> dict[str, tuple[float, float]]:
+    """Per op kind with two or more --pipeline cells: (CPU µs per message, per op in it), the
+    least-squares line through each cell's CPU per message against its ops per message."""
+    out: dict[str, tuple[float, float]] = {}
+    for op in sorted({c.op for c in cells if c.ops_per_message}):
+        pts = [(c.ops_per_message, c.shard_cpu_us_per_op * c.ops_per_message) for c in cells
+               if c.op == op and c.ops_per_message and c.shard_cpu_us_per_op is not None]
+        if len({x for x, _ in pts}) < 2:
+            continue
+        mx = sum(x for x, _ in pts) / len(pts)
+        my = sum(y for _, y in pts) / len(pts)
+        b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+        out[op] = (my - b * mx, b)
+    return out
+
+
 async def run_cell(
     stub: state_pb2_grpc.StateStub,
     op: str,
@@ -170,6 +293,7 @@ async def run_cell(
     duration: float,
     warmup: float,
     pid: int | None,
+    rid: bool = False,
 ) -> Cell:
     lat: list[float] = []
     counters = {"conflicts": 0, "errors": 0}
@@ -189,17 +313,11 @@ async def run_cell(
                 else:
                     sid = rng.choice(mine)
                     r = await stub.Put(
-                        state_pb2.PutRequest(
-                            session_id=sid, key="state", value=value, expected_version=versions[sid]
-                        ),
+                        cas_request(sid, value, versions[sid], rid),
                         timeout=30,
                     )
-                    if r.applied:
-                        versions[sid] = r.version
-                    else:
-                        versions[sid] = r.current.version
-                        if measuring:
-                            counters["conflicts"] += 1
+                    if note_cas(versions, sid, r) and measuring:
+                        counters["conflicts"] += 1
             except grpc.RpcError:
                 if measuring:
                     counters["errors"] += 1
@@ -254,10 +372,17 @@ async def bench(args: argparse.Namespace, address: str, pid: int | None) -> list
         stub = state_pb2_grpc.StateStub(ch)
         versions = await load_sessions(stub, sids, value)
         for op in args.ops.split(","):
+            if args.pipeline:
+                for per in (int(n) for n in args.pipeline.split(",")):
+                    cells.append(await run_pipeline_cell(
+                        stub, op, per, sids, versions, value, args.duration, args.warmup, pid,
+                        args.request_ids))
+                continue
             for conc in (int(c) for c in args.concurrency.split(",")):
                 cells.append(
                     await run_cell(
-                        stub, op, conc, sids, versions, value, args.duration, args.warmup, pid
+                        stub, op, conc, sids, versions, value, args.duration, args.warmup, pid,
+                        args.request_ids,
                     )
                 )
     return cells
@@ -266,12 +391,14 @@ async def bench(args: argparse.Namespace, address: str, pid: int | None) -> list
 def render(cells: list[Cell], args: argparse.Namespace, address: str) -> None:
     t = Table(
         title=f"shard {address}: {args.sessions} sessions, {args.value_bytes} B values, "
-        f"{args.duration:g} s per cell, grpc.aio unary stubs"
+        f"{args.duration:g} s per cell, grpc.aio "
+        + ("Pipeline, one message in flight" if args.pipeline else "unary stubs")
+        + (", request ids" if args.request_ids else "")
     )
     for col in (
         "server",
         "op",
-        "conc",
+        "ops/msg" if args.pipeline else "conc",
         "ops/s",
         "p50 ms",
         "p99 ms",
@@ -287,7 +414,7 @@ def render(cells: list[Cell], args: argparse.Namespace, address: str) -> None:
         t.add_row(
             c.server,
             "Get" if c.op == "get" else "CAS Put",
-            str(c.concurrency),
+            str(c.ops_per_message if args.pipeline else c.concurrency),
             f"{c.ops_per_s:,.0f}",
             f"{c.p50_ms:.2f}",
             f"{c.p99_ms:.2f}",
@@ -301,6 +428,9 @@ def render(cells: list[Cell], args: argparse.Namespace, address: str) -> None:
     console = Console()
     console.width = max(console.width, 150)  # a pipe or CI log is 80 wide: keep one row per cell
     console.print(t)
+    for op, (per_msg, per_op) in fit(cells).items():
+        console.print(f"{'Get' if op == 'get' else 'CAS Put'}: shard CPU per Pipeline message "
+                      f"{per_msg:.0f} µs + {per_op:.1f} µs per op in it (least squares)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
     ap.add_argument("--concurrency", default="1,32", help="comma-separated in-flight requests")
     ap.add_argument("--ops", default="get,cas", help="comma-separated: get, cas")
+    ap.add_argument("--pipeline", default="",
+                    help="comma-separated ops per Pipeline message: one stream, one message in "
+                    "flight (instead of --concurrency unary calls)")
+    ap.add_argument("--request-ids", action="store_true",
+                    help="a request_id on every CAS, as the client library sends")
     ap.add_argument(
         "--shard-arg", action="append", default=[], help="extra flag for the started shard"
     )

@@ -45,6 +45,26 @@ def test_shard_bench_runs_briefly(tmp_path: Path) -> None:
 
 
 @pytest.mark.bench
+def test_shard_bench_pipeline_cells_and_fit(tmp_path: Path) -> None:
+    """--pipeline: one stream, N ops per message; every CAS carries the version the last answer
+    gave (warm-up included), so a single writer never conflicts; the per-message fit is printed."""
+    out = tmp_path / "cells.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "shard_bench.py"), "--sessions", "60",
+           "--duration", "0.3", "--warmup", "0.2", "--pipeline", "1,8", "--request-ids",
+           "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cells = json.loads(out.read_text())
+    assert [(c["op"], c["ops_per_message"]) for c in cells] == [("get", 1), ("get", 8), ("cas", 1), ("cas", 8)]
+    for c in cells:
+        assert c["ops"] > 0 and c["ops"] % c["ops_per_message"] == 0
+        assert c["errors"] == 0 and c["conflicts"] == 0
+        assert c["shard_cpu_us_per_op"] is not None
+    fits = [line for line in done.stdout.splitlines() if "per Pipeline message" in line]
+    assert [f.split(":")[0] for f in fits] == ["CAS Put", "Get"], done.stdout
+
+
+@pytest.mark.bench
 def test_leveldb_blocks_runs_briefly(tmp_path: Path) -> None:
     """benchmarks/leveldb_blocks.py writes the shard pattern and prints one row per block size."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "leveldb_blocks.py"), "--writes", "2200", "--block-kib", "4,32"]
