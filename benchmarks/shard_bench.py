@@ -247,19 +247,32 @@ async def run_pipeline_cell(
     cpu1, ccpu1 = cpu_seconds(pid) if pid else None, time.process_time()
     await outbox.put(None)
     await call.read()  # EOF: the shard ends the stream once the half-close reaches it
+    return measured(op, 1, n_ops, lat, elapsed, (cpu0, cpu1), ccpu1 - ccpu0, counters, per_message)
+
+
+def measured(op: str, conc: int, ops: int, lat: list[float], elapsed: float,
+             shard_cpu_s: tuple[float | None, float | None], client_cpu: float,
+             counters: dict[str, int], per_message: int = 0) -> Cell:
+    """A cell from what a run measured: latencies (per call or message), the shard's CPU
+    seconds before and after (None: not readable), the client's CPU seconds."""
     lat.sort()
     n = len(lat)
+
+    def pct(q: float) -> float:
+        return lat[min(n - 1, int(q * n))] * 1000 if n else 0.0
+
+    cpu0, cpu1 = shard_cpu_s
     shard_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
     return Cell(
         server="shard",
         op=op,
-        concurrency=1,
-        ops=n_ops,
+        concurrency=conc,
+        ops=ops,
         seconds=elapsed,
-        p50_ms=lat[n // 2] * 1000 if n else 0.0,
-        p99_ms=lat[min(n - 1, int(0.99 * n))] * 1000 if n else 0.0,
-        shard_cpu_us_per_op=(shard_cpu / n_ops * 1e6) if shard_cpu is not None and n_ops else None,
-        client_cpu_us_per_op=((ccpu1 - ccpu0) / n_ops * 1e6) if n_ops else 0.0,
+        p50_ms=pct(0.50),
+        p99_ms=pct(0.99),
+        shard_cpu_us_per_op=(shard_cpu / ops * 1e6) if shard_cpu is not None and ops else None,
+        client_cpu_us_per_op=(client_cpu / ops * 1e6) if ops else 0.0,
         shard_cores=(shard_cpu / elapsed) if shard_cpu is not None else None,
         conflicts=counters["conflicts"],
         errors=counters["errors"],
@@ -340,29 +353,7 @@ async def run_cell(
     ccpu1 = time.process_time()
     stop_at = 0.0
     await asyncio.gather(*tasks)
-
-    n = len(lat)
-    lat.sort()
-
-    def pct(p: float) -> float:
-        return lat[min(n - 1, int(p * n))] * 1000 if n else 0.0
-
-    shard_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
-    return Cell(
-        server="shard",
-        op=op,
-        concurrency=conc,
-        ops=n,
-        seconds=elapsed,
-        p50_ms=pct(0.50),
-        p99_ms=pct(0.99),
-        shard_cpu_us_per_op=(shard_cpu / n * 1e6) if shard_cpu is not None and n else None,
-        client_cpu_us_per_op=((ccpu1 - ccpu0) / n * 1e6) if n else 0.0,
-        shard_cores=(shard_cpu / elapsed) if shard_cpu is not None else None,
-        conflicts=counters["conflicts"],
-        errors=counters["errors"],
-    )
-
+    return measured(op, conc, len(lat), lat, elapsed, (cpu0, cpu1), ccpu1 - ccpu0, counters)
 
 async def bench(args: argparse.Namespace, address: str, pid: int | None) -> list[Cell]:
     value = os.urandom(args.value_bytes)
