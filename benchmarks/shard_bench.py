@@ -41,6 +41,7 @@ from grpc_health.v1 import health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from shardstate import codec
 from shardstate.common import portfile
 from shardstate.server import launch
 from shardstate.v1 import state_pb2, state_pb2_grpc
@@ -168,13 +169,10 @@ async def load_sessions(
     return versions
 
 
-_rid = iter(range(1, 1 << 62))
-
-
 def cas_request(sid: str, value: bytes, expected: int, rid: bool) -> state_pb2.PutRequest:
     req = state_pb2.PutRequest(session_id=sid, key="state", value=value, expected_version=expected)
     if rid:
-        req.request_id = f"bench-{next(_rid):x}"
+        req.request_id = codec.new_request_id()  # the client library's ids
     return req
 
 
@@ -221,17 +219,21 @@ async def run_pipeline_cell(
         t0 = time.perf_counter()
         await outbox.put(req)
         resp = await call.read()
-        if measuring:
-            lat.append(time.perf_counter() - t0)
-            n_ops += len(chosen)
+        took = time.perf_counter() - t0
+        errors = conflicts = 0
         if resp.code:
-            counters["errors"] += len(chosen) if measuring else 0
-            return
-        for sid, r in zip(chosen, resp.batch.results, strict=True):
-            if r.code:
-                counters["errors"] += measuring
-            elif op != "get" and note_cas(versions, sid, r.put):
-                counters["conflicts"] += measuring
+            errors = len(chosen)
+        else:
+            for sid, r in zip(chosen, resp.batch.results, strict=True):
+                if r.code:
+                    errors += 1
+                elif op != "get":
+                    conflicts += note_cas(versions, sid, r.put)  # in warm-up too: versions stay current
+        if measuring:
+            lat.append(took)
+            n_ops += len(chosen)
+            counters["errors"] += errors
+            counters["conflicts"] += conflicts
 
     mid = 0
     end = time.monotonic() + warmup
@@ -355,6 +357,7 @@ async def run_cell(
     await asyncio.gather(*tasks)
     return measured(op, conc, len(lat), lat, elapsed, (cpu0, cpu1), ccpu1 - ccpu0, counters)
 
+
 async def bench(args: argparse.Namespace, address: str, pid: int | None) -> list[Cell]:
     value = os.urandom(args.value_bytes)
     sids = [f"bench-{i:06d}" for i in range(args.sessions)]
@@ -454,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--serve-noop", default="", help=argparse.SUPPRESS)  # internal: the floor
     args = ap.parse_args(argv)
+    if args.pipeline and not all(n.isdigit() and int(n) > 0 for n in args.pipeline.split(",")):
+        ap.error(f"--pipeline: comma-separated ops per message, each at least 1 (got {args.pipeline!r})")
     if args.serve_noop:
         asyncio.run(serve_noop(args.serve_noop))
         return 0
