@@ -169,6 +169,20 @@ async def load_sessions(
     return versions
 
 
+@dataclass
+class Load:
+    """What every cell of a run shares: the sessions (loaded) and their last known versions,
+    the value written, the timing, the shard's pid (CPU figures) and whether CAS carries ids."""
+
+    sids: list[str]
+    versions: dict[str, int]
+    value: bytes
+    duration: float
+    warmup: float
+    pid: int | None
+    rid: bool
+
+
 def cas_request(sid: str, value: bytes, expected: int, rid: bool) -> state_pb2.PutRequest:
     req = state_pb2.PutRequest(session_id=sid, key="state", value=value, expected_version=expected)
     if rid:
@@ -183,18 +197,10 @@ def note_cas(versions: dict[str, int], sid: str, r: state_pb2.PutResponse) -> bo
 
 
 async def run_pipeline_cell(
-    stub: state_pb2_grpc.StateStub,
-    op: str,
-    per_message: int,
-    sids: list[str],
-    versions: dict[str, int],
-    value: bytes,
-    duration: float,
-    warmup: float,
-    pid: int | None,
-    rid: bool,
+    stub: state_pb2_grpc.StateStub, op: str, per_message: int, load: Load
 ) -> Cell:
     """One Pipeline stream, one message of `per_message` ops in flight (distinct sessions)."""
+    sids, versions, value, pid, rid = load.sids, load.versions, load.value, load.pid, load.rid
     rng = random.Random(per_message)
     outbox: asyncio.Queue[state_pb2.PipelineRequest | None] = asyncio.Queue()
 
@@ -236,12 +242,12 @@ async def run_pipeline_cell(
             counters["conflicts"] += conflicts
 
     mid = 0
-    end = time.monotonic() + warmup
+    end = time.monotonic() + load.warmup
     while time.monotonic() < end:
         mid += 1
         await one(mid, False)
     cpu0, ccpu0, t0 = cpu_seconds(pid) if pid else None, time.process_time(), time.monotonic()
-    end = t0 + duration
+    end = t0 + load.duration
     while time.monotonic() < end:
         mid += 1
         await one(mid, True)
@@ -299,17 +305,9 @@ def fit(cells: list[Cell]) -> dict[str, tuple[float, float]]:
 
 
 async def run_cell(
-    stub: state_pb2_grpc.StateStub,
-    op: str,
-    conc: int,
-    sids: list[str],
-    versions: dict[str, int],
-    value: bytes,
-    duration: float,
-    warmup: float,
-    pid: int | None,
-    rid: bool = False,
+    stub: state_pb2_grpc.StateStub, op: str, conc: int, load: Load
 ) -> Cell:
+    sids, versions, value, pid, rid = load.sids, load.versions, load.value, load.pid, load.rid
     lat: list[float] = []
     counters = {"conflicts": 0, "errors": 0}
     measuring = False
@@ -343,12 +341,12 @@ async def run_cell(
     # warm-up then measure, with the same workers running throughout
     stop_at = float("inf")
     tasks = [asyncio.create_task(worker(w)) for w in range(conc)]
-    await asyncio.sleep(warmup)
+    await asyncio.sleep(load.warmup)
     cpu0 = cpu_seconds(pid) if pid else None
     ccpu0 = time.process_time()
     t0 = time.monotonic()
     measuring = True
-    await asyncio.sleep(duration)
+    await asyncio.sleep(load.duration)
     measuring = False
     elapsed = time.monotonic() - t0
     cpu1 = cpu_seconds(pid) if pid else None
@@ -365,20 +363,14 @@ async def bench(args: argparse.Namespace, address: str, pid: int | None) -> list
     async with grpc.aio.insecure_channel(address) as ch:
         stub = state_pb2_grpc.StateStub(ch)
         versions = await load_sessions(stub, sids, value)
+        load = Load(sids, versions, value, args.duration, args.warmup, pid, args.request_ids)
         for op in args.ops.split(","):
             if args.pipeline:
                 for per in (int(n) for n in args.pipeline.split(",")):
-                    cells.append(await run_pipeline_cell(
-                        stub, op, per, sids, versions, value, args.duration, args.warmup, pid,
-                        args.request_ids))
+                    cells.append(await run_pipeline_cell(stub, op, per, load))
                 continue
             for conc in (int(c) for c in args.concurrency.split(",")):
-                cells.append(
-                    await run_cell(
-                        stub, op, conc, sids, versions, value, args.duration, args.warmup, pid,
-                        args.request_ids,
-                    )
-                )
+                cells.append(await run_cell(stub, op, conc, load))
     return cells
 
 
