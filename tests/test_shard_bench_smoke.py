@@ -90,3 +90,23 @@ def test_step_bench_attributes_the_tail(tmp_path: Path) -> None:
     ops = int(tail[0].split(" over ")[1].split(" ops")[0].replace(",", ""))
     assert ops > 0
     assert "ops overlapping none of it:" in out
+
+
+@pytest.mark.bench
+def test_write_path_cells(tmp_path: Path) -> None:
+    """benchmarks/write_path.py: the four cells (session order x change-log tail), each with its
+    measured ops; every CAS from the version the last answer gave, so none conflicts."""
+    out = tmp_path / "cells.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "write_path.py"), "--ops", "320", "--sessions", "40",
+           "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cells = json.loads(out.read_text())
+    assert [(c["order"], c["tail"]) for c in cells] == [
+        ("in order", False), ("in order", True), ("random", False), ("random", True)]
+    for c in cells:
+        assert c["ops"] == 320 and c["errors"] == 0 and c["conflicts"] == 0
+        assert c["process_us_per_op"] >= c["thread_us_per_op"] > 0
+    bad = subprocess.run([*cmd[:2], "--batch", "50", "--sessions", "40"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert bad.returncode == 2 and "--batch must be between 1 and --sessions (40), got 50" in bad.stderr
