@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
-from shardstate import codec
+from shardstate.bench.cas import cas_request, note_cas
 from shardstate.common import portfile
 from shardstate.server import launch
 from shardstate.v1 import state_pb2, state_pb2_grpc
@@ -181,19 +181,6 @@ class Load:
     warmup: float
     pid: int | None
     rid: bool
-
-
-def cas_request(sid: str, value: bytes, expected: int, rid: bool) -> state_pb2.PutRequest:
-    req = state_pb2.PutRequest(session_id=sid, key="state", value=value, expected_version=expected)
-    if rid:
-        req.request_id = codec.new_request_id()  # the client library's ids
-    return req
-
-
-def note_cas(versions: dict[str, int], sid: str, r: state_pb2.PutResponse) -> bool:
-    """Remember the session's version after a CAS; True when it was a conflict."""
-    versions[sid] = r.version if r.applied else r.current.version
-    return not r.applied
 
 
 async def run_pipeline_cell(

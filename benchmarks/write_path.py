@@ -20,6 +20,10 @@ cost is gRPC and the Pipeline stream: `shard_bench.py --pipeline` measures those
 
 from __future__ import annotations
 
+import shardstate.bench  # noqa: F401  (first: chooses grpc's transport before grpc loads)
+
+# isort: split
+
 import argparse
 import asyncio
 import json
@@ -34,7 +38,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from shardstate import codec
+from shardstate.bench.cas import cas_request, note_cas
 from shardstate.server.config import ShardConfig
 from shardstate.server.node import Node
 from shardstate.server.service import StateService
@@ -55,13 +59,8 @@ class Cell:
 
 
 def batch_of(sids: list[str], versions: dict[str, int], value: bytes) -> state_pb2.BatchRequest:
-    req = state_pb2.BatchRequest()
-    for sid in sids:
-        put = req.ops.add().put
-        put.session_id, put.key, put.value = sid, "state", value
-        put.expected_version = versions[sid]
-        put.request_id = codec.new_request_id()
-    return req
+    return state_pb2.BatchRequest(ops=[state_pb2.BatchOp(put=cas_request(sid, value, versions[sid], True))
+                                       for sid in sids])
 
 
 async def run_cell(args: argparse.Namespace, order: str, tail: bool) -> Cell:
@@ -100,8 +99,7 @@ async def run_cell(args: argparse.Namespace, order: str, tail: bool) -> Cell:
                 if r.code:
                     errors += measuring
                     continue
-                versions[sid] = r.put.version if r.put.applied else r.put.current.version
-                conflicts += measuring and not r.put.applied
+                conflicts += note_cas(versions, sid, r.put) and measuring
             if measuring:
                 thread += t1 - t0
                 process += p1 - p0
