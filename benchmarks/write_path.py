@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shardstate.bench.cas import cas_request, note_cas
+from shardstate.common.errors import InvalidArgumentError
 from shardstate.server.config import ShardConfig
 from shardstate.server.node import Node
 from shardstate.server.service import StateService
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--batch must be between 1 and --sessions ({args.sessions}), got {args.batch}")
     if args.ops < args.batch:
         ap.error(f"--ops must be at least --batch ({args.batch}), got {args.ops}")
+    try:
+        ShardConfig(id="bench", data_dir="-", write_buffer_mib=args.write_buffer_mib).validate()
+    except InvalidArgumentError as e:
+        ap.error(e.message)
     args.value = b"x" * args.value_bytes
     cells = asyncio.run(bench(args))
     render(cells, args)

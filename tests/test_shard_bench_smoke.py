@@ -110,3 +110,6 @@ def test_write_path_cells(tmp_path: Path) -> None:
     bad = subprocess.run([*cmd[:2], "--batch", "50", "--sessions", "40"], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)
     assert bad.returncode == 2 and "--batch must be between 1 and --sessions (40), got 50" in bad.stderr
+    bad = subprocess.run([*cmd[:2], "--write-buffer-mib", "0"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert bad.returncode == 2 and "--write-buffer-mib must be at least 1, got 0" in bad.stderr
