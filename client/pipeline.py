@@ -36,6 +36,7 @@ import grpc
 from shardstate import codec
 from shardstate.common import errors
 from shardstate.common.clustermap import ClusterView
+from shardstate.common.config import Limits
 from shardstate.common.errors import DeadlineExceededError, ShardstateError, UnimplementedError
 from shardstate.common.metrics import Registry
 from shardstate.common.protowire import field_head, varint
@@ -56,6 +57,9 @@ CALM_S = 1.0  # a shard answering within HOLD_S for this long has its ops batche
 USUAL_FACTOR = 20.0  # held back means unanswered for this many times the usual answer time ...
 USUAL_WEIGHT = 0.05  # ... an exponentially weighted mean of the answer times
 VIEW_TTL_S = 5.0  # a cluster map fetched for splitting is fetched again when older
+# The largest batch sent (BatchRequest bytes): a server's default max_request_bytes, which it
+# enforces on the whole message (plus a small envelope). Larger ops go alone.
+MAX_BATCH_BYTES = Limits().max_request_bytes
 # BatchOp oneof name -> {request length: what precedes the request in BatchRequest.ops}
 _OP_HEADS: dict[str, dict[int, bytes]] = {name: {} for name in _OP_NUMBER}
 
@@ -97,23 +101,32 @@ def _stream_error(exc: ShardstateError) -> ShardstateError:
 Pending = tuple[str, Any, "asyncio.Future[Any]", float | None, float]
 
 
-def _encode(pending: list[Pending]) -> tuple[list[Pending], bytes]:
-    """The ops still wanted (not cancelled or expired) and their BatchRequest bytes: each op's
-    serialized request framed as a BatchOp."""
+def _encode(pending: list[Pending], max_bytes: int = MAX_BATCH_BYTES) -> list[tuple[list[Pending], bytes]]:
+    """The ops still wanted (not cancelled or expired) as batches of at most `max_bytes` of
+    BatchRequest each (an op bigger than that alone): each batch's ops and its bytes, each
+    op's serialized request framed as a BatchOp. Concurrent callers' ops never add up to a
+    message the server refuses whole, failing every one of them."""
+    out: list[tuple[list[Pending], bytes]] = []
+    ops: list[Pending] = []
     parts: list[bytes] = []
-    add = parts.append
-    dropped = False
-    for field, request, fut, _, _ in pending:
+    size = 0
+    for p in pending:
+        field, request, fut, _, _ = p
         if fut.done():  # cancelled (or expired) before it left
-            dropped = True
             continue
         data = request.SerializeToString()
         n = len(data)
-        add(_OP_HEADS[field].get(n) or _op_head(field, n))
-        add(data)
-    if dropped:
-        pending = [p for p in pending if not p[2].done()]
-    return pending, b"".join(parts)
+        head = _OP_HEADS[field].get(n) or _op_head(field, n)
+        if ops and size + len(head) + n > max_bytes:
+            out.append((ops, b"".join(parts)))
+            ops, parts, size = [], [], 0
+        ops.append(p)
+        parts.append(head)
+        parts.append(data)
+        size += len(head) + n
+    if ops:
+        out.append((ops, b"".join(parts)))
+    return out
 
 
 class _Sent:
@@ -264,12 +277,14 @@ class Conn:
                  timeout: float | None,
                  fetch_view: Callable[[], Awaitable[ClusterView | None]] | None = None,
                  hold_s: float = HOLD_S, address: str = "",
-                 metrics: BatchingMetrics | None = None, window: int = WINDOW) -> None:
+                 metrics: BatchingMetrics | None = None, window: int = WINDOW,
+                 max_bytes: int = MAX_BATCH_BYTES) -> None:
         self.address = address
         self.metrics = metrics or BatchingMetrics(Registry())
         self.stub = stub
         self.pipeline = pipeline
         self.max_ops = max_ops
+        self.max_bytes = max_bytes  # a batch's BatchRequest bytes at most (MAX_BATCH_BYTES)
         self.timeout = timeout
         self.mode = PIPELINE
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -336,9 +351,12 @@ class Conn:
         if self._split and self._view is not None:
             self._send_split(pending)
             return
-        pending, body = _encode(pending)
-        if pending:
-            self._send(_Sent(pending, body), earliest)
+        batches = _encode(pending, self.max_bytes)
+        if len(batches) == 1:
+            self._send(_Sent(*batches[0]), earliest)
+        else:
+            for ops, body in batches:
+                self._send(_Sent(ops, body))
 
     def _owner(self, request: Any) -> str:
         assert self._view is not None
@@ -355,9 +373,8 @@ class Conn:
             if sid not in split:
                 sid = None  # batched with the other healthy shards' ops
             groups.setdefault(sid, []).append(p)
-        for sid, ops in groups.items():
-            ops, body = _encode(ops)
-            if ops:
+        for sid, group in groups.items():
+            for ops, body in _encode(group, self.max_bytes):
                 self._send(_Sent(ops, body, sid))
 
     def _send(self, sent: _Sent, earliest: float | None = None) -> None:
@@ -457,9 +474,8 @@ class Conn:
                 self._split[sid] = now
             if len(groups) < 2:
                 continue  # one shard's ops only: nothing else waits on them
-            for sid, ops in groups.items():
-                ops, body = _encode(ops)
-                if ops:
+            for sid, group in groups.items():
+                for ops, body in _encode(group, self.max_bytes):
                     self.metrics.resent.inc(len(ops), address=self.address)
                     self._send(_Sent(ops, body, sid))
 

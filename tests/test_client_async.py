@@ -381,3 +381,19 @@ def test_silent_pipeline_stream_is_abandoned_and_retried(shard: str) -> None:
             await server.stop(None)
 
     run(main())
+
+
+def test_concurrent_large_puts_are_not_refused_as_one_oversized_batch(shard: str) -> None:
+    """Six puts of 900 KiB, each well within the value and request limits, issued in one
+    tick: coalescing them must not make one message over the server's request limit that
+    fails them all; each succeeds as it does unbatched."""
+    async def main() -> None:
+        async with AsyncClient(shard, timeout=30) as c:
+            s = c.session(uid())
+            values = [bytes([65 + i]) * (900 * 1024) for i in range(6)]
+            versions = await asyncio.gather(*(s.put(f"k{i}", v) for i, v in enumerate(values)))
+            assert all(v > 0 for v in versions)
+            recs = await asyncio.gather(*(s.get(f"k{i}") for i in range(6)))
+            assert [r.value for r in recs] == values
+
+    run(main())
