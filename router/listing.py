@@ -41,14 +41,18 @@ def merge(
 ) -> tuple[list[types_pb2.SessionInfo], Cursor | None]:
     """One sorted page of at most `limit` sessions from the shards' pages, and the cursor for
     the next page (None when every shard is exhausted). A session reported by two shards
-    (mid-move) is listed once, preferring the shard `owner` names."""
+    (mid-move) is listed once, preferring the shard `owner` names. A shard may answer a page
+    shorter than `limit` (its own max_page is smaller) with more after it: the page ends at
+    the lowest such shard's last session, past which that shard has not been heard."""
     best: dict[str, tuple[str, types_pb2.SessionInfo]] = {}
     for sid, page in pages.items():
         for s in page.sessions:
             prev = best.get(s.session_id)
             if prev is None or (owner is not None and owner(s.session_id) == sid):
                 best[s.session_id] = (sid, s)
-    ordered = sorted(best)[:limit]
+    bound = min((max(s.session_id for s in page.sessions) for page in pages.values()
+                 if page.more and page.sessions), default=None)
+    ordered = sorted(k for k in best if bound is None or k <= bound)[:limit]
     out = [best[k][1] for k in ordered]
     if not out:
         return out, None

@@ -175,6 +175,25 @@ def test_list_sessions_pages_of_7_over_3_shards_every_session_once_sorted(cluste
     assert list(empty.sessions) == [] and empty.next_page_token == ""
 
 
+def test_list_sessions_pages_every_session_once_when_shards_serve_smaller_pages(procs: Procs) -> None:
+    """Shards whose --max-page is below the caller's page size answer short pages; the
+    router's page must not run past what a short-paged shard has shown, or the sessions it
+    had not yet returned are skipped."""
+    shards = [procs.shard(f"s{i}", "--max-page", "3") for i in (1, 2)]
+    router = procs.router([s.address for s in shards])
+    r = Stubs(router.address)
+    try:
+        ns = uid("ns")
+        sids = [f"p-{i:03d}" for i in range(40)]
+        for s in sids:
+            r.put(s, "k", b"v", ns=ns)
+        assert len({r.view().owner(ns, s).id for s in sids}) == 2
+        flat = [s for p in r.list_all(ns=ns, limit=10) for s in p]
+        assert flat == sids
+    finally:
+        r.close()
+
+
 def test_list_sessions_bad_page_token_is_invalid_argument(cluster: RouterCluster) -> None:
     r = cluster.stub(cluster.routers[0])
     exc = expect_error(grpc.StatusCode.INVALID_ARGUMENT, r.state.ListSessions,

@@ -89,6 +89,17 @@ def test_merge_skips_done_shards_and_asks_new_ones() -> None:
     assert nxt == listing.Cursor("o", {"s1", "s2"})
 
 
+def test_merge_stops_at_a_shard_whose_page_was_shorter_than_the_callers() -> None:
+    # s1 serves pages of 2 at most (its --max-page): its page ends at "c" with more after.
+    # Everything up to "c" is known from every shard; past it, s1 was not heard yet.
+    info = types_pb2.SessionInfo
+    pages = {"s1": listing.ShardPage([info(session_id="a"), info(session_id="c")], True),
+             "s2": listing.ShardPage([info(session_id=i) for i in ("b", "d", "e")], False)}
+    out, nxt = listing.merge(pages, listing.Cursor(), 4, ["s1", "s2"])
+    assert [s.session_id for s in out] == ["a", "b", "c"]
+    assert nxt == listing.Cursor("c", set())
+
+
 # ---- batch split / reassemble ----
 
 
