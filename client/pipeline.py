@@ -26,6 +26,7 @@ until the shard has not held a batch back for CALM_S. Healthy, every batch stays
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,10 +38,16 @@ from shardstate import codec
 from shardstate.common import errors
 from shardstate.common.clustermap import ClusterView
 from shardstate.common.config import Limits
-from shardstate.common.errors import DeadlineExceededError, ShardstateError, UnimplementedError
+from shardstate.common.errors import (
+    DeadlineExceededError,
+    LimitExceededError,
+    RateLimitedError,
+    ShardstateError,
+    UnimplementedError,
+)
 from shardstate.common.metrics import Registry
 from shardstate.common.protowire import field_head, varint
-from shardstate.v1 import state_pb2, state_pb2_grpc
+from shardstate.v1 import state_pb2, state_pb2_grpc, types_pb2
 
 PIPELINE, BATCH, UNARY = "pipeline", "batch", "unary"
 PIPELINE_METHOD = "/shardstate.v1.State/Pipeline"
@@ -96,16 +103,35 @@ def _stream_error(exc: ShardstateError) -> ShardstateError:
     return out
 
 
+# A whole message refused for these limits says nothing about its ops: smaller batches pass.
+_MESSAGE_LIMITS = ("max_batch_ops", "max_request_bytes")
+_LIMIT_TEXT = re.compile(r"over the limit (\w+)=(\d+)")  # LimitExceededError.of's wording
+
+
+def _message_limit(exc: ShardstateError) -> tuple[str, int] | None:
+    """(limit, value) when `exc` refused a whole batch for its size ("", 0: it does not say
+    which limit; a Pipeline answer carries no typed details), else None."""
+    if not isinstance(exc, LimitExceededError) or isinstance(exc, RateLimitedError):
+        return None
+    if isinstance(exc.detail, types_pb2.LimitExceeded):
+        limit, value = exc.detail.limit, int(exc.detail.value)
+    else:
+        m = _LIMIT_TEXT.search(exc.message)
+        limit, value = (m.group(1), int(m.group(2))) if m else ("", 0)
+    return (limit, value) if limit in _MESSAGE_LIMITS or not limit else None
+
+
 # One pending op: its BatchOp field, request message, future, timeout and deadline (loop time;
 # _NEVER without a timeout).
 Pending = tuple[str, Any, "asyncio.Future[Any]", float | None, float]
 
 
-def _encode(pending: list[Pending], max_bytes: int = MAX_BATCH_BYTES) -> list[tuple[list[Pending], bytes]]:
-    """The ops still wanted (not cancelled or expired) as batches of at most `max_bytes` of
-    BatchRequest each (an op bigger than that alone): each batch's ops and its bytes, each
-    op's serialized request framed as a BatchOp. Concurrent callers' ops never add up to a
-    message the server refuses whole, failing every one of them."""
+def _encode(pending: list[Pending], max_bytes: int = MAX_BATCH_BYTES,
+            max_ops: int = 1 << 62) -> list[tuple[list[Pending], bytes]]:
+    """The ops still wanted (not cancelled or expired) as batches of at most `max_ops` ops and
+    `max_bytes` of BatchRequest each (an op bigger than that alone): each batch's ops and its
+    bytes, each op's serialized request framed as a BatchOp. Concurrent callers' ops never
+    add up to a message the server refuses whole, failing every one of them."""
     out: list[tuple[list[Pending], bytes]] = []
     ops: list[Pending] = []
     parts: list[bytes] = []
@@ -117,7 +143,7 @@ def _encode(pending: list[Pending], max_bytes: int = MAX_BATCH_BYTES) -> list[tu
         data = request.SerializeToString()
         n = len(data)
         head = _OP_HEADS[field].get(n) or _op_head(field, n)
-        if ops and size + len(head) + n > max_bytes:
+        if ops and (size + len(head) + n > max_bytes or len(ops) >= max_ops):
             out.append((ops, b"".join(parts)))
             ops, parts, size = [], [], 0
         ops.append(p)
@@ -188,12 +214,14 @@ class _Stream:
     """One Pipeline call: a queue feeding its requests, a task reading its responses."""
 
     def __init__(self, pipeline: Any, loop: asyncio.AbstractEventLoop,
-                 on_unimplemented: Callable[[list[_Sent]], None]) -> None:
+                 on_unimplemented: Callable[[list[_Sent]], None],
+                 on_failed: Callable[[_Sent, ShardstateError], None]) -> None:
         self._loop = loop
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._waiting: dict[int, _Sent] = {}
         self._next_id = 1
         self._on_unimplemented = on_unimplemented
+        self._on_failed = on_failed  # a batch failed whole (Conn._failed)
         self.broken = False
         self.last_heard = loop.time()
         self._call = pipeline(self._requests())
@@ -222,7 +250,7 @@ class _Stream:
                 if sent is None:
                     continue
                 if resp.code:
-                    sent.fail(codec.pipeline_error(resp))
+                    self._on_failed(sent, codec.pipeline_error(resp))
                 else:
                     sent.deliver(resp.batch.results)
         except grpc.RpcError as e:
@@ -237,7 +265,7 @@ class _Stream:
                 self._on_unimplemented(waiting)
             else:
                 for sent in waiting:
-                    sent.fail(exc)
+                    self._on_failed(sent, exc)
 
     def silent_for(self, now: float) -> float:
         """How long the stream has owed answers without giving any (0 when it owes none)."""
@@ -351,7 +379,7 @@ class Conn:
         if self._split and self._view is not None:
             self._send_split(pending)
             return
-        batches = _encode(pending, self.max_bytes)
+        batches = _encode(pending, self.max_bytes, self.max_ops)
         if len(batches) == 1:
             self._send(_Sent(*batches[0]), earliest)
         else:
@@ -374,7 +402,7 @@ class Conn:
                 sid = None  # batched with the other healthy shards' ops
             groups.setdefault(sid, []).append(p)
         for sid, group in groups.items():
-            for ops, body in _encode(group, self.max_bytes):
+            for ops, body in _encode(group, self.max_bytes, self.max_ops):
                 self._send(_Sent(ops, body, sid))
 
     def _send(self, sent: _Sent, earliest: float | None = None) -> None:
@@ -392,7 +420,7 @@ class Conn:
         if self.mode == PIPELINE:
             if self._stream is None or self._stream.broken:
                 assert self._loop is not None
-                self._stream = _Stream(self.pipeline, self._loop, self._fall_back)
+                self._stream = _Stream(self.pipeline, self._loop, self._fall_back, self._failed)
             self._stream.send(sent)
         elif self.mode == BATCH:
             self._spawn(self._unary_batch(sent))
@@ -475,7 +503,7 @@ class Conn:
             if len(groups) < 2:
                 continue  # one shard's ops only: nothing else waits on them
             for sid, group in groups.items():
-                for ops, body in _encode(group, self.max_bytes):
+                for ops, body in _encode(group, self.max_bytes, self.max_ops):
                     self.metrics.resent.inc(len(ops), address=self.address)
                     self._send(_Sent(ops, body, sid))
 
@@ -518,9 +546,33 @@ class Conn:
             exc = errors.from_rpc_error(e)
             if isinstance(exc, UnimplementedError):
                 self.mode = UNARY
-            sent.fail(exc)
+            self._failed(sent, exc)
             return
         sent.deliver(resp.results)
+
+    def _failed(self, sent: _Sent, exc: ShardstateError) -> None:
+        """A batch failed whole. Refused for its size (the server's max_batch_ops or
+        max_request_bytes is below this client's), its ops - not run, each within its limits
+        as far as that answer says - go again in batches the server accepts, and the
+        connection keeps to that limit from now on; any other failure is every op's."""
+        ops = [p for p in sent.ops if not p[2].done()]
+        refused = _message_limit(exc) if len(ops) > 1 else None
+        if refused is None:
+            sent.fail(exc)
+            return
+        limit, value = refused
+        if limit == "max_batch_ops" and 0 < value < len(ops):
+            self.max_ops = min(self.max_ops, value)
+        elif limit == "max_request_bytes" and 0 < value < len(sent.body):
+            self.max_bytes = min(self.max_bytes, value)
+        else:  # the limit is not known: halve
+            self.max_ops = min(self.max_ops, len(ops) // 2)
+        sent.answered = time.monotonic()
+        if sent.timer is not None:
+            sent.timer.cancel()
+        sent.release()
+        for part, body in _encode(ops, self.max_bytes, self.max_ops):
+            self._send(_Sent(part, body, sent.shard))
 
     def close(self) -> None:
         if self._watch is not None:

@@ -397,3 +397,24 @@ def test_concurrent_large_puts_are_not_refused_as_one_oversized_batch(shard: str
             assert [r.value for r in recs] == values
 
     run(main())
+
+
+def test_batches_shrink_to_the_servers_own_limits(procs: Procs) -> None:
+    """Against a shard and a router run with smaller --max-batch-ops and --max-request-bytes
+    than the client's defaults, concurrent single calls - each within every limit - succeed
+    as they do unbatched: the client does not let a batch it made up fail them all."""
+    limits = ("--max-batch-ops", "10", "--max-request-bytes", str(1024 * 1024))
+    shard = procs.shard("s1", *limits)
+    router = procs.router([shard.address], *limits)
+
+    async def main(address: str) -> None:
+        async with AsyncClient(address, timeout=30) as c:
+            sessions = [c.session(uid()) for _ in range(30)]
+            assert await asyncio.gather(*(s.incr("n") for s in sessions)) == [1] * 30
+            s = sessions[0]
+            values = [bytes([65 + i]) * (300 * 1024) for i in range(6)]
+            assert all(v > 0 for v in await asyncio.gather(*(s.put(f"k{i}", v) for i, v in enumerate(values))))
+            assert [r.value for r in await asyncio.gather(*(s.get(f"k{i}") for i in range(6)))] == values
+
+    for address in (shard.address, router.address):
+        run(main(address))
