@@ -48,10 +48,18 @@ def new_request_id() -> str:
     return next(_request_id_iter)
 
 
+def _utf8(value: str, what: str) -> bytes:
+    """`value` as UTF-8; a str that has none (a lone surrogate) is the caller's mistake."""
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(f"{what} is not valid UTF-8: {e.reason} at index {e.start}") from None
+
+
 def _name(value: Any, what: str, max_bytes: int) -> str:
     if not isinstance(value, str):
         raise InvalidArgumentError(f"{what} must be a str, got {type(value).__name__}")
-    n = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    n = len(value) if value.isascii() else len(_utf8(value, what))
     if n == 0:
         raise InvalidArgumentError(f"{what} must not be empty")
     if n > max_bytes:
@@ -80,6 +88,8 @@ def namespace(value: Any) -> str:
 def prefix(value: Any, what: str = "prefix") -> str:
     if not isinstance(value, str):
         raise InvalidArgumentError(f"{what} must be a str, got {type(value).__name__}")
+    if not value.isascii():
+        _utf8(value, what)
     return value
 
 
@@ -88,7 +98,7 @@ def to_bytes(value: Any, what: str = "value") -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
-        return value.encode("utf-8")
+        return value.encode("utf-8") if value.isascii() else _utf8(value, what)
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
     raise InvalidArgumentError(

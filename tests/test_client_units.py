@@ -110,6 +110,24 @@ def test_names_validated_with_clear_messages() -> None:
     assert codec.namespace("") == "default" and codec.namespace(None) == "default"
 
 
+def test_text_that_is_not_utf8_is_invalid_argument_naming_the_field() -> None:
+    # A lone surrogate passes for a str but cannot be sent: refused before any RPC, as
+    # InvalidArgumentError, not as a UnicodeEncodeError from deep inside protobuf.
+    bad = "a\ud800"
+    for check, what in ((codec.session_id, "session_id"), (codec.key, "key"), (codec.stream, "stream"),
+                        (codec.namespace, "namespace"), (codec.prefix, "prefix"), (codec.to_bytes, "value")):
+        with pytest.raises(InvalidArgumentError, match=f"{what} is not valid UTF-8"):
+            check(bad)
+    with pytest.raises(InvalidArgumentError, match=r"entries\[0\] is not valid UTF-8"):
+        codec.entries([bad])
+    with pytest.raises(InvalidArgumentError, match="key is not valid UTF-8"):
+        _drive(_core().put(bad, b"v"), [])
+    with pytest.raises(InvalidArgumentError, match="value is not valid UTF-8"):
+        _drive(_core().put("k", bad), [])
+    with pytest.raises(InvalidArgumentError, match="session_id is not valid UTF-8"):
+        SessionCore(_core().client, bad)
+
+
 def test_entries_ttl_timeout_consistency() -> None:
     assert codec.entries(b"a") == [b"a"]
     assert codec.entries("a") == [b"a"]
