@@ -218,6 +218,16 @@ class AsyncClient:
             return await getattr(self._channels.stub(address), call.method)(call.request, timeout=timeout)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from e
+        except asyncio.CancelledError:
+            self._closed_under_caller()
+            raise
+
+    def _closed_under_caller(self) -> None:
+        """Raise the client's own error when close() cancelled a call or stream under a
+        caller that was not cancelled itself (else the caller's CancelledError goes on)."""
+        task = asyncio.current_task()
+        if self._channels.closed and (task is None or not task.cancelling()):
+            raise errors.CancelledError("the client was closed") from None
 
     async def _perform(self, instr: Any) -> Any:
         if isinstance(instr, Call):
@@ -267,6 +277,9 @@ class AsyncClient:
                             msg = await instr.handle.read()
                         except grpc.RpcError as e:
                             raise errors.from_rpc_error(e) from e
+                        except asyncio.CancelledError:
+                            self._closed_under_caller()
+                            raise
                         value = None if msg is grpc.aio.EOF else msg
                     else:
                         value = await self._perform(instr)

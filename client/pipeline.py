@@ -582,7 +582,13 @@ class Conn:
             self._stream.close()
         for t in list(self._tasks):
             t.cancel()
-        _Sent(self._pending, b"").fail(errors.CancelledError("the client was closed"))
+        closed = errors.CancelledError("the client was closed")
+        # Every batch in flight ends now, whatever carried it (a stream's reader, a unary
+        # Batch task, both cancelled above and perhaps before they ever ran).
+        flight, self._flight = list(self._flight), deque()
+        for sent in flight:
+            sent.fail(closed)
+        _Sent(self._pending, b"").fail(closed)
         self._pending, self._earliest = [], _NEVER
 
 

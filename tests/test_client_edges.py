@@ -10,7 +10,10 @@ import asyncio
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 
 from shardstate import (
@@ -24,6 +27,7 @@ from shardstate import (
     ShardstateError,
     UnavailableError,
 )
+from shardstate.v1 import state_pb2, state_pb2_grpc
 from tests.procs import Procs
 from tests.stubs import uid
 
@@ -87,6 +91,66 @@ def test_async_client_refuses_calls_after_close(cluster: tuple[str, str], batchi
     asyncio.run(main())
     with Client(cluster[1], timeout=T) as c:  # nothing was written after close()
         assert sum(1 for _ in c.list_sessions()) >= 1
+
+
+class _Unanswering(state_pb2_grpc.StateServicer):
+    """A real gRPC server that takes Get, Batch and (unless `pipeline` is off) Pipeline calls
+    and never answers them; without Pipeline it answers UNIMPLEMENTED, as a server built
+    before Pipeline would."""
+
+    def __init__(self, pipeline: bool) -> None:
+        self.pipeline = pipeline
+
+    async def Get(self, req: Any, context: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    async def Batch(self, req: Any, context: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    async def Watch(self, req: Any, context: Any) -> Any:
+        await asyncio.sleep(3600)
+        yield state_pb2.WatchResponse()
+
+    async def Pipeline(self, requests: Any, context: Any) -> Any:
+        if not self.pipeline:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Pipeline is not built here")
+        async for _ in requests:
+            pass
+        await asyncio.sleep(3600)
+        yield state_pb2.PipelineResponse()
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "batch", "unary", "watch"])
+def test_async_close_ends_calls_in_flight_with_a_client_error(mode: str) -> None:
+    """close() while a call without a deadline (or a watch) waits for its answer: the call
+    ends with a ShardstateError saying the client was closed, in every batching mode - it
+    neither waits forever nor throws asyncio.CancelledError into a task nobody cancelled."""
+    async def watch(s: Any) -> None:
+        async for _ in s.watch():
+            pass
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        state_pb2_grpc.add_StateServicer_to_server(_Unanswering(mode == "pipeline"), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            c = AsyncClient(f"127.0.0.1:{port}", timeout=None, batching=mode not in ("unary", "watch"))
+            s = c.session(uid())
+            call = asyncio.ensure_future(watch(s) if mode == "watch" else s.get("k"))
+            await asyncio.sleep(0.5)  # sent, unanswered
+            assert not call.done()
+            if c.batching:
+                assert c.batching_stats()[f"127.0.0.1:{port}"]["mode"] == mode
+            await c.close()
+            done, _ = await asyncio.wait([call], timeout=T)
+            assert done, "the call still waits after close()"
+            exc = call.exception()
+            assert isinstance(exc, ShardstateError) and "closed" in str(exc), repr(exc)
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
 
 
 # ---- nothing listening ----
