@@ -447,3 +447,23 @@ def test_unknown_compare_result_is_invalid_whether_or_not_the_key_exists(shard: 
         assert "compares[0].result 9" in err.message, err.message
     assert not shard.get(sid, "w").found
     sentinel.check()
+
+
+@pytest.mark.parametrize("bad", [
+    state_pb2.Compare(key="k", exists=True, result=state_pb2.Compare.GREATER),  # exists takes EQUAL/NOT_EQUAL
+    state_pb2.Compare(key="k"),  # no target
+    state_pb2.Compare(key="", version=0),  # empty key
+], ids=["exists-greater", "no-target", "empty-key"])
+def test_a_bad_compare_after_a_false_one_is_invalid_and_runs_no_failure_op(
+    shard: Conn, sentinel: Sentinel, bad: state_pb2.Compare
+) -> None:
+    sid = uid()
+    v = shard.put(sid, "k", b"v").version
+    false = state_pb2.Compare(key="k", version=v + 1)
+    for compares in ([bad, false], [false, bad]):
+        req = state_pb2.TxnRequest(
+            session_id=sid, compares=compares,
+            failure=[state_pb2.TxnOp(put=state_pb2.PutRequest(key="ran", value=b"failure op"))])
+        expect_error(INVALID, shard.state.Txn, req, timeout=T)
+    assert not shard.get(sid, "ran").found
+    sentinel.check()

@@ -85,7 +85,9 @@ def validate(req: state_pb2.TxnRequest, limits: Any) -> None:
 
 def op_txn(ctx: WriteContext, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
     validate(req, ctx.limits)
-    succeeded = all(compare(ctx, c) for c in req.compares)
+    # Every compare is evaluated, also those after a false one: a bad compare is INVALID_ARGUMENT
+    # wherever it stands, never skipped into running the failure ops.
+    succeeded = all([compare(ctx, c) for c in req.compares])
     resp = state_pb2.TxnResponse(succeeded=succeeded)
     for op in req.success if succeeded else req.failure:
         kind = op.WhichOneof("op")
