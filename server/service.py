@@ -248,21 +248,23 @@ class StateService:
     def _shown_revision(self, req: Any, committed: int) -> int:
         """The newest revision an answer to `req` can show: its session's last write; over a
         batch's ops, the newest of theirs; `committed` for a request of no single session."""
-        engine = self.engine
+        if isinstance(req, state_pb2.BatchRequest):
+            top = 0
+            for op in req.ops:
+                kind = op.WhichOneof("op")
+                if kind:
+                    inner = getattr(op, kind)
+                    top = max(top, self._session_revision(inner))
+            return top
+        if req is not None and hasattr(req, "session_id"):
+            return self._session_revision(req)
+        return committed
+
+    def _session_revision(self, req: Any) -> int:
         try:
-            if isinstance(req, state_pb2.BatchRequest):
-                top = 0
-                for op in req.ops:
-                    kind = op.WhichOneof("op")
-                    if kind:
-                        inner = getattr(op, kind)
-                        top = max(top, engine.session_revision(inner.namespace, inner.session_id))
-                return top
-            if req is not None and hasattr(req, "session_id"):
-                return engine.session_revision(req.namespace, req.session_id)
+            return self.engine.session_revision(req.namespace, req.session_id)
         except errors.ShardstateError:
             return 0  # an invalid name: its op was answered with its own error, showing nothing
-        return committed
 
     async def batch(
         self, req: state_pb2.BatchRequest | Partial, out: state_pb2.BatchResponse | None = None

@@ -206,3 +206,25 @@ def test_semi_sync_write_without_replica_times_out_clearly_and_stays_durable(pro
     with grpc.insecure_channel(replica.address) as ch:
         ev = state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(session_id="a", key="k", consistency=EVENTUAL), timeout=T)
         assert ev.record.version == put.version and ev.record.value == b"v2"
+
+
+def test_semi_sync_batch_read_waits_for_its_sessions_even_beside_a_bad_op(procs: Procs) -> None:
+    primary = procs.shard("s1", "--min-replica-acks", "1", "--replica-ack-timeout-s", "0.5")
+    with grpc.insecure_channel(primary.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"unacked"), timeout=T)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        get_a = state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="a", key="k"))
+        bad = state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="", key="k"))  # its own INVALID_ARGUMENT
+        for ops in ([get_a], [get_a, bad], [bad, get_a]):
+            # A Batch reading session "a" would show the unacknowledged write: refused, whatever
+            # the other ops are.
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.Batch(state_pb2.BatchRequest(ops=ops), timeout=T)
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ops
+            assert "failover could lose it" in (ei.value.details() or "")
+        # A batch of other sessions, bad op included, is answered at once.
+        got = stub.Batch(state_pb2.BatchRequest(ops=[
+            state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="b", key="k")), bad]), timeout=T)
+        assert [r.code for r in got.results] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
