@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+from shardstate.common.config import Limits
 from shardstate.common.errors import InvalidArgumentError, LimitExceededError, NotFoundError
 from shardstate.v1 import state_pb2, types_pb2
 
@@ -37,16 +38,23 @@ def _seq(key: bytes) -> int:
     return int.from_bytes(key[-8:], "big")
 
 
-def op_append(ctx: WriteContext, req: state_pb2.AppendRequest) -> state_pb2.AppendResponse:
-    streamb = stream_bytes(req.stream, ctx.limits)
+def check_append(req: state_pb2.AppendRequest, limits: Limits) -> tuple[bytes, int]:
+    """Append's input checks; returns the stream name's bytes and the entries' total size."""
+    streamb = stream_bytes(req.stream, limits)
     n = len(req.entries)
     if n == 0:
         raise InvalidArgumentError("entries is empty: Append needs at least one entry")
-    check_ops(n, ctx.limits, "entries in one Append")
+    check_ops(n, limits, "entries in one Append")
     total = 0
     for data in req.entries:
-        check_value(data, ctx.limits, "log entry")
+        check_value(data, limits, "log entry")
         total += len(data)
+    return streamb, total
+
+
+def op_append(ctx: WriteContext, req: state_pb2.AppendRequest) -> state_pb2.AppendResponse:
+    streamb, total = check_append(req, ctx.limits)
+    n = len(req.entries)
     if req.session_ttl_ms:
         ctx.session_ttl_ms = ttl(req.session_ttl_ms, "session_ttl_ms")
     meta = ctx.session()

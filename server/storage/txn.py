@@ -12,7 +12,7 @@ from shardstate.v1 import state_pb2
 
 from . import keys, logs
 from .context import WriteContext
-from .validation import check_ops, key_bytes, ttl
+from .validation import check_ops, check_value, key_bytes, ttl
 
 Compare = state_pb2.Compare
 
@@ -73,14 +73,32 @@ def _check_op(kind: str, op: Any) -> None:
         raise InvalidArgumentError(f"Txn {kind} op must not set expected_version; use a compare")
 
 
+def _check_input(kind: str, op: Any, limits: Any) -> None:
+    """The op's own input checks (names, sizes, TTLs): an op of the branch that does not run
+    is bad input all the same (as in etcd), never accepted because it is not reached."""
+    if kind == "append":
+        logs.check_append(op, limits)
+    else:
+        key_bytes(op.key, limits)
+    if kind == "put":
+        check_value(op.value, limits)
+    if kind in ("put", "increment"):
+        ttl(op.ttl_ms, "ttl_ms")
+    if kind in ("put", "increment", "append"):
+        ttl(op.session_ttl_ms, "session_ttl_ms")
+
+
 def validate(req: state_pb2.TxnRequest, limits: Any) -> None:
     for name, items in (("compares", req.compares), ("success ops", req.success), ("failure ops", req.failure)):
         check_ops(len(items), limits, f"Txn {name}")
+    ttl(req.session_ttl_ms, "session_ttl_ms")
     for op in (*req.success, *req.failure):
         kind = op.WhichOneof("op")
         if kind is None:
             raise InvalidArgumentError("Txn op is empty")
-        _check_op(kind, getattr(op, kind))
+        inner = getattr(op, kind)
+        _check_op(kind, inner)
+        _check_input(kind, inner, limits)
 
 
 def op_txn(ctx: WriteContext, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
