@@ -502,3 +502,13 @@ def test_a_txn_with_a_bad_session_ttl_is_invalid_even_when_it_writes_nothing(sha
     err = expect_error(INVALID, shard.state.Txn, req, timeout=T)
     assert "session_ttl_ms" in err.message, err.message
     sentinel.check()
+
+
+def test_a_put_with_a_bad_session_ttl_is_invalid_whether_or_not_its_cas_matches(shard: Conn, sentinel: Sentinel) -> None:
+    sid = uid()
+    v = shard.put(sid, "k", b"v").version
+    for expected in (v, v + 1, 0):
+        err = expect_error(INVALID, shard.put, sid, "k", b"w", expected_version=expected, session_ttl_ms=2**63)
+        assert "session_ttl_ms" in err.message, err.message
+    assert shard.get(sid, "k").record.version == v
+    sentinel.check()

@@ -89,6 +89,7 @@ def op_put(ctx: WriteContext, req: state_pb2.PutRequest) -> state_pb2.PutRespons
     keyb = key_bytes(req.key, ctx.limits)
     check_value(req.value, ctx.limits)
     ttl_ms = ttl(req.ttl_ms, "ttl_ms")
+    session_ttl_ms = ttl(req.session_ttl_ms, "session_ttl_ms")  # bad input whether or not the CAS matches
     dkey = ctx.data_key(keyb)
     if req.HasField("expected_version"):
         cur = ctx.record(dkey)
@@ -97,8 +98,8 @@ def op_put(ctx: WriteContext, req: state_pb2.PutRequest) -> state_pb2.PutRespons
             if cur is not None:
                 resp.current.CopyFrom(cur.to_pb(req.key))
             return resp
-    if req.session_ttl_ms:
-        ctx.session_ttl_ms = ttl(req.session_ttl_ms, "session_ttl_ms")
+    if session_ttl_ms:
+        ctx.session_ttl_ms = session_ttl_ms
     return state_pb2.PutResponse(applied=True, version=write_record(ctx, keyb, dkey, req.value, ttl_ms))
 
 
