@@ -43,25 +43,34 @@ def _sign(a: Any, b: Any) -> int:
     return (a > b) - (a < b)
 
 
-def compare(ctx: WriteContext, c: state_pb2.Compare) -> bool:
+def check_compare(c: state_pb2.Compare, limits: Any) -> None:
+    """A compare's input checks, made for every compare before any is evaluated."""
     target = c.WhichOneof("target")
     if target == "log_length":
         if not c.key:
             raise InvalidArgumentError("compare on log_length needs the stream name in key")
+        return
+    key_bytes(c.key, limits, "compare key")
+    if target is None:
+        raise InvalidArgumentError(f"compare on key {c.key!r} has no target")
+    if target == "exists" and c.result not in (Compare.EQUAL, Compare.NOT_EQUAL):
+        raise InvalidArgumentError("compare on exists takes EQUAL or NOT_EQUAL only")
+
+
+def compare(ctx: WriteContext, c: state_pb2.Compare) -> bool:
+    """Whether the compare holds (its input passed check_compare)."""
+    target = c.WhichOneof("target")
+    if target == "log_length":
         s = ctx.stream(c.key)
         return _holds(c.result, _sign(s.count if s is not None else 0, c.log_length))
-    rec = ctx.record(ctx.data_key(key_bytes(c.key, ctx.limits, "compare key")))
+    rec = ctx.record(ctx.data_key(c.key.encode()))
     if target == "version":
         return _holds(c.result, _sign(rec.version if rec is not None else 0, c.version))
     if target == "value":
         if rec is None:  # an absent key never matches EQUAL, GREATER or LESS
             return c.result == Compare.NOT_EQUAL
         return _holds(c.result, _sign(rec.value, c.value))
-    if target == "exists":
-        if c.result not in (Compare.EQUAL, Compare.NOT_EQUAL):
-            raise InvalidArgumentError("compare on exists takes EQUAL or NOT_EQUAL only")
-        return _holds(c.result, 0 if (rec is not None) == c.exists else 1)
-    raise InvalidArgumentError(f"compare on key {c.key!r} has no target")
+    return _holds(c.result, 0 if (rec is not None) == c.exists else 1)
 
 
 def _check_op(kind: str, op: Any) -> None:
@@ -73,7 +82,7 @@ def _check_op(kind: str, op: Any) -> None:
         raise InvalidArgumentError(f"Txn {kind} op must not set expected_version; use a compare")
 
 
-def _check_input(kind: str, op: Any, limits: Any) -> None:
+def check_op_input(kind: str, op: Any, limits: Any) -> None:
     """The op's own input checks (names, sizes, TTLs): an op of the branch that does not run
     is bad input all the same (as in etcd), never accepted because it is not reached."""
     if kind == "append":
@@ -92,20 +101,20 @@ def validate(req: state_pb2.TxnRequest, limits: Any) -> None:
     for name, items in (("compares", req.compares), ("success ops", req.success), ("failure ops", req.failure)):
         check_ops(len(items), limits, f"Txn {name}")
     ttl(req.session_ttl_ms, "session_ttl_ms")
+    for c in req.compares:
+        check_compare(c, limits)
     for op in (*req.success, *req.failure):
         kind = op.WhichOneof("op")
         if kind is None:
             raise InvalidArgumentError("Txn op is empty")
         inner = getattr(op, kind)
         _check_op(kind, inner)
-        _check_input(kind, inner, limits)
+        check_op_input(kind, inner, limits)
 
 
 def op_txn(ctx: WriteContext, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
     validate(req, ctx.limits)
-    # Every compare is evaluated, also those after a false one: a bad compare is INVALID_ARGUMENT
-    # wherever it stands, never skipped into running the failure ops.
-    succeeded = all([compare(ctx, c) for c in req.compares])
+    succeeded = all(compare(ctx, c) for c in req.compares)
     resp = state_pb2.TxnResponse(succeeded=succeeded)
     for op in req.success if succeeded else req.failure:
         kind = op.WhichOneof("op")
