@@ -29,6 +29,8 @@ EOF_ = object()  # the client half-closed its stream
 DRAIN = object()  # the server is shutting down
 PROGRESS_S = 0.9  # idle watches get a progress message at least every second
 WATCH_BATCH = 256
+EVENT_FRAMING = 16  # at least an event's tag and length in a WatchResponse
+HEADER_ROOM = 1024  # at least the header and progress_revision of a WatchResponse
 SESSION_EVENTS = (types_pb2.SESSION_DELETE, types_pb2.SESSION_EXPIRE)
 KEY_EVENTS = (types_pb2.PUT, types_pb2.DELETE, types_pb2.KEY_EXPIRE)
 
@@ -133,6 +135,7 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
             await errors.abort(context, e)
             return
         prefix = req.prefix
+        max_bytes = engine.limits.max_request_bytes - HEADER_ROOM
         parse = replication_pb2.ChangeEntry.FromString
         loop = asyncio.get_running_loop()
         # First message: the watch is in place; everything from `start` on will follow.
@@ -149,29 +152,37 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
                 await errors.abort(context, e)
                 return
             resp = state_pb2.WatchResponse()
-            for _, raw in batch:
+            # Whether more is already there: a full batch, or one cut short to keep the message
+            # within what a default client accepts (as Scan and ReadLog pages; a lone entry goes
+            # whole). Without the cut, a run of large writes made a message no client could
+            # take, and a resumed watch asked for the same message again.
+            more = len(batch) >= WATCH_BATCH
+            budget = max_bytes
+            for rev, raw in batch:
                 entry = parse(raw)
-                if entry.session_id != ref.sid or entry.namespace != ref.ns:
-                    continue
-                events = events_of(entry)
-                if prefix:
-                    resp.events.extend(ev for ev in events if _matches(ev, prefix))
-                else:
+                if entry.session_id == ref.sid and entry.namespace == ref.ns:
+                    events = events_of(entry)
+                    if prefix:
+                        events = [ev for ev in events if _matches(ev, prefix)]
+                    size = sum(ev.ByteSize() + EVENT_FRAMING for ev in events)
+                    if resp.events and budget < size:
+                        more = True
+                        break
+                    budget -= size
                     resp.events.extend(events)
-            if batch:
-                start = batch[-1][0] + 1
+                start = rev + 1
             if moved:
                 if resp.events:
                     resp.progress_revision = resp.events[-1].revision
                     yield svc.header(resp)
-                if len(batch) < WATCH_BATCH:
+                if not more:
                     try:
                         node.check_owner(ns, sid)
                     except Exception as e:
                         await errors.abort(context, e)
                         return
                 continue
-            resp.progress_revision = max(start - 1, engine.revision()) if len(batch) < WATCH_BATCH else start - 1
+            resp.progress_revision = start - 1 if more else max(start - 1, engine.revision())
             fence = svc.fence.active() if svc.fence is not None else None
             if fence is not None and fence.holds(ns, sid):
                 # Handing over: the new owner's revisions for this session start above the
@@ -181,7 +192,7 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
             if resp.events or now - last_sent >= PROGRESS_S:
                 yield svc.header(resp)
                 last_sent = now
-            if len(batch) < WATCH_BATCH:
+            if not more:
                 await engine.wait_for_change(max(0.0, PROGRESS_S - (loop.time() - last_sent)))
         await errors.abort(context, shutting_down())
 
