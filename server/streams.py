@@ -21,6 +21,7 @@ from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 
 from .handlers import Malformed, Partial, authorized
 from .storage.entries import events_of
+from .storage.validation import ITEM_FRAMING, page_budget
 
 if TYPE_CHECKING:
     from .service import StateService
@@ -29,8 +30,6 @@ EOF_ = object()  # the client half-closed its stream
 DRAIN = object()  # the server is shutting down
 PROGRESS_S = 0.9  # idle watches get a progress message at least every second
 WATCH_BATCH = 256
-EVENT_FRAMING = 16  # at least an event's tag and length in a WatchResponse
-HEADER_ROOM = 1024  # at least the header and progress_revision of a WatchResponse
 SESSION_EVENTS = (types_pb2.SESSION_DELETE, types_pb2.SESSION_EXPIRE)
 KEY_EVENTS = (types_pb2.PUT, types_pb2.DELETE, types_pb2.KEY_EXPIRE)
 
@@ -135,7 +134,7 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
             await errors.abort(context, e)
             return
         prefix = req.prefix
-        max_bytes = engine.limits.max_request_bytes - HEADER_ROOM
+        max_bytes = page_budget(engine.limits)
         parse = replication_pb2.ChangeEntry.FromString
         loop = asyncio.get_running_loop()
         # First message: the watch is in place; everything from `start` on will follow.
@@ -164,7 +163,7 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
                     events = events_of(entry)
                     if prefix:
                         events = [ev for ev in events if _matches(ev, prefix)]
-                    size = sum(ev.ByteSize() + EVENT_FRAMING for ev in events)
+                    size = sum(ev.ByteSize() + ITEM_FRAMING for ev in events)
                     if resp.events and budget < size:
                         more = True
                         break

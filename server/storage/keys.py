@@ -14,7 +14,15 @@ from shardstate.v1 import state_pb2, types_pb2
 from . import encoding as enc
 from .context import WriteContext
 from .store import Store
-from .validation import SessionRef, check_value, key_bytes, page_limit, ttl
+from .validation import (
+    ITEM_FRAMING,
+    SessionRef,
+    check_value,
+    key_bytes,
+    page_budget,
+    page_limit,
+    ttl,
+)
 from .values import StoredRecord, unpack_record
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -166,17 +174,23 @@ def scan(store: Store, ref: SessionRef, req: state_pb2.ScanRequest, now: int) ->
         if a > start:
             start, include_start = a, False
     plen = len(dprefix)
-    budget = store.limits.max_request_bytes  # keep a page within what a default client accepts
+    budget = page_budget(store.limits)
     out = resp.records
     last = ""
     for k, raw in store.db.iterator(start=start, stop=stop, include_start=include_start):
         rec = unpack_record(raw)
         if not rec.live(now):
             continue
-        if len(out) >= limit or (out and budget < len(raw)):
+        if len(out) >= limit:
             resp.next_page_token = last
             break
-        budget -= len(raw)
-        last = enc.last_component(k, plen).decode()
-        out.append(rec.to_pb(last, req.keys_only))
+        key = enc.last_component(k, plen).decode()
+        pb = rec.to_pb(key, req.keys_only)
+        size = pb.ByteSize() + ITEM_FRAMING
+        if out and budget < size:
+            resp.next_page_token = last
+            break
+        budget -= size
+        last = key
+        out.append(pb)
     return resp

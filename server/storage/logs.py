@@ -16,7 +16,15 @@ from . import encoding as enc
 from .context import WriteContext
 from .ranges import iterate
 from .store import Store
-from .validation import SessionRef, check_ops, check_value, stream_bytes, ttl
+from .validation import (
+    ITEM_FRAMING,
+    SessionRef,
+    check_ops,
+    check_value,
+    page_budget,
+    stream_bytes,
+    ttl,
+)
 from .values import entry_data_len, pack_entry, unpack_entry
 
 DEFAULT_READ = 1000
@@ -93,7 +101,7 @@ def read_log(store: Store, ref: SessionRef, req: state_pb2.ReadLogRequest, now: 
         return resp
     prefix = enc.log_prefix(ref.nsb, ref.sidb, streamb)
     start, stop = prefix + enc.u64(lo), prefix + enc.u64(hi + 1)
-    budget = limits.max_request_bytes  # keep a page within what a default client accepts
+    budget = page_budget(limits)
     out = resp.entries
     if req.last:
         newest = []
@@ -106,11 +114,16 @@ def read_log(store: Store, ref: SessionRef, req: state_pb2.ReadLogRequest, now: 
     else:
         candidates = store.db.iterator(start=start, stop=stop)
     for k, raw in candidates:
-        if len(out) >= limit or (out and budget < len(raw)):
+        if len(out) >= limit:
             resp.more = True
             break
-        budget -= len(raw)
-        out.append(unpack_entry(_seq(k), raw))
+        entry = unpack_entry(_seq(k), raw)
+        size = entry.ByteSize() + ITEM_FRAMING
+        if out and budget < size:
+            resp.more = True
+            break
+        budget -= size
+        out.append(entry)
     return resp
 
 
