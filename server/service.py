@@ -97,34 +97,42 @@ class StateService:
         return resp
 
     async def _write_gate(self, req: Any, kind: str) -> None:
-        """The input first (an invalid request is INVALID_ARGUMENT on every node, never a
-        redirect), then the rebalance's hold on a session being handed over, ownership, role."""
+        """The names first, then the rebalance's hold on a session being handed over,
+        ownership, role. An invalid request is INVALID_ARGUMENT on every node, never a redirect:
+        a node that would redirect it checks its input first (the owner's engine does)."""
         self.engine.ref(req.namespace, req.session_id)
-        self.engine.check(kind, req)
         fence = self.fence
         if fence is not None and fence.active() is not None:
             await fence.hold(req.namespace, req.session_id)
-        self.node.check_owner(req.namespace, req.session_id)
-        self.node.check_writable()
+        try:
+            self.node.check_owner(req.namespace, req.session_id)
+            self.node.check_writable()
+        except (errors.WrongShardError, errors.NotPrimaryError):
+            self.engine.check(kind, req)
+            raise
 
     async def _read_gate(self, req: Any, kind: str) -> None:
-        """The input and `consistency` first, then ownership; on a replica: STRONG (the
+        """The names and `consistency` first, then ownership; on a replica: STRONG (the
         default without min_revision) goes to the primary, EVENTUAL is served, min_revision
-        is served once applied."""
+        is served once applied. A node that would redirect the request checks its input first,
+        as _write_gate does."""
         node = self.node
         self.engine.ref(req.namespace, req.session_id)
-        self.engine.check(kind, req)
         validation.consistency(req.consistency)
-        node.check_owner(req.namespace, req.session_id)
-        if not node.is_replica:
-            return
-        strong = req.consistency == types_pb2.STRONG or (
-            req.consistency == types_pb2.CONSISTENCY_UNSPECIFIED and not req.min_revision
-        )
-        if strong or not node.readable:
-            raise errors.NotPrimaryError.of(node.primary, node.shard_id)
-        if req.min_revision and not await self.engine.wait_for_revision(req.min_revision, REPLICA_READ_WAIT_S):
-            raise errors.NotPrimaryError.of(node.primary, node.shard_id)
+        try:
+            node.check_owner(req.namespace, req.session_id)
+            if not node.is_replica:
+                return
+            strong = req.consistency == types_pb2.STRONG or (
+                req.consistency == types_pb2.CONSISTENCY_UNSPECIFIED and not req.min_revision
+            )
+            if strong or not node.readable:
+                raise errors.NotPrimaryError.of(node.primary, node.shard_id)
+            if req.min_revision and not await self.engine.wait_for_revision(req.min_revision, REPLICA_READ_WAIT_S):
+                raise errors.NotPrimaryError.of(node.primary, node.shard_id)
+        except (errors.WrongShardError, errors.NotPrimaryError):
+            self.engine.check(kind, req)
+            raise
 
     # ---- ops (raise shardstate errors; used by unary RPCs, Batch and Pipeline) ----
 

@@ -228,3 +228,28 @@ def test_semi_sync_batch_read_waits_for_its_sessions_even_beside_a_bad_op(procs:
         got = stub.Batch(state_pb2.BatchRequest(ops=[
             state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="b", key="k")), bad]), timeout=T)
         assert [r.code for r in got.results] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+
+
+def test_a_replica_answers_bad_input_as_its_primary_does_not_not_primary(procs: Procs) -> None:
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    bad = [
+        ("Put", state_pb2.PutRequest(session_id="a", key="", value=b"v"), grpc.StatusCode.INVALID_ARGUMENT),
+        ("Put", state_pb2.PutRequest(session_id="a", key="k", value=b"v" * (1024 * 1024 + 1)),
+         grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("Get", state_pb2.GetRequest(session_id="a", key=""), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    answers: dict[str, list[tuple[grpc.StatusCode, str]]] = {}
+    for node in (primary, replica):
+        with grpc.insecure_channel(node.address) as ch:
+            stub = state_pb2_grpc.StateStub(ch)
+            for method, req, code in bad:
+                with pytest.raises(grpc.RpcError) as ei:
+                    getattr(stub, method)(req, timeout=T)
+                assert ei.value.code() == code, (node.address, method, ei.value.details())
+                answers.setdefault(method + str(code), []).append((ei.value.code(), ei.value.details() or ""))
+    assert all(len(set(v)) == 1 for v in answers.values()), answers
+    with grpc.insecure_channel(replica.address) as ch:  # valid input: the replica still redirects writes
+        with pytest.raises(grpc.RpcError) as ei:
+            state_pb2_grpc.StateStub(ch).Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v"), timeout=T)
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -113,8 +113,8 @@ class Engine:
     def check(self, kind: str, req: Any) -> None:
         """The input checks of a request of `kind` (a State method in snake case) that read no
         data - keys, stream names, sizes, TTLs, request_id, a Txn's compares and ops; `ref` checks
-        the names. The service makes them before ownership, so that a bad request gets the same
-        answer from every shard (docs/design.md §9); the op makes them again."""
+        the names. The service makes them where it would redirect the request, so that a bad
+        request gets the same answer from every node (docs/design.md §9); the ops make them."""
         limits = self.limits
         if kind in ("put", "delete", "increment", "append"):
             txn.check_op_input(kind, req, limits)
