@@ -116,6 +116,23 @@ def _matches(ev: types_pb2.Event, prefix: str) -> bool:
     return ev.type in SESSION_EVENTS
 
 
+async def _acknowledged(svc: StateService, resp: state_pb2.WatchResponse) -> None:
+    """With --min-replica-acks, a Watch message shows no write a failover could lose, as no
+    read does (docs/design.md §5.4): it waits until its last event is acknowledged."""
+    barrier = svc.ack_barrier
+    if barrier is None or not resp.events:
+        return
+    revision = resp.events[-1].revision
+    try:
+        await barrier(revision)
+    except errors.UnavailableError:
+        raise errors.UnavailableError(
+            f"this watch would show a write (revision {revision}) that fewer replicas acknowledged "
+            "than --min-replica-acks requires, so a failover could lose it; resume after the last "
+            "progress_revision once a replica has caught up"
+        ) from None
+
+
 def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any], AsyncIterator[Any]]:
     async def watch(req: state_pb2.WatchRequest, context: Any) -> AsyncIterator[Any]:
         engine = svc.engine
@@ -170,6 +187,11 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
                     budget -= size
                     resp.events.extend(events)
                 start = rev + 1
+            try:
+                await _acknowledged(svc, resp)
+            except errors.UnavailableError as e:
+                await errors.abort(context, e)
+                return
             if moved:
                 if resp.events:
                     resp.progress_revision = resp.events[-1].revision

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from shardstate.common import errors
-from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc
+from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
 from tests.procs import Procs
 from tests.replicas import (
     EVENTUAL,
@@ -253,3 +253,31 @@ def test_a_replica_answers_bad_input_as_its_primary_does_not_not_primary(procs: 
         with pytest.raises(grpc.RpcError) as ei:
             state_pb2_grpc.StateStub(ch).Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v"), timeout=T)
         assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_semi_sync_watch_shows_no_write_before_a_replica_has_it(procs: Procs) -> None:
+    primary = procs.shard("s1", "--min-replica-acks", "1", "--replica-ack-timeout-s", "0.5")
+    with grpc.insecure_channel(primary.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"unacked", request_id="r1"), timeout=T)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        shown = []
+        with pytest.raises(grpc.RpcError) as ei:
+            for resp in stub.Watch(state_pb2.WatchRequest(session_id="a", from_revision=1), timeout=T):
+                shown += resp.events
+                if shown:
+                    break
+            raise AssertionError(f"the unacknowledged write was shown: {shown}")
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value.details()
+        assert "failover could lose it" in (ei.value.details() or "")
+    procs.shard("s1", "--replica-of", primary.address)
+    with grpc.insecure_channel(primary.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"unacked", request_id="r1"), timeout=T)  # acked now
+        watch = stub.Watch(state_pb2.WatchRequest(session_id="a", from_revision=1), timeout=T)
+        try:
+            got = next(e for resp in watch for e in resp.events)
+        finally:
+            watch.cancel()
+        assert got.type == types_pb2.PUT and got.record.value == b"unacked"
