@@ -96,50 +96,60 @@ class StateService:
         h.node = node.address
         return resp
 
-    async def _write_gate(self, req: Any) -> None:
-        """The names first (an invalid request is INVALID_ARGUMENT on every node, never a
-        redirect), then the rebalance's hold on a session being handed over, ownership, role."""
+    async def _write_gate(self, req: Any, kind: str) -> None:
+        """The names first, then the rebalance's hold on a session being handed over,
+        ownership, role. An invalid request is INVALID_ARGUMENT on every node, never a redirect:
+        a node that would redirect it checks its input first (the owner's engine does)."""
         self.engine.ref(req.namespace, req.session_id)
         fence = self.fence
         if fence is not None and fence.active() is not None:
             await fence.hold(req.namespace, req.session_id)
-        self.node.check_owner(req.namespace, req.session_id)
-        self.node.check_writable()
+        try:
+            self.node.check_owner(req.namespace, req.session_id)
+            self.node.check_writable()
+        except (errors.WrongShardError, errors.NotPrimaryError):
+            self.engine.check(kind, req)
+            raise
 
-    async def _read_gate(self, req: Any) -> None:
+    async def _read_gate(self, req: Any, kind: str) -> None:
         """The names and `consistency` first, then ownership; on a replica: STRONG (the
         default without min_revision) goes to the primary, EVENTUAL is served, min_revision
-        is served once applied."""
+        is served once applied. A node that would redirect the request checks its input first,
+        as _write_gate does."""
         node = self.node
         self.engine.ref(req.namespace, req.session_id)
         validation.consistency(req.consistency)
-        node.check_owner(req.namespace, req.session_id)
-        if not node.is_replica:
-            return
-        strong = req.consistency == types_pb2.STRONG or (
-            req.consistency == types_pb2.CONSISTENCY_UNSPECIFIED and not req.min_revision
-        )
-        if strong or not node.readable:
-            raise errors.NotPrimaryError.of(node.primary, node.shard_id)
-        if req.min_revision and not await self.engine.wait_for_revision(req.min_revision, REPLICA_READ_WAIT_S):
-            raise errors.NotPrimaryError.of(node.primary, node.shard_id)
+        try:
+            node.check_owner(req.namespace, req.session_id)
+            if not node.is_replica:
+                return
+            strong = req.consistency == types_pb2.STRONG or (
+                req.consistency == types_pb2.CONSISTENCY_UNSPECIFIED and not req.min_revision
+            )
+            if strong or not node.readable:
+                raise errors.NotPrimaryError.of(node.primary, node.shard_id)
+            if req.min_revision and not await self.engine.wait_for_revision(req.min_revision, REPLICA_READ_WAIT_S):
+                raise errors.NotPrimaryError.of(node.primary, node.shard_id)
+        except (errors.WrongShardError, errors.NotPrimaryError):
+            self.engine.check(kind, req)
+            raise
 
     # ---- ops (raise shardstate errors; used by unary RPCs, Batch and Pipeline) ----
 
     async def get(self, req: state_pb2.GetRequest) -> state_pb2.GetResponse:
-        await self._read_gate(req)
+        await self._read_gate(req, "get")
         return self.header(self.engine.get(req))
 
     async def scan(self, req: state_pb2.ScanRequest) -> state_pb2.ScanResponse:
-        await self._read_gate(req)
+        await self._read_gate(req, "scan")
         return self.header(self.engine.scan(req))
 
     async def read_log(self, req: state_pb2.ReadLogRequest) -> state_pb2.ReadLogResponse:
-        await self._read_gate(req)
+        await self._read_gate(req, "read_log")
         return self.header(self.engine.read_log(req))
 
     async def get_session(self, req: state_pb2.GetSessionRequest) -> state_pb2.GetSessionResponse:
-        await self._read_gate(req)
+        await self._read_gate(req, "get_session")
         return self.header(self.engine.get_session(req))
 
     async def list_sessions(self, req: state_pb2.ListSessionsRequest) -> state_pb2.ListSessionsResponse:
@@ -157,40 +167,40 @@ class StateService:
         return self.header(resp)
 
     async def put(self, req: state_pb2.PutRequest) -> state_pb2.PutResponse:
-        await self._write_gate(req)
+        await self._write_gate(req, "put")
         return self.header(await self.engine.put(req))
 
     async def delete(self, req: state_pb2.DeleteRequest) -> state_pb2.DeleteResponse:
-        await self._write_gate(req)
+        await self._write_gate(req, "delete")
         return self.header(await self.engine.delete(req))
 
     async def increment(self, req: state_pb2.IncrementRequest) -> state_pb2.IncrementResponse:
-        await self._write_gate(req)
+        await self._write_gate(req, "increment")
         return self.header(await self.engine.increment(req))
 
     async def txn(self, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:
         validation.compares(req.compares)
-        await self._write_gate(req)
+        await self._write_gate(req, "txn")
         return self.header(await self.engine.txn(req))
 
     async def append(self, req: state_pb2.AppendRequest) -> state_pb2.AppendResponse:
-        await self._write_gate(req)
+        await self._write_gate(req, "append")
         return self.header(await self.engine.append(req))
 
     async def trim_log(self, req: state_pb2.TrimLogRequest) -> state_pb2.TrimLogResponse:
-        await self._write_gate(req)
+        await self._write_gate(req, "trim_log")
         return self.header(await self.engine.trim_log(req))
 
     async def pop_last(self, req: state_pb2.PopLastRequest) -> state_pb2.PopLastResponse:
-        await self._write_gate(req)
+        await self._write_gate(req, "pop_last")
         return self.header(await self.engine.pop_last(req))
 
     async def touch(self, req: state_pb2.TouchRequest) -> state_pb2.TouchResponse:
-        await self._write_gate(req)
+        await self._write_gate(req, "touch")
         return self.header(await self.engine.touch(req))
 
     async def delete_session(self, req: state_pb2.DeleteSessionRequest) -> state_pb2.DeleteSessionResponse:
-        await self._write_gate(req)
+        await self._write_gate(req, "delete_session")
         return self.header(await self.engine.delete_session(req))
 
     # ---- Batch ----
@@ -248,21 +258,23 @@ class StateService:
     def _shown_revision(self, req: Any, committed: int) -> int:
         """The newest revision an answer to `req` can show: its session's last write; over a
         batch's ops, the newest of theirs; `committed` for a request of no single session."""
-        engine = self.engine
+        if isinstance(req, state_pb2.BatchRequest):
+            top = 0
+            for op in req.ops:
+                kind = op.WhichOneof("op")
+                if kind:
+                    inner = getattr(op, kind)
+                    top = max(top, self._session_revision(inner))
+            return top
+        if req is not None and hasattr(req, "session_id"):
+            return self._session_revision(req)
+        return committed
+
+    def _session_revision(self, req: Any) -> int:
         try:
-            if isinstance(req, state_pb2.BatchRequest):
-                top = 0
-                for op in req.ops:
-                    kind = op.WhichOneof("op")
-                    if kind:
-                        inner = getattr(op, kind)
-                        top = max(top, engine.session_revision(inner.namespace, inner.session_id))
-                return top
-            if req is not None and hasattr(req, "session_id"):
-                return engine.session_revision(req.namespace, req.session_id)
+            return self.engine.session_revision(req.namespace, req.session_id)
         except errors.ShardstateError:
             return 0  # an invalid name: its op was answered with its own error, showing nothing
-        return committed
 
     async def batch(
         self, req: state_pb2.BatchRequest | Partial, out: state_pb2.BatchResponse | None = None

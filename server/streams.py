@@ -21,6 +21,7 @@ from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 
 from .handlers import Malformed, Partial, authorized
 from .storage.entries import events_of
+from .storage.validation import ITEM_FRAMING, page_budget
 
 if TYPE_CHECKING:
     from .service import StateService
@@ -115,6 +116,23 @@ def _matches(ev: types_pb2.Event, prefix: str) -> bool:
     return ev.type in SESSION_EVENTS
 
 
+async def _acknowledged(svc: StateService, resp: state_pb2.WatchResponse) -> None:
+    """With --min-replica-acks, a Watch message shows no write a failover could lose, as no
+    read does (docs/design.md §5.4): it waits until its last event is acknowledged."""
+    barrier = svc.ack_barrier
+    if barrier is None or not resp.events:
+        return
+    revision = resp.events[-1].revision
+    try:
+        await barrier(revision)
+    except errors.UnavailableError:
+        raise errors.UnavailableError(
+            f"this watch would show a write (revision {revision}) that fewer replicas acknowledged "
+            "than --min-replica-acks requires, so a failover could lose it; resume after the last "
+            "progress_revision once a replica has caught up"
+        ) from None
+
+
 def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any], AsyncIterator[Any]]:
     async def watch(req: state_pb2.WatchRequest, context: Any) -> AsyncIterator[Any]:
         engine = svc.engine
@@ -133,6 +151,7 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
             await errors.abort(context, e)
             return
         prefix = req.prefix
+        max_bytes = page_budget(engine.limits)
         parse = replication_pb2.ChangeEntry.FromString
         loop = asyncio.get_running_loop()
         # First message: the watch is in place; everything from `start` on will follow.
@@ -149,29 +168,42 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
                 await errors.abort(context, e)
                 return
             resp = state_pb2.WatchResponse()
-            for _, raw in batch:
+            # Whether more is already there: a full batch, or one cut short to keep the message
+            # within what a default client accepts (as Scan and ReadLog pages; a lone entry goes
+            # whole). Without the cut, a run of large writes made a message no client could
+            # take, and a resumed watch asked for the same message again.
+            more = len(batch) >= WATCH_BATCH
+            budget = max_bytes
+            for rev, raw in batch:
                 entry = parse(raw)
-                if entry.session_id != ref.sid or entry.namespace != ref.ns:
-                    continue
-                events = events_of(entry)
-                if prefix:
-                    resp.events.extend(ev for ev in events if _matches(ev, prefix))
-                else:
+                if entry.session_id == ref.sid and entry.namespace == ref.ns:
+                    events = events_of(entry)
+                    if prefix:
+                        events = [ev for ev in events if _matches(ev, prefix)]
+                    size = sum(ev.ByteSize() + ITEM_FRAMING for ev in events)
+                    if resp.events and budget < size:
+                        more = True
+                        break
+                    budget -= size
                     resp.events.extend(events)
-            if batch:
-                start = batch[-1][0] + 1
+                start = rev + 1
+            try:
+                await _acknowledged(svc, resp)
+            except errors.UnavailableError as e:
+                await errors.abort(context, e)
+                return
             if moved:
                 if resp.events:
                     resp.progress_revision = resp.events[-1].revision
                     yield svc.header(resp)
-                if len(batch) < WATCH_BATCH:
+                if not more:
                     try:
                         node.check_owner(ns, sid)
                     except Exception as e:
                         await errors.abort(context, e)
                         return
                 continue
-            resp.progress_revision = max(start - 1, engine.revision()) if len(batch) < WATCH_BATCH else start - 1
+            resp.progress_revision = start - 1 if more else max(start - 1, engine.revision())
             fence = svc.fence.active() if svc.fence is not None else None
             if fence is not None and fence.holds(ns, sid):
                 # Handing over: the new owner's revisions for this session start above the
@@ -181,7 +213,7 @@ def watch_behavior(svc: StateService) -> Callable[[state_pb2.WatchRequest, Any],
             if resp.events or now - last_sent >= PROGRESS_S:
                 yield svc.header(resp)
                 last_sent = now
-            if len(batch) < WATCH_BATCH:
+            if not more:
                 await engine.wait_for_change(max(0.0, PROGRESS_S - (loop.time() - last_sent)))
         await errors.abort(context, shutting_down())
 

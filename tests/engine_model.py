@@ -290,7 +290,7 @@ TXN_OPS: dict[str, Callable[[Write, Any], Any]] = {
 
 
 def m_txn(w: Write, req: s.TxnRequest) -> s.TxnResponse:
-    ok = all(m_compare(w, c) for c in req.compares)  # short-circuits as the engine's does
+    ok = all([m_compare(w, c) for c in req.compares])  # every compare is checked, as by the engine
     resp = s.TxnResponse(succeeded=ok)
     for op in req.success if ok else req.failure:
         kind = op.WhichOneof("op")

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from shardstate.common import errors
-from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc
+from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
 from tests.procs import Procs
 from tests.replicas import (
     EVENTUAL,
@@ -206,3 +206,78 @@ def test_semi_sync_write_without_replica_times_out_clearly_and_stays_durable(pro
     with grpc.insecure_channel(replica.address) as ch:
         ev = state_pb2_grpc.StateStub(ch).Get(state_pb2.GetRequest(session_id="a", key="k", consistency=EVENTUAL), timeout=T)
         assert ev.record.version == put.version and ev.record.value == b"v2"
+
+
+def test_semi_sync_batch_read_waits_for_its_sessions_even_beside_a_bad_op(procs: Procs) -> None:
+    primary = procs.shard("s1", "--min-replica-acks", "1", "--replica-ack-timeout-s", "0.5")
+    with grpc.insecure_channel(primary.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"unacked"), timeout=T)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        get_a = state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="a", key="k"))
+        bad = state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="", key="k"))  # its own INVALID_ARGUMENT
+        for ops in ([get_a], [get_a, bad], [bad, get_a]):
+            # A Batch reading session "a" would show the unacknowledged write: refused, whatever
+            # the other ops are.
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.Batch(state_pb2.BatchRequest(ops=ops), timeout=T)
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ops
+            assert "failover could lose it" in (ei.value.details() or "")
+        # A batch of other sessions, bad op included, is answered at once.
+        got = stub.Batch(state_pb2.BatchRequest(ops=[
+            state_pb2.BatchOp(get=state_pb2.GetRequest(session_id="b", key="k")), bad]), timeout=T)
+        assert [r.code for r in got.results] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+
+
+def test_a_replica_answers_bad_input_as_its_primary_does_not_not_primary(procs: Procs) -> None:
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    bad = [
+        ("Put", state_pb2.PutRequest(session_id="a", key="", value=b"v"), grpc.StatusCode.INVALID_ARGUMENT),
+        ("Put", state_pb2.PutRequest(session_id="a", key="k", value=b"v" * (1024 * 1024 + 1)),
+         grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("Get", state_pb2.GetRequest(session_id="a", key=""), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    answers: dict[str, list[tuple[grpc.StatusCode, str]]] = {}
+    for node in (primary, replica):
+        with grpc.insecure_channel(node.address) as ch:
+            stub = state_pb2_grpc.StateStub(ch)
+            for method, req, code in bad:
+                with pytest.raises(grpc.RpcError) as ei:
+                    getattr(stub, method)(req, timeout=T)
+                assert ei.value.code() == code, (node.address, method, ei.value.details())
+                answers.setdefault(method + str(code), []).append((ei.value.code(), ei.value.details() or ""))
+    assert all(len(set(v)) == 1 for v in answers.values()), answers
+    with grpc.insecure_channel(replica.address) as ch:  # valid input: the replica still redirects writes
+        with pytest.raises(grpc.RpcError) as ei:
+            state_pb2_grpc.StateStub(ch).Put(state_pb2.PutRequest(session_id="a", key="k", value=b"v"), timeout=T)
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_semi_sync_watch_shows_no_write_before_a_replica_has_it(procs: Procs) -> None:
+    primary = procs.shard("s1", "--min-replica-acks", "1", "--replica-ack-timeout-s", "0.5")
+    with grpc.insecure_channel(primary.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"unacked", request_id="r1"), timeout=T)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        shown = []
+        with pytest.raises(grpc.RpcError) as ei:
+            for resp in stub.Watch(state_pb2.WatchRequest(session_id="a", from_revision=1), timeout=T):
+                shown += resp.events
+                if shown:
+                    break
+            raise AssertionError(f"the unacknowledged write was shown: {shown}")
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value.details()
+        assert "failover could lose it" in (ei.value.details() or "")
+    procs.shard("s1", "--replica-of", primary.address)
+    with grpc.insecure_channel(primary.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"unacked", request_id="r1"), timeout=T)  # acked now
+        watch = stub.Watch(state_pb2.WatchRequest(session_id="a", from_revision=1), timeout=T)
+        try:
+            got = next(e for resp in watch for e in resp.events)
+        finally:
+            watch.cancel()
+        assert got.type == types_pb2.PUT and got.record.value == b"unacked"

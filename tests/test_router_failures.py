@@ -258,3 +258,37 @@ def test_router_and_shards_validate_alike_before_routing(procs: Procs) -> None:
         assert len(via_router) == 5 and via_router == sorted(via_shards)
     finally:
         c.close()
+
+
+def test_a_shard_that_does_not_own_the_session_answers_bad_input_as_the_owner_does(procs: Procs) -> None:
+    c = RouterCluster(procs, shards=2, routers=1)
+    try:
+        view = c.stub(c.routers[0]).view()
+        other = next(s for s in (uid("o") for _ in range(100)) if view.owner("", s).id == "s2")
+        s1, s2 = c.shard_stub("s1"), c.shard_stub("s2")
+        st = state_pb2
+        bad: list[tuple[str, object, grpc.StatusCode, str]] = [
+            ("Put", st.PutRequest(session_id=other, key="", value=b"v"), INVALID, "max_key_bytes"),
+            ("Put", st.PutRequest(session_id=other, key="k", value=b"v" * (1024 * 1024 + 1)),
+             grpc.StatusCode.RESOURCE_EXHAUSTED, "max_value_bytes"),
+            ("Put", st.PutRequest(session_id=other, key="k", ttl_ms=2**63), INVALID, "ttl_ms"),
+            ("Put", st.PutRequest(session_id=other, key="k", request_id="r" * 300), INVALID, "request_id"),
+            ("Get", st.GetRequest(session_id=other, key="k" * 1025), INVALID, "max_key_bytes"),
+            ("Append", st.AppendRequest(session_id=other, stream="s"), INVALID, "entries is empty"),
+            ("ReadLog", st.ReadLogRequest(session_id=other, stream=""), INVALID, "max_stream_name_bytes"),
+            ("Touch", st.TouchRequest(session_id=other, ttl_ms=2**63), INVALID, "ttl_ms"),
+            ("Txn", st.TxnRequest(session_id=other, compares=[st.Compare(key="k")]), INVALID, "no target"),
+            ("Txn", st.TxnRequest(session_id=other, failure=[st.TxnOp(delete=st.DeleteRequest(key=""))]),
+             INVALID, "max_key_bytes"),
+        ]
+        for method, req, code, names in bad:
+            answers = []
+            for target in (s2, s1):  # the owner, then the other shard: the same answer, no redirect
+                err = expect_error(code, getattr(target.state, method), req, timeout=T)
+                assert names in err.message, (method, err.message)
+                answers.append(err.message)
+            assert answers[0] == answers[1], answers
+        # valid input at the shard that does not own the session is still redirected
+        expect_error(grpc.StatusCode.FAILED_PRECONDITION, s1.put, other, "k", b"v")
+    finally:
+        c.close()

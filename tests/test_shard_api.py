@@ -562,6 +562,37 @@ def test_scan_limit_is_capped_at_the_page_maximum(shard: Conn) -> None:
     assert [r.key for r in rest.records] == ["k1000"]
 
 
+def test_scan_and_read_log_pages_fit_a_default_grpc_client(shard: Conn) -> None:
+    """The test's plain stub takes grpc's default 4 MiB (= the default max_request_bytes) per
+    message: every page fits it, whatever the keys and values, and paging reads everything."""
+    sid = uid()
+    for i in range(0, 1000, 100):
+        shard.append(sid, "s", *[bytes([j % 256]) * 4190 for j in range(i, i + 100)])
+    seqs: list[int] = []
+    after = 0
+    while True:
+        page = shard.read_log(sid, "s", after_seq=after)
+        seqs += [e.seq for e in page.entries]
+        if not page.more:
+            break
+        after = seqs[-1]
+    assert seqs == list(range(1, 1001))
+    long = "k" * 1000
+    for i in range(0, 900, 50):
+        ops = [state_pb2.BatchOp(put=state_pb2.PutRequest(session_id=sid, key=f"{long}{j:04d}", value=b"v" * 5000))
+               for j in range(i, i + 50)]
+        shard.state.Batch(state_pb2.BatchRequest(ops=ops), timeout=T)
+    keys: list[str] = []
+    token = ""
+    while True:
+        page = shard.state.Scan(state_pb2.ScanRequest(session_id=sid, limit=1000, page_token=token), timeout=T)
+        keys += [r.key for r in page.records]
+        token = page.next_page_token
+        if not token:
+            break
+    assert keys == [f"{long}{j:04d}" for j in range(900)]
+
+
 def test_every_response_carries_the_header(shard: Conn) -> None:
     sid = uid()
     s = shard.state

@@ -447,3 +447,68 @@ def test_unknown_compare_result_is_invalid_whether_or_not_the_key_exists(shard: 
         assert "compares[0].result 9" in err.message, err.message
     assert not shard.get(sid, "w").found
     sentinel.check()
+
+
+@pytest.mark.parametrize("bad", [
+    state_pb2.Compare(key="k", exists=True, result=state_pb2.Compare.GREATER),  # exists takes EQUAL/NOT_EQUAL
+    state_pb2.Compare(key="k"),  # no target
+    state_pb2.Compare(key="", version=0),  # empty key
+], ids=["exists-greater", "no-target", "empty-key"])
+def test_a_bad_compare_after_a_false_one_is_invalid_and_runs_no_failure_op(
+    shard: Conn, sentinel: Sentinel, bad: state_pb2.Compare
+) -> None:
+    sid = uid()
+    v = shard.put(sid, "k", b"v").version
+    false = state_pb2.Compare(key="k", version=v + 1)
+    for compares in ([bad, false], [false, bad]):
+        req = state_pb2.TxnRequest(
+            session_id=sid, compares=compares,
+            failure=[state_pb2.TxnOp(put=state_pb2.PutRequest(key="ran", value=b"failure op"))])
+        expect_error(INVALID, shard.state.Txn, req, timeout=T)
+    assert not shard.get(sid, "ran").found
+    sentinel.check()
+
+
+@pytest.mark.parametrize("bad_op, code, names", [
+    (state_pb2.TxnOp(put=state_pb2.PutRequest(key="", value=b"x")), INVALID, "max_key_bytes"),
+    (state_pb2.TxnOp(put=state_pb2.PutRequest(key="big", value=b"x" * (MiB + 1))), EXHAUSTED, "max_value_bytes"),
+    (state_pb2.TxnOp(delete=state_pb2.DeleteRequest(key="k" * 1025)), INVALID, "max_key_bytes"),
+    (state_pb2.TxnOp(append=state_pb2.AppendRequest(stream="s")), INVALID, "entries is empty"),
+    (state_pb2.TxnOp(increment=state_pb2.IncrementRequest(key="n", ttl_ms=2**63)), INVALID, "ttl_ms"),
+], ids=["empty-key", "oversize-value", "oversize-key", "empty-append", "ttl"])
+def test_a_bad_op_in_either_branch_of_a_txn_is_refused_and_nothing_runs(
+    shard: Conn, sentinel: Sentinel, bad_op: state_pb2.TxnOp, code: grpc.StatusCode, names: str
+) -> None:
+    sid = uid()
+    v = shard.put(sid, "k", b"v").version
+    ran = state_pb2.TxnOp(put=state_pb2.PutRequest(key="ran", value=b"x"))
+    for holds in (True, False):
+        # the bad op sits in the branch that does not run: the request is still bad
+        compares = [state_pb2.Compare(key="k", version=v if holds else v + 1)]
+        success, failure = ([ran], [bad_op]) if holds else ([bad_op], [ran])
+        req = state_pb2.TxnRequest(session_id=sid, compares=compares, success=success, failure=failure)
+        err = expect_error(code, shard.state.Txn, req, timeout=T)
+        assert names in err.message, err.message
+    assert not shard.get(sid, "ran").found
+    assert shard.get(sid, "k").record.version == v
+    sentinel.check()
+
+
+def test_a_txn_with_a_bad_session_ttl_is_invalid_even_when_it_writes_nothing(shard: Conn, sentinel: Sentinel) -> None:
+    sid = uid()
+    v = shard.put(sid, "k", b"v").version
+    req = state_pb2.TxnRequest(session_id=sid, compares=[state_pb2.Compare(key="k", version=v + 1)],
+                               session_ttl_ms=2**63)
+    err = expect_error(INVALID, shard.state.Txn, req, timeout=T)
+    assert "session_ttl_ms" in err.message, err.message
+    sentinel.check()
+
+
+def test_a_put_with_a_bad_session_ttl_is_invalid_whether_or_not_its_cas_matches(shard: Conn, sentinel: Sentinel) -> None:
+    sid = uid()
+    v = shard.put(sid, "k", b"v").version
+    for expected in (v, v + 1, 0):
+        err = expect_error(INVALID, shard.put, sid, "k", b"w", expected_version=expected, session_ttl_ms=2**63)
+        assert "session_ttl_ms" in err.message, err.message
+    assert shard.get(sid, "k").record.version == v
+    sentinel.check()

@@ -46,7 +46,7 @@ from .context import WriteContext, node_write
 from .locks import SessionLocks
 from .revision import wall_ms
 from .store import MB, CacheSizes, Store
-from .validation import SessionRef, session_ref
+from .validation import SessionRef, key_bytes, session_ref, stream_bytes, ttl
 from .values import unpack_u64
 
 log = logging.getLogger("shardstate.engine")
@@ -109,6 +109,26 @@ class Engine:
             if self._ref_cap:
                 refs[(namespace, session_id)] = ref
         return ref
+
+    def check(self, kind: str, req: Any) -> None:
+        """The input checks of a request of `kind` (a State method in snake case) that read no
+        data - keys, stream names, sizes, TTLs, request_id, a Txn's compares and ops; `ref` checks
+        the names. The service makes them where it would redirect the request, so that a bad
+        request gets the same answer from every node (docs/design.md §9); the ops make them."""
+        limits = self.limits
+        if kind in ("put", "delete", "increment", "append"):
+            txn.check_op_input(kind, req, limits)
+        elif kind == "txn":
+            txn.validate(req, limits)
+        elif kind == "get":
+            key_bytes(req.key, limits)
+        elif kind in ("read_log", "trim_log", "pop_last"):
+            stream_bytes(req.stream, limits)
+        elif kind == "touch":
+            ttl(req.ttl_ms, "ttl_ms")
+        rid = getattr(req, "request_id", "")
+        if rid:
+            idempotency.request_id_bytes(rid)
 
     # ---- reads: no locks, one DB read plus the (cached) session meta ----
 

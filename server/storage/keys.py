@@ -14,7 +14,15 @@ from shardstate.v1 import state_pb2, types_pb2
 from . import encoding as enc
 from .context import WriteContext
 from .store import Store
-from .validation import SessionRef, check_value, key_bytes, page_limit, ttl
+from .validation import (
+    ITEM_FRAMING,
+    SessionRef,
+    check_value,
+    key_bytes,
+    page_budget,
+    page_limit,
+    ttl,
+)
 from .values import StoredRecord, unpack_record
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -89,6 +97,7 @@ def op_put(ctx: WriteContext, req: state_pb2.PutRequest) -> state_pb2.PutRespons
     keyb = key_bytes(req.key, ctx.limits)
     check_value(req.value, ctx.limits)
     ttl_ms = ttl(req.ttl_ms, "ttl_ms")
+    session_ttl_ms = ttl(req.session_ttl_ms, "session_ttl_ms")  # bad input whether or not the CAS matches
     dkey = ctx.data_key(keyb)
     if req.HasField("expected_version"):
         cur = ctx.record(dkey)
@@ -97,8 +106,8 @@ def op_put(ctx: WriteContext, req: state_pb2.PutRequest) -> state_pb2.PutRespons
             if cur is not None:
                 resp.current.CopyFrom(cur.to_pb(req.key))
             return resp
-    if req.session_ttl_ms:
-        ctx.session_ttl_ms = ttl(req.session_ttl_ms, "session_ttl_ms")
+    if session_ttl_ms:
+        ctx.session_ttl_ms = session_ttl_ms
     return state_pb2.PutResponse(applied=True, version=write_record(ctx, keyb, dkey, req.value, ttl_ms))
 
 
@@ -165,17 +174,23 @@ def scan(store: Store, ref: SessionRef, req: state_pb2.ScanRequest, now: int) ->
         if a > start:
             start, include_start = a, False
     plen = len(dprefix)
-    budget = store.limits.max_request_bytes  # keep a page within what a default client accepts
+    budget = page_budget(store.limits)
     out = resp.records
     last = ""
     for k, raw in store.db.iterator(start=start, stop=stop, include_start=include_start):
         rec = unpack_record(raw)
         if not rec.live(now):
             continue
-        if len(out) >= limit or (out and budget < len(raw)):
+        if len(out) >= limit:
             resp.next_page_token = last
             break
-        budget -= len(raw)
-        last = enc.last_component(k, plen).decode()
-        out.append(rec.to_pb(last, req.keys_only))
+        key = enc.last_component(k, plen).decode()
+        pb = rec.to_pb(key, req.keys_only)
+        size = pb.ByteSize() + ITEM_FRAMING
+        if out and budget < size:
+            resp.next_page_token = last
+            break
+        budget -= size
+        last = key
+        out.append(pb)
     return resp

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+from shardstate.common.config import Limits
 from shardstate.common.errors import InvalidArgumentError, LimitExceededError, NotFoundError
 from shardstate.v1 import state_pb2, types_pb2
 
@@ -15,7 +16,15 @@ from . import encoding as enc
 from .context import WriteContext
 from .ranges import iterate
 from .store import Store
-from .validation import SessionRef, check_ops, check_value, stream_bytes, ttl
+from .validation import (
+    ITEM_FRAMING,
+    SessionRef,
+    check_ops,
+    check_value,
+    page_budget,
+    stream_bytes,
+    ttl,
+)
 from .values import entry_data_len, pack_entry, unpack_entry
 
 DEFAULT_READ = 1000
@@ -37,16 +46,23 @@ def _seq(key: bytes) -> int:
     return int.from_bytes(key[-8:], "big")
 
 
-def op_append(ctx: WriteContext, req: state_pb2.AppendRequest) -> state_pb2.AppendResponse:
-    streamb = stream_bytes(req.stream, ctx.limits)
+def check_append(req: state_pb2.AppendRequest, limits: Limits) -> tuple[bytes, int]:
+    """Append's input checks; returns the stream name's bytes and the entries' total size."""
+    streamb = stream_bytes(req.stream, limits)
     n = len(req.entries)
     if n == 0:
         raise InvalidArgumentError("entries is empty: Append needs at least one entry")
-    check_ops(n, ctx.limits, "entries in one Append")
+    check_ops(n, limits, "entries in one Append")
     total = 0
     for data in req.entries:
-        check_value(data, ctx.limits, "log entry")
+        check_value(data, limits, "log entry")
         total += len(data)
+    return streamb, total
+
+
+def op_append(ctx: WriteContext, req: state_pb2.AppendRequest) -> state_pb2.AppendResponse:
+    streamb, total = check_append(req, ctx.limits)
+    n = len(req.entries)
     if req.session_ttl_ms:
         ctx.session_ttl_ms = ttl(req.session_ttl_ms, "session_ttl_ms")
     meta = ctx.session()
@@ -85,7 +101,7 @@ def read_log(store: Store, ref: SessionRef, req: state_pb2.ReadLogRequest, now: 
         return resp
     prefix = enc.log_prefix(ref.nsb, ref.sidb, streamb)
     start, stop = prefix + enc.u64(lo), prefix + enc.u64(hi + 1)
-    budget = limits.max_request_bytes  # keep a page within what a default client accepts
+    budget = page_budget(limits)
     out = resp.entries
     if req.last:
         newest = []
@@ -98,11 +114,16 @@ def read_log(store: Store, ref: SessionRef, req: state_pb2.ReadLogRequest, now: 
     else:
         candidates = store.db.iterator(start=start, stop=stop)
     for k, raw in candidates:
-        if len(out) >= limit or (out and budget < len(raw)):
+        if len(out) >= limit:
             resp.more = True
             break
-        budget -= len(raw)
-        out.append(unpack_entry(_seq(k), raw))
+        entry = unpack_entry(_seq(k), raw)
+        size = entry.ByteSize() + ITEM_FRAMING
+        if out and budget < size:
+            resp.more = True
+            break
+        budget -= size
+        out.append(entry)
     return resp
 
 

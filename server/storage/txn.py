@@ -12,7 +12,7 @@ from shardstate.v1 import state_pb2
 
 from . import keys, logs
 from .context import WriteContext
-from .validation import check_ops, key_bytes, ttl
+from .validation import check_ops, check_value, key_bytes, ttl
 
 Compare = state_pb2.Compare
 
@@ -43,25 +43,34 @@ def _sign(a: Any, b: Any) -> int:
     return (a > b) - (a < b)
 
 
-def compare(ctx: WriteContext, c: state_pb2.Compare) -> bool:
+def check_compare(c: state_pb2.Compare, limits: Any) -> None:
+    """A compare's input checks, made for every compare before any is evaluated."""
     target = c.WhichOneof("target")
     if target == "log_length":
         if not c.key:
             raise InvalidArgumentError("compare on log_length needs the stream name in key")
+        return
+    key_bytes(c.key, limits, "compare key")
+    if target is None:
+        raise InvalidArgumentError(f"compare on key {c.key!r} has no target")
+    if target == "exists" and c.result not in (Compare.EQUAL, Compare.NOT_EQUAL):
+        raise InvalidArgumentError("compare on exists takes EQUAL or NOT_EQUAL only")
+
+
+def compare(ctx: WriteContext, c: state_pb2.Compare) -> bool:
+    """Whether the compare holds (its input passed check_compare)."""
+    target = c.WhichOneof("target")
+    if target == "log_length":
         s = ctx.stream(c.key)
         return _holds(c.result, _sign(s.count if s is not None else 0, c.log_length))
-    rec = ctx.record(ctx.data_key(key_bytes(c.key, ctx.limits, "compare key")))
+    rec = ctx.record(ctx.data_key(c.key.encode()))
     if target == "version":
         return _holds(c.result, _sign(rec.version if rec is not None else 0, c.version))
     if target == "value":
         if rec is None:  # an absent key never matches EQUAL, GREATER or LESS
             return c.result == Compare.NOT_EQUAL
         return _holds(c.result, _sign(rec.value, c.value))
-    if target == "exists":
-        if c.result not in (Compare.EQUAL, Compare.NOT_EQUAL):
-            raise InvalidArgumentError("compare on exists takes EQUAL or NOT_EQUAL only")
-        return _holds(c.result, 0 if (rec is not None) == c.exists else 1)
-    raise InvalidArgumentError(f"compare on key {c.key!r} has no target")
+    return _holds(c.result, 0 if (rec is not None) == c.exists else 1)
 
 
 def _check_op(kind: str, op: Any) -> None:
@@ -73,14 +82,34 @@ def _check_op(kind: str, op: Any) -> None:
         raise InvalidArgumentError(f"Txn {kind} op must not set expected_version; use a compare")
 
 
+def check_op_input(kind: str, op: Any, limits: Any) -> None:
+    """The op's own input checks (names, sizes, TTLs): an op of the branch that does not run
+    is bad input all the same (as in etcd), never accepted because it is not reached."""
+    if kind == "append":
+        logs.check_append(op, limits)
+    else:
+        key_bytes(op.key, limits)
+    if kind == "put":
+        check_value(op.value, limits)
+    if kind in ("put", "increment"):
+        ttl(op.ttl_ms, "ttl_ms")
+    if kind in ("put", "increment", "append"):
+        ttl(op.session_ttl_ms, "session_ttl_ms")
+
+
 def validate(req: state_pb2.TxnRequest, limits: Any) -> None:
     for name, items in (("compares", req.compares), ("success ops", req.success), ("failure ops", req.failure)):
         check_ops(len(items), limits, f"Txn {name}")
+    ttl(req.session_ttl_ms, "session_ttl_ms")
+    for c in req.compares:
+        check_compare(c, limits)
     for op in (*req.success, *req.failure):
         kind = op.WhichOneof("op")
         if kind is None:
             raise InvalidArgumentError("Txn op is empty")
-        _check_op(kind, getattr(op, kind))
+        inner = getattr(op, kind)
+        _check_op(kind, inner)
+        check_op_input(kind, inner, limits)
 
 
 def op_txn(ctx: WriteContext, req: state_pb2.TxnRequest) -> state_pb2.TxnResponse:

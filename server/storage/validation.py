@@ -106,6 +106,17 @@ def check_ops(n: int, limits: Limits, what: str) -> None:
         raise LimitExceededError.of("max_batch_ops", limits.max_batch_ops, n, what)
 
 
+# A page of Scan or ReadLog and a Watch message stay within max_request_bytes, what a default
+# gRPC client accepts (a lone item goes whole): each item counts its serialized size plus
+# ITEM_FRAMING, and REPLY_ROOM is left for the rest of the reply (header, page token, stream).
+ITEM_FRAMING = 16
+REPLY_ROOM = 4096
+
+
+def page_budget(limits: Limits) -> int:
+    return max(limits.max_request_bytes - REPLY_ROOM, 0)
+
+
 def page_limit(limit: int, limits: Limits) -> int:
     """0 = the default page; anything above max_page is served as max_page."""
     if limit <= 0:
