@@ -25,7 +25,7 @@ from shardstate.channels import (
     parse_addresses,
 )
 from shardstate.client import DEFAULT_TIMEOUT_S, VIEW_TIMEOUT_S
-from shardstate.common import errors, tls
+from shardstate.common import errors, tls, tracing
 from shardstate.common.clustermap import ClusterView
 from shardstate.common.errors import ConflictError, ShardstateError, UnimplementedError
 from shardstate.common.records import Change, Entry, Record, SessionInfo
@@ -86,6 +86,9 @@ class AsyncClient:
         self._channels = AsyncChannels(channel_options(max_message_bytes, options), credentials,
                                       client_token(token))
         self._max_batch_ops = max_batch_ops
+        # With tracing on, a call made inside a span goes alone, as a unary call carrying its
+        # `traceparent` (a batch shared with other callers cannot); see _call.
+        self._traced = bool(tracing.client_interceptors(aio=True))
         self._mux = (Mux(self._channels.stub, self._pipeline, max_batch_ops, self._core.timeout,
                          self._cluster_view, codec.timeout(batch_hold_s, "batch_hold_s") or HOLD_S)
                      if batching else None)
@@ -165,6 +168,8 @@ class AsyncClient:
         mux = self._mux
         direct = core.direct
         field = call.batch_field if mux is not None else None
+        if self._traced and field is not None and tracing.in_span():
+            field = None  # a traced call (also a sync Client's: its loop runs in the caller's context)
         failures = 0
         via_router = False
         while True:

@@ -10,12 +10,13 @@ import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from shardstate.batch import Batch
 from shardstate.channels import (
+    CLOSED,
     AddressPool,
     SyncChannels,
     client_token,
@@ -23,7 +24,7 @@ from shardstate.channels import (
 )
 from shardstate.common import errors, tls
 from shardstate.common.clustermap import ClusterView
-from shardstate.common.errors import ShardstateError
+from shardstate.common.errors import ClientClosedError, ShardstateError
 from shardstate.common.records import Change, Entry, Record, SessionInfo
 from shardstate.common.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from shardstate.operations import (
@@ -42,6 +43,9 @@ from shardstate.retry import Retry
 from shardstate.txn import Txn, TxnResult
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 
+if TYPE_CHECKING:
+    from shardstate.syncbatch import LoopBridge
+
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 10.0
 VIEW_TIMEOUT_S = 5.0  # fetching the cluster map (direct mode, and splitting held-back batches)
@@ -58,7 +62,13 @@ class Client:
 
     TLS: `ca_file` (PEM of the CA to trust; without it the system's roots), and for direct
     mode, whose shards require a client certificate, `cert_file` and `key_file`; or any
-    `credentials=` of your own. The files are read once, here."""
+    `credentials=` of your own. The files are read once, here.
+
+    `batching` (default on): a call made while another of this client is under way (from
+    another thread) goes through one AsyncClient on a private event-loop thread
+    (shardstate.syncbatch), so calls made at the same moment share a Pipeline message, as
+    AsyncClient's do; `max_batch_ops` caps a message. A call made alone is a plain blocking
+    call. `batching=False`: every call is a plain blocking call."""
 
     def __init__(
         self,
@@ -76,10 +86,24 @@ class Client:
         version_cache: int = 256,
         direct: bool = False,
         token: str | None = None,
+        batching: bool = True,
+        max_batch_ops: int = 1000,
     ) -> None:
         credentials = tls.client_credentials(credentials, ca_file, cert_file, key_file, direct)
         pool = AddressPool(parse_addresses(addresses), tls=credentials is not None)
-        self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
+        self._bridge: LoopBridge | None = None
+        if batching:
+            from shardstate.aio import AsyncClient
+            from shardstate.syncbatch import LoopBridge
+
+            inner = AsyncClient(pool.addresses, namespace=namespace, timeout=timeout, retry=retry,
+                                max_batch_ops=max_batch_ops, max_message_bytes=max_message_bytes,
+                                credentials=credentials, options=options, version_cache=version_cache,
+                                direct=direct, token=token)
+            self._core = inner._core  # one core: the loop's calls and this thread's generators
+            self._bridge = LoopBridge(inner)
+        else:
+            self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
         self._channels = SyncChannels(channel_options(max_message_bytes, options), credentials,
                                       client_token(token))
 
@@ -119,7 +143,17 @@ class Client:
             b.get(sid, key, consistency=consistency)
         return b.execute(timeout=timeout)
 
+    @property
+    def batching(self) -> bool:
+        return self._bridge is not None
+
+    def batching_stats(self) -> dict[str, dict[str, Any]]:
+        """Per address: the batching mode in use (pipeline, batch, unary), batches and ops sent."""
+        return self._bridge.client.batching_stats() if self._bridge is not None else {}
+
     def close(self) -> None:
+        if self._bridge is not None:
+            self._bridge.close()
         self._channels.close()
 
     def __enter__(self) -> Client:
@@ -133,7 +167,9 @@ class Client:
 
     def _perform(self, instr: Any) -> Any:
         if isinstance(instr, Call):
-            return self._run(self._core.retrying(instr))
+            if self._bridge is not None:  # a call inside a span goes alone there too (aio._call)
+                return self._bridge.perform(instr, self._alone)
+            return self._alone(instr)
         if isinstance(instr, Attempt):
             call = instr.call
             method = getattr(self._channels.stub(instr.address), call.method)
@@ -141,6 +177,8 @@ class Client:
             try:
                 return method(call.request, timeout=timeout)
             except grpc.RpcError as e:
+                if self._channels.closed:  # close() cut it off
+                    raise ClientClosedError(CLOSED) from e
                 raise self._core.pool.explain(instr.address, errors.from_rpc_error(e)) from e
         if isinstance(instr, Sleep):
             time.sleep(instr.seconds)
@@ -153,6 +191,10 @@ class Client:
                 return None
             return ClusterView.of(pb) if pb.shards else None
         raise errors.InternalError(f"the sync driver cannot perform {instr!r} here")
+
+    def _alone(self, call: Call) -> Any:
+        """One logical call as blocking unary attempts (ClientCore.retrying)."""
+        return self._run(self._core.retrying(call))
 
     def _run(self, gen: Generator[Any, Any, T]) -> T:
         value: Any = None

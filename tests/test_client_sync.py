@@ -5,6 +5,7 @@ before any RPC, a dead address is skipped, and retries survive kill -9 without d
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 from shardstate import (
     Change,
     Client,
+    ClientClosedError,
     ConflictError,
     ConstantBackoff,
     DeadlineExceededError,
@@ -31,7 +33,7 @@ from shardstate import (
 )
 from shardstate.v1 import state_pb2, state_pb2_grpc
 from tests.procs import Procs
-from tests.stubs import dead_address, uid
+from tests.stubs import dead_address, uid, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,10 @@ def shard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         procs.close()
 
 
-@pytest.fixture
-def client(shard: str) -> Iterator[Client]:
-    with Client(shard, timeout=30) as c:
+@pytest.fixture(params=[True, False], ids=["batching", "unary"])
+def client(shard: str, request: pytest.FixtureRequest) -> Iterator[Client]:
+    with Client(shard, timeout=30, batching=request.param) as c:
+        assert c.batching is request.param
         yield c
 
 
@@ -260,6 +263,116 @@ def test_update_from_8_threads_is_exact(client: Client) -> None:
         t.join(240)
     assert not errors
     assert client.session(sid).get("counter").value == b"400"
+    if client.batching:  # the calls that overlapped went through the loop's Pipeline stream
+        (stats,) = client.batching_stats().values()
+        assert stats["mode"] == "pipeline" and stats["ops"] > 0
+
+
+def test_batching_threads_share_pipeline_messages(shard: str) -> None:
+    # 16 threads, a session each: every update lands once, and the calls that met on the
+    # loop went out together (fewer messages than ops; one thread alone could not do that).
+    with Client(shard, timeout=30) as c:
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(16)
+
+        def worker(i: int) -> None:
+            s = c.session(f"{uid()}-{i}")
+            try:
+                barrier.wait(30)
+                for _ in range(30):
+                    s.update("n", lambda old: str(int(old.value) + 1 if old else 1))
+                assert s.get("n").value == b"30"
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(240)
+        assert not errors
+        (stats,) = c.batching_stats().values()
+        assert stats["mode"] == "pipeline"
+        assert stats["ops"] > 0 and stats["batches"] < stats["ops"]
+
+
+def test_batching_one_thread_alone_makes_plain_calls(shard: str) -> None:
+    with Client(shard, timeout=30) as c:
+        s = c.session(uid())
+        for i in range(20):
+            assert s.incr("n") == i + 1
+        assert s.get("n").value == b"20"
+        assert c.batching and c.batching_stats() == {}  # nothing went through the loop
+
+
+def test_batching_update_fn_may_call_the_client(client: Client) -> None:
+    # update()'s function runs in the caller's thread, not on the client's loop: it may
+    # make calls of its own (on the loop they would wait for the loop forever).
+    s, audit = client.session(uid()), client.session(uid())
+
+    def fn(old: Record | None) -> bytes:
+        n = audit.incr("calls")
+        return b"%d" % n
+
+    assert s.update("k", fn).value == b"1"
+    assert s.update("k", fn).value == b"2"
+    assert audit.get("calls").value == b"2"
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batching", "unary"])
+def test_close_ends_calls_under_way(batching: bool) -> None:
+    slow = _Slow()
+    server = grpc.server(ThreadPoolExecutor(4))
+    state_pb2_grpc.add_StateServicer_to_server(slow, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        c = Client(f"127.0.0.1:{port}", retry=Retry(attempts=1), timeout=60, batching=batching)
+        got: list[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                c.session(uid()).get("k")
+            except BaseException as e:  # surfaced below
+                got.append(e)
+
+        # Two calls under way: with batching the second goes through the client's loop.
+        threads = [threading.Thread(target=waiter) for _ in range(2)]
+        for n, t in enumerate(threads, 1):
+            t.start()
+            wait_until(lambda n=n: slow.calls >= n)
+        c.close()
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive()
+        assert len(got) == 2 and all(isinstance(e, ClientClosedError) for e in got), got
+        with pytest.raises(ClientClosedError, match="closed"):
+            c.session(uid()).get("k")
+        c.close()  # twice is fine
+    finally:
+        slow.release.set()
+        server.stop(None)
+
+
+def test_batching_client_refuses_use_after_fork(shard: str) -> None:
+    with Client(shard, timeout=30) as c:
+        c.session(uid()).put("k", b"v")
+        ctx = multiprocessing.get_context("fork")
+        q: Any = ctx.Queue()
+
+        def child() -> None:
+            try:
+                c.session(uid()).get("k")
+                q.put("no error")
+            except ClientClosedError as e:
+                q.put(str(e))
+
+        p = ctx.Process(target=child)
+        p.start()
+        msg = q.get(timeout=60)
+        p.join(60)
+        assert "before a fork" in msg and "make a Client in each process" in msg
+        assert c.session(uid()).put("k", b"still works") > 0  # the parent's client is fine
 
 
 def test_bad_input_is_refused_before_any_rpc() -> None:
@@ -314,23 +427,42 @@ def test_dead_address_beside_a_live_one(shard: str) -> None:
         c.session("x").get("k")
 
 
-def test_retries_survive_kill_9_without_double_applying(procs: Procs) -> None:
+@pytest.mark.parametrize("batching", [True, False], ids=["batching", "unary"])
+def test_retries_survive_kill_9_without_double_applying(procs: Procs, batching: bool) -> None:
     shard = procs.shard("s1")
     retry = Retry(attempts=400, backoff=ConstantBackoff(0.1))  # ~40 s of patience
     acked: list[int] = []
     counts: list[int] = []
     failures: list[BaseException] = []
+    piped: list[int] = []
     stop = threading.Event()
 
     def writer() -> None:
-        with Client(shard.address, retry=retry, timeout=10) as c:
+        with Client(shard.address, retry=retry, timeout=10, batching=batching) as c:
             s = c.session("crashy")
+            # Batching: a second thread's calls overlap the writer's, so theirs ride the
+            # loop's Pipeline stream (a call made alone is a plain one).
+            side = threading.Thread(target=reader, args=(c,)) if batching else None
+            if side is not None:
+                side.start()
             try:
                 while not stop.is_set():
                     acked.extend(s.append("log", [f"e{len(acked)}"]))
                     counts.append(s.incr("n"))
             except BaseException as e:
                 failures.append(e)
+            finally:
+                if side is not None:
+                    side.join(120)
+                    piped.append(sum(st["ops"] for st in c.batching_stats().values()))
+
+    def reader(c: Client) -> None:
+        other = c.session("reader")
+        try:
+            while not stop.is_set():
+                other.get("k")
+        except BaseException as e:
+            failures.append(e)
 
     t = threading.Thread(target=writer)
     t.start()
@@ -352,6 +484,8 @@ def test_retries_survive_kill_9_without_double_applying(procs: Procs) -> None:
         t.join(120)
     assert not failures, f"{failures!r}; shard alive={shard.alive()}; log:\n{shard.log_tail()}"
     assert len(acked) >= 150  # the writer went on through both crashes
+    if batching:
+        assert piped and piped[0] > 0
     with Client(shard.address, timeout=30) as c:
         s = c.session("crashy")
         entries = s.read("log")
@@ -381,8 +515,10 @@ class _Slow(state_pb2_grpc.StateServicer):
 
     def __init__(self) -> None:
         self.release = threading.Event()
+        self.calls = 0
 
     def Get(self, request: Any, context: Any) -> Any:
+        self.calls += 1
         self.release.wait(30)
         return state_pb2.GetResponse()
 

@@ -1,5 +1,6 @@
 """OpenTelemetry across real processes: the test's own span (in-memory exporter) around one
-`put` of the sync client; the router and the shard (SHARDSTATE_OTEL=1, spans as JSON lines to
+`put` of the sync client (also with other calls under way, which a batching client sends
+through its loop: a call inside a span goes alone, as a unary call); the router and the shard (SHARDSTATE_OTEL=1, spans as JSON lines to
 one file) continue its trace: client → router → forward → shard → storage write, semi-sync
 wait, and the replica's apply and ack. And tracing off: no span, no opentelemetry import in the client library."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from shardstate import Client
 from tests.procs import Procs
 from tests.replicas import wait_for
+from tests.stubs import wait_until
 
 
 def spans(path: Path) -> list[dict[str, Any]]:
@@ -27,8 +30,16 @@ def spans(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def keep_busy(c: Client, stop: threading.Event) -> None:
+    """Untraced reads from another thread, until `stop`: calls under way beside the test's."""
+    s = c.session("busy")
+    while not stop.is_set():
+        s.get("k")
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["unary", "batching"])
 def test_one_put_is_one_trace_from_the_client_through_router_and_shard(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batching: bool) -> None:
     out = tmp_path / "spans.jsonl"
     monkeypatch.setenv("SHARDSTATE_OTEL", "1")  # the processes inherit it, and so does the client
     monkeypatch.setenv("SHARDSTATE_OTEL_FILE", str(out))
@@ -40,10 +51,22 @@ def test_one_put_is_one_trace_from_the_client_through_router_and_shard(
         mem = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(mem))
-        with Client(router.address, timeout=30) as c:
-            c.session("warm").put("k", b"v")  # untraced: a call without a span sends none
+        with Client(router.address, timeout=30, batching=batching) as c:
+            stop = threading.Event()
+            # two threads: each one's calls overlap the other's, so they ride the loop
+            busy = [threading.Thread(target=keep_busy, args=(c, stop)) for _ in range(2)]
+            if batching:  # untraced calls under way: the traced put must still go alone
+                for t in busy:
+                    t.start()
+                wait_until(lambda: c.batching_stats())
+            else:
+                c.session("warm").put("k", b"v")  # untraced: a call without a span sends none
             with provider.get_tracer("test").start_as_current_span("agent step"):
                 c.session("traced").put("k", b"v")
+            stop.set()
+            if batching:
+                for t in busy:
+                    t.join(60)
         (root,) = mem.get_finished_spans()
         trace_id = f"{root.context.trace_id:032x}"
 
@@ -64,6 +87,8 @@ def test_one_put_is_one_trace_from_the_client_through_router_and_shard(
         # the replica's apply and ack, from the change batch that carried the put
         assert got["replica apply"]["parent_span_id"] == got["shard put"]["span_id"]
         assert got["replica apply"]["attributes"]["replica"] == replica.address
+        if batching:
+            return
         # the warm-up put had no caller span: its trace is the router's own, never the test's
         roots = [s for s in spans(out) if s["name"] == "router Put" and not s["parent_span_id"]]
         assert len(roots) == 1 and roots[0]["trace_id"] != trace_id

@@ -109,6 +109,14 @@ def incoming(metadata: Sequence[tuple[str, Any]] | None) -> Any:
     return TraceContextTextMapPropagator().extract(carrier) if carrier else None
 
 
+def in_span() -> bool:
+    """The caller runs inside a span (a call it makes has a trace to continue). Only once
+    `client_interceptors()` found tracing on: it imports opentelemetry."""
+    from opentelemetry import trace
+
+    return bool(trace.get_current_span().get_span_context().is_valid)
+
+
 def outgoing() -> tuple[tuple[str, str], ...]:
     """Metadata carrying the current span's context to the next hop."""
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator

@@ -1,0 +1,112 @@
+"""The sync Client's batching (`Client(batching=True)`): its calls ride an AsyncClient's
+Pipeline streams, run on a private event loop in a daemon thread.
+
+Only the network part crosses threads: each caller thread still drives its operation's
+generator itself (so `update()`'s function runs in the caller's thread and may use the client
+again), and hands each `Call` to the loop, where calls from every thread that arrive together
+are coalesced into one Pipeline message per address (shardstate.pipeline), as AsyncClient's.
+A call made while no other is under way goes as a plain blocking call instead: one thread
+alone would only pay for the hand-off (benchmarks/sync_batching.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from shardstate.aio import AsyncClient
+from shardstate.channels import CLOSED
+from shardstate.common.errors import ClientClosedError
+from shardstate.operations import Call
+
+FORKED = ("this Client was made in process {0}, before a fork: its channels and event-loop "
+          "thread are not in this process (make a Client in each process)")
+CLOSE_WAIT_S = 5.0  # close(): the longest it waits for the loop to close its channels
+
+
+class LoopBridge:
+    """An AsyncClient on an event loop of its own thread, and blocking calls into it."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self._loop = asyncio.new_event_loop()
+        self._closed = False
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._in_flight = 0  # calls of the client under way, either path
+        self._thread = threading.Thread(target=self._serve, name="shardstate-client-loop", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        loop = self._loop
+        try:
+            loop.run_forever()
+        finally:
+            # Whatever close() did not reach (a call that came in while it ran) is cancelled,
+            # so no caller waits for a loop that has stopped.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+    def perform(self, call: Call, alone: Callable[[Call], Any]) -> Any:
+        """`call` through the loop when another call of the client is under way (it may
+        share a message with it), else `alone(call)`: a thread by itself gains nothing from
+        the hand-off to the loop and would pay its CPU."""
+        if os.getpid() != self._pid:
+            raise ClientClosedError(FORKED.format(self._pid))
+        with self._lock:
+            shared = self._in_flight > 0
+            self._in_flight += 1
+        try:
+            return self.call(call) if shared else alone(call)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def call(self, call: Call) -> Any:
+        """One logical call (retries included, AsyncClient._call): its response message."""
+        if self._closed:
+            raise ClientClosedError(CLOSED)
+        if os.getpid() != self._pid:
+            raise ClientClosedError(FORKED.format(self._pid))
+        coro = self.client._call(call)
+        try:
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError:  # the loop is closed: close() ran meanwhile
+            coro.close()
+            raise ClientClosedError(CLOSED) from None
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            raise ClientClosedError(CLOSED) from None  # close() cancelled it
+
+    def close(self) -> None:
+        """Closes the AsyncClient (its streams and channels) and stops the loop's thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() != self._pid:
+            return  # a forked child's copy: the thread and the loop are the parent's
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("close() of a batching Client from inside its own event loop")
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(CLOSE_WAIT_S)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(CLOSE_WAIT_S)
+
+    async def _shutdown(self) -> None:
+        """Calls still under way end with ClientClosedError in their threads."""
+        me = asyncio.current_task()
+        for task in asyncio.all_tasks():
+            if task is not me:
+                task.cancel()
+        await self.client.close()
