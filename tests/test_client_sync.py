@@ -5,6 +5,7 @@ before any RPC, a dead address is skipped, and retries survive kill -9 without d
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import threading
 import time
@@ -34,6 +35,34 @@ from shardstate import (
 from shardstate.v1 import state_pb2, state_pb2_grpc
 from tests.procs import Procs
 from tests.stubs import dead_address, uid, wait_until
+
+
+class _Slow(state_pb2_grpc.StateServicer):
+    """A real gRPC server whose Get answers only when released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def Get(self, request: Any, context: Any) -> Any:
+        self.calls += 1
+        self.release.wait(30)
+        return state_pb2.GetResponse()
+
+
+@contextlib.contextmanager
+def slow_server() -> Iterator[tuple[_Slow, str]]:
+    """A real gRPC server with only a Get that waits for `release`, and its address."""
+    slow = _Slow()
+    server = grpc.server(ThreadPoolExecutor(4))
+    state_pb2_grpc.add_StateServicer_to_server(slow, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield slow, f"127.0.0.1:{port}"
+    finally:
+        slow.release.set()
+        server.stop(None)
 
 
 @pytest.fixture(scope="module")
@@ -321,13 +350,8 @@ def test_batching_update_fn_may_call_the_client(client: Client) -> None:
 
 @pytest.mark.parametrize("batching", [True, False], ids=["batching", "unary"])
 def test_close_ends_calls_under_way(batching: bool) -> None:
-    slow = _Slow()
-    server = grpc.server(ThreadPoolExecutor(4))
-    state_pb2_grpc.add_StateServicer_to_server(slow, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        c = Client(f"127.0.0.1:{port}", retry=Retry(attempts=1), timeout=60, batching=batching)
+    with slow_server() as (slow, address):
+        c = Client(address, retry=Retry(attempts=1), timeout=60, batching=batching)
         got: list[BaseException] = []
 
         def waiter() -> None:
@@ -349,9 +373,6 @@ def test_close_ends_calls_under_way(batching: bool) -> None:
         with pytest.raises(ClientClosedError, match="closed"):
             c.session(uid()).get("k")
         c.close()  # twice is fine
-    finally:
-        slow.release.set()
-        server.stop(None)
 
 
 def test_batching_client_refuses_use_after_fork(shard: str) -> None:
@@ -510,35 +531,14 @@ def test_namespaces_are_apart(shard: str) -> None:
         assert [i.namespace for i in d.list_sessions(sid, namespace="tenant-b")] == ["tenant-b"]
 
 
-class _Slow(state_pb2_grpc.StateServicer):
-    """A real gRPC server whose Get answers only when released."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.calls = 0
-
-    def Get(self, request: Any, context: Any) -> Any:
-        self.calls += 1
-        self.release.wait(30)
-        return state_pb2.GetResponse()
-
-
 def test_per_call_deadline() -> None:
-    slow = _Slow()
-    server = grpc.server(ThreadPoolExecutor(4))
-    state_pb2_grpc.add_StateServicer_to_server(slow, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with Client(f"127.0.0.1:{port}", retry=Retry(attempts=1), timeout=30) as c:
+    with slow_server() as (slow, address):
+        with Client(address, retry=Retry(attempts=1), timeout=30) as c:
             s = c.session(uid())
             with pytest.raises(DeadlineExceededError):
                 s.get("k", timeout=0.2)
-        with Client(f"127.0.0.1:{port}", retry=Retry(attempts=1), timeout=0.2) as c:
+        with Client(address, retry=Retry(attempts=1), timeout=0.2) as c:
             with pytest.raises(DeadlineExceededError):
                 c.session(uid()).get("k")  # the client's default deadline
             slow.release.set()
             assert c.session(uid()).get("k", timeout=30) is None
-    finally:
-        slow.release.set()
-        server.stop(None)
