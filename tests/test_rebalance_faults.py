@@ -7,11 +7,12 @@ exactly once, with no error seen by the callers."""
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable
 
 import grpc
 
-from shardstate.v1 import admin_pb2, replication_pb2, replication_pb2_grpc
+from shardstate.v1 import admin_pb2, replication_pb2, replication_pb2_grpc, state_pb2
 from tests.procs import Proc, Procs
 from tests.rebalance_load import Load, preload
 from tests.routercluster import Stubs
@@ -152,3 +153,57 @@ def test_semi_sync_source_primary_killed_and_its_replica_promoted(procs: Procs) 
     finally:
         if load._thread is not None and load._thread.is_alive():
             load.stop()
+
+
+def test_semi_sync_target_hands_over_only_what_its_replica_holds(procs: Procs) -> None:
+    """Under --min-replica-acks a moved session's acknowledged writes survive a failover of its
+    new owner too: the hand-over waits until the target's replica holds the copy. The target's
+    replica is stopped while the target copies and writes land on the source; the target's
+    primary is killed once the move ended (if the move waits, the replica resumes first) and
+    the replica promoted: every moved session reads back every acknowledged write."""
+    semi = (*SLOW, "--min-replica-acks", "1")
+    c = Cluster(procs, shards=1, shard_args=semi)
+    r1 = procs.shard("s1", *semi, "--replica-of", c.shards["s1"].address)
+    wait_until(lambda: list(c.view().pb.shards[0].replicas) == [r1.address], timeout=60)
+    sids = [f"semi-{i}" for i in range(400)]
+    preload([r.address for r in c.routers], sids, 4 * BLOB)  # copying takes seconds
+    s2 = c.new_shard("s2")
+    r2 = procs.shard("s2", *semi, "--replica-of", s2.address)
+    out = admin(c.routers[0], "add-shard", "s2", s2.address, "--replica", r2.address, "--no-wait")
+    assert out.returncode == 0, out.stderr
+    r2.popen.send_signal(signal.SIGSTOP)  # the target's replica receives nothing from here on
+    try:
+        late = c.stub.state.Batch(state_pb2.BatchRequest(ops=[
+            state_pb2.BatchOp(put=state_pb2.PutRequest(session_id=s, key="late", value=s.encode())) for s in sids
+        ]), timeout=T)
+        assert [r.code for r in late.results] == [0] * len(sids), late.results[0]
+        when(s2, lambda g: g.get("s1") is not None and g["s1"].phase != "copying")
+        try:
+            wait_until(lambda: not c.view().pb.migrations, timeout=10)
+            ended = True
+        except AssertionError:
+            ended = False  # the hand-over waits for the target's replica
+        if not ended:
+            r2.popen.send_signal(signal.SIGCONT)
+            wait_until(lambda: not c.view().pb.migrations, timeout=60)
+    finally:
+        s2.kill()
+        r2.popen.send_signal(signal.SIGCONT)
+    moved = [s for s in sids if c.view().owner("default", s).id == "s2"]
+    assert moved
+    out = admin(c.routers[0], "promote", "s2")
+    assert out.returncode == 0, out.stderr
+    s2.start()  # back as the new primary's replica: its reads are acknowledged again
+    stub = Stubs(c.routers[0].address)
+
+    def lost() -> list[str] | None:
+        try:
+            return [s for s in moved if stub.get(s, "late").record.value != s.encode() or not stub.get(s, "blob").found]
+        except grpc.RpcError:
+            return None  # the routers are still switching to the promoted replica
+
+    try:
+        missing = wait_until(lambda: (m := lost()) is not None and [m], timeout=60)[0]
+    finally:
+        stub.close()
+    assert missing == [], f"{len(missing)} of {len(moved)} moved sessions lost acknowledged writes: {missing[:5]}"

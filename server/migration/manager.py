@@ -117,7 +117,7 @@ class Migrations:
                 await p.stop()
                 del self.pullers[src]
         for src in sorted(wanted - set(self.pullers)):
-            p = self.pullers[src] = Puller(node, self.engine, src, pb)
+            p = self.pullers[src] = Puller(node, self.engine, src, pb, self.repl.acks.satisfied)
             log.info("copying sessions from a source", extra={"fields": {"source": src, "epoch": started}})
             p.start()
         if not pb.migrations:
