@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from collections.abc import Callable
 
 import grpc
 
-from shardstate.v1 import admin_pb2, replication_pb2, replication_pb2_grpc, state_pb2
+from shardstate.common.rebalance import Move
+from shardstate.common.rebalance import finish as rebalance_finish
+from shardstate.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    replication_pb2,
+    replication_pb2_grpc,
+    state_pb2,
+    state_pb2_grpc,
+)
 from tests.procs import Proc, Procs
 from tests.rebalance_load import Load, preload
 from tests.routercluster import Stubs
@@ -207,3 +217,70 @@ def test_semi_sync_target_hands_over_only_what_its_replica_holds(procs: Procs) -
     finally:
         stub.close()
     assert missing == [], f"{len(missing)} of {len(moved)} moved sessions lost acknowledged writes: {missing[:5]}"
+
+
+def test_a_source_primary_killed_while_fenced_keeps_holding_after_its_restart(procs: Procs) -> None:
+    """The hold on writes to the leaving sessions outlives a kill -9 of the source primary: its
+    fence revision is what the coordinator hands over at, so a write the restarted source took
+    for a leaving session before the map moved it would be acknowledged and then lost."""
+    c = Cluster(procs, shards=2, shard_args=SLOW)
+    sids = [f"fenced-{i}" for i in range(2000)]
+    preload([r.address for r in c.routers], sids, BLOB)
+    s3 = c.new_shard("s3")
+    assert admin(c.routers[0], "add-shard", "s3", s3.address, "--no-wait").returncode == 0
+    when(s3, lambda g: copying(g.get("s1")))
+    c.routers[0].kill()  # nobody drives the hand-over: this test does it, as a router would
+    s1 = c.shards["s1"]
+    start_map = Stubs(s1.address).view().pb
+    epoch = start_map.epoch
+    when(s3, lambda g: all(g.get(s) is not None and g[s].phase != "copying" for s in ("s1", "s2")))
+    fenced = {}
+    for sid in ("s1", "s2"):
+        with grpc.insecure_channel(c.shards[sid].address) as ch:
+            fenced[sid] = replication_pb2_grpc.ReplicationStub(ch).Fence(
+                replication_pb2.FenceRequest(epoch=epoch, hold_ms=10_000), timeout=T).revision
+    when(s3, lambda g: all(g[s].position >= fenced[s] for s in ("s1", "s2")))
+    s3.popen.send_signal(signal.SIGSTOP)  # the target has all it needs; it hears nothing more
+    s1.kill()
+    s1.start()
+    move = Move.of(start_map)
+    sid = next(s for s in sids if move.route("default", s) == ("s1", "s3"))
+    put: list[state_pb2.PutResponse | grpc.RpcError] = []
+
+    def write() -> None:
+        with grpc.insecure_channel(s1.address) as ch:
+            try:
+                put.append(state_pb2_grpc.StateStub(ch).Put(
+                    state_pb2.PutRequest(session_id=sid, key="late", value=b"1"), timeout=T))
+            except grpc.RpcError as e:
+                put.append(e)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join(3.0)  # acknowledged at once if the restarted source forgot its fence
+    final = admin_pb2.ClusterMap()
+    final.CopyFrom(start_map)
+    rebalance_finish(final)
+    final.epoch = epoch + 1
+    with grpc.insecure_channel(s1.address) as ch:  # s1 keeps the map: the hand-over's swap
+        got = admin_pb2_grpc.AdminStub(ch).SwapClusterMap(
+            admin_pb2.SwapClusterMapRequest(expected_epoch=epoch, map=final), timeout=T)
+    assert got.swapped, got
+    s3.popen.send_signal(signal.SIGCONT)
+    for p in (c.shards["s2"], s3):
+        with grpc.insecure_channel(p.address) as ch:
+            admin_pb2_grpc.AdminStub(ch).PublishClusterMap(final, timeout=T)
+    writer.join(T)
+    assert len(put) == 1
+    if isinstance(put[0], grpc.RpcError):  # held, then sent away by the new map: not acknowledged
+        assert put[0].code() == grpc.StatusCode.FAILED_PRECONDITION, put[0]
+        return
+    router = procs.router([p.address for p in c.shards.values()])
+    stub = Stubs(router.address)
+    try:
+        got_late = stub.get(sid, "late")
+    finally:
+        stub.close()
+    assert got_late.found and got_late.record.version == put[0].version, (
+        f"the restarted source acknowledged version {put[0].version} of a leaving session; "
+        f"its new owner holds {got_late.record.version if got_late.found else 'nothing'}")

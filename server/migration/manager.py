@@ -70,6 +70,7 @@ class Migrations:
         node = self.node
         self.engine.owns = lambda ns, sid: node.owns(ns.decode(), sid.decode())
         node.on_adopt.append(self._adopted)
+        self.fences.restore()  # before the server serves: a fence set before a restart holds again
 
     async def start(self) -> None:
         self._adopted(self.node.view.pb)
