@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -435,3 +436,29 @@ def test_promote_again_finishes_a_promotion_whose_map_change_failed(procs: Procs
             state_pb2.PutRequest(session_id=sid, key="k", value=b"2", expected_version=first.version), timeout=T)
     assert put.applied and put.header.node == r2.address and put.version > first.version
     assert "promote again" in (ei.value.details() or "")  # the first error said what to do
+
+
+def test_a_primary_frozen_through_its_replacement_becomes_a_replica_when_it_resumes(procs: Procs) -> None:
+    """The old primary learns the newer map even when it never restarts (SIGSTOP, a long
+    pause or a partition through the promotion, so it missed the map's publication): it
+    follows the new primary and sets aside what only it holds, instead of staying a primary
+    that a stale router or client can still write to."""
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    router = procs.router([primary.address, replica.address])
+    wait_for(lambda: cluster_map(router.address).epoch and list(cluster_map(router.address).shards[0].replicas)
+             == [replica.address], "the map listing the replica")
+    p = Conn(primary)
+    p.put("a", "k", b"1")
+    wait_converged(primary.address, replica.address)
+    primary.popen.send_signal(signal.SIGSTOP)
+    try:
+        with grpc.insecure_channel(router.address) as ch:
+            admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s1"), timeout=60)
+    finally:
+        primary.popen.send_signal(signal.SIGCONT)
+    assert primary_of(router.address) == replica.address
+    wait_for(lambda: status(primary.address).role == admin_pb2.REPLICA, "the old primary to become a replica")
+    assert status(primary.address).primary == replica.address
+    expect_error(grpc.StatusCode.FAILED_PRECONDITION, p.put, "a", "k", b"2")
+    p.close()

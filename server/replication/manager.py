@@ -46,6 +46,9 @@ ADDRESS_META = "address"  # the address this node served at last time (ports may
 # docs/design.md §2: a promoted replica hands out revisions above anything the old primary could have
 # issued: its last known leader revision plus this much HLC time (10 s).
 PROMOTION_MARGIN = 10_000 << LOGICAL_BITS
+# A primary asks its peers for a newer map this often: one replaced while it was paused or cut
+# off missed the new map's publication, and the new map no longer names it.
+MAP_CHECK_S = 5.0
 
 
 class Replication:
@@ -130,6 +133,20 @@ class Replication:
             if not target:  # a primary after all: it never stopped being one
                 self.node.role, self.node.primary, self.node.readable = admin_pb2.PRIMARY, "", True
         await self.settle(target)
+        self._spawn(self._check_map())
+
+    async def _check_map(self) -> None:
+        """While primary: adopt a newer map a peer holds, and act on it (a replaced primary
+        becomes the new one's replica and sets aside what only it holds)."""
+        while True:
+            await asyncio.sleep(MAP_CHECK_S)
+            if self.node.is_replica:
+                continue
+            try:
+                if await self.maps.refresh():
+                    await self.settle()
+            except Exception:
+                log.exception("checking the peers for a newer cluster map failed")
 
     async def ready(self) -> None:
         """Returns once this node can serve: at once for a primary, after the first full
