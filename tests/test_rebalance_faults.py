@@ -25,6 +25,7 @@ from shardstate.v1 import (
 )
 from tests.procs import Proc, Procs
 from tests.rebalance_load import Load, preload
+from tests.replicas import audit_lines
 from tests.routercluster import Stubs
 from tests.stubs import wait_until
 from tests.test_rebalance import SHARD_ARGS, Cluster, admin, moved_fraction, settle_one_copy
@@ -284,3 +285,36 @@ def test_a_source_primary_killed_while_fenced_keeps_holding_after_its_restart(pr
     assert got_late.found and got_late.record.version == put[0].version, (
         f"the restarted source acknowledged version {put[0].version} of a leaving session; "
         f"its new owner holds {got_late.record.version if got_late.found else 'nothing'}")
+
+
+def test_async_target_failover_right_after_a_move_audits_the_moved_writes_it_loses(procs: Procs) -> None:
+    """Asynchronous replication may lose a new owner's unreplicated tail in a failover, copied
+    sessions included, but never silently: the old target primary, back as a replica, lists
+    every moved session whose copy it sets aside in diverged-writes.jsonl, with the keys."""
+    c = Cluster(procs, shards=1, shard_args=SLOW)
+    sids = [f"async-{i}" for i in range(400)]
+    preload([r.address for r in c.routers], sids, 4 * BLOB)  # copying takes seconds
+    s2 = c.new_shard("s2")
+    r2 = procs.shard("s2", *SLOW, "--replica-of", s2.address)
+    out = admin(c.routers[0], "add-shard", "s2", s2.address, "--replica", r2.address, "--no-wait")
+    assert out.returncode == 0, out.stderr
+    r2.popen.send_signal(signal.SIGSTOP)  # the target's replica receives nothing from here on
+    try:
+        wait_until(lambda: not c.view().pb.migrations, timeout=60)
+    finally:
+        s2.kill()
+        r2.popen.send_signal(signal.SIGCONT)
+    out = admin(c.routers[0], "promote", "s2")
+    assert out.returncode == 0, out.stderr
+    s2.start()  # back as the new primary's replica: it sets aside what the new primary lacks
+    stub = Stubs(c.routers[0].address)
+    try:
+        lost = {s for s in sids if c.view().owner("default", s).id == "s2" and not stub.get(s, "blob").found}
+    finally:
+        stub.close()
+    assert lost  # the stopped replica never got the copy
+    lines = audit_lines(s2)
+    audited = {d["session"] for d in lines if d.get("kind") == "diverged"}
+    assert lost <= audited, f"{len(lost - audited)} of {len(lost)} lost moved sessions are not in the audit file"
+    assert any(k["key"] == "blob" for d in lines if d.get("kind") == "diverged" for k in d["keys"])
+    assert wait_until(lambda: any(d.get("kind") == "reconcile_summary" for d in audit_lines(s2)), timeout=60)
