@@ -58,7 +58,9 @@ async def _own_status(nodes: NodePool, address: str) -> admin_pb2.NodeStatus | s
 
 
 async def choose(nodes: NodePool, shard: admin_pb2.ShardInfo, replica: str) -> str:
-    """The replica to promote: the one asked for, after checking it; else the most caught-up."""
+    """The replica to promote: the one asked for, after checking it; else the most caught-up.
+    One the map lists as a replica but that already reports itself primary of the shard is
+    chosen at once: an earlier promote promoted it and could not change the map."""
     if replica:
         if replica == shard.primary:
             raise errors.FailedPreconditionError(
@@ -81,6 +83,10 @@ async def choose(nodes: NodePool, shard: admin_pb2.ShardInfo, replica: str) -> s
         if isinstance(st, str):
             unreachable += 1
             problems.append(f"{address} is unreachable ({st})")
+        elif st.role == admin_pb2.PRIMARY and st.shard_id == shard.id:
+            # Promoted by an earlier promote whose map change did not go through (e.g. the
+            # keeper was down): it holds the shard's writes since; finish its promotion.
+            return address
         elif st.role != admin_pb2.REPLICA or st.shard_id != shard.id:
             role = admin_pb2.NodeRole.Name(st.role).lower()
             problems.append(f"{address} reports itself as {role} of shard {st.shard_id or '?'}, not a replica of shard {shard.id}")
@@ -110,5 +116,11 @@ async def promote(maps: MapHolder, nodes: NodePool, req: admin_pb2.PromoteReplic
         raise errors.from_rpc_error(e) from None
     log.warning("promoted replica", extra=fields(shard=shard.id, new_primary=chosen, old_primary=old_primary,
                                                  revision=done.revision))
-    await maps.change(lambda pb: promote_in(pb, shard.id, chosen), also=[old_primary])
+    try:
+        await maps.change(lambda pb: promote_in(pb, shard.id, chosen), also=[old_primary])
+    except errors.ShardstateError as e:
+        raise type(e)(
+            f"{chosen} was promoted to primary of shard {shard.id}, but the cluster map could not "
+            f"name it: {e.message.removesuffix('; nothing changed')}; run the same promote again to "
+            "finish it") from None
     return admin_pb2.PromoteReplicaResponse(cluster_map=maps.view.pb, new_primary=chosen, revision=done.revision)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from shardstate.common.clustermap import ClusterView
 from shardstate.v1 import admin_pb2, admin_pb2_grpc, state_pb2, state_pb2_grpc, types_pb2
 from tests.faults import linearizability as lin
 from tests.procs import Proc, Procs
@@ -389,3 +391,74 @@ def test_semi_sync_failover_hands_out_no_acknowledged_seq_or_counter_value_again
     assert n.state.Increment(state_pb2.IncrementRequest(session_id="a", key="n", delta=1), timeout=T).value == 6
     assert list(n.append("a", "log", b"after").seqs) == [6]
     n.close()
+
+
+def test_promote_again_finishes_a_promotion_whose_map_change_failed(procs: Procs) -> None:
+    """While the keeper shard's primary is down no map change goes through: a promote then
+    promotes the replica but cannot name it in the map (UNAVAILABLE). Once the keeper is back,
+    the same promote finishes the job: the map names the node promoted first (the only one
+    holding that shard's writes since), and writes through the router reach it."""
+    p1 = procs.shard("s1")
+    p2 = procs.shard("s2")
+    r2 = procs.shard("s2", "--replica-of", p2.address)
+    router = procs.router([p1.address, p2.address, r2.address])
+    wait_for(lambda: primary_of(router.address, "s2") == p2.address, "the map naming s2's primary")
+    view = ClusterView.of(cluster_map(router.address))
+    sid = next(s for s in SIDS if view.owner("default", s).id == "s2")
+    with grpc.insecure_channel(router.address) as ch:
+        first = state_pb2_grpc.StateStub(ch).Put(state_pb2.PutRequest(session_id=sid, key="k", value=b"1"), timeout=T)
+    wait_converged(p2.address, r2.address)
+    p1.kill()
+    p2.kill()
+
+    def promote() -> admin_pb2.PromoteReplicaResponse:
+        with grpc.insecure_channel(router.address) as ch:
+            return admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s2"), timeout=60)
+
+    with pytest.raises(grpc.RpcError) as ei:
+        promote()
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value
+    p1.start()
+
+    def again() -> admin_pb2.PromoteReplicaResponse | None:
+        try:
+            return promote()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:  # the router may still back off from the keeper
+                raise AssertionError(f"promote refused: {e.code()} {e.details()}") from None
+            return None
+
+    resp = wait_for(again, "the promote to go through once the keeper is back")
+    assert resp.new_primary == r2.address
+    assert primary_of(router.address, "s2") == r2.address
+    with grpc.insecure_channel(router.address) as ch:
+        put = state_pb2_grpc.StateStub(ch).Put(
+            state_pb2.PutRequest(session_id=sid, key="k", value=b"2", expected_version=first.version), timeout=T)
+    assert put.applied and put.header.node == r2.address and put.version > first.version
+    assert "promote again" in (ei.value.details() or "")  # the first error said what to do
+
+
+def test_a_primary_frozen_through_its_replacement_becomes_a_replica_when_it_resumes(procs: Procs) -> None:
+    """The old primary learns the newer map even when it never restarts (SIGSTOP, a long
+    pause or a partition through the promotion, so it missed the map's publication): it
+    follows the new primary and sets aside what only it holds, instead of staying a primary
+    that a stale router or client can still write to."""
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    router = procs.router([primary.address, replica.address])
+    wait_for(lambda: cluster_map(router.address).epoch and list(cluster_map(router.address).shards[0].replicas)
+             == [replica.address], "the map listing the replica")
+    p = Conn(primary)
+    p.put("a", "k", b"1")
+    wait_converged(primary.address, replica.address)
+    primary.popen.send_signal(signal.SIGSTOP)
+    try:
+        with grpc.insecure_channel(router.address) as ch:
+            admin_pb2_grpc.AdminStub(ch).PromoteReplica(admin_pb2.PromoteReplicaRequest(shard_id="s1"), timeout=60)
+    finally:
+        primary.popen.send_signal(signal.SIGCONT)
+    assert primary_of(router.address) == replica.address
+    wait_for(lambda: status(primary.address).role == admin_pb2.REPLICA, "the old primary to become a replica")
+    assert status(primary.address).primary == replica.address
+    expect_error(grpc.StatusCode.FAILED_PRECONDITION, p.put, "a", "k", b"2")
+    p.close()

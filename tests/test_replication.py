@@ -7,6 +7,7 @@ reads through a router; registers itself in the map; semi-sync writes time out c
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import grpc
 import pytest
@@ -281,3 +282,41 @@ def test_semi_sync_watch_shows_no_write_before_a_replica_has_it(procs: Procs) ->
         finally:
             watch.cancel()
         assert got.type == types_pb2.PUT and got.record.value == b"unacked"
+
+
+def test_a_restarting_replica_never_answers_as_a_primary(procs: Procs) -> None:
+    """Until a restarted replica knows its role (it asks its peers for the newest map first,
+    which takes long when its primary does not answer), it must not serve as a primary: no
+    write taken as its own, no min_revision read answered below that revision."""
+    primary = procs.shard("s1")
+    replica = procs.shard("s1", "--replica-of", primary.address)
+    with grpc.insecure_channel(primary.address) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"1"), timeout=T)
+        wait_converged(primary.address, replica.address)
+        replica.kill()
+        second = stub.Put(state_pb2.PutRequest(session_id="a", key="k", value=b"2"), timeout=T)
+    primary.popen.send_signal(signal.SIGSTOP)  # the restarted replica's questions go unanswered
+    try:
+        replica.start(wait=False)
+        with grpc.insecure_channel(replica.address) as ch:
+            stub = state_pb2_grpc.StateStub(ch)
+
+            def first_answer() -> state_pb2.GetResponse | grpc.RpcError | None:
+                try:
+                    return stub.Get(state_pb2.GetRequest(session_id="a", key="k", min_revision=second.version),
+                                    timeout=T, wait_for_ready=True)
+                except grpc.RpcError as e:
+                    return e
+
+            got = first_answer()
+            if isinstance(got, state_pb2.GetResponse):
+                assert got.record.version >= second.version, f"answered below min_revision: {got}"
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.Put(state_pb2.PutRequest(session_id="a", key="mine", value=b"x"), timeout=T)
+            assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION, ei.value
+    finally:
+        primary.popen.send_signal(signal.SIGCONT)
+    replica.wait_ready()
+    assert wait_converged(primary.address, replica.address) >= second.version
+    assert status(replica.address).diverged_writes == 0

@@ -70,6 +70,7 @@ class Migrations:
         node = self.node
         self.engine.owns = lambda ns, sid: node.owns(ns.decode(), sid.decode())
         node.on_adopt.append(self._adopted)
+        self.fences.restore()  # before the server serves: a fence set before a restart holds again
 
     async def start(self) -> None:
         self._adopted(self.node.view.pb)
@@ -117,7 +118,7 @@ class Migrations:
                 await p.stop()
                 del self.pullers[src]
         for src in sorted(wanted - set(self.pullers)):
-            p = self.pullers[src] = Puller(node, self.engine, src, pb)
+            p = self.pullers[src] = Puller(node, self.engine, src, pb, self.repl.acks.satisfied)
             log.info("copying sessions from a source", extra={"fields": {"source": src, "epoch": started}})
             p.start()
         if not pb.migrations:

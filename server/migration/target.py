@@ -6,6 +6,10 @@ data, so a restart resumes exactly where the data stops.
 
 If the source's primary changed under a different history (a failover that lost writes the
 target had copied), the pair starts again from a snapshot, after dropping what it copied.
+
+The position the pair reports (MigrationStatus, which the hand-over waits on) is the one whose
+copy the target's replicas acknowledged under --min-replica-acks (at once without it): a moved
+session's acknowledged writes must survive a failover of its new owner too.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import asyncio
 import json
 import logging
 import random
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -69,7 +75,8 @@ class Restart(Exception):
 
 
 class Puller:
-    def __init__(self, node: Node, engine: Engine, source: str, start_map: admin_pb2.ClusterMap) -> None:
+    def __init__(self, node: Node, engine: Engine, source: str, start_map: admin_pb2.ClusterMap,
+                 acked: Callable[[], int] = lambda: 1 << 63) -> None:
         self.node = node
         self.engine = engine
         self.source = source
@@ -81,6 +88,12 @@ class Puller:
         self.meta_key = enc.node_key(META_PREFIX + source)
         st = PairState.decode(engine.node_meta(META_PREFIX + source))
         self.state = st if st.epoch == self.started_epoch else PairState(epoch=self.started_epoch)
+        # Highest revision of this node that --min-replica-acks replicas acknowledged, and the
+        # positions written since that they may not hold yet: (revision, position).
+        self.acked = acked
+        self._unacked: deque[tuple[int, int]] = deque()
+        self._acked_position = 0
+        self._written(engine.revision())
         self.source_revision = 0
         self.connected = False
         self.error = ""
@@ -89,16 +102,36 @@ class Puller:
 
     # ---- status ----
 
+    def _written(self, revision: int) -> None:
+        """The copy is complete through state.position once this node's `revision` is on its replicas."""
+        q = self._unacked
+        if q and q[-1][0] >= revision:
+            q[-1] = (q[-1][0], self.state.position)
+        else:
+            q.append((revision, self.state.position))
+        self.position()
+
+    def _reset(self) -> None:
+        self._unacked.clear()
+        self._acked_position = 0
+
+    def position(self) -> int:
+        """The source revision the copy is complete through on this node and its replicas."""
+        top = self.acked()
+        while self._unacked and self._unacked[0][0] <= top:
+            self._acked_position = max(self._acked_position, self._unacked.popleft()[1])
+        return self._acked_position
+
     def phase(self) -> str:
         if not self.state.snapshot_done:
             return "copying"
-        return "caught_up" if self.state.position >= self.source_revision else "tailing"
+        return "caught_up" if self.position() >= self.source_revision else "tailing"
 
     def status(self) -> replication_pb2.PairStatus:
         s = self.state
         return replication_pb2.PairStatus(
             source=self.source, phase=self.phase(), sessions_total=s.sessions_total,
-            sessions_copied=s.sessions_copied, bytes=s.size, position=s.position,
+            sessions_copied=s.sessions_copied, bytes=s.size, position=self.position(),
             source_revision=self.source_revision, error=self.error, epoch=self.started_epoch)
 
     # ---- lifecycle ----
@@ -134,6 +167,7 @@ class Puller:
             except Restart as r:
                 log.warning("migration restarts from a snapshot", extra={"fields": {"source": self.source, "why": str(r)}})
                 self.state = PairState(epoch=self.started_epoch)
+                self._reset()
                 self.error = str(r)
                 backoff = BACKOFF_MIN_S
                 continue
@@ -202,6 +236,7 @@ class Puller:
                     self.source_revision = max(self.source_revision, msg.heartbeat.leader_revision)
                     if st.snapshot_done:
                         st.position = max(st.position, msg.heartbeat.leader_revision)
+                        self._written(self.engine.revision())
                 else:
                     continue
                 if st.snapshot_done:
@@ -218,6 +253,7 @@ class Puller:
         if chunk.first:
             await self.purge()
             self.state = st = PairState(epoch=self.started_epoch, term=term, sessions_total=chunk.sessions_total)
+            self._reset()
             log.info("copying sessions", extra={"fields": {"source": self.source, "sessions": chunk.sessions_total}})
         ops: list[Op] = [(op.key, None if op.delete else op.value) for op in chunk.ops]
         st.sessions_copied += chunk.sessions
@@ -225,8 +261,9 @@ class Puller:
         if chunk.last:
             st.position, st.snapshot_done = chunk.revision, True
             self.source_revision = max(self.source_revision, chunk.revision)
-        await self.engine.write_raw([*ops, self._meta_op()], floor=chunk.revision)
+        rev = await self.engine.write_raw([*ops, self._meta_op()], floor=chunk.revision)
         if chunk.last:
+            self._written(rev)
             log.info("snapshot copied", extra={"fields": {"source": self.source, "revision": chunk.revision,
                                                         "sessions": st.sessions_copied, "bytes": st.size}})
 
@@ -245,8 +282,8 @@ class Puller:
                 ops.append((op.key, None if op.delete else op.value))
                 st.size += len(op.key) + len(op.value)
         st.position = max(st.position, b.leader_revision)
-        if ops:
-            await self.engine.write_raw([*ops, self._meta_op()], floor=st.position)
+        self._written(await self.engine.write_raw([*ops, self._meta_op()], floor=st.position) if ops
+                      else self.engine.revision())
 
     async def purge(self) -> int:
         """Drop whatever an earlier attempt copied of this pair's sessions."""

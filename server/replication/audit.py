@@ -31,6 +31,7 @@ import base64
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from shardstate.v1 import replication_pb2, state_pb2, types_pb2
 from ..storage import encoding as enc
 from ..storage.engine import Engine
 from ..storage.revision import wall_ms
+from ..storage.values import unpack_record
 
 log = logging.getLogger("shardstate.replication.audit")
 
@@ -63,7 +65,9 @@ def count(engine: Engine) -> int:
 
 def set_aside(engine: Engine, fork: int, new_primary: str, epoch: int) -> int:
     """Append every change-log entry above `fork` to the audit file; returns how many client
-    writes it held (maintenance entries without a session are not counted nor written)."""
+    writes it held. An entry of raw ops (a rebalance's copy, docs/design.md §6.4) gets a line
+    per session it wrote into; other maintenance entries (only deletes, or no session's keys:
+    clean-up, expired idempotency records) are not counted nor written."""
     applied = engine.revision()
     start = fork + 1
     lines: list[str] = []
@@ -89,6 +93,13 @@ def set_aside(engine: Engine, fork: int, new_primary: str, epoch: int) -> int:
             if e.revision > applied:
                 break
             if not e.session_id:
+                for (ns, sid), got in raw_summary(e).items():
+                    n += 1
+                    lines.append(json.dumps({
+                        "revision": e.revision, "namespace": ns, "session": sid, "ts_ms": e.ts_ms,
+                        "events": [], "raw": True, "fork_revision": fork, "new_primary": new_primary,
+                        "epoch": epoch, "set_aside_at_ms": now, "kind": "diverged", **got,
+                    }))
                 continue
             n += 1
             lines.append(json.dumps({
@@ -153,6 +164,36 @@ def summary(e: replication_pb2.ChangeEntry) -> dict[str, Any]:
             except ValueError:
                 pass
     return {"seqs": seqs, "keys": keys, "request_ids": rids}
+
+
+def raw_summary(e: replication_pb2.ChangeEntry) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per session an entry of raw ops put something into: its seqs, keys (as `summary`) and
+    request ids. Sessions it only deleted from are left out (a clean-up of moved data)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    schema = {enc.DATA: "bbb", enc.LOG: "bbbq", enc.IDEMPOTENCY: "bbb"}
+    for op in e.ops:
+        tag = op.key[:1]
+        if op.delete or tag not in schema:
+            continue
+        try:
+            ns, sid, name, *seq = enc.decode(op.key, schema[tag])
+            rec = unpack_record(op.value) if tag == enc.DATA else None
+        except (ValueError, struct.error):
+            continue
+        text = bytes(name).decode(errors="replace")  # type: ignore[arg-type]
+        got = out.setdefault((bytes(ns).decode(errors="replace"), bytes(sid).decode(errors="replace")),  # type: ignore[arg-type]
+                             {"seqs": [], "keys": [], "request_ids": []})
+        if rec is not None:
+            k: dict[str, Any] = {"key": text, "version": rec.version}
+            c = _counter(rec.value)
+            if c is not None:
+                k["counter"] = c
+            got["keys"].append(k)
+        elif seq:
+            got["seqs"].append({"stream": text, "seq": seq[0]})
+        else:
+            got["request_ids"].append(text)
+    return out
 
 
 def _read(fn: Any, req: Any) -> Any:

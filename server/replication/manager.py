@@ -46,6 +46,9 @@ ADDRESS_META = "address"  # the address this node served at last time (ports may
 # docs/design.md §2: a promoted replica hands out revisions above anything the old primary could have
 # issued: its last known leader revision plus this much HLC time (10 s).
 PROMOTION_MARGIN = 10_000 << LOGICAL_BITS
+# A primary asks its peers for a newer map this often: one replaced while it was paused or cut
+# off missed the new map's publication, and the new map no longer names it.
+MAP_CHECK_S = 5.0
 
 
 class Replication:
@@ -67,11 +70,27 @@ class Replication:
         # stale primary entry must not turn this node back into a replica.
         self._promoted_epoch = -1
         self._me: set[str] = set()
+        self._held = False  # role held as a replica's until start() settles it (_hold_role)
 
     # ---- wiring ----
 
     def register(self, server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers((self.leader.handler(),))
+        self._hold_role()
+
+    def _hold_role(self) -> None:
+        """Before the server serves: a node that may be a replica (--replica-of, or a map naming
+        another primary) answers as one (NotPrimary, nothing readable) until start() has
+        settled its role, so a restart never takes writes or answers reads as a primary."""
+        node = self.node
+        raw = self.engine.node_meta(ADDRESS_META)
+        me = {node.address, raw.decode()} if raw else {node.address}
+        shard = node.view.shard(node.shard_id) if node.view.epoch else None
+        named = shard.primary if shard is not None and shard.primary not in me else ""
+        flag = self.cfg.replica_of if self.cfg.replica_of not in me else ""
+        if flag or named:
+            node.role, node.primary, node.readable = admin_pb2.REPLICA, named or flag, False
+            self._held = True
 
     def wire_admin(self, behaviors: dict[str, Callable[..., Any]]) -> None:
         """Status gains replication figures; an adopted map may change this node's role;
@@ -108,7 +127,26 @@ class Replication:
         raw = engine.node_meta(ADDRESS_META)
         self._me = {self.node.address, raw.decode()} if raw else {self.node.address}
         engine.set_node_meta(ADDRESS_META, self.node.address.encode())
-        await self.settle(await self._initial_primary())
+        target = await self._initial_primary()
+        if self._held:
+            self._held = False
+            if not target:  # a primary after all: it never stopped being one
+                self.node.role, self.node.primary, self.node.readable = admin_pb2.PRIMARY, "", True
+        await self.settle(target)
+        self._spawn(self._check_map())
+
+    async def _check_map(self) -> None:
+        """While primary: adopt a newer map a peer holds, and act on it (a replaced primary
+        becomes the new one's replica and sets aside what only it holds)."""
+        while True:
+            await asyncio.sleep(MAP_CHECK_S)
+            if self.node.is_replica:
+                continue
+            try:
+                if await self.maps.refresh():
+                    await self.settle()
+            except Exception:
+                log.exception("checking the peers for a newer cluster map failed")
 
     async def ready(self) -> None:
         """Returns once this node can serve: at once for a primary, after the first full
