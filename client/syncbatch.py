@@ -52,8 +52,9 @@ class LoopBridge:
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            # Also runs the callbacks already queued: among them those that hand an ended
+            # call's outcome to the thread waiting for it (a closed loop would drop them).
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     def perform(self, call: Call, alone: Callable[[Call], Any]) -> Any:
@@ -106,7 +107,8 @@ class LoopBridge:
     async def _shutdown(self) -> None:
         """Calls still under way end with ClientClosedError in their threads."""
         me = asyncio.current_task()
-        for task in asyncio.all_tasks():
-            if task is not me:
-                task.cancel()
+        calls = [t for t in asyncio.all_tasks() if t is not me]
+        for task in calls:
+            task.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)  # their waiters are told first
         await self.client.close()
