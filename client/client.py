@@ -64,11 +64,11 @@ class Client:
     mode, whose shards require a client certificate, `cert_file` and `key_file`; or any
     `credentials=` of your own. The files are read once, here.
 
-    `batching` (default on): a call made while another of this client is under way (from
-    another thread) goes through one AsyncClient on a private event-loop thread
-    (shardstate.syncbatch), so calls made at the same moment share a Pipeline message, as
-    AsyncClient's do; `max_batch_ops` caps a message. A call made alone is a plain blocking
-    call. `batching=False`: every call is a plain blocking call."""
+    `batching` (default on): a call made while several others of this client are under way
+    (from other threads; syncbatch.SHARE_AT) goes through one AsyncClient on a private
+    event-loop thread (shardstate.syncbatch), so calls made at the same moment share a
+    Pipeline message, as AsyncClient's do; `max_batch_ops` caps a message. Other calls are
+    plain blocking calls. `batching=False`: every call is a plain blocking call."""
 
     def __init__(
         self,

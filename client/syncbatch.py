@@ -5,8 +5,9 @@ Only the network part crosses threads: each caller thread still drives its opera
 generator itself (so `update()`'s function runs in the caller's thread and may use the client
 again), and hands each `Call` to the loop, where calls from every thread that arrive together
 are coalesced into one Pipeline message per address (shardstate.pipeline), as AsyncClient's.
-A call made while no other is under way goes as a plain blocking call instead: one thread
-alone would only pay for the hand-off (benchmarks/sync_batching.py).
+A call made while fewer than SHARE_AT others are under way goes as a plain blocking call
+instead: with few threads the hand-off costs more than sharing saves
+(benchmarks/sync_batching.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from shardstate.operations import Call
 
 FORKED = ("this Client was made in process {0}, before a fork: its channels and event-loop "
           "thread are not in this process (make a Client in each process)")
+# A call goes through the loop when at least this many others are under way. Fewer gain less
+# from sharing a message than the hand-off costs: on 2 cores through a router (2026-12-04,
+# benchmarks/sync_batching.py), sharing from 1 made 4 threads 0.76-0.81x as fast as plain
+# calls; from 6, 4 threads ran as plain calls do, 8 threads 1.5-1.6x, 16 2.0-2.4x, 32 2.6x.
+SHARE_AT = 6
 CLOSE_WAIT_S = 5.0  # close(): the longest it waits for the loop to close its channels
 
 
@@ -58,13 +64,13 @@ class LoopBridge:
             loop.close()
 
     def perform(self, call: Call, alone: Callable[[Call], Any]) -> Any:
-        """`call` through the loop when another call of the client is under way (it may
-        share a message with it), else `alone(call)`: a thread by itself gains nothing from
-        the hand-off to the loop and would pay its CPU."""
+        """`call` through the loop when SHARE_AT other calls of the client are under way (it
+        may share a message with them), else `alone(call)`: with few threads the hand-off
+        to the loop costs more CPU than sharing saves."""
         if os.getpid() != self._pid:
             raise ClientClosedError(FORKED.format(self._pid))
         with self._lock:
-            shared = self._in_flight > 0
+            shared = self._in_flight >= SHARE_AT
             self._in_flight += 1
         try:
             return self.call(call) if shared else alone(call)

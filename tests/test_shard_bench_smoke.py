@@ -118,7 +118,7 @@ def test_write_path_cells(tmp_path: Path) -> None:
 @pytest.mark.bench
 def test_sync_batching_cells(tmp_path: Path) -> None:
     """Both clients at each thread count, every step counted and none failed; the batching
-    client with threads sent Pipeline messages, the unary one none."""
+    client with 8 threads sent Pipeline messages, the unary one none."""
     from tests.procs import Procs
 
     procs = Procs(tmp_path)
@@ -126,11 +126,11 @@ def test_sync_batching_cells(tmp_path: Path) -> None:
         shard = procs.shard("s1")
         out = tmp_path / "cells.json"
         cmd = [sys.executable, str(ROOT / "benchmarks" / "sync_batching.py"), "--address", shard.address,
-               "--threads", "1,3", "--duration", "0.3", "--warmup", "0.1", "--rounds", "1", "--json", str(out)]
+               "--threads", "1,8", "--duration", "0.3", "--warmup", "0.1", "--rounds", "1", "--json", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
         cells = json.loads(out.read_text())
-        assert [(c["threads"], c["batching"]) for c in cells] == [(1, False), (1, True), (3, False), (3, True)]
+        assert [(c["threads"], c["batching"]) for c in cells] == [(1, False), (1, True), (8, False), (8, True)]
         for c in cells:
             assert c["steps"] > 0 and c["errors"] == 0
         assert cells[2]["ops_per_message"] is None and cells[3]["ops_per_message"] is not None

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shardstate import Client
+from shardstate.syncbatch import SHARE_AT
 from tests.procs import Procs
 from tests.replicas import wait_for
 from tests.stubs import wait_until
@@ -53,8 +54,9 @@ def test_one_put_is_one_trace_from_the_client_through_router_and_shard(
         provider.add_span_processor(SimpleSpanProcessor(mem))
         with Client(router.address, timeout=30, batching=batching) as c:
             stop = threading.Event()
-            # two threads: each one's calls overlap the other's, so they ride the loop
-            busy = [threading.Thread(target=keep_busy, args=(c, stop)) for _ in range(2)]
+            # enough threads that some of their calls are made while SHARE_AT others are
+            # under way: those ride the loop, and so would the traced put
+            busy = [threading.Thread(target=keep_busy, args=(c, stop)) for _ in range(SHARE_AT + 1)]
             if batching:  # untraced calls under way: the traced put must still go alone
                 for t in busy:
                     t.start()
