@@ -29,7 +29,7 @@ FORKED = ("this Client was made in process {0}, before a fork: its channels and 
 # A call goes through the loop when at least this many others are under way. Fewer gain less
 # from sharing a message than the hand-off costs: on 2 cores through a router (2026-12-04,
 # benchmarks/sync_batching.py), sharing from 1 made 4 threads 0.76-0.81x as fast as plain
-# calls; from 6, 4 threads ran as plain calls do, 8 threads 1.5-1.6x, 16 2.0-2.4x, 32 2.6x.
+# calls; from 6, 4 threads ran as plain calls do, 8 threads 1.3-1.6x, 16 2.0-2.4x, 32 2.6x.
 SHARE_AT = 6
 CLOSE_WAIT_S = 5.0  # close(): the longest it waits for the loop to close its channels
 
