@@ -44,8 +44,18 @@ class LoopBridge:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._in_flight = 0  # calls of the client under way, either path
-        self._thread = threading.Thread(target=self._serve, name="shardstate-client-loop", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first call that shares
+
+    def _started(self) -> asyncio.AbstractEventLoop:
+        """The loop, its thread started on first use: a client whose calls never meet
+        others' never runs one."""
+        with self._lock:
+            if self._closed:
+                raise ClientClosedError(CLOSED)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="shardstate-client-loop", daemon=True)
+                self._thread.start()
+        return self._loop
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -80,13 +90,10 @@ class LoopBridge:
 
     def call(self, call: Call) -> Any:
         """One logical call (retries included, AsyncClient._call): its response message."""
-        if self._closed:
-            raise ClientClosedError(CLOSED)
-        if os.getpid() != self._pid:
-            raise ClientClosedError(FORKED.format(self._pid))
+        loop = self._started()
         coro = self.client._call(call)
         try:
-            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            fut = asyncio.run_coroutine_threadsafe(coro, loop)
         except RuntimeError:  # the loop is closed: close() ran meanwhile
             coro.close()
             raise ClientClosedError(CLOSED) from None
@@ -97,18 +104,23 @@ class LoopBridge:
 
     def close(self) -> None:
         """Closes the AsyncClient (its streams and channels) and stops the loop's thread."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
         if os.getpid() != self._pid:
             return  # a forked child's copy: the thread and the loop are the parent's
-        if threading.current_thread() is self._thread:
+        if thread is None:  # never used: no channel was opened on the loop
+            self._loop.close()
+            return
+        if threading.current_thread() is thread:
             raise RuntimeError("close() of a batching Client from inside its own event loop")
         try:
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(CLOSE_WAIT_S)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(CLOSE_WAIT_S)
+            thread.join(CLOSE_WAIT_S)
 
     async def _shutdown(self) -> None:
         """Calls still under way end with ClientClosedError in their threads."""

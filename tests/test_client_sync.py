@@ -332,6 +332,8 @@ def test_batching_one_thread_alone_makes_plain_calls(shard: str) -> None:
             assert s.incr("n") == i + 1
         assert s.get("n").value == b"20"
         assert c.batching and c.batching_stats() == {}  # nothing went through the loop
+        assert not [t for t in threading.enumerate() if t.name == "shardstate-client-loop"
+                    and t.is_alive()], "a loop thread started for a client that never shared"
 
 
 def test_batching_update_fn_may_call_the_client(client: Client) -> None:
