@@ -432,7 +432,7 @@ class ModelMachine(RuleBasedStateMachine):
         self.seen: dict[tuple[str, str, str], list[int]] = {}  # versions handed out per key
         self.max_seen: dict[tuple[str, str], int] = {}  # max_version GetSession showed per session
         self.restarts = 0
-        self.replies: dict[tuple[str, str, str], tuple[str, Any]] = {}  # request_id -> first answer
+        self.replies: dict[tuple[str, str, str], tuple[str, Any, Any]] = {}  # request_id -> (method, first answer, request)
 
     def teardown(self) -> None:
         self.d.close()
@@ -579,29 +579,34 @@ class ModelMachine(RuleBasedStateMachine):
                 return
 
     @rule(n=ns_i, sid=sid_i, rid=st.sampled_from(RIDS), method=st.sampled_from(["put", "increment", "append"]),
-          key=key_s, value=value_s)
-    def with_request_id(self, n: int, sid: str, rid: str, method: str, key: str, value: bytes) -> None:
-        """A write with a request_id: applied once; a retry gets the first answer back with
-        header.replayed (after restarts and DeleteSession too), another kind of op is refused."""
+          key=key_s, value=value_s, retry=st.booleans())
+    def with_request_id(self, n: int, sid: str, rid: str, method: str, key: str, value: bytes,
+                        retry: bool) -> None:
+        """A write with a request_id: applied once; a retry (the same request again, `retry`)
+        gets the first answer back with header.replayed (after restarts and DeleteSession too);
+        another kind of op, or the same kind with other arguments, is refused."""
         ns = self.ns(n)
-        req: Any
-        if method == "put":
-            req, fn = s.PutRequest(namespace=ns, session_id=sid, key=key, value=value, request_id=rid), m_put
-        elif method == "increment":
-            req, fn = s.IncrementRequest(namespace=ns, session_id=sid, key=key, delta=1, request_id=rid), m_increment
-        else:
-            req, fn = s.AppendRequest(namespace=ns, session_id=sid, stream=key, entries=[value], request_id=rid), m_append
         first = self.replies.get((ns, sid, rid))
+        req: Any
+        if retry and first is not None:
+            method, req = first[0], first[2]
+        elif method == "put":
+            req = s.PutRequest(namespace=ns, session_id=sid, key=key, value=value, request_id=rid)
+        elif method == "increment":
+            req = s.IncrementRequest(namespace=ns, session_id=sid, key=key, delta=1, request_id=rid)
+        else:
+            req = s.AppendRequest(namespace=ns, session_id=sid, stream=key, entries=[value], request_id=rid)
         if first is None:
+            fn = {"put": m_put, "increment": m_increment, "append": m_append}[method]
             got = self.write(method, ns, sid, req, fn)
             if got is not None:
                 assert not got.header.replayed
-                self.replies[(ns, sid, rid)] = (method, got)
+                self.replies[(ns, sid, rid)] = (method, got, req)
                 if method != "append":
                     self.seen.setdefault((ns, sid, key), []).append(got.version)
             return
         got = self.d.call(method, req)
-        if first[0] != method:
+        if first[0] != method or req.SerializeToString() != first[2].SerializeToString():
             assert isinstance(got, errors.InvalidArgumentError), f"{method} {req}: {got!r}"
             return
         assert not isinstance(got, Exception) and got.header.replayed, f"{method} {req}: {got!r}"

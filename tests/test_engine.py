@@ -21,7 +21,7 @@ from shardstate.common.errors import (
 )
 from shardstate.server.config import ShardConfig
 from shardstate.server.storage import encoding as enc
-from shardstate.server.storage import entries, idempotency, ranges
+from shardstate.server.storage import entries, idempotency, ranges, values
 from shardstate.server.storage import store as store_mod
 from shardstate.server.storage.engine import SWEEP_BATCH, TRIM_CHUNK, Engine
 from shardstate.server.storage.revision import LOGICAL_BITS, wall_ms
@@ -252,6 +252,32 @@ def test_retried_request_id_replays_without_applying_twice(h: Harness) -> None:
     assert h.incr("a", "n", 1, request_id="r1").header.replayed
 
 
+def test_a_request_id_reused_for_other_arguments_is_refused(h: Harness) -> None:
+    first = h.put("a", "k", b"v1", request_id="r1")
+    with pytest.raises(InvalidArgumentError, match="different request"):
+        h.put("a", "k", b"v2", request_id="r1")
+    assert h.get("a", "k").record.value == b"v1"
+    h.reopen()  # the request's crc32 is stored with its reply
+    with pytest.raises(InvalidArgumentError, match="different request"):
+        h.put("a", "k", b"v1", request_id="r1", ttl_ms=5_000)
+    again = h.put("a", "k", b"v1", request_id="r1")
+    assert again.header.replayed and again.version == first.version
+
+
+def test_a_record_without_a_request_crc_still_replays(h: Harness) -> None:
+    """Records written before the crc was stored carry none: any request of their kind
+    replays them, as before."""
+    first = h.incr("a", "n", 1, request_id="old")
+    ikey = next(k for k, _ in h.e.store.db.iterator(prefix=enc.IDEMPOTENCY))
+    expires, kind, crc, body = values.unpack_idempotency(h.e.store.db.get(ikey))
+    assert crc == idempotency.fingerprint(s.IncrementRequest(session_id="a", key="n", delta=1, request_id="old"))
+    h.e.store.db.put(ikey, values.pack_idempotency(expires, kind, body))
+    h.reopen()
+    again = h.incr("a", "n", 7, request_id="old")
+    assert again.header.replayed and again.value == first.value == 1
+    assert h.get("a", "n").record.value == b"1"
+
+
 def test_idempotency_window_expires_and_is_collected(h: Harness) -> None:
     h.e._window_ms = 30
     h.incr("a", "n", 1, request_id="r1")
@@ -295,7 +321,7 @@ def test_a_node_that_wrote_before_sees_what_replication_stored(tmp_path: Path) -
         primary.incr("b", "n", 3, request_id="rid")
         old.run(old.e.apply_changes(primary.e.changes_since(0, 1000)))
         assert old.get("b", "n").record == primary.get("b", "n").record
-        assert old.incr("b", "n", 1, request_id="rid").header.replayed
+        assert old.incr("b", "n", 3, request_id="rid").header.replayed
         primary.incr("b", "n", 1, request_id="rid2")
         with primary.e.snapshot() as snap:
             old.e.install_snapshot_chunk(list(snap), True, snap.revision)
@@ -730,7 +756,7 @@ def test_apply_changes_and_snapshot_reproduce_the_primary(tmp_path: Path) -> Non
             assert info == primary.e.get_session(s.GetSessionRequest(session_id="a")).session
             assert not other.get("b", "n").found
         assert fresh.e.oldest_revision() == primary.e.revision() + 1
-        assert replica.incr("b", "n", 1, request_id="rid").header.replayed  # idempotency replicated
+        assert replica.incr("b", "n", 3, request_id="rid").header.replayed  # idempotency replicated
     finally:
         for x in (primary, replica, fresh):
             x.close()

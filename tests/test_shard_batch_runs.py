@@ -22,7 +22,7 @@ def test_same_session_ops_in_one_batch_see_each_other(shard: Conn) -> None:
         _put(a, "k", b"2", expected_version=0),  # create-only again: must see the first put
         _put(c, "k", b"x", request_id="r1"),
         _put(b, "j", b"2"),
-        _put(c, "k", b"y", request_id="r1"),  # a retry inside the batch: replayed, not applied twice
+        _put(c, "k", b"x", request_id="r1"),  # a retry inside the batch: replayed, not applied twice
         state_pb2.BatchOp(get=state_pb2.GetRequest(session_id=a, key="k")),
     ]
     r = list(shard.state.Batch(state_pb2.BatchRequest(ops=ops), timeout=T).results)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import threading
 
+import grpc
+import pytest
+
 from tests.stubs import CALL_TIMEOUT_S, Conn, shard_fixture, state_pb2, uid
 
 shard = shard_fixture("s1")
@@ -148,3 +151,34 @@ def test_replay_survives_a_batch(shard: Conn) -> None:
     assert again.increment.value == first.increment.value == 2
     assert again.increment.header.replayed and not first.increment.header.replayed
     assert shard.get(sid, "n").record.value == b"2"
+
+
+def test_a_request_id_reused_for_other_arguments_is_refused(shard: Conn) -> None:
+    """The same request_id with a different request of the same kind: INVALID_ARGUMENT naming
+    it, nothing written; the first request's retry still replays (as DynamoDB's
+    ClientRequestToken refuses with IdempotentParameterMismatch)."""
+    sid = uid()
+    first = shard.put(sid, "k", b"v1", request_id="r-reuse")
+    assert first.applied
+    with pytest.raises(grpc.RpcError) as e:
+        shard.put(sid, "k", b"v2", request_id="r-reuse")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'r-reuse'" in (e.value.details() or "") and "different request" in (e.value.details() or "")
+    g = shard.get(sid, "k")
+    assert (g.record.value, g.record.version) == (b"v1", first.version)
+    again = shard.put(sid, "k", b"v1", request_id="r-reuse")
+    assert again.header.replayed and again.version == first.version
+
+    inc = state_pb2.IncrementRequest(session_id=sid, key="n", delta=1, request_id="r-inc-reuse")
+    assert shard.state.Increment(inc, timeout=T).value == 1
+    other = state_pb2.IncrementRequest(session_id=sid, key="n", delta=5, request_id="r-inc-reuse")
+    # in a Batch the refusal is that op's own result; the op beside it runs
+    ops = [state_pb2.BatchOp(increment=other),
+           state_pb2.BatchOp(increment=state_pb2.IncrementRequest(session_id=sid, key="m", delta=1))]
+    results = shard.state.Batch(state_pb2.BatchRequest(ops=ops), timeout=T).results
+    assert results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "different request" in results[0].message
+    assert results[1].code == 0 and results[1].increment.value == 1
+    assert shard.get(sid, "n").record.value == b"1"
+    replay = shard.state.Batch(state_pb2.BatchRequest(ops=[state_pb2.BatchOp(increment=inc)]), timeout=T)
+    assert replay.results[0].increment.header.replayed and replay.results[0].increment.value == 1

@@ -186,18 +186,19 @@ class Engine:
             await locks.acquire(ref.mkey)
         try:
             now = self.now_ms()
-            extra = ikey = absent = None
+            extra = ikey = absent = crc = None
             if ridb:
                 ikey = idempotency.key(ref, ridb)
+                crc = idempotency.fingerprint(req)  # before the op, which must not change it
                 absent = self._idempotency_filter(now)
                 if not absent.absent(ikey, now):
-                    stored = idempotency.lookup(self.store, ikey, ridb, reply, now)
+                    stored = idempotency.lookup(self.store, ikey, ridb, reply, now, crc)
                     if stored is not None:
                         return stored  # type: ignore[no-any-return]
             ctx = WriteContext(self.store, ref, now)
             resp = op(ctx, req)
             if ikey is not None and absent is not None and ctx.writes:
-                extra = idempotency.record(ref, ridb, ikey, resp, now, self._window_ms)
+                extra = idempotency.record(ref, ridb, ikey, resp, now, self._window_ms, crc)
                 absent.add(ikey)  # before it lands: a failed write only costs a LevelDB get
                 if now + self._window_ms > self._recorded_until:
                     self._recorded_until = now + self._window_ms

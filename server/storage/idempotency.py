@@ -3,12 +3,19 @@
 with header.replayed=true instead of applying twice.
 
 `j|expires_at|ns|session|request_id` indexes the records by expiry for garbage collection.
+
+A record keeps the crc32 of the serialized request beside the reply: a request_id used again
+within the window for a different request (another kind of op, or the same kind with other
+arguments) is refused with INVALID_ARGUMENT instead of answered with the first request's reply,
+as DynamoDB's ClientRequestToken (IdempotentParameterMismatch) and Stripe's idempotency keys
+do. A retry sends the same message, which serializes to the same bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from zlib import crc32
 
 from shardstate.common.errors import InvalidArgumentError
 from shardstate.v1 import state_pb2
@@ -46,27 +53,41 @@ def key(ref: SessionRef, ridb: bytes) -> bytes:
     return enc.idempotency_key_in(ref.part, ridb)
 
 
-def lookup(store: Store, ikey: bytes, ridb: bytes, reply: type[Any], now: int) -> Any | None:
-    """The stored reply for this request_id (ikey = key(ref, ridb)), replayed=true, or None."""
+def fingerprint(req: Any) -> int:
+    """The crc32 of the request as serialized: equal for a retry of the same message."""
+    return crc32(req.SerializeToString())
+
+
+def lookup(store: Store, ikey: bytes, ridb: bytes, reply: type[Any], now: int,
+           request_crc: int | None = None) -> Any | None:
+    """The stored reply for this request_id (ikey = key(ref, ridb)), replayed=true, or None.
+    INVALID_ARGUMENT when the id's live record was made by a different request."""
     raw = store.db.get(ikey)
     if raw is None:
         return None
-    expires, kind, body = unpack_idempotency(raw)
+    expires, kind, stored_crc, body = unpack_idempotency(raw)
     if expires <= now:
         return None
     if kind != KINDS[reply]:
         raise InvalidArgumentError(
             f"request_id {ridb.decode(errors='replace')!r} was already used for a different operation"
         )
+    if stored_crc is not None and request_crc is not None and stored_crc != request_crc:
+        raise InvalidArgumentError(
+            f"request_id {ridb.decode(errors='replace')!r} was already used for a different request "
+            f"(the same kind of op with other arguments) within the idempotency window; "
+            f"a retry must send the same request, a new request needs a new request_id"
+        )
     resp = reply.FromString(body)
     resp.header.replayed = True
     return resp
 
 
-def record(ref: SessionRef, ridb: bytes, ikey: bytes, resp: Any, now: int, window_ms: int) -> list[Op]:
+def record(ref: SessionRef, ridb: bytes, ikey: bytes, resp: Any, now: int, window_ms: int,
+           request_crc: int | None = None) -> list[Op]:
     expires = now + window_ms
     return [
-        (ikey, pack_idempotency(expires, KINDS[type(resp)], resp.SerializeToString())),
+        (ikey, pack_idempotency(expires, KINDS[type(resp)], resp.SerializeToString(), request_crc)),
         (enc.idempotency_expiry_key_in(expires, ref.part, ridb), b""),
     ]
 

@@ -2,7 +2,9 @@
 
     record     (d|)  = version:u64 create_version:u64 expires_at_ms:u64 updated_at_ms:u64 value
     log entry  (l|)  = appended_at_ms:u64 revision:u64 data
-    idempotency(i|)  = expires_at_ms:u64 kind:u8 response   ; response = serialized reply proto
+    idempotency(i|)  = expires_at_ms:u64 kind:u8 [request_crc32:u32] response
+                       ; response = serialized reply proto; kind's high bit set: the crc32 of
+                       ; the serialized request follows (records from before it have none)
     tombstone  (t|)  = max_version:u64
     meta       (m|)  = shardstate.v1.SessionInfo without namespace/session_id/shard_id
     change     (~|)  = shardstate.v1.ChangeEntry
@@ -19,6 +21,8 @@ from shardstate.v1 import types_pb2
 _RECORD = struct.Struct(">QQQQ")
 _ENTRY = struct.Struct(">QQ")
 _IDEM = struct.Struct(">QB")
+_CRC = struct.Struct(">I")
+FINGERPRINTED = 0x80  # in an idempotency record's kind byte: a request crc32 follows
 _U64 = struct.Struct(">Q")
 RECORD_HEADER = _RECORD.size
 
@@ -67,13 +71,19 @@ def entry_data_len(raw: bytes) -> int:
     return len(raw) - _ENTRY.size
 
 
-def pack_idempotency(expires_at: int, kind: int, response: bytes) -> bytes:
-    return _IDEM.pack(expires_at, kind) + response
+def pack_idempotency(expires_at: int, kind: int, response: bytes, request_crc: int | None = None) -> bytes:
+    if request_crc is None:
+        return _IDEM.pack(expires_at, kind) + response
+    return _IDEM.pack(expires_at, kind | FINGERPRINTED) + _CRC.pack(request_crc) + response
 
 
-def unpack_idempotency(raw: bytes) -> tuple[int, int, bytes]:
+def unpack_idempotency(raw: bytes) -> tuple[int, int, int | None, bytes]:
+    """(expires_at, kind, the request's crc32 or None, response)."""
     expires_at, kind = _IDEM.unpack_from(raw)
-    return expires_at, kind, raw[_IDEM.size:]
+    if kind & FINGERPRINTED:
+        crc = _CRC.unpack_from(raw, _IDEM.size)[0]
+        return expires_at, kind & ~FINGERPRINTED, crc, raw[_IDEM.size + _CRC.size:]
+    return expires_at, kind, None, raw[_IDEM.size:]
 
 
 def pack_u64(n: int) -> bytes:
