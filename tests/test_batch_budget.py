@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ SMALL_CLIENT = 2 * 1024 * 1024  # max_message_bytes of the clients under test: b
 N = 12  # values of 400 KiB: ~4.8 MiB of answer, over the small client's limit in one message
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 SHARD_CAP = 1_000_000  # --max-response-bytes of the second shard
+THREADS, THREAD_ROUNDS = 16, 3  # sync Client: 16 threads reading at once, 3 times
 
 
 # ---- the budget arithmetic (no processes) ----
@@ -164,13 +166,24 @@ def test_async_client_concurrent_big_gets_through_a_router(cluster: RouterCluste
 
 
 def test_sync_client_threads_big_gets_through_a_router(cluster: RouterCluster) -> None:
+    """Threads' calls made while others are under way share Pipeline messages (syncbatch)."""
     address = cluster.routers[0].address
-    sids = [uid("thr") for _ in range(N)]
+    sids = [uid("thr") for _ in range(THREADS)]
     _fill(address, sids)
+    start = threading.Barrier(THREADS)
+
+    def reads(sid: str) -> list[bytes | None]:
+        out = []
+        for _ in range(THREAD_ROUNDS):
+            start.wait(10)  # together, so that they meet
+            rec = c.session(sid).get("v")
+            out.append(rec.value if rec is not None else None)
+        return out
+
     with Client(address, max_message_bytes=SMALL_CLIENT, timeout=T) as c, \
-            concurrent.futures.ThreadPoolExecutor(N) as pool:
-        got = list(pool.map(lambda s: c.session(s).get("v"), sids))
-    assert [r.value if r is not None else None for r in got] == [VALUE] * N
+            concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+        got = list(pool.map(reads, sids))
+    assert got == [[VALUE] * THREAD_ROUNDS] * THREADS
 
 
 # (b) a plain stub's Batch over its budget
