@@ -35,7 +35,7 @@ WRITE_KINDS = frozenset(("put", "delete", "increment", "append", "txn", "touch")
 BATCH_KINDS = ("get", "put", "delete", "increment", "append", "read_log", "txn", "scan", "touch", "get_session")
 # What counts toward a batch's answer budget (BatchRequest.max_response_bytes): the replies
 # that carry data, by ByteSize, and a Put/Delete that did not apply (it answers the current
-# record). Every other reply is a few dozen bytes (versions, seqs, a TTL) and is not counted,
+# record). Every other reply is small (versions, seqs, a TTL) and is not counted,
 # so a batch of writes pays two checks per op for the budget.
 SIZED_KINDS = frozenset(("get", "scan", "read_log", "txn", "get_session"))
 CAS_KINDS = frozenset(("put", "delete"))
