@@ -25,7 +25,7 @@ from shardstate.channels import (
     parse_addresses,
 )
 from shardstate.client import DEFAULT_TIMEOUT_S, VIEW_TIMEOUT_S
-from shardstate.common import errors, tls, tracing
+from shardstate.common import budget, errors, tls, tracing
 from shardstate.common.clustermap import ClusterView
 from shardstate.common.errors import ConflictError, ShardstateError, UnimplementedError
 from shardstate.common.records import Change, Entry, Record, SessionInfo
@@ -81,16 +81,19 @@ class AsyncClient:
     ) -> None:
         credentials = tls.client_credentials(credentials, ca_file, cert_file, key_file, direct)
         pool = AddressPool(parse_addresses(addresses), tls=credentials is not None)
-        self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
+        opts = channel_options(max_message_bytes, options)
+        answer_budget = budget.for_channel(opts)  # each batch asks for an answer within it
+        self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct,
+                                max_response_bytes=answer_budget)
         self._fetching: asyncio.Future[None] | None = None  # direct mode: the map fetch under way
-        self._channels = AsyncChannels(channel_options(max_message_bytes, options), credentials,
-                                      client_token(token))
+        self._channels = AsyncChannels(opts, credentials, client_token(token))
         self._max_batch_ops = max_batch_ops
         # With tracing on, a call made inside a span goes alone, as a unary call carrying its
         # `traceparent` (a batch shared with other callers cannot); see _call.
         self._traced = bool(tracing.client_interceptors(aio=True))
         self._mux = (Mux(self._channels.stub, self._pipeline, max_batch_ops, self._core.timeout,
-                         self._cluster_view, codec.timeout(batch_hold_s, "batch_hold_s") or HOLD_S)
+                         self._cluster_view, codec.timeout(batch_hold_s, "batch_hold_s") or HOLD_S,
+                         answer_budget)
                      if batching else None)
 
     # ---- public surface ----

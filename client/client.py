@@ -22,7 +22,7 @@ from shardstate.channels import (
     client_token,
     parse_addresses,
 )
-from shardstate.common import errors, tls
+from shardstate.common import budget, errors, tls
 from shardstate.common.clustermap import ClusterView
 from shardstate.common.errors import ClientClosedError, ShardstateError
 from shardstate.common.records import Change, Entry, Record, SessionInfo
@@ -103,7 +103,8 @@ class Client:
             self._core = inner._core  # one core: the loop's calls and this thread's generators
             self._bridge = LoopBridge(inner)
         else:
-            self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct)
+            self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct,
+                                    max_response_bytes=budget.for_channel(channel_options(max_message_bytes, options)))
         self._channels = SyncChannels(channel_options(max_message_bytes, options), credentials,
                                       client_token(token))
 

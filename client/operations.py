@@ -113,7 +113,7 @@ def resume(gen: Op[T], value: Any = None, exc: BaseException | None = None) -> O
 
 class ClientCore:
     def __init__(self, pool: AddressPool, retry: Retry, namespace: str, timeout: float | None,
-                 cache_size: int, direct: bool = False) -> None:
+                 cache_size: int, direct: bool = False, max_response_bytes: int = 0) -> None:
         self.pool = pool
         self.direct = DirectRoutes() if direct else None  # direct mode's routing (client/direct.py)
         self.retry = retry
@@ -121,6 +121,9 @@ class ClientCore:
         self.timeout = codec.timeout(timeout)
         self.cache_size = cache_size
         self.revision = 0
+        # What a Batch asks its answer to stay within (BatchRequest.max_response_bytes;
+        # budget.for_channel: a quarter of what the channels receive; 0: the server's).
+        self.max_response_bytes = max_response_bytes
 
     def seen(self, resp: Any) -> None:
         """Note the revision of a response (every op that receives one calls this, or
@@ -202,33 +205,51 @@ class ClientCore:
               timeout: float | None, max_ops: int = 1000) -> Op[list[Any]]:
         """Run started single-call operations (each with the Call it yielded first) as unary
         Batch calls of up to max_ops, decoding each result with the operation's own code.
-        Failed ops give their exception in place, or the first one is raised."""
-        out: list[Any] = []
+        Ops the server answers unprocessed (the answer reached max_response_bytes; not run)
+        go again in the next call, as boto3 re-sends UnprocessedKeys, until every op has its
+        answer. Failed ops give their exception in place, or the first one is raised."""
+        out: list[Any] = [None] * len(ops)
         for start in range(0, len(ops), max_ops):
-            chunk = [gen for gen, _ in ops[start:start + max_ops]]
-            calls = [call for _, call in ops[start:start + max_ops]]
-            req = state_pb2.BatchRequest(
-                ops=[state_pb2.BatchOp(**{str(c.batch_field): c.request}) for c in calls]
-            )
-            resp = yield Call("Batch", req, codec.timeout(timeout))
-            self.seen(resp)
-            if len(resp.results) != len(calls):
-                raise ShardstateError(f"batch of {len(calls)} ops got {len(resp.results)} results")
-            for gen, call, result in zip(chunk, calls, resp.results, strict=True):
-                try:
-                    assert call.batch_field is not None
-                    try:
-                        value, exc = codec.batch_response(result, call.batch_field), None
-                    except ShardstateError as e:
-                        value, exc = None, e
-                    out.append((yield from resume(gen, value, exc)))
-                except ShardstateError as e:
-                    out.append(e)
+            todo = list(range(start, min(start + max_ops, len(ops))))
+            while todo:
+                todo = yield from self._batch_call(ops, todo, out, timeout)
         if raise_on_error:
             for v in out:
                 if isinstance(v, ShardstateError):
                     raise v
         return out
+
+    def _batch_call(self, ops: Sequence[tuple[Op[Any], Call]], todo: list[int], out: list[Any],
+                    timeout: float | None) -> Op[list[int]]:
+        """One Batch call of the ops at `todo`, their outcomes into `out`; returns the ops
+        answered unprocessed, to send again (none when the server ran none of them: a server
+        runs a batch's first op whatever its budget, so that is their error)."""
+        req = state_pb2.BatchRequest(
+            ops=[state_pb2.BatchOp(**{str(ops[i][1].batch_field): ops[i][1].request}) for i in todo],
+            max_response_bytes=self.max_response_bytes,
+        )
+        resp = yield Call("Batch", req, codec.timeout(timeout))
+        self.seen(resp)
+        if len(resp.results) != len(todo):
+            raise ShardstateError(f"batch of {len(todo)} ops got {len(resp.results)} results")
+        again = [i for i, result in zip(todo, resp.results, strict=True) if result.unprocessed]
+        if len(again) == len(todo):
+            again = []
+        skip = set(again)
+        for i, result in zip(todo, resp.results, strict=True):
+            if i in skip:
+                continue
+            gen, call = ops[i]
+            try:
+                assert call.batch_field is not None
+                try:
+                    value, exc = codec.batch_response(result, call.batch_field), None
+                except ShardstateError as e:
+                    value, exc = None, e
+                out[i] = yield from resume(gen, value, exc)
+            except ShardstateError as e:
+                out[i] = e
+        return again
 
 
 # ---- one session's operations ----

@@ -14,6 +14,11 @@ calls; without Batch either, `mode` turns UNARY and callers make plain unary cal
 A broken stream fails its in-flight ops with UnavailableError; the retry policy resends them
 (same request_ids, so nothing applies twice) and the next flush opens a new stream.
 
+Each batch asks for an answer of at most `max_response_bytes` (BatchRequest's byte budget, a
+quarter of what the client can receive): ops the server answers `unprocessed` (not run, the
+answer was full) go again at the head of the next batch, under the same futures, so many
+callers' large reads never add up to an answer no one can receive.
+
 A batch is answered whole, so an op to a healthy shard in a batch with an op to a slow shard
 waits for the slow one. A batch in flight may hold its ops back for `hold_s` at most (or 20
 times the usual answer time, when that is longer: an overloaded cluster, slow everywhere, gets
@@ -126,12 +131,18 @@ def _message_limit(exc: ShardstateError) -> tuple[str, int] | None:
 Pending = tuple[str, Any, "asyncio.Future[Any]", float | None, float]
 
 
+def budget_tail(max_response_bytes: int) -> bytes:
+    """The BatchRequest bytes asking for an answer within `max_response_bytes` (0: none)."""
+    return b"\x10" + varint(max_response_bytes) if max_response_bytes > 0 else b""  # field 2
+
+
 def _encode(pending: list[Pending], max_bytes: int = MAX_BATCH_BYTES,
-            max_ops: int = 1 << 62) -> list[tuple[list[Pending], bytes]]:
+            max_ops: int = 1 << 62, tail: bytes = b"") -> list[tuple[list[Pending], bytes]]:
     """The ops still wanted (not cancelled or expired) as batches of at most `max_ops` ops and
     `max_bytes` of BatchRequest each (an op bigger than that alone): each batch's ops and its
-    bytes, each op's serialized request framed as a BatchOp. Concurrent callers' ops never
-    add up to a message the server refuses whole, failing every one of them."""
+    bytes, each op's serialized request framed as a BatchOp, then `tail` (budget_tail).
+    Concurrent callers' ops never add up to a message the server refuses whole, failing
+    every one of them."""
     out: list[tuple[list[Pending], bytes]] = []
     ops: list[Pending] = []
     parts: list[bytes] = []
@@ -144,6 +155,7 @@ def _encode(pending: list[Pending], max_bytes: int = MAX_BATCH_BYTES,
         n = len(data)
         head = _OP_HEADS[field].get(n) or _op_head(field, n)
         if ops and (size + len(head) + n > max_bytes or len(ops) >= max_ops):
+            parts.append(tail)
             out.append((ops, b"".join(parts)))
             ops, parts, size = [], [], 0
         ops.append(p)
@@ -151,6 +163,7 @@ def _encode(pending: list[Pending], max_bytes: int = MAX_BATCH_BYTES,
         parts.append(data)
         size += len(head) + n
     if ops:
+        parts.append(tail)
         out.append((ops, b"".join(parts)))
     return out
 
@@ -158,7 +171,7 @@ def _encode(pending: list[Pending], max_bytes: int = MAX_BATCH_BYTES,
 class _Sent:
     """The ops of one batch in flight: answered together, each op failing on its own."""
 
-    __slots__ = ("answered", "at", "body", "on_done", "ops", "rescued", "shard", "timer")
+    __slots__ = ("again", "answered", "at", "body", "on_done", "ops", "rescued", "shard", "timer")
 
     def __init__(self, ops: list[Pending], body: bytes, shard: str | None = None) -> None:
         self.ops = ops
@@ -169,6 +182,7 @@ class _Sent:
         self.answered = 0.0  # time.monotonic() when it was answered (0: not yet)
         self.rescued = False  # its ops were re-sent per shard after it held them back too long
         self.on_done: Callable[[], None] | None = None  # Conn's window: called once, when answered, failed or rescued
+        self.again: Callable[[list[Pending]], None] | None = None  # Conn's: ops answered unprocessed go again
 
     def release(self) -> None:
         """Give back the batch's place in its connection's window (once)."""
@@ -177,7 +191,8 @@ class _Sent:
             done()
 
     def deliver(self, results: Any) -> None:
-        """Resolve each op with its response message, or its error."""
+        """Resolve each op with its response message, or its error; ops answered unprocessed
+        go again (`again`), unresolved."""
         self.answered = time.monotonic()
         if self.timer is not None:
             self.timer.cancel()
@@ -185,8 +200,14 @@ class _Sent:
         if len(results) != len(ops):
             self.fail(errors.InternalError(f"batch of {len(ops)} ops got {len(results)} results"))
             return
-        for (field, _, fut, _, _), result in zip(ops, results, strict=True):
+        unprocessed: list[tuple[Pending, Any]] = []
+        for p, result in zip(ops, results, strict=True):
+            field, _, fut, _, _ = p
             if result.code or result.WhichOneof("result") != field:
+                if result.unprocessed:
+                    if not fut.done():
+                        unprocessed.append((p, result))
+                    continue
                 try:
                     codec.batch_response(result, field)
                 except ShardstateError as e:
@@ -197,7 +218,26 @@ class _Sent:
                 fut.set_result(getattr(result, field))
             except asyncio.InvalidStateError:
                 pass  # expired or cancelled meanwhile
+        if unprocessed:
+            self._unprocessed(unprocessed, len(results))
         self.release()  # last: the callers it woke run before the next batch leaves, and join it
+
+    def _unprocessed(self, unprocessed: list[tuple[Pending, Any]], n: int) -> None:
+        """Ops the server did not run, its answer being full: sent again (before release(),
+        so they lead the next batch; an op of a rescued batch may have a copy in flight too,
+        which is safe: same request_id, and the first answer wins). A server that ran none of
+        the batch broke the budget's promise (its first op always runs): the ops fail with
+        their error rather than go round for ever."""
+        again = self.again
+        if again is not None and len(unprocessed) < n:
+            again([p for p, _ in unprocessed])
+            return
+        for p, result in unprocessed:
+            try:
+                codec.batch_response(result, p[0])
+            except ShardstateError as e:
+                if not p[2].done():
+                    p[2].set_exception(e)
 
     def fail(self, exc: BaseException) -> None:
         self.answered = time.monotonic()
@@ -296,6 +336,9 @@ class BatchingMetrics:
         self.resent = registry.counter("shardstate_client_ops_resent_total",
                                        "ops re-sent one batch per shard because their batch held them back",
                                        ("address",))
+        self.unprocessed = registry.counter("shardstate_client_ops_unprocessed_total",
+                                            "ops the server answered unprocessed (its answer had reached the "
+                                            "batch's byte budget), sent again in a later batch", ("address",))
 
 
 class Conn:
@@ -306,13 +349,14 @@ class Conn:
                  fetch_view: Callable[[], Awaitable[ClusterView | None]] | None = None,
                  hold_s: float = HOLD_S, address: str = "",
                  metrics: BatchingMetrics | None = None, window: int = WINDOW,
-                 max_bytes: int = MAX_BATCH_BYTES) -> None:
+                 max_bytes: int = MAX_BATCH_BYTES, max_response_bytes: int = 0) -> None:
         self.address = address
         self.metrics = metrics or BatchingMetrics(Registry())
         self.stub = stub
         self.pipeline = pipeline
         self.max_ops = max_ops
         self.max_bytes = max_bytes  # a batch's BatchRequest bytes at most (MAX_BATCH_BYTES)
+        self.tail = budget_tail(max_response_bytes)  # each batch asks for an answer within this
         self.timeout = timeout
         self.mode = PIPELINE
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -379,7 +423,7 @@ class Conn:
         if self._split and self._view is not None:
             self._send_split(pending)
             return
-        batches = _encode(pending, self.max_bytes, self.max_ops)
+        batches = _encode(pending, self.max_bytes, self.max_ops, self.tail)
         if len(batches) == 1:
             self._send(_Sent(*batches[0]), earliest)
         else:
@@ -402,13 +446,27 @@ class Conn:
                 sid = None  # batched with the other healthy shards' ops
             groups.setdefault(sid, []).append(p)
         for sid, group in groups.items():
-            for ops, body in _encode(group, self.max_bytes, self.max_ops):
+            for ops, body in _encode(group, self.max_bytes, self.max_ops, self.tail):
                 self._send(_Sent(ops, body, sid))
+
+    def _again(self, ops: list[Pending]) -> None:
+        """Ops answered unprocessed: ahead of the ops waiting, into the next batch (which the
+        answer's release lets go, or the flush scheduled here)."""
+        self.metrics.unprocessed.inc(len(ops), address=self.address)
+        self._pending[:0] = ops
+        for p in ops:
+            if p[4] < self._earliest:
+                self._earliest = p[4]
+        if not self._scheduled:
+            self._scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
 
     def _send(self, sent: _Sent, earliest: float | None = None) -> None:
         if sent.on_done is None:  # (a batch sent again after a fallback holds its place already)
             self._unanswered += 1
             sent.on_done = self._answered
+            sent.again = self._again
         self.metrics.batches.inc(address=self.address)
         self.metrics.ops.inc(len(sent.ops), address=self.address)
         self._arm(sent, earliest)
@@ -503,7 +561,7 @@ class Conn:
             if len(groups) < 2:
                 continue  # one shard's ops only: nothing else waits on them
             for sid, group in groups.items():
-                for ops, body in _encode(group, self.max_bytes, self.max_ops):
+                for ops, body in _encode(group, self.max_bytes, self.max_ops, self.tail):
                     self.metrics.resent.inc(len(ops), address=self.address)
                     self._send(_Sent(ops, body, sid))
 
@@ -571,7 +629,7 @@ class Conn:
         if sent.timer is not None:
             sent.timer.cancel()
         sent.release()
-        for part, body in _encode(ops, self.max_bytes, self.max_ops):
+        for part, body in _encode(ops, self.max_bytes, self.max_ops, self.tail):
             self._send(_Sent(part, body, sent.shard))
 
     def close(self) -> None:
@@ -599,13 +657,14 @@ class Mux:
                  pipeline_for: Callable[[str], Any], max_ops: int = 1000,
                  timeout: float | None = None,
                  view_for: Callable[[str], Awaitable[ClusterView | None]] | None = None,
-                 hold_s: float = HOLD_S) -> None:
+                 hold_s: float = HOLD_S, max_response_bytes: int = 0) -> None:
         self._stub_for = stub_for
         self._pipeline_for = pipeline_for
         self._max_ops = max_ops
         self._timeout = timeout
         self._view_for = view_for
         self._hold_s = hold_s
+        self._max_response_bytes = max_response_bytes  # each batch's answer budget (0: the server's)
         self._conns: dict[str, Conn] = {}
         self.metrics = Registry()  # this client's
         self._batching = BatchingMetrics(self.metrics)
@@ -617,15 +676,18 @@ class Mux:
             fetch = (lambda: view_for(address)) if view_for is not None else None
             conn = self._conns[address] = Conn(self._stub_for(address), self._pipeline_for(address),
                                                self._max_ops, self._timeout, fetch, self._hold_s,
-                                               address, self._batching)
+                                               address, self._batching,
+                                               max_response_bytes=self._max_response_bytes)
         return conn
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per address: mode, batches sent, ops sent (resends after a fallback and ops re-sent
-        per shard after their batch held them back included), and those re-sent ops."""
+        """Per address: mode, batches sent, ops sent (resends after a fallback, ops re-sent
+        per shard after their batch held them back and unprocessed ops sent again included),
+        those re-sent ops, and the ops answered unprocessed."""
         m = self._batching
         return {a: {"mode": c.mode, "batches": int(m.batches.value(address=a)), "ops": int(m.ops.value(address=a)),
-                    "rescued": int(m.resent.value(address=a))}
+                    "rescued": int(m.resent.value(address=a)),
+                    "unprocessed": int(m.unprocessed.value(address=a))}
                 for a, c in self._conns.items()}
 
     def close(self) -> None:

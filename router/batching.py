@@ -3,6 +3,11 @@
 Ops stay encoded. An op whose shard answered WrongShard/NotPrimary is re-split after a map
 refresh and retried (bounded hops); a sub-batch that failed whole gives each of its ops that
 error, so the other shards' results still reach the caller.
+
+The answer's byte budget (BatchRequest.max_response_bytes, or the router's
+--max-response-bytes) is shared equally by the sub-batches sent at once (budget.share); a later
+round (redirected ops, reads a replica could not serve) shares what the answers so far left.
+Results come back as the shards gave them: an op a shard left unprocessed stays unprocessed.
 """
 
 from __future__ import annotations
@@ -13,14 +18,20 @@ from typing import Any
 
 import grpc
 
-from shardstate.common import errors
+from shardstate.common import budget, errors
 from shardstate.common.auth import OP_FIELD_NAME, OP_FIELD_ROLE, Gate
 from shardstate.common.clustermap import ClusterView
 from shardstate.router.forward import Forwarder, Route
 from shardstate.router.replicas import from_replicas, replica_reads
 from shardstate.router.shardlink import ShardLinks, SubBatchError, expire_at
-from shardstate.router.wire import RawBatchResponse, error_result, op_target, redirect_of
-from shardstate.v1 import state_pb2, types_pb2
+from shardstate.router.wire import (
+    RawBatchResponse,
+    error_result,
+    limit_result,
+    op_target,
+    redirect_of,
+)
+from shardstate.v1 import types_pb2
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
@@ -78,14 +89,6 @@ def sessions_of(ops: Sequence[bytes], results: list[bytes | None],
     return sessions, bad
 
 
-def limit_result(e: errors.ShardstateError) -> bytes:
-    """The BatchResult of an op the router refused itself, typed details included."""
-    r = state_pb2.BatchResult(code=errors.to_code_int(e), message=e.message)
-    if isinstance(e.detail, types_pb2.LimitExceeded):
-        r.limit_exceeded.CopyFrom(e.detail)
-    return bytes(r.SerializeToString())
-
-
 def place(results: list[bytes | None], indexes: Sequence[int], sub_results: Sequence[bytes]) -> list[int]:
     """Put a sub-batch's results at their ops' positions; return the indexes to retry
     (redirected ops), leaving those unset."""
@@ -113,11 +116,13 @@ def router_header(view: ClusterView, node: str) -> bytes:
 
 
 class BatchRunner:
-    def __init__(self, fwd: Forwarder, links: ShardLinks, max_batch_ops: int, node: str) -> None:
+    def __init__(self, fwd: Forwarder, links: ShardLinks, max_batch_ops: int, node: str,
+                 max_response_bytes: int = budget.DEFAULT_MAX_RESPONSE_BYTES) -> None:
         self.fwd = fwd
         self.links = links
         self.max_batch_ops = max_batch_ops
         self.node = node
+        self.max_response_bytes = max_response_bytes
         self._by_id: tuple[ClusterView | None, dict[str, Any]] = (None, {})
 
     def _shards(self, view: ClusterView) -> dict[str, Any]:
@@ -135,9 +140,12 @@ class BatchRunner:
         if n > self.max_batch_ops:
             raise errors.LimitExceededError.of("max_batch_ops", self.max_batch_ops, n, "ops in the batch")
 
-    async def run(self, ops: Sequence[bytes], deadline: float, replicas: bool = True, gate: Gate | None = None) -> bytes:
-        """Encoded BatchResponse for encoded ops; `gate`: the caller's token, checked per op."""
+    async def run(self, ops: Sequence[bytes], deadline: float, replicas: bool = True, gate: Gate | None = None,
+                  max_response_bytes: int = 0) -> bytes:
+        """Encoded BatchResponse for encoded ops; `gate`: the caller's token, checked per op;
+        `max_response_bytes`: the caller's byte budget for the answer (0: the router's)."""
         self.check(len(ops))
+        limit = budget.effective(max_response_bytes, self.max_response_bytes)
         results: list[bytes | None] = [None] * len(ops)
         sessions, bad = sessions_of(ops, results, gate)
         # EVENTUAL / min_revision reads go to replicas meanwhile (router/replicas.py).
@@ -145,7 +153,9 @@ class BatchRunner:
         relaxed = replica_reads(view0, ops, self.fwd.replicas) if replicas and any(s.replicas for s in view0.pb.shards) else {}
         if bad and relaxed:
             relaxed = {i: a for i, a in relaxed.items() if i not in bad}
-        on_replicas = asyncio.ensure_future(from_replicas(self.links, self.fwd.replicas, ops, relaxed, deadline)) if relaxed else None
+        on_replicas = None
+        reserved = 0  # of the budget, what the replicas' sub-batches were given
+        used = 0  # bytes of the results placed so far
         pending = [i for i in range(len(ops)) if i not in relaxed and i not in bad]
         headers: dict[str, bytes] = {}
         last_redirect = ""
@@ -156,11 +166,19 @@ class BatchRunner:
             groups, empty = split(sessions, pending, view.ring.owner)
             for i in empty:
                 results[i] = error_result(INVALID_ARGUMENT, f"ops[{i}] has no operation set")
+            if relaxed and on_replicas is None:
+                replica_parts = len(set(relaxed.values()))
+                share = budget.share(limit, len(groups) + replica_parts)
+                reserved = share * replica_parts
+                on_replicas = asyncio.ensure_future(
+                    from_replicas(self.links, self.fwd.replicas, ops, relaxed, deadline, share))
+            else:
+                share = budget.share(limit - used - reserved, len(groups))
             by_id = self._shards(view)
             shard_of = {sid: by_id.get(sid) for sid in groups}
             outcomes = await self._subs(
                 [(shard_of[sid], [ops[i] for i in idx] if len(idx) < len(ops) else list(ops)) for sid, idx in groups.items()],
-                deadline,
+                deadline, share,
             )
             pending = []
             redirects: list[tuple[Route, Any]] = []
@@ -187,6 +205,7 @@ class BatchRunner:
                         results[i] = error_result(UNAVAILABLE, f"shard {sid} answered {len(subs)} results for {len(idx)} ops")
                     continue
                 retry = place(results, idx, subs)
+                used += sum([len(r) for r in subs])
                 if retry:
                     redirect = redirect_of(subs[idx.index(retry[0])])
                     redirects.append((Route(view, shard), redirect))
@@ -205,21 +224,24 @@ class BatchRunner:
             served, leftover = await on_replicas
             for i, r in served.items():
                 results[i] = r
-            if leftover:  # the primary answers what the replicas could not
-                sub = RawBatchResponse.FromString(await self.run([ops[i] for i in leftover], deadline, replicas=False))
+            if leftover:  # the primary answers what the replicas could not, within what is left
+                left = max(1, limit - used - sum([len(r) for r in served.values()]))
+                sub = RawBatchResponse.FromString(await self.run([ops[i] for i in leftover], deadline, replicas=False,
+                                                                 max_response_bytes=left))
                 for i, r in zip(leftover, sub.results, strict=True):
                     results[i] = r
         header = next(iter(headers.values())) if len(headers) == 1 else router_header(self.fwd.maps.view, self.node)
         return assemble(header, results)
 
-    async def _subs(self, parts: list[tuple[Any, list[bytes]]], deadline: float) -> list[tuple[bytes, list[bytes]] | SubBatchError]:
-        """Each (shard, ops) sent to its shard's primary at once; the outcomes in order, one
-        timer bounding them all."""
+    async def _subs(self, parts: list[tuple[Any, list[bytes]]], deadline: float,
+                    share: int) -> list[tuple[bytes, list[bytes]] | SubBatchError]:
+        """Each (shard, ops) sent to its shard's primary at once, each with `share` bytes of
+        answer budget; the outcomes in order, one timer bounding them all."""
         loop = asyncio.get_running_loop()
         if deadline <= loop.time():
             late = SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the shard answered")
             return [late] * len(parts)
-        waiting = [(shard.primary, self.links.submit(shard.primary, ops, deadline)) for shard, ops in parts]
+        waiting = [(shard.primary, self.links.submit(shard.primary, ops, deadline, share)) for shard, ops in parts]
         timer = expire_at(deadline, waiting)
         outcomes: list[tuple[bytes, list[bytes]] | SubBatchError] = []
         try:

@@ -24,6 +24,7 @@ class RouterConfig(Observability, TlsConfig, AuthOptions):
     shard_pipeline: bool = opt(True, "send sub-batches over one long-lived Pipeline stream per shard (off: unary Batch)")
     forward_timeout_s: float = opt(10.0, "deadline for a forwarded call when the caller set none")
     max_request_bytes: int = opt(4 * MiB, "largest request message")
+    max_response_bytes: int = opt(16 * MiB, "byte budget of the answer to one Batch or Pipeline message when the caller asks for none (BatchRequest.max_response_bytes = 0), and the most a caller may ask for: split in equal shares over the shards a batch goes to; ops past a shard's share are answered unprocessed (not run), for the caller to send again")
     grace_s: float = opt(10.0, "graceful shutdown: time in-flight requests get to finish")
     port_file: str = opt("", "write the bound port to this file once serving")
 
@@ -34,4 +35,6 @@ class RouterConfig(Observability, TlsConfig, AuthOptions):
             raise InvalidArgumentError("give --seeds ADDR[,ADDR...] or --cluster FILE")
         if self.max_hops < 1:
             raise InvalidArgumentError("--max-hops must be at least 1")
+        if self.max_response_bytes < 1:
+            raise InvalidArgumentError(f"--max-response-bytes must be positive, got {self.max_response_bytes}")
         self.validate_tls()

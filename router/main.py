@@ -62,7 +62,8 @@ class Router:
         self.metrics = Registry()  # the process's one registry (docs/design.md §9)
         auth.export_refusals(self.metrics, self.auth)
         self.links = ShardLinks(self.nodes, self.metrics, use_pipeline=cfg.shard_pipeline,
-                                max_ops=cfg.max_batch_ops, max_bytes=cfg.max_request_bytes)
+                                max_ops=cfg.max_batch_ops, max_bytes=cfg.max_request_bytes,
+                                max_response_bytes=cfg.max_response_bytes)
         self.fwd = Forwarder(self.maps, self.nodes, cfg.max_hops, cfg.forward_timeout_s,
                              links=self.links if cfg.shard_pipeline else None)
         self.health = health.aio.HealthServicer()
@@ -77,7 +78,7 @@ class Router:
         host = cfg.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
         self.serving = False
-        runner = BatchRunner(self.fwd, self.links, cfg.max_batch_ops, self.address)
+        runner = BatchRunner(self.fwd, self.links, cfg.max_batch_ops, self.address, cfg.max_response_bytes)
         calls = RouterMetrics(self.metrics)
         self.state = StateService(
             self.fwd, runner, Lister(self.fwd, self.address), WatchProxy(self.fwd),

@@ -67,7 +67,7 @@ class PipelineHandler:
             # Auth on: the token is looked up again for each message (a token removed from the
             # file stops working on open streams too), each op checked on its own.
             gate = self.auth.gate(metadata) if self.auth is not None else None
-            body = await self.runner.run(ops, deadline, gate=gate)
+            body = await self.runner.run(ops, deadline, gate=gate, max_response_bytes=req.batch.max_response_bytes)
             self.m.done("Pipeline", t0)
         except Exception as e:
             self.m.failed("Pipeline", e, t0)

@@ -92,16 +92,18 @@ def replica_reads(view: ClusterView, ops: Sequence[bytes], picker: ReplicaPicker
 
 
 async def from_replicas(links: ShardLinks, picker: ReplicaPicker, ops: Sequence[bytes],
-                        chosen: dict[int, str], deadline: float) -> tuple[dict[int, bytes], list[int]]:
-    """Send the chosen ops to their replicas (one sub-batch per replica). Returns the results
-    they served, and the ops to ask the primary instead (replica down, behind, or redirected)."""
+                        chosen: dict[int, str], deadline: float,
+                        share: int = 0) -> tuple[dict[int, bytes], list[int]]:
+    """Send the chosen ops to their replicas (one sub-batch per replica, each with `share`
+    bytes of answer budget, 0 = the links' default). Returns the results they served, and the
+    ops to ask the primary instead (replica down, behind, or redirected)."""
     by_replica: dict[str, list[int]] = {}
     for i, address in chosen.items():
         by_replica.setdefault(address, []).append(i)
 
     async def one(address: str, idx: list[int]) -> tuple[dict[int, bytes], list[int]]:
         try:
-            _, results = await links.batch(address, [ops[i] for i in idx], deadline)
+            _, results = await links.batch(address, [ops[i] for i in idx], deadline, share)
         except SubBatchError as e:
             if e.code == grpc.StatusCode.UNAVAILABLE:
                 picker.failed(address)

@@ -91,12 +91,14 @@ class StateService:
         t0 = time.perf_counter()
         try:
             try:
-                ops = list(RawBatch.FromString(request).ops)
+                raw = RawBatch.FromString(request)
             except DecodeError as e:
                 raise _bad_message("Batch", e) from None
+            ops = list(raw.ops)
             self.m.batch_ops.observe(len(ops))
             gate = self.auth.gate(context.invocation_metadata()) if self.auth is not None else None
-            resp = await self.runner.run(ops, self.fwd.deadline(context), gate=gate)
+            resp = await self.runner.run(ops, self.fwd.deadline(context), gate=gate,
+                                         max_response_bytes=raw.max_response_bytes)
             self.m.done("Batch", t0)
             return resp
         except Exception as e:

@@ -5,6 +5,13 @@ Each shard address gets one bidi stream; requests carry router-chosen ids and th
 each answer straight to the futures of the sub-batches it carried (no task per batch). A broken stream fails what is in flight with
 UNAVAILABLE (those ops may or may not have run; request_ids make the caller's retry safe) and
 the next sub-batch opens a new stream. A shard answering UNIMPLEMENTED is sent unary Batch.
+
+Byte budgets (BatchRequest.max_response_bytes): each sub-batch has one (its share of its
+caller's); a shard message carrying several asks for the smallest, so no sub-batch's answer
+passes its own. Ops a shard left unprocessed because other callers' answers in the same
+message filled it are sent again here, first in the next message (whose first op always
+runs), until the sub-batch's own answer reaches its budget: a caller sees unprocessed ops only
+for what its own batch asked (a unary call never).
 """
 
 from __future__ import annotations
@@ -13,14 +20,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from shardstate.common import errors
+from shardstate.common import budget, errors
 from shardstate.common.jsonlog import fields
 from shardstate.common.metrics import Registry
 from shardstate.router.nodes import NodePool
@@ -28,7 +35,10 @@ from shardstate.router.wire import (
     RawBatch,
     RawBatchResponse,
     RawPipelineResponse,
+    error_result,
+    limit_result,
     repeated_bytes,
+    unprocessed,
     varint,
 )
 
@@ -48,12 +58,16 @@ class SubBatchError(Exception):
         self.error = error
 
 
+Settle = Callable[[str, "list[_Unit]", bytes, "list[bytes]"], None]
+
+
 class _Stream:
     """One open Pipeline stream to a shard and the chunks waiting for their answer."""
 
-    def __init__(self, call: Any, address: str) -> None:
+    def __init__(self, call: Any, address: str, settle: Settle) -> None:
         self.call = call
         self.address = address
+        self.settle = settle
         self.pending: dict[int, list[_Unit]] = {}
         self.ids = itertools.count(1)
         self.closed = False
@@ -70,7 +84,7 @@ class _Stream:
                 if resp.code:
                     _fail(chunk, SubBatchError(errors.code_from_int(resp.code), resp.message))
                 else:
-                    _settle(self.address, chunk, bytes(resp.batch.header), list(resp.batch.results))
+                    self.settle(self.address, chunk, bytes(resp.batch.header), list(resp.batch.results))
             err = SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} ended")
         except aio.AioRpcError as e:
             err = SubBatchError(e.code(), e.details() or "", e)
@@ -84,10 +98,10 @@ class _Stream:
                 _fail(chunk, err or SubBatchError(grpc.StatusCode.UNAVAILABLE, "stream closed"))
             self.pending.clear()
 
-    async def submit(self, ops: list[bytes], chunk: list[_Unit]) -> None:
+    async def submit(self, ops: list[bytes], chunk: list[_Unit], budget: int) -> None:
         """Write one batch on the stream; its answer settles `chunk`'s futures."""
         rid = next(self.ids)
-        payload = pipeline_request(rid, ops)
+        payload = pipeline_request(rid, ops, budget)
         if self.closed:
             raise SubBatchError(grpc.StatusCode.UNAVAILABLE, f"pipeline stream to {self.address} closed")
         self.pending[rid] = chunk
@@ -109,9 +123,14 @@ class _Stream:
             await self.reader
 
 
-def pipeline_request(rid: int, ops: list[bytes]) -> bytes:
-    """PipelineRequest{id, batch{ops}} framed around the encoded ops (no re-encoding)."""
+def pipeline_request(rid: int, ops: list[bytes], budget: int = 0) -> bytes:
+    """PipelineRequest{id, batch{ops, max_response_bytes}} framed around the encoded ops (no
+    re-encoding)."""
     parts, size = repeated_bytes(1, ops)
+    if budget:
+        tail = b"\x10" + varint(budget)  # BatchRequest.max_response_bytes = 2
+        parts.append(tail)
+        size += len(tail)
     return b"".join([b"\x08", varint(rid), b"\x12", varint(size), *parts])
 
 
@@ -124,25 +143,15 @@ class _Unit:
     size: int
     deadline: float
     fut: asyncio.Future[tuple[bytes, list[bytes]]]
+    budget: int  # BatchRequest.max_response_bytes for its ops' answer (> 0)
 
 
-def _settle(address: str, chunk: list[_Unit], header: bytes, results: list[bytes]) -> None:
-    """Hand each unit of an answered shard batch its results."""
-    n = sum(len(u.ops) for u in chunk) if len(chunk) > 1 else len(chunk[0].ops)
-    if len(results) != n:
-        _fail(chunk, SubBatchError(grpc.StatusCode.INTERNAL, f"shard at {address} answered {len(results)} results for {n} ops"))
-        return
-    if len(chunk) == 1:
-        u = chunk[0]
-        if not u.fut.done():
-            u.fut.set_result((header, results))
-        return
-    i = 0
-    for u in chunk:
-        j = i + len(u.ops)
-        if not u.fut.done():
-            u.fut.set_result((header, results[i:j]))
-        i = j
+_HEAD = b"\x08\x08"  # how an unprocessed result starts (code RESOURCE_EXHAUSTED)
+
+
+def _unprocessed(results: list[bytes]) -> list[int]:
+    """The positions of the unprocessed results (a two-byte comparison for any other)."""
+    return [k for k, r in enumerate(results) if r[:2] == _HEAD and unprocessed(r)]
 
 
 def _fail(chunk: list[_Unit], e: SubBatchError) -> None:
@@ -170,11 +179,12 @@ class ShardLinks:
     Batch when the shard has no Pipeline or it is switched off)."""
 
     def __init__(self, nodes: NodePool, metrics: Registry, use_pipeline: bool = True, max_ops: int = 1000,
-                 max_bytes: int = 4 * 1024 * 1024) -> None:
+                 max_bytes: int = 4 * 1024 * 1024, max_response_bytes: int = budget.DEFAULT_MAX_RESPONSE_BYTES) -> None:
         self.nodes = nodes
         self.use_pipeline = use_pipeline
         self.max_ops = max_ops
         self.max_bytes = max_bytes
+        self.max_response_bytes = max_response_bytes  # a sub-batch's budget when its caller gave none
         self._streams: dict[str, _Stream] = {}
         self._no_pipeline: set[str] = set()
         self._opening: dict[str, asyncio.Lock] = {}
@@ -186,6 +196,9 @@ class ShardLinks:
                                      "sub-batches queued for a shard (one per caller batch and shard)")
         self.shard_batches = metrics.counter("shardstate_router_shard_batches_total",
                                              "coalesced batches sent to shards")
+        self.resent = metrics.counter("shardstate_router_unprocessed_resent_total",
+                                      "ops a shard left unprocessed (other callers' answers filled the message's "
+                                      "byte budget) sent to it again")
 
     async def _stream(self, address: str) -> _Stream:
         s = self._streams.get(address)
@@ -196,12 +209,14 @@ class ShardLinks:
             s = self._streams.get(address)
             if s is None or s.closed:
                 call = self.nodes.bidi(address, "Pipeline")()
-                s = _Stream(call, address)
+                s = _Stream(call, address, self._settle)
                 self._streams[address] = s
             return s
 
-    def submit(self, address: str, ops: list[bytes], deadline: float) -> asyncio.Future[tuple[bytes, list[bytes]]]:
-        """Queue ops for the shard at `address` (loop-time `deadline`); the future resolves to (encoded header,
+    def submit(self, address: str, ops: list[bytes], deadline: float,
+               budget: int = 0) -> asyncio.Future[tuple[bytes, list[bytes]]]:
+        """Queue ops for the shard at `address` (loop-time `deadline`; `budget`: the byte
+        budget of their answer, 0 = max_response_bytes); the future resolves to (encoded header,
         encoded results in op order) or fails with SubBatchError when the shard batch failed
         whole. It has no deadline of its own: the caller bounds its wait (expire_at) and a
         unit whose future is done before it is sent is dropped."""
@@ -213,24 +228,87 @@ class ShardLinks:
             err = errors.LimitExceededError.of("max_request_bytes", self.max_bytes, size, "request size")
             fut.set_exception(SubBatchError(err.code, err.message, error=err))
             return fut
+        self._queue(address, _Unit(ops, size, deadline, fut, budget or self.max_response_bytes))
+        self.units.inc()
+        return fut
+
+    def _queue(self, address: str, unit: _Unit, first: bool = False) -> None:
         q = self._queued.get(address)
         if q is None:
             q = self._queued[address] = []
-        q.append(_Unit(ops, size, deadline, fut))
-        self.units.inc()
+        if first:
+            q.insert(0, unit)
+        else:
+            q.append(unit)
         idle = self._idle.pop(address, None)
         if idle is not None:
             idle.set_result(None)
         elif address not in self._writers:
             self._writers[address] = asyncio.ensure_future(self._write_loop(address))
-        return fut
 
-    async def batch(self, address: str, ops: list[bytes], deadline: float) -> tuple[bytes, list[bytes]]:
+    def _settle(self, address: str, chunk: list[_Unit], header: bytes, results: list[bytes]) -> None:
+        """Hand each unit of an answered shard batch its results (ops left unprocessed within
+        the unit's own budget go again first)."""
+        n = sum(len(u.ops) for u in chunk) if len(chunk) > 1 else len(chunk[0].ops)
+        if len(results) != n:
+            _fail(chunk, SubBatchError(grpc.StatusCode.INTERNAL, f"shard at {address} answered {len(results)} results for {n} ops"))
+            return
+        i = 0
+        for u in chunk:
+            j = i + len(u.ops)
+            part = results if len(chunk) == 1 else results[i:j]
+            i = j
+            if u.fut.done():
+                continue
+            todo = _unprocessed(part)
+            if todo:
+                skip = set(todo)
+                used = sum([len(r) for k, r in enumerate(part) if k not in skip])
+                if used < u.budget:  # other callers' answers filled the message: again
+                    self._again(address, u, header, part, todo, u.budget - used)
+                    continue
+            u.fut.set_result((header, part))
+
+    def _again(self, address: str, u: _Unit, header: bytes, part: list[bytes], todo: list[int], left: int) -> None:
+        """Send `u`'s unprocessed ops (at `todo` in `part`) again, first in the next message,
+        within what is `left` of its budget; `u` is answered once they are."""
+        ops = [u.ops[k] for k in todo]
+        rest = _Unit(ops, sum([len(o) for o in ops]), u.deadline, asyncio.get_running_loop().create_future(), left)
+        self.resent.inc(len(ops))
+
+        def merged(f: asyncio.Future[tuple[bytes, list[bytes]]]) -> None:
+            if u.fut.done():
+                return
+            out = list(part)
+            if f.cancelled():
+                failed = error_result(grpc.StatusCode.CANCELLED.value[0], "cancelled before the shard answered")
+                got = [failed] * len(todo)
+                head = header
+            elif f.exception() is not None:
+                e = f.exception()
+                assert isinstance(e, SubBatchError)
+                failed = limit_result(e.error) if e.error is not None else error_result(e.code.value[0], e.message)
+                got, head = [failed] * len(todo), header
+            else:
+                head, got = f.result()
+            for k, r in zip(todo, got, strict=True):
+                out[k] = r
+            u.fut.set_result((head, out))
+
+        def given_up(_: asyncio.Future[Any]) -> None:
+            if not rest.fut.done():
+                rest.fut.cancel()  # the caller gave up: the ops still queued are dropped
+
+        rest.fut.add_done_callback(merged)
+        u.fut.add_done_callback(given_up)
+        self._queue(address, rest, first=True)
+
+    async def batch(self, address: str, ops: list[bytes], deadline: float, budget: int = 0) -> tuple[bytes, list[bytes]]:
         """Run ops on the shard at `address` by loop-time `deadline`: (encoded header, encoded
         results in op order). Raises SubBatchError when the shard batch failed whole."""
         if deadline <= asyncio.get_running_loop().time():  # too late to send it at all
             raise SubBatchError(grpc.StatusCode.DEADLINE_EXCEEDED, f"shard at {address} did not answer within the deadline")
-        fut = self.submit(address, ops, deadline)
+        fut = self.submit(address, ops, deadline, budget)
         timer = expire_at(deadline, [(address, fut)])
         try:
             return await fut
@@ -280,12 +358,15 @@ class ShardLinks:
         return out
 
     async def _dispatch(self, address: str, chunk: list[_Unit]) -> None:
-        ops = chunk[0].ops if len(chunk) == 1 else [op for u in chunk for op in u.ops]
+        if len(chunk) == 1:
+            ops, limit = chunk[0].ops, chunk[0].budget
+        else:
+            ops, limit = [op for u in chunk for op in u.ops], min([u.budget for u in chunk])
         self.shard_batches.inc()
         if self.use_pipeline and address not in self._no_pipeline:
             try:
                 stream = await self._stream(address)
-                await stream.submit(ops, chunk)
+                await stream.submit(ops, chunk, limit)
                 return
             except SubBatchError as e:
                 if e.code != grpc.StatusCode.UNIMPLEMENTED:
@@ -294,11 +375,12 @@ class ShardLinks:
                 log.info("shard has no Pipeline; using unary Batch", extra=fields(address=address))
                 self._no_pipeline.add(address)
         timeout = max(0.001, max(u.deadline for u in chunk) - asyncio.get_running_loop().time())
-        self._spawn(self._unary(address, chunk, ops, timeout))
+        self._spawn(self._unary(address, chunk, ops, limit, timeout))
 
-    async def _unary(self, address: str, chunk: list[_Unit], ops: list[bytes], timeout: float) -> None:
+    async def _unary(self, address: str, chunk: list[_Unit], ops: list[bytes], limit: int, timeout: float) -> None:
         try:
-            raw = await self.nodes.unary(address, "Batch")(RawBatch(ops=ops).SerializeToString(), timeout=timeout)
+            raw = await self.nodes.unary(address, "Batch")(RawBatch(ops=ops, max_response_bytes=limit).SerializeToString(),
+                                                           timeout=timeout)
             resp = RawBatchResponse.FromString(raw)
         except aio.AioRpcError as e:
             _fail(chunk, SubBatchError(e.code(), e.details() or "", e))
@@ -307,7 +389,7 @@ class ShardLinks:
             log.exception("a shard batch failed in the router", extra=fields(address=address))
             _fail(chunk, SubBatchError(grpc.StatusCode.INTERNAL, f"router error: {e}"))
             return
-        _settle(address, chunk, bytes(resp.header), list(resp.results))
+        self._settle(address, chunk, bytes(resp.header), list(resp.results))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         t = asyncio.ensure_future(coro)

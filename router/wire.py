@@ -4,9 +4,9 @@ Each view declares only the fields the router acts on and keeps the rest as unkn
 
     SessionRef          = namespace(1) session_id(2)   -- every session-scoped request
     OpRef               = oneof op: SessionRef at 1..10 -- a BatchOp: which op, which session
-    RawBatch            = ops(1)*: bytes                -- a BatchRequest, each op left encoded
+    RawBatch            = ops(1)*: bytes max_response_bytes(2) -- a BatchRequest, each op left encoded
     RawBatchResponse    = header(1): bytes, results(2)*: bytes
-    ResultRef           = code(1) wrong_shard(13): Opaque not_primary(14): Opaque
+    ResultRef           = code(1) wrong_shard(13): Opaque not_primary(14): Opaque unprocessed(16)
     RawPipelineRequest  = id(1) batch(2): RawBatch
     RawPipelineResponse = id(1) batch(2): RawBatchResponse code(3) message(4)
     WatchRef            = events(2)*: {revision(2)} progress_revision(3)
@@ -26,7 +26,7 @@ from typing import Any
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from shardstate.common.errors import InvalidArgumentError
+from shardstate.common.errors import InvalidArgumentError, ShardstateError, to_code_int
 from shardstate.common.protowire import field_head, utf8, varint
 from shardstate.v1 import state_pb2, types_pb2
 
@@ -54,13 +54,14 @@ def _build() -> dict[str, Any]:
     msg("Opaque")  # a message kept whole as unknown fields; present or not
     msg("SessionRef", ("namespace", 1, _F.TYPE_BYTES, one, ""), ("session_id", 2, _F.TYPE_BYTES, one, ""))
     msg("OpRef", *[(f"op{i}", i, _F.TYPE_MESSAGE, one, "SessionRef") for i in range(1, 11)])
-    msg("RawBatch", ("ops", 1, _F.TYPE_BYTES, many, ""))
+    msg("RawBatch", ("ops", 1, _F.TYPE_BYTES, many, ""), ("max_response_bytes", 2, _F.TYPE_UINT64, one, ""))
     msg("RawBatchResponse", ("header", 1, _F.TYPE_BYTES, one, ""), ("results", 2, _F.TYPE_BYTES, many, ""))
     msg(
         "ResultRef",
         ("code", 1, _F.TYPE_INT32, one, ""),
         ("wrong_shard", 13, _F.TYPE_MESSAGE, one, "Opaque"),
         ("not_primary", 14, _F.TYPE_MESSAGE, one, "Opaque"),
+        ("unprocessed", 16, _F.TYPE_BOOL, one, ""),
     )
     msg("RawPipelineRequest", ("id", 1, _F.TYPE_UINT64, one, ""), ("batch", 2, _F.TYPE_MESSAGE, one, "RawBatch"))
     msg(
@@ -163,8 +164,25 @@ def redirect_of(result: bytes) -> types_pb2.WrongShard | types_pb2.NotPrimary | 
     return None
 
 
+_UNPROCESSED_HEAD = b"\x08\x08"  # code = 8, RESOURCE_EXHAUSTED
+
+
+def unprocessed(result: bytes) -> bool:
+    """Whether an encoded BatchResult is `unprocessed` (not run: its batch's answer reached
+    its byte budget). Any other result costs a two-byte comparison."""
+    return result[:2] == _UNPROCESSED_HEAD and bool(ResultRef.FromString(result).unprocessed)
+
+
 def error_result(code: int, message: str) -> bytes:
     return bytes(state_pb2.BatchResult(code=code, message=message).SerializeToString())
+
+
+def limit_result(e: ShardstateError) -> bytes:
+    """The BatchResult of an op the router refused itself, typed details included."""
+    r = state_pb2.BatchResult(code=to_code_int(e), message=e.message)
+    if isinstance(e.detail, types_pb2.LimitExceeded):
+        r.limit_exceeded.CopyFrom(e.detail)
+    return bytes(r.SerializeToString())
 
 
 def watch_position(response: bytes) -> int:

@@ -87,6 +87,9 @@ def split_batch(data: bytes) -> Partial:
     batch = state_pb2.BatchRequest()
     bad: dict[int, errors.ShardstateError] = {}
     for number, raw in read_fields(data):
+        if number == 2 and isinstance(raw, int):
+            batch.max_response_bytes = raw & 0xFFFFFFFFFFFFFFFF  # the last one wins, as in protobuf
+            continue
         if number != 1:
             continue  # an unknown field, kept out of the way
         if not isinstance(raw, bytes):

@@ -51,6 +51,9 @@ class OpMetrics:
                                         "writes answered from the idempotency record of their request_id")
         self.batch_ops = registry.histogram("shardstate_shard_batch_ops",
                                             "ops per Batch or Pipeline message", buckets=SIZE_BUCKETS)
+        self.unprocessed = registry.counter("shardstate_shard_ops_unprocessed_total",
+                                            "Batch/Pipeline ops not run because their message's answer had "
+                                            "reached its byte budget (max_response_bytes); the caller sends them again")
         self.watches = registry.gauge("shardstate_shard_watch_streams", "open Watch streams")
         self._cells: dict[str, OpCells] = {}
         registry.on_collect(self._fill_ok)

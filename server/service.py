@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from shardstate.common import auth as authz
-from shardstate.common import errors, pagetoken, tracing
+from shardstate.common import budget, errors, pagetoken, tracing
 from shardstate.common.metrics import gauged
 from shardstate.v1 import state_pb2, types_pb2
 
@@ -33,6 +33,12 @@ REPLICA_READ_WAIT_S = 1.0
 # BatchOp / BatchResult field of each op kind (the same names in both messages).
 WRITE_KINDS = frozenset(("put", "delete", "increment", "append", "txn", "touch"))
 BATCH_KINDS = ("get", "put", "delete", "increment", "append", "read_log", "txn", "scan", "touch", "get_session")
+# What counts toward a batch's answer budget (BatchRequest.max_response_bytes): the replies
+# that carry data, by ByteSize, and a Put/Delete that did not apply (it answers the current
+# record). Every other reply is small (versions, seqs, a TTL) and is not counted,
+# so a batch of writes pays two checks per op for the budget.
+SIZED_KINDS = frozenset(("get", "scan", "read_log", "txn", "get_session"))
+CAS_KINDS = frozenset(("put", "delete"))
 
 
 # What each unary handler's op needs (auth on): method name for messages, role.
@@ -62,6 +68,7 @@ class StateService:
                                  "unary calls being served (shutdown waits for them)")
         self.opm = OpMetrics(m)
         self._batch_size = self.opm.batch_ops.child()
+        self._unprocessed = self.opm.unprocessed.child()
         self._replays = self.opm.replays.child()
         # With group commit a write waits for its fsync: run a batch's sessions concurrently
         # so their writes share one. Otherwise nothing suspends and plain order is cheapest.
@@ -279,8 +286,9 @@ class StateService:
     async def batch(
         self, req: state_pb2.BatchRequest | Partial, out: state_pb2.BatchResponse | None = None
     ) -> state_pb2.BatchResponse:
-        """Run every op; `out` (e.g. a PipelineResponse's batch) is filled in place. A
-        `Partial` request's bad ops each get their own INVALID_ARGUMENT result."""
+        """Run every op, or, once the answer has reached the request's byte budget, answer the
+        rest `unprocessed` (not run); `out` (e.g. a PipelineResponse's batch) is filled in
+        place. A `Partial` request's bad ops each get their own INVALID_ARGUMENT result."""
         bad: dict[int, errors.ShardstateError] = {}
         if isinstance(req, Partial):
             bad = req.bad
@@ -288,18 +296,23 @@ class StateService:
         assert isinstance(req, state_pb2.BatchRequest)
         n = len(req.ops)
         self._batch_size.observe(n)
-        if n > self.engine.limits.max_batch_ops:
-            raise errors.LimitExceededError.of("max_batch_ops", self.engine.limits.max_batch_ops, n, "ops in one Batch")
+        limits = self.engine.limits
+        if n > limits.max_batch_ops:
+            raise errors.LimitExceededError.of("max_batch_ops", limits.max_batch_ops, n, "ops in one Batch")
+        limit = budget.effective(req.max_response_bytes, limits.max_response_bytes)
         resp = state_pb2.BatchResponse() if out is None else out
         fence = self.fence
         if fence is not None and fence.active() is not None:
             await self._hold_batch(req)  # before a grouped run, which must not suspend
         before = self.engine.store.committed
         if not self.concurrent:
-            await self._run_grouped(req, resp, bad)
+            await self._run_grouped(req, resp, bad, limit)
             await self.replicated(before, req=req)
             return self.header(resp)
-        # Ops of one session stay in request order; different sessions run concurrently.
+        # Ops of one session stay in request order; different sessions run concurrently. The
+        # budget is checked before each op: ops already under way when it is reached (writes
+        # waiting for their fsync) are answered too, and a session's ops after an unprocessed
+        # one are unprocessed as well (the count only grows).
         groups: dict[tuple[str, str], list[int]] = {}
         results: list[state_pb2.BatchResult | None] = [None] * n
         for i, op in enumerate(req.ops):
@@ -310,13 +323,25 @@ class StateService:
             inner = getattr(op, kind) if kind else None
             key = (inner.namespace or "default", inner.session_id) if inner is not None else ("", "")
             groups.setdefault(key, []).append(i)
+        used = [0, 0]  # bytes of results counted, ops unprocessed
 
         async def run_group(idx: list[int]) -> None:
             for i in idx:
-                results[i] = await self.run_op(req.ops[i])
+                if used[0] >= limit:
+                    results[i] = budget.unprocessed_result(limit, used[0])
+                    used[1] += 1
+                    continue
+                result = results[i] = await self.run_op(req.ops[i])
+                kind = result.WhichOneof("result")
+                if kind is not None:
+                    reply = getattr(result, kind)
+                    if kind in SIZED_KINDS or (kind in CAS_KINDS and not reply.applied):
+                        used[0] += reply.ByteSize()
 
         await asyncio.gather(*(run_group(idx) for idx in groups.values()))
         resp.results.extend(r for r in results if r is not None)
+        if used[1]:
+            self._unprocessed.inc(used[1])
         await self.replicated(before, req=req)
         return self.header(resp)
 
@@ -328,23 +353,32 @@ class StateService:
                 await self.fence.hold(inner.namespace, inner.session_id)
 
     async def _run_grouped(self, req: state_pb2.BatchRequest, resp: state_pb2.BatchResponse,
-                           bad: dict[int, errors.ShardstateError]) -> None:
+                           bad: dict[int, errors.ShardstateError], limit: int) -> None:
         """Ops in order; the writes of a run of ops on distinct sessions go to LevelDB as one
         WriteBatch (each op keeps its own revision, change-log entry and idempotency record).
         An op on a session already in the run closes the run first, so it sees those writes.
         Nothing here yields to the event loop (no --fsync), so no other caller sees the run
-        half-written; answers leave only after the run is written."""
+        half-written; answers leave only after the run is written. Once the counted results
+        reach `limit` bytes, the remaining ops are answered unprocessed, not run."""
         store = self.engine.store
         results = resp.results
         seen: set[tuple[str, str]] = set()
         first = 0
         replies: list[Any] = []  # the replies of the open run
+        used = 0  # bytes of the results counted toward the budget
+        unprocessed: state_pb2.BatchResult | None = None
         # A replica's reads may wait for a revision (yielding): it writes nothing here anyway.
         grouped = not self.node.is_replica and store.begin_group()
         try:
             for i, op in enumerate(req.ops):
                 if bad and i in bad:
                     results.add().CopyFrom(batch_error(bad[i]))
+                    continue
+                if used >= limit:
+                    if unprocessed is None:
+                        unprocessed = budget.unprocessed_result(limit, used)
+                    results.add().CopyFrom(unprocessed)
+                    self._unprocessed.inc()
                     continue
                 kind = op.WhichOneof("op")
                 inner = getattr(op, kind) if kind else None
@@ -360,6 +394,8 @@ class StateService:
                 reply = await self._run(kind, inner, results.add())
                 if reply is not None:
                     replies.append(reply)
+                    if kind in SIZED_KINDS or (kind in CAS_KINDS and not reply.applied):
+                        used += reply.ByteSize()
         finally:
             if grouped:
                 self._end_group(results, first, replies)

@@ -40,6 +40,7 @@ class Limits:
     max_session_bytes: int = opt(64 * MiB, "bytes (keys + values + log entries) one session may hold")
     max_batch_ops: int = opt(1000, "ops in one Batch or Txn, entries in one Append")
     max_page: int = opt(1000, "largest page of Scan, ReadLog and ListSessions")
+    max_response_bytes: int = opt(16 * MiB, "byte budget of one Batch or Pipeline message's answer: once the results of the ops run so far reach it, the remaining ops are not run and are answered unprocessed (RESOURCE_EXHAUSTED, to be sent again; the client library does that itself), so an answer holds at most this plus one op's result. A request's own max_response_bytes is capped by it")
 
     def validate(self) -> None:
         for f in dataclasses.fields(Limits):  # not self: subclasses add non-numeric fields

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from shardstate.common.errors import InvalidArgumentError
+from shardstate.common.errors import InvalidArgumentError, LimitExceededError
 from shardstate.v1 import state_pb2
 
 from . import keys, logs
@@ -116,11 +116,21 @@ def op_txn(ctx: WriteContext, req: state_pb2.TxnRequest) -> state_pb2.TxnRespons
     validate(req, ctx.limits)
     succeeded = all(compare(ctx, c) for c in req.compares)
     resp = state_pb2.TxnResponse(succeeded=succeeded)
+    reads = False
     for op in req.success if succeeded else req.failure:
         kind = op.WhichOneof("op")
         assert kind is not None
         result = _OPS[kind](ctx, getattr(op, kind))
         getattr(resp.results.add(), kind).CopyFrom(result)
+        reads = reads or kind == "get"
+    if reads:
+        # Its gets could answer max_batch_ops values. Kept within max_request_bytes, as a Scan
+        # or ReadLog page is (refused before anything is written): every op's answer is, so
+        # a batch's answer passes its byte budget by one such result at most.
+        size = resp.ByteSize()
+        if size > ctx.limits.max_request_bytes:
+            raise LimitExceededError.of("max_request_bytes", ctx.limits.max_request_bytes, size,
+                                        "the Txn's answer (bytes), which one op's answer stays within,")
     if req.session_ttl_ms and ctx.writes:
         ctx.session_ttl_ms = ttl(req.session_ttl_ms, "session_ttl_ms")
     if ctx.writes:

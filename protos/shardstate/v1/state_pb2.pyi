@@ -1149,9 +1149,16 @@ class BatchResult(_message.Message):
     WRONG_SHARD_FIELD_NUMBER: _builtins.int
     NOT_PRIMARY_FIELD_NUMBER: _builtins.int
     LIMIT_EXCEEDED_FIELD_NUMBER: _builtins.int
+    UNPROCESSED_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """google.rpc.Code of this op (0 = OK) and its message; ops fail independently."""
     message: _builtins.str
+    unprocessed: _builtins.bool
+    """Not run: this batch's answer had reached its byte budget (BatchRequest.max_response_bytes)
+    before the op's turn. Comes with code RESOURCE_EXHAUSTED, a message naming
+    max_response_bytes=N and limit_exceeded{limit: "max_response_bytes"}. Nothing of the op
+    happened (a write is not applied): send it again, e.g. in the next batch.
+    """
     @_builtins.property
     def get(self) -> Global___GetResponse: ...
     @_builtins.property
@@ -1198,10 +1205,11 @@ class BatchResult(_message.Message):
         wrong_shard: _types_pb2.WrongShard | None = ...,
         not_primary: _types_pb2.NotPrimary | None = ...,
         limit_exceeded: _types_pb2.LimitExceeded | None = ...,
+        unprocessed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "delete", b"delete", "get", b"get", "get_session", b"get_session", "increment", b"increment", "limit_exceeded", b"limit_exceeded", "not_primary", b"not_primary", "put", b"put", "read_log", b"read_log", "result", b"result", "scan", b"scan", "touch", b"touch", "txn", b"txn", "wrong_shard", b"wrong_shard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "code", b"code", "delete", b"delete", "get", b"get", "get_session", b"get_session", "increment", b"increment", "limit_exceeded", b"limit_exceeded", "message", b"message", "not_primary", b"not_primary", "put", b"put", "read_log", b"read_log", "result", b"result", "scan", b"scan", "touch", b"touch", "txn", b"txn", "wrong_shard", b"wrong_shard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "code", b"code", "delete", b"delete", "get", b"get", "get_session", b"get_session", "increment", b"increment", "limit_exceeded", b"limit_exceeded", "message", b"message", "not_primary", b"not_primary", "put", b"put", "read_log", b"read_log", "result", b"result", "scan", b"scan", "touch", b"touch", "txn", b"txn", "unprocessed", b"unprocessed", "wrong_shard", b"wrong_shard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["get", "put", "delete", "increment", "append", "read_log", "txn", "scan", "touch", "get_session"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
@@ -1214,16 +1222,28 @@ class BatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OPS_FIELD_NUMBER: _builtins.int
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _builtins.int
+    max_response_bytes: _builtins.int
+    """The answer's byte budget (DynamoDB BatchGetItem's UnprocessedKeys): before each op runs,
+    once the results of the ops run so far have reached it, that op and every later one are
+    answered `unprocessed` instead of being run. The first op always runs, and an op that ran
+    is always answered, so the answer holds at most this much plus one op's result (plus the
+    small fixed part of each result). Ask for at most a fraction of what you can receive
+    (the client library asks for a quarter of its max_message_bytes).
+    0 = the server's default (--max-response-bytes, 16 MiB); a larger ask is capped by it.
+    A router gives each shard's part of the batch a share of it.
+    """
     @_builtins.property
     def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchOp]: ...
     def __init__(
         self,
         *,
         ops: _abc.Iterable[Global___BatchOp] | None = ...,
+        max_response_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_response_bytes", b"max_response_bytes", "ops", b"ops"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
