@@ -121,8 +121,8 @@ def _message_limit(exc: ShardstateError) -> tuple[str, int] | None:
     return (limit, value) if limit in _MESSAGE_LIMITS or not limit else None
 
 
-# One pending op: its BatchOp field, request message, future, timeout and deadline (loop time;
-# _NEVER without a timeout).
+# One pending op: its BatchOp field, request message, future, and its call's timeout and
+# deadline (loop time; _NEVER without a timeout); a retried op comes back with the same ones.
 Pending = tuple[str, Any, "asyncio.Future[Any]", float | None, float]
 
 
