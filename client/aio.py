@@ -8,6 +8,7 @@ multiplexed over one Pipeline stream per address (shardstate.pipeline).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from types import TracebackType
@@ -43,7 +44,7 @@ from shardstate.operations import (
     gave_up,
 )
 from shardstate.pipeline import HOLD_S, UNARY, Mux, raw_pipeline
-from shardstate.retry import Retry
+from shardstate.retry import Retry, deadline_exceeded
 from shardstate.txn import Txn, TxnResult
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
 from shardstate.versions import UNKNOWN
@@ -57,7 +58,9 @@ class AsyncClient:
     Keywords as Client, plus `batching` (coalesce concurrent ops into Pipeline batches),
     `max_batch_ops` (largest batch sent) and `batch_hold_s` (the longest a batch in flight may
     hold its ops back before they are re-sent per shard, so a slow shard does not stall ops to
-    the others; shardstate.pipeline)."""
+    the others; shardstate.pipeline). As on Client, `timeout` is the deadline of a whole call:
+    its attempts (batched or not), backoff pauses and map fetches all fit in it, and a retried
+    op rides its next batch under the same deadline."""
 
     def __init__(
         self,
@@ -166,48 +169,68 @@ class AsyncClient:
 
     async def _call(self, call: Call) -> Any:
         """One logical call with retries (ClientCore decides them): its response message.
-        Ops that can ride in a batch go through the address's batching Conn."""
+        Ops that can ride in a batch go through the address's batching Conn. Every attempt
+        fits in the call's one deadline (fixed here unless the caller fixed it)."""
         core = self._core
         mux = self._mux
         direct = core.direct
         field = call.batch_field if mux is not None else None
         if self._traced and field is not None and tracing.in_span():
             field = None  # a traced call (also a sync Client's: its loop runs in the caller's context)
-        failures = 0
+        timeout = core.timeout if call.timeout is None else call.timeout
+        deadline = call.deadline
+        # What is left of the deadline for the next attempt; None: no deadline, or not looked
+        # up yet (a batched attempt needs only the deadline, a unary one its timeout).
+        left: float | None = None
+        if deadline is None and timeout is not None:
+            left = timeout
+            call.deadline = deadline = core.clock() + timeout
+        failures = tried = 0
+        last: ShardstateError | None = None
         via_router = False
         while True:
             shard = None
             if direct is not None and not via_router:
-                if direct.wants_refresh():
-                    await self._refresh_map()
+                if direct.wants_refresh() and (left is None or left > 0):
+                    await self._refresh_map(deadline)
+                    left = None if deadline is None else deadline - core.clock()
                 shard = direct.target(call)
             address = shard or core.pool.pick()
             conn = mux.conn(address) if field is not None else None  # type: ignore[union-attr]
             if conn is not None and conn.mode == UNARY:
                 conn = None
+            if deadline is not None:
+                if left is None and (conn is None or tried):
+                    left = deadline - core.clock()
+                if left is not None and left <= 0:
+                    raise deadline_exceeded(timeout, tried, last, call.method)
             try:
                 if conn is not None:
-                    timeout = call.timeout if call.timeout is not None else core.timeout
-                    resp = await conn.submit(field, call.request, timeout)  # type: ignore[arg-type]
+                    resp = await conn.submit(field, call.request, timeout, deadline)  # type: ignore[arg-type]
                 else:
-                    resp = await self._unary(call, address)
+                    resp = await self._unary(call, address, left)
             except ShardstateError as e:
                 if conn is not None and conn.mode == UNARY and isinstance(e, UnimplementedError):
+                    left = None
                     continue  # the server has neither Pipeline nor Batch: unary calls from now on
+                tried += 1
+                last = e
                 if shard is not None and direct is not None and direct.failed(shard, e):
                     via_router = True  # the rest of this call's attempts: through a router
-                    continue
-                exc = core.pool.explain(address, e)
-                failures += 1
-                delay = core.failed(address, exc, failures)
-                if delay:
-                    await asyncio.sleep(delay)
+                else:
+                    exc = core.pool.explain(address, e)
+                    failures += 1
+                    delay = core.failed(address, exc, failures, deadline, timeout, tried, call.method)
+                    if delay:
+                        await asyncio.sleep(delay)
+                left = None
                 continue
             core.succeeded(address)
             return resp
 
-    async def _refresh_map(self) -> None:
-        """Direct mode: fetch the cluster map from a router, once for every caller waiting."""
+    async def _refresh_map(self, deadline: float | None = None) -> None:
+        """Direct mode: fetch the cluster map from a router, once for every caller waiting;
+        each waits until its call's `deadline` at most (the fetch goes on for the others)."""
         direct = self._core.direct
         assert direct is not None
         if self._fetching is None:
@@ -218,10 +241,14 @@ class AsyncClient:
                     self._fetching = None
 
             self._fetching = asyncio.ensure_future(fetch())
-        await asyncio.shield(self._fetching)
+        if deadline is None:
+            await asyncio.shield(self._fetching)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._fetching), deadline - self._core.clock())
 
-    async def _unary(self, call: Call, address: str) -> Any:
-        timeout = call.timeout if call.timeout is not None else self._core.timeout
+    async def _unary(self, call: Call, address: str, timeout: float | None) -> Any:
+        """One attempt of `call` as a unary RPC, given `timeout` s (None: no deadline)."""
         try:
             return await getattr(self._channels.stub(address), call.method)(call.request, timeout=timeout)
         except grpc.RpcError as e:
@@ -344,9 +371,10 @@ class AsyncSession:
                      ttl: Any = None, attempts: int = 100, timeout: float | None = None) -> Record | None:
         core = self._core
         key, ttl_ms, t = core.update_args(key, fn, ttl, timeout)
+        t, deadline = core.client.deadline(t)  # one deadline for the read and every CAS
         old: Any = core.cache.lookup(key)
         if old is UNKNOWN:
-            old = await self.get(key, timeout=t)
+            old = await self._run(core.get(key, timeout=t, deadline=deadline))
         for n in range(max(1, attempts)):
             new = fn(old)
             if new is None:
@@ -354,11 +382,13 @@ class AsyncSession:
             data = codec.to_bytes(new)
             expected = old.version if old else 0
             try:
-                resp = await self.client._call(core.put_call(key, data, expected, ttl_ms, t))
+                resp = await self.client._call(core.put_call(key, data, expected, ttl_ms, t, deadline))
                 return core.put_done(resp, key, data, expected, ttl_ms, old, "update")
             except ConflictError as e:
                 old = e.current
                 pause = conflict_pause(n)
+                if deadline is not None:
+                    core.client.no_time_for(deadline, pause, t, n + 1, e, "update")
                 if pause:
                     await asyncio.sleep(pause)
         raise gave_up(key, attempts, old)

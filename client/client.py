@@ -56,7 +56,13 @@ class Client:
 
     `retry`: the policy for UNAVAILABLE / DEADLINE_EXCEEDED (every mutation carries one
     request_id for all its attempts, so retries never apply twice). `timeout`: the default
-    deadline of each call in seconds (None: none), overridable per call. `token`: sent as
+    deadline of each call in seconds (None: none), overridable per call with `timeout=`. A
+    deadline covers the whole call: it is fixed when the call starts, and every attempt,
+    backoff pause and (direct mode) map fetch fits in it, each attempt getting what is left;
+    when nothing is, the call raises DeadlineExceededError ("the call's deadline of N s passed
+    after K attempts", the last attempt's error as __cause__). `update()`/`update_json()`,
+    a paged `scan()`/`read()` and `batch().execute()` are one call each: their requests
+    share one deadline. `list_sessions()` gives each page request its own. `token`: sent as
     `authorization: Bearer TOKEN` with every call, direct ones included (default:
     SHARDSTATE_TOKEN; none when unset).
 
@@ -174,9 +180,8 @@ class Client:
         if isinstance(instr, Attempt):
             call = instr.call
             method = getattr(self._channels.stub(instr.address), call.method)
-            timeout = call.timeout if call.timeout is not None else self._core.timeout
             try:
-                return method(call.request, timeout=timeout)
+                return method(call.request, timeout=instr.timeout)
             except grpc.RpcError as e:
                 if self._channels.closed:  # close() cut it off
                     raise ClientClosedError(CLOSED) from e
@@ -185,9 +190,10 @@ class Client:
             time.sleep(instr.seconds)
             return None
         if isinstance(instr, FetchMap):
+            timeout = VIEW_TIMEOUT_S if instr.timeout is None else min(VIEW_TIMEOUT_S, instr.timeout)
             try:
                 pb = admin_pb2_grpc.AdminStub(self._channels.channel(instr.address)).GetClusterMap(
-                    admin_pb2.GetClusterMapRequest(), timeout=VIEW_TIMEOUT_S)
+                    admin_pb2.GetClusterMapRequest(), timeout=timeout)
             except grpc.RpcError:
                 return None
             return ClusterView.of(pb) if pb.shards else None

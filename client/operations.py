@@ -8,6 +8,7 @@ exist in one place for both surfaces. Drivers send results in and throw Shardsta
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -16,6 +17,7 @@ from shardstate import codec
 from shardstate.channels import AddressPool
 from shardstate.common.errors import (
     ConflictError,
+    DeadlineExceededError,
     HistoryCompactedError,
     InvalidArgumentError,
     NotFoundError,
@@ -25,7 +27,7 @@ from shardstate.common.errors import (
 )
 from shardstate.common.records import Change, Entry, Record, SessionInfo
 from shardstate.direct import DirectRoutes
-from shardstate.retry import Retry, on_tick
+from shardstate.retry import Retry, deadline_exceeded, on_tick
 from shardstate.v1 import state_pb2
 from shardstate.versions import UNKNOWN, VersionCache, _Unknown
 
@@ -37,20 +39,27 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class Call:
-    """One logical RPC; the driver retries it (same request, same request_id) per policy."""
+    """One logical RPC; the driver retries it (same request, same request_id) per policy,
+    every attempt within the one deadline: `timeout` seconds after the call starts. The
+    driver fixes `deadline` (on ClientCore.clock) when it starts the call, unless the
+    operation already set it: an operation of several requests (update, paged scan and
+    read, a batch in chunks) passes its first request's deadline on to the others."""
 
     method: str  # State RPC name: "Put"
     request: Any
     timeout: float | None = None  # None: the client's default
     batch_field: str | None = None  # BatchOp oneof name when the op may ride in a Batch
+    deadline: float | None = None  # ClientCore.clock() time; None: not fixed yet (or no timeout)
 
 
 @dataclass(slots=True)
 class Attempt:
-    """One try of a Call at one address; raises the ShardstateError it met."""
+    """One try of a Call at one address, with what is left of the call's deadline
+    (`timeout`, seconds; None: no deadline); raises the ShardstateError it met."""
 
     call: Call
     address: str
+    timeout: float | None = None
 
 
 @dataclass(slots=True)
@@ -60,10 +69,12 @@ class Sleep:
 
 @dataclass(slots=True)
 class FetchMap:
-    """Direct mode: fetch the cluster map from the router at `address`; answers with a
-    ClusterView, or None when it could not be had."""
+    """Direct mode: fetch the cluster map from the router at `address`, waiting `timeout` s
+    at most (what is left of the call's deadline; None: the driver's own limit); answers with
+    a ClusterView, or None when it could not be had."""
 
     address: str
+    timeout: float | None = None
 
 
 @dataclass(slots=True)
@@ -93,15 +104,20 @@ Instruction: TypeAlias = Call | Attempt | Sleep | FetchMap | OpenStream | NextMe
 Op: TypeAlias = Generator[Instruction, Any, T]
 
 
-def resume(gen: Op[T], value: Any = None, exc: BaseException | None = None) -> Op[T]:
+def resume(gen: Op[T], value: Any = None, exc: BaseException | None = None,
+           timeout: float | None = None, deadline: float | None = None) -> Op[T]:
     """Continue `gen` from a result (or an error) obtained elsewhere, passing its further
-    instructions through; `yield from resume(...)` returns its final value."""
+    instructions through; `yield from resume(...)` returns its final value. With a
+    `deadline`, its further Calls run under it (and `timeout`): they are part of a call
+    that has one, a batch's."""
     while True:
         try:
             instr = gen.throw(exc) if exc is not None else gen.send(value)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
         exc = None
+        if deadline is not None and instr.__class__ is Call:
+            instr.timeout, instr.deadline = timeout, deadline
         try:
             value = yield instr
         except ShardstateError as e:
@@ -113,8 +129,12 @@ def resume(gen: Op[T], value: Any = None, exc: BaseException | None = None) -> O
 
 class ClientCore:
     def __init__(self, pool: AddressPool, retry: Retry, namespace: str, timeout: float | None,
-                 cache_size: int, direct: bool = False, max_response_bytes: int = 0) -> None:
+                 cache_size: int, direct: bool = False, max_response_bytes: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.pool = pool
+        # Deadlines are times of this clock. The batching Conns compare them with the event
+        # loop's time, which is time.monotonic() on asyncio's loops.
+        self.clock = clock
         self.direct = DirectRoutes() if direct else None  # direct mode's routing (client/direct.py)
         self.retry = retry
         self.namespace = codec.namespace(namespace)
@@ -137,48 +157,91 @@ class ClientCore:
         if rev > self.revision:
             self.revision = rev
 
+    def deadline(self, timeout: float | None) -> tuple[float | None, float | None]:
+        """The timeout of a call (None: the client's default) and its deadline, fixed now:
+        for an operation whose requests all share it (Call.deadline)."""
+        if timeout is None:
+            timeout = self.timeout
+        return timeout, (None if timeout is None else self.clock() + timeout)
+
     def retrying(self, call: Call) -> Op[Any]:
         """Attempts of one call: round-robin addresses; after UNAVAILABLE the address is
         skipped for a while and the next attempt goes to another one at once. In direct mode
-        a session call goes to its shard's primary first (client/direct.py)."""
-        failures = 0
+        a session call goes to its shard's primary first (client/direct.py). Every attempt,
+        pause and map fetch fits in the call's one deadline; each attempt gets what is left."""
+        timeout = self.timeout if call.timeout is None else call.timeout
+        deadline = call.deadline
+        left: float | None = None  # what is left of the deadline for the next attempt
+        if deadline is not None:
+            left = deadline - self.clock()
+        elif timeout is not None:
+            left = timeout
+            call.deadline = deadline = self.clock() + timeout
+        failures = tried = 0
+        last: ShardstateError | None = None
         via_router = False
         direct = self.direct
         while True:
             shard = None
             if direct is not None and not via_router:
-                if direct.wants_refresh():
-                    direct.adopt((yield FetchMap(self.pool.pick())))
+                if direct.wants_refresh() and (left is None or left > 0):
+                    direct.adopt((yield FetchMap(self.pool.pick(), left)))
+                    if deadline is not None:
+                        left = deadline - self.clock()
                 shard = direct.target(call)
+            if left is not None and left <= 0:
+                raise deadline_exceeded(timeout, tried, last, call.method)
             address = shard or self.pool.pick()
             try:
-                resp = yield Attempt(call, address)
+                resp = yield Attempt(call, address, left)
             except ShardstateError as exc:
+                tried += 1
+                last = exc
                 if shard is not None and direct is not None and direct.failed(shard, exc):
                     via_router = True  # the rest of this call's attempts: through a router
-                    continue
-                failures += 1
-                delay = self.failed(address, exc, failures)
-                if delay:
-                    yield Sleep(delay)
+                else:
+                    failures += 1
+                    delay = self.failed(address, exc, failures, deadline, timeout, tried, call.method)
+                    if delay:
+                        yield Sleep(delay)
+                if deadline is not None:
+                    left = deadline - self.clock()
                 continue
             self.succeeded(address)
             return resp
 
-    def failed(self, address: str, exc: ShardstateError, failures: int) -> float:
-        """After the `failures`-th failed attempt of a call (at `address`): the seconds to
-        wait before the next attempt, or `exc` raised when the call gives up."""
+    def failed(self, address: str, exc: ShardstateError, failures: int,
+               deadline: float | None = None, timeout: float | None = None, tried: int = 0,
+               what: str = "") -> float:
+        """After the `failures`-th failed attempt of a call (at `address`; `tried` attempts in
+        all, direct-mode ones that fell back to a router included): the seconds to wait
+        before the next attempt, or `exc` raised when the call gives up, or
+        DeadlineExceededError when the call's `deadline` leaves no time for another attempt
+        (an attempt that timed out at it says so too)."""
         unavailable = isinstance(exc, UnavailableError)
         if unavailable:
             self.pool.mark_down(address)
         delay = self.retry.delay(exc, failures)
         if delay is None:
+            if (deadline is not None and isinstance(exc, DeadlineExceededError)
+                    and self.clock() >= deadline):
+                raise deadline_exceeded(timeout, tried or failures, exc, what)
             raise exc
         if unavailable and self.pool.other_up(address):
-            return 0.0  # another address can take the retry at once
-        if isinstance(exc, RateLimitedError):
-            return on_tick(delay)  # the throttled callers' retries wake together: one batch
+            delay = 0.0  # another address can take the retry at once
+        elif isinstance(exc, RateLimitedError):
+            delay = on_tick(delay)  # the throttled callers' retries wake together: one batch
+        if deadline is not None:
+            self.no_time_for(deadline, delay, timeout, tried or failures, exc, what)
         return delay
+
+    def no_time_for(self, deadline: float, pause: float, timeout: float | None, attempts: int,
+                    last: BaseException, what: str) -> None:
+        """Raise DeadlineExceededError when `deadline` leaves no time for an attempt after
+        a pause of `pause` s (a pause that would reach it is not taken)."""
+        left = deadline - self.clock()
+        if left <= pause:
+            raise deadline_exceeded(timeout, attempts, last, what, pause if left > 0 else 0.0)
 
     def succeeded(self, address: str) -> None:
         self.pool.mark_up(address)
@@ -187,6 +250,8 @@ class ClientCore:
 
     def list_sessions(self, prefix: str, page_size: int, namespace: str | None,
                       timeout: float | None) -> Op[None]:
+        """Each page is a call of its own: `timeout` is its deadline, not the iteration's
+        (the caller may take any time between pages)."""
         ns = codec.namespace(namespace) if namespace is not None else self.namespace
         prefix = codec.prefix(prefix)
         size = codec.count(page_size, "page_size") or 100
@@ -207,12 +272,15 @@ class ClientCore:
         Batch calls of up to max_ops, decoding each result with the operation's own code.
         Ops the server answers unprocessed (the answer reached max_response_bytes; not run)
         go again in the next call, as boto3 re-sends UnprocessedKeys, until every op has its
-        answer. Failed ops give their exception in place, or the first one is raised."""
+        answer. Failed ops give their exception in place, or the first one is raised. One
+        deadline (`timeout`) covers every Batch call and whatever further requests the ops make."""
         out: list[Any] = [None] * len(ops)
+        t = codec.timeout(timeout)
+        deadline: list[float | None] = [None]  # fixed by the driver when the first Batch call starts
         for start in range(0, len(ops), max_ops):
             todo = list(range(start, min(start + max_ops, len(ops))))
             while todo:
-                todo = yield from self._batch_call(ops, todo, out, timeout)
+                todo = yield from self._batch_call(ops, todo, out, t, deadline)
         if raise_on_error:
             for v in out:
                 if isinstance(v, ShardstateError):
@@ -220,15 +288,18 @@ class ClientCore:
         return out
 
     def _batch_call(self, ops: Sequence[tuple[Op[Any], Call]], todo: list[int], out: list[Any],
-                    timeout: float | None) -> Op[list[int]]:
+                    timeout: float | None, deadline: list[float | None]) -> Op[list[int]]:
         """One Batch call of the ops at `todo`, their outcomes into `out`; returns the ops
         answered unprocessed, to send again (none when the server ran none of them: a server
-        runs a batch's first op whatever its budget, so that is their error)."""
+        runs a batch's first op whatever its budget, so that is their error). `deadline[0]`:
+        the batch's deadline, fixed by its first call and kept by the later ones."""
         req = state_pb2.BatchRequest(
             ops=[state_pb2.BatchOp(**{str(ops[i][1].batch_field): ops[i][1].request}) for i in todo],
             max_response_bytes=self.max_response_bytes,
         )
-        resp = yield Call("Batch", req, codec.timeout(timeout))
+        batch_call = Call("Batch", req, timeout, None, deadline[0])
+        resp = yield batch_call
+        deadline[0] = batch_call.deadline
         self.seen(resp)
         if len(resp.results) != len(todo):
             raise ShardstateError(f"batch of {len(todo)} ops got {len(resp.results)} results")
@@ -246,7 +317,7 @@ class ClientCore:
                     value, exc = codec.batch_response(result, call.batch_field), None
                 except ShardstateError as e:
                     value, exc = None, e
-                out[i] = yield from resume(gen, value, exc)
+                out[i] = yield from resume(gen, value, exc, timeout, deadline[0])
             except ShardstateError as e:
                 out[i] = e
         return again
@@ -283,8 +354,16 @@ class SessionCore:
     def _ids(self) -> dict[str, str]:
         return {"namespace": self.namespace, "session_id": self.session_id}
 
-    def _rpc(self, method: str, request: Any, timeout: Any, batch_field: str | None = None) -> Op[Any]:
-        resp = yield Call(method, request, codec.timeout(timeout), batch_field)
+    def _rpc(self, method: str, request: Any, timeout: Any, batch_field: str | None = None,
+             deadline: float | None = None) -> Op[Any]:
+        resp = yield Call(method, request, codec.timeout(timeout), batch_field, deadline)
+        self.saw(resp.header.revision)
+        return resp
+
+    def _page(self, call: Call) -> Op[Any]:
+        """One request of an operation of several (the pages of scan and read): the first
+        one's deadline, fixed when it starts, is the next ones' (Call.deadline)."""
+        resp = yield call
         self.saw(resp.header.revision)
         return resp
 
@@ -298,13 +377,13 @@ class SessionCore:
     # ---- keys ----
 
     def get(self, key: str, consistency: Any = None, min_revision: int = 0,
-            timeout: Any = None) -> Op[Record | None]:
+            timeout: Any = None, deadline: float | None = None) -> Op[Record | None]:
         key = codec.key(key)
         req = state_pb2.GetRequest(
             **self._ids(), key=key, consistency=codec.consistency(consistency),
             min_revision=codec.count(min_revision, "min_revision"),
         )
-        resp = yield from self._rpc("Get", req, timeout, "get")
+        resp = yield from self._rpc("Get", req, timeout, "get", deadline)
         rec = codec.record(resp.record) if resp.found else None
         if rec is not None:
             self.cache.remember_if_newer(key, rec, rec.version)
@@ -328,15 +407,15 @@ class SessionCore:
         return key, data, expected, ttl_ms, codec.timeout(timeout)
 
     def _put(self, key: str, data: bytes, expected: int | None, ttl_ms: int, timeout: float | None,
-             what: str, old: Any = UNKNOWN) -> Op[Record]:
-        call = self.put_call(key, data, expected, ttl_ms, timeout)
+             what: str, old: Any = UNKNOWN, deadline: float | None = None) -> Op[Record]:
+        call = self.put_call(key, data, expected, ttl_ms, timeout, deadline)
         if old is UNKNOWN:
             old = self.cache.lookup(key)
         resp = yield call
         return self.put_done(resp, key, data, expected, ttl_ms, old, what)
 
     def put_call(self, key: str, data: bytes, expected: int | None, ttl_ms: int,
-                 timeout: float | None) -> Call:
+                 timeout: float | None, deadline: float | None = None) -> Call:
         """The Call of one (compare-and-)swap, from validated arguments."""
         # field by field, zeros left out: half the cost of PutRequest(**fields) on upb
         req = state_pb2.PutRequest()
@@ -351,7 +430,7 @@ class SessionCore:
         req.request_id = codec.new_request_id()
         if self.ttl_ms:
             req.session_ttl_ms = self.ttl_ms
-        return Call("Put", req, timeout, "put")
+        return Call("Put", req, timeout, "put", deadline)
 
     def put_done(self, resp: state_pb2.PutResponse, key: str, data: bytes, expected: int | None,
                  ttl_ms: int, old: Any, what: str) -> Record:
@@ -409,13 +488,15 @@ class SessionCore:
         """Read-modify-write with compare-and-swap, retried on conflict. `fn(old)` gets the
         current Record (or None) and returns the new value (bytes or str), or None to write
         nothing. Starts from the cached record when there is one: a single writer pays one
-        CAS; a conflict answers with the current record, so a retry needs no read.
+        CAS; a conflict answers with the current record, so a retry needs no read. It is one
+        call: its read and every CAS share one deadline (`timeout`), fixed here.
         (AsyncSession.update runs this same loop with awaits, for speed.)"""
         key, ttl_ms, timeout = self.update_args(key, fn, ttl, timeout)
+        timeout, deadline = self.client.deadline(timeout)
         cached = self.cache.lookup(key)
         old: Record | None
         if isinstance(cached, _Unknown):
-            old = yield from self.get(key, timeout=timeout)
+            old = yield from self.get(key, timeout=timeout, deadline=deadline)
         else:
             old = cached
         for n in range(max(1, attempts)):
@@ -424,10 +505,12 @@ class SessionCore:
                 return old
             try:
                 return (yield from self._put(key, codec.to_bytes(new), old.version if old else 0, ttl_ms,
-                                             timeout, "update", old))
+                                             timeout, "update", old, deadline))
             except ConflictError as e:
                 old = e.current
                 pause = conflict_pause(n)
+                if deadline is not None:
+                    self.client.no_time_for(deadline, pause, timeout, n + 1, e, "update")
                 if pause:
                     yield Sleep(pause)
         raise gave_up(key, attempts, old)
@@ -443,7 +526,8 @@ class SessionCore:
     def scan(self, prefix: str = "", limit: int | None = 100, start_after: str = "",
              keys_only: bool = False, consistency: Any = None, min_revision: int = 0,
              timeout: Any = None) -> Op[list[Record]]:
-        """Keys of the session in order, up to `limit` (None: all), following pages."""
+        """Keys of the session in order, up to `limit` (None: all), following pages, all
+        within the call's one deadline."""
         want = None if limit is None else codec.count(limit, "limit")
         base: dict[str, Any] = dict(
             **self._ids(), prefix=codec.prefix(prefix), start_after=codec.prefix(start_after, "start_after"),
@@ -452,10 +536,14 @@ class SessionCore:
         )
         out: list[Record] = []
         token = ""
+        t = codec.timeout(timeout)
+        deadline: float | None = None  # the first page's, for every page
         while want is None or len(out) < want:
             page = 1000 if want is None else min(1000, want - len(out))
             req = state_pb2.ScanRequest(**base, limit=page, page_token=token)
-            resp = yield from self._rpc("Scan", req, timeout, "scan")
+            call = Call("Scan", req, t, "scan", deadline)
+            resp = yield from self._page(call)
+            deadline = call.deadline
             out.extend(Record.from_pb(r) for r in resp.records)
             token = resp.next_page_token
             if not token or not resp.records:
@@ -499,7 +587,8 @@ class SessionCore:
              min_revision: int = 0, timeout: Any = None) -> Op[list[Entry]]:
         """Entries oldest first. `last=N`: the newest N. Without `limit`, every page of the
         range is read (for `last=N` too: a server page holds the oldest of the newest N, the
-        next pages the rest). A stream that does not exist reads as []."""
+        next pages the rest), all within the call's one deadline. A stream that does not
+        exist reads as []."""
         newest = codec.count(last, "last")
         base: dict[str, Any] = dict(
             **self._ids(), stream=codec.stream(stream), from_seq=codec.count(from_seq, "from_seq"),
@@ -510,12 +599,16 @@ class SessionCore:
         after = codec.count(after_seq, "after_seq")
         page_limit = codec.count(limit, "limit") if limit is not None else 0
         out: list[Entry] = []
+        t = codec.timeout(timeout)
+        deadline: float | None = None  # the first page's, for every page
         while True:
             req = state_pb2.ReadLogRequest(**base, after_seq=after, limit=page_limit)
+            call = Call("ReadLog", req, t, "read_log", deadline)
             try:
-                resp = yield from self._rpc("ReadLog", req, timeout, "read_log")
+                resp = yield from self._page(call)
             except NotFoundError:
                 return out
+            deadline = call.deadline
             out.extend(codec.entry_list(resp.entries))
             if limit is not None or not resp.more or not resp.entries:
                 return out[-newest:] if newest else out  # appends between pages overshoot

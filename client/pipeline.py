@@ -126,14 +126,19 @@ def _message_limit(exc: ShardstateError) -> tuple[str, int] | None:
     return (limit, value) if limit in _MESSAGE_LIMITS or not limit else None
 
 
-# One pending op: its BatchOp field, request message, future, timeout and deadline (loop time;
-# _NEVER without a timeout).
+# One pending op: its BatchOp field, request message, future, and its call's timeout and
+# deadline (loop time; _NEVER without a timeout); a retried op comes back with the same ones.
 Pending = tuple[str, Any, "asyncio.Future[Any]", float | None, float]
 
 
 def budget_tail(max_response_bytes: int) -> bytes:
     """The BatchRequest bytes asking for an answer within `max_response_bytes` (0: none)."""
     return b"\x10" + varint(max_response_bytes) if max_response_bytes > 0 else b""  # field 2
+
+
+def _began(ops: list[Pending]) -> float:
+    """When the earliest call among `ops` began (its deadline less its timeout), or _NEVER."""
+    return min((p[4] - p[3] for p in ops if p[3] is not None), default=_NEVER)
 
 
 def _encode(pending: list[Pending], max_bytes: int = MAX_BATCH_BYTES,
@@ -378,19 +383,20 @@ class Conn:
         self.window = window  # at most this many batches unanswered; later ops wait and coalesce
         self._unanswered = 0
 
-    def submit(self, field: str, request: Any, timeout: float | None) -> asyncio.Future[Any]:
+    def submit(self, field: str, request: Any, timeout: float | None,
+               deadline: float | None = None) -> asyncio.Future[Any]:
         """One op into the next batch: a future of its response message (or its error),
-        failed with DeadlineExceededError once `timeout` seconds have passed."""
+        failed with DeadlineExceededError at `deadline` (loop time, time.monotonic() on
+        asyncio's loops: a retried op passes its call's deadline, which it keeps), or else
+        once `timeout` seconds (the call's) have passed."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        if timeout is not None:
-            deadline = loop.time() + timeout
-            if deadline < self._earliest:
-                self._earliest = deadline
-        else:
-            deadline = _NEVER
+        if deadline is None:
+            deadline = _NEVER if timeout is None else loop.time() + timeout
+        if deadline < self._earliest:
+            self._earliest = deadline
         pending = self._pending
         pending.append((field, request, fut, timeout, deadline))
         if len(pending) >= self.max_ops:
@@ -479,6 +485,10 @@ class Conn:
             if self._stream is None or self._stream.broken:
                 assert self._loop is not None
                 self._stream = _Stream(self.pipeline, self._loop, self._fall_back, self._failed)
+                # It owes answers from when the calls of its first ops began, so one of them
+                # that reaches its deadline unanswered was kept waiting by it for its call's
+                # whole timeout (_expire): a half-open stream is left at that first deadline.
+                self._stream.last_heard = min(self._stream.last_heard, _began(sent.ops))
             self._stream.send(sent)
         elif self.mode == BATCH:
             self._spawn(self._unary_batch(sent))

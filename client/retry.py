@@ -1,6 +1,9 @@
 """Retry policy of the client library: which errors to retry, how many attempts, what backoff.
 
 An injected policy object (as in redis-py): `Client(addrs, retry=Retry(attempts=8))`.
+Attempts and backoff pauses all fit in the call's one deadline (`timeout=`, fixed when the
+call starts, as a gRPC deadline or an etcd context deadline): each attempt gets what is left
+of it, and the call raises `deadline_exceeded(...)` when nothing is.
 """
 
 from __future__ import annotations
@@ -73,6 +76,13 @@ def _default_retry_on() -> tuple[type[BaseException], ...]:
 class Retry:
     """`attempts` counts every try, the first included (1 = never retry).
 
+    Every attempt of a call shares the call's deadline (its `timeout`, which starts when the
+    call does): an attempt gets what is left of it, a backoff pause that would reach it is not
+    taken, and when it leaves no time for another attempt the call raises
+    DeadlineExceededError ("the call's deadline of N s passed after K attempts ..."), with the
+    last attempt's error as its __cause__. So `attempts` is the most a call makes, the
+    deadline the longest it takes.
+
     Retrying is safe for every call the library makes: reads are idempotent and every
     mutation carries one request_id for all its attempts, so the shard applies it once.
     By default it retries UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED over
@@ -112,3 +122,27 @@ def on_tick(delay: float, tick: float = THROTTLE_TICK_S) -> float:
     """`delay`, lengthened to end on the next multiple of `tick` of time.monotonic()."""
     now = time.monotonic()
     return math.ceil((now + delay) / tick) * tick - now
+
+
+def deadline_exceeded(timeout: float | None, attempts: int, last: BaseException | None,
+                      what: str = "", backoff: float = 0.0) -> DeadlineExceededError:
+    """The error of a call whose deadline (`timeout` s after it started) left no time for an
+    attempt after `attempts` ones; `last` (the last attempt's error) is its __cause__.
+    `backoff` > 0: the deadline has not passed yet, but would during that pause. `what`
+    names the request (or the operation) in the message."""
+    n = "?" if timeout is None else f"{timeout:g}"
+    if not attempts:
+        msg = f"the call's deadline of {n} s passed before its first attempt"
+        if what:
+            msg += f" ({what})"
+    else:
+        tries = f"{attempts} attempt{'' if attempts == 1 else 's'}"
+        if backoff > 0:
+            msg = f"the call's deadline of {n} s would pass in the {backoff:.3g} s backoff after {tries}"
+        else:
+            msg = f"the call's deadline of {n} s passed after {tries}"
+        last_text = getattr(last, "message", None) or (str(last) if last is not None else "")
+        msg += f" ({what}; the last: {last_text})" if what else f" (the last: {last_text})"
+    err = DeadlineExceededError(msg)
+    err.__cause__ = last
+    return err

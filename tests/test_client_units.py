@@ -21,13 +21,23 @@ from shardstate.common.errors import (
     NotFoundError,
     UnavailableError,
 )
-from shardstate.operations import Attempt, Call, ClientCore, SessionCore, Sleep, resume
+from shardstate.operations import (
+    Attempt,
+    Call,
+    ClientCore,
+    Emit,
+    FetchMap,
+    SessionCore,
+    Sleep,
+    resume,
+)
 from shardstate.retry import (
     THROTTLE_TICK_S,
     ConstantBackoff,
     ExponentialBackoff,
     NoBackoff,
     Retry,
+    deadline_exceeded,
     on_tick,
 )
 from shardstate.txn import Txn
@@ -364,6 +374,188 @@ def test_retrying_reuses_the_request_and_switches_address() -> None:
         _drive(client.retrying(call), [InvalidArgumentError("bad")])
     with pytest.raises(UnavailableError):
         _drive(client.retrying(call), [UnavailableError("x")] * 4)
+
+
+# ---- one deadline per call (a clock of the test's own: no waiting, no durations) ----
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _deadline_core(clock: FakeClock, timeout: float | None = 5.0, backoff: float = 0.5,
+                   attempts: int = 10) -> ClientCore:
+    return ClientCore(AddressPool(["a:1"]), Retry(attempts=attempts, backoff=ConstantBackoff(backoff)), "",
+                      timeout, 16, clock=clock)
+
+
+def _fail_attempts(gen: Any, clock: FakeClock, took: float, error: Any) -> tuple[BaseException, list[Any]]:
+    """Drive a retrying generator whose every attempt takes `took` s (or its whole timeout,
+    when that is shorter: it times out) and fails with error(); sleeps pass on the clock."""
+    seen: list[Any] = []
+    exc: BaseException | None = None
+    while True:
+        try:
+            instr = gen.throw(exc) if exc is not None else next(gen)
+        except BaseException as e:  # the call's outcome
+            return e, seen
+        exc = None
+        seen.append(instr)
+        if isinstance(instr, Sleep):
+            clock.now += instr.seconds
+            continue
+        assert isinstance(instr, Attempt)
+        clock.now += took if instr.timeout is None else min(took, instr.timeout)
+        exc = error()
+
+
+def test_each_attempt_gets_what_is_left_of_the_calls_deadline() -> None:
+    clock = FakeClock()
+    core = _deadline_core(clock)
+    call = Call("Increment", state_pb2.IncrementRequest(key="n", request_id="r1"))
+    start = clock.now
+    got, seen = _fail_attempts(core.retrying(call), clock, 1.0, lambda: DeadlineExceededError("slow"))
+    attempts = [i.timeout for i in seen if isinstance(i, Attempt)]
+    assert attempts == [5.0, 3.5, 2.0, 0.5]  # 1 s each, 0.5 s backoff between: what is left
+    assert call.deadline == start + 5.0  # fixed when the call started
+    ends = start
+    for i in seen:  # no pause runs past the deadline
+        ends += i.seconds if isinstance(i, Sleep) else min(1.0, i.timeout)
+        assert ends <= start + 5.0
+    assert isinstance(got, DeadlineExceededError)
+    assert str(got) == "the call's deadline of 5 s passed after 4 attempts (Increment; the last: slow)"
+    assert isinstance(got.__cause__, DeadlineExceededError) and got.__cause__.message == "slow"
+
+
+def test_a_backoff_that_would_reach_the_deadline_is_not_taken() -> None:
+    clock = FakeClock()
+    core = _deadline_core(clock, backoff=3.0)
+    call = Call("Get", state_pb2.GetRequest(key="k"))
+    got, seen = _fail_attempts(core.retrying(call), clock, 2.5, lambda: UnavailableError("down"))
+    assert not any(isinstance(i, Sleep) for i in seen) and len(seen) == 1
+    assert isinstance(got, DeadlineExceededError)
+    assert str(got).startswith("the call's deadline of 5 s would pass in the 3 s backoff after 1 attempt (Get")
+    assert isinstance(got.__cause__, UnavailableError)
+
+
+def test_without_a_timeout_a_call_makes_every_attempt_it_may() -> None:
+    clock = FakeClock()
+    core = _deadline_core(clock, timeout=None, attempts=4)
+    call = Call("Get", state_pb2.GetRequest(key="k"))
+    got, seen = _fail_attempts(core.retrying(call), clock, 100.0, lambda: UnavailableError("down"))
+    assert [i.timeout for i in seen if isinstance(i, Attempt)] == [None] * 4
+    assert isinstance(got, UnavailableError) and call.deadline is None
+    # a call's own timeout overrides the client's none
+    call = Call("Get", state_pb2.GetRequest(key="k"), timeout=2.0)
+    got, seen = _fail_attempts(core.retrying(call), clock, 1.5, lambda: UnavailableError("down"))
+    assert [i.timeout for i in seen if isinstance(i, Attempt)] == [2.0] and isinstance(got, DeadlineExceededError)
+
+
+def test_a_deadline_fixed_before_the_call_is_kept() -> None:
+    clock = FakeClock()
+    core = _deadline_core(clock)
+    call = Call("Get", state_pb2.GetRequest(key="k"), 5.0, "get", clock.now + 1.25)
+    got, seen = _fail_attempts(core.retrying(call), clock, 1.0, lambda: UnavailableError("down"))
+    assert [i.timeout for i in seen if isinstance(i, Attempt)] == [1.25]
+    assert isinstance(got, DeadlineExceededError)
+    late = Call("Get", state_pb2.GetRequest(key="k"), 5.0, "get", clock.now - 1)
+    got, seen = _fail_attempts(core.retrying(late), clock, 1.0, lambda: UnavailableError("down"))
+    assert seen == [] and str(got) == "the call's deadline of 5 s passed before its first attempt (Get)"
+
+
+def test_direct_mode_map_fetch_waits_what_is_left() -> None:
+    clock = FakeClock()
+    core = ClientCore(AddressPool(["r:1"]), Retry(attempts=5, backoff=ConstantBackoff(0.1)), "", 2.0, 16,
+                      direct=True, clock=clock)
+    call = Call("Get", state_pb2.GetRequest(session_id="s", key="k"))
+    gen = core.retrying(call)
+    fetch = next(gen)
+    assert isinstance(fetch, FetchMap) and fetch.timeout == 2.0
+    clock.now += 2.0  # the fetch used it all
+    with pytest.raises(DeadlineExceededError, match="before its first attempt"):
+        gen.send(None)
+
+
+def test_update_read_and_every_cas_share_one_deadline() -> None:
+    clock = FakeClock()
+    s = SessionCore(_deadline_core(clock), "s")
+    gen = s.update("k", lambda old: b"mine", timeout=3.0)
+    start = clock.now
+    calls: list[Call] = []
+    answer: Any = None
+    got: BaseException | None = None
+    while True:
+        try:
+            instr = gen.send(answer)
+        except BaseException as e:
+            got = e
+            break
+        if isinstance(instr, Sleep):
+            answer = None
+            continue
+        calls.append(instr)
+        clock.now += 1.0
+        if instr.method == "Get":
+            answer = state_pb2.GetResponse(found=False)
+        else:
+            answer = state_pb2.PutResponse(applied=False, current=_pb_rec("k", b"theirs", len(calls)))
+    assert [c.method for c in calls] == ["Get", "Put", "Put"]
+    assert {c.deadline for c in calls} == {start + 3.0} and {c.timeout for c in calls} == {3.0}
+    assert isinstance(got, DeadlineExceededError)
+    assert str(got).startswith("the call's deadline of 3 s passed after 2 attempts (update; the last: ")
+    assert isinstance(got.__cause__, ConflictError)
+
+
+def test_pages_and_batch_chunks_share_the_first_requests_deadline() -> None:
+    s = _core()
+    gen = s.scan(limit=None)
+    first = next(gen)
+    assert first.deadline is None  # fixed by the driver when it starts the call ...
+    first.deadline = 42.0
+    second = gen.send(state_pb2.ScanResponse(records=[_pb_rec("a", b"", 1)], next_page_token="a"))
+    assert second.deadline == 42.0  # ... and kept for the next pages
+    gen = s.read("log")
+    first = next(gen)
+    first.deadline = 43.0
+    page = state_pb2.ReadLogResponse(entries=[types_pb2.LogEntry(seq=1)], more=True)
+    assert gen.send(page).deadline == 43.0
+    # a batch: every chunk, and the further requests of its ops (a read's next page)
+    b = Batch(s.client, lambda op: op, max_ops=1)
+    b.read("s", "log").get("s", "k")
+    gen = b.execute(timeout=7.0)
+    chunk = next(gen)
+    assert chunk.method == "Batch" and chunk.timeout == 7.0 and chunk.deadline is None
+    chunk.deadline = 44.0
+    result = state_pb2.BatchResult(read_log=page)
+    follow = gen.send(state_pb2.BatchResponse(results=[result]))
+    assert follow.method == "ReadLog" and (follow.timeout, follow.deadline) == (7.0, 44.0)
+    chunk2 = gen.send(state_pb2.ReadLogResponse(entries=[types_pb2.LogEntry(seq=2)]))
+    assert chunk2.method == "Batch" and chunk2.deadline == 44.0
+
+
+def test_list_sessions_pages_each_have_their_own_deadline() -> None:
+    client = _core().client
+    gen = client.list_sessions("", 1, None, 2.0)
+    first = next(gen)
+    first.deadline = 45.0
+    resp = state_pb2.ListSessionsResponse(sessions=[types_pb2.SessionInfo(session_id="a")], next_page_token="a")
+    assert isinstance(gen.send(resp), Emit)
+    second = next(gen)
+    assert second.method == "ListSessions" and second.timeout == 2.0 and second.deadline is None
+
+
+def test_deadline_error_messages() -> None:
+    last = UnavailableError("down")
+    e = deadline_exceeded(0.5, 1, last, "Get")
+    assert str(e) == "the call's deadline of 0.5 s passed after 1 attempt (Get; the last: down)"
+    assert e.__cause__ is last and isinstance(e, DeadlineExceededError) and e.retryable
+    assert str(deadline_exceeded(10.0, 3, last)) == "the call's deadline of 10 s passed after 3 attempts (the last: down)"
+    assert str(deadline_exceeded(2.0, 0, None, "Put")) == "the call's deadline of 2 s passed before its first attempt (Put)"
+    assert "would pass in the 0.25 s backoff after 2 attempts" in str(deadline_exceeded(1.0, 2, last, "", 0.25))
 
 
 def test_resume_passes_further_instructions_through() -> None:
