@@ -185,6 +185,7 @@ class AsyncClient:
         if deadline is None and timeout is not None:
             left = timeout
             call.deadline = deadline = core.clock() + timeout
+        capped = core.retry.attempt_timeout  # each attempt's own cap (None: the deadline's)
         failures = tried = 0
         last: ShardstateError | None = None
         via_router = False
@@ -206,9 +207,14 @@ class AsyncClient:
                     raise deadline_exceeded(timeout, tried, last, call.method)
             try:
                 if conn is not None:
-                    resp = await conn.submit(field, call.request, timeout, deadline)  # type: ignore[arg-type]
+                    if capped is None:
+                        resp = await conn.submit(field, call.request, timeout, deadline)  # type: ignore[arg-type]
+                    else:  # this attempt ends at its own timeout, unless the call's comes first
+                        now = core.clock()
+                        end = now + capped if deadline is None else min(deadline, now + capped)
+                        resp = await conn.submit(field, call.request, end - now, end)  # type: ignore[arg-type]
                 else:
-                    resp = await self._unary(call, address, left)
+                    resp = await self._unary(call, address, left if capped is None else core.retry.attempt(left))
             except ShardstateError as e:
                 if conn is not None and conn.mode == UNARY and isinstance(e, UnimplementedError):
                     left = None

@@ -193,7 +193,7 @@ class ClientCore:
                 raise deadline_exceeded(timeout, tried, last, call.method)
             address = shard or self.pool.pick()
             try:
-                resp = yield Attempt(call, address, left)
+                resp = yield Attempt(call, address, self.retry.attempt(left))
             except ShardstateError as exc:
                 tried += 1
                 last = exc

@@ -83,6 +83,12 @@ class Retry:
     last attempt's error as its __cause__. So `attempts` is the most a call makes, the
     deadline the longest it takes.
 
+    `attempt_timeout` (seconds; None: none) caps each attempt within that deadline, as gRPC's
+    perAttemptRecvTimeout and the AWS SDKs' attempt timeout do: an address that hangs without
+    answering (a stopped process, a dead host that sends no reset) then costs one attempt, and
+    the retry goes to another address or a new stream while the call's deadline lasts. Without
+    it, such an attempt waits for whatever is left of the deadline.
+
     Retrying is safe for every call the library makes: reads are idempotent and every
     mutation carries one request_id for all its attempts, so the shard applies it once.
     By default it retries UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED over
@@ -92,14 +98,26 @@ class Retry:
     attempts: int = 6
     backoff: Backoff = field(default_factory=ExponentialBackoff)
     retry_on: Sequence[type[BaseException]] = field(default_factory=_default_retry_on)
+    attempt_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise InvalidArgumentError(f"Retry(attempts=) must be at least 1, got {self.attempts}")
+        a = self.attempt_timeout
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < math.inf):
+            raise InvalidArgumentError(f"Retry(attempt_timeout=) must be a positive number of seconds or None, got {a!r}")
         object.__setattr__(self, "retry_on", tuple(self.retry_on))
 
     def retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, tuple(self.retry_on))
+
+    def attempt(self, left: float | None) -> float | None:
+        """The timeout of the next attempt when `left` seconds remain of the call (None: no
+        deadline)."""
+        cap = self.attempt_timeout
+        if cap is None or (left is not None and left <= cap):
+            return left
+        return cap
 
     def delay(self, exc: BaseException, failures: int) -> float | None:
         """Seconds to wait before the next attempt after `failures` failed ones, or None

@@ -291,14 +291,14 @@ def test_bad_input_before_any_rpc() -> None:
 @BATCHING
 def test_retries_survive_kill_9_without_double_applying(procs: Procs, batching: bool) -> None:
     shard = procs.shard("s1")
-    retry = Retry(attempts=400, backoff=ConstantBackoff(0.1))
+    retry = Retry(attempts=400, backoff=ConstantBackoff(0.1), attempt_timeout=10)
 
     async def main() -> tuple[list[int], list[int]]:
         acked: list[int] = []
         counts: list[int] = []
         failures: list[Exception] = []
         stop = asyncio.Event()
-        async with AsyncClient(shard.address, batching=batching, retry=retry, timeout=10) as c:
+        async with AsyncClient(shard.address, batching=batching, retry=retry, timeout=30) as c:
             s = c.session("crashy")
 
             async def writer(w: int) -> None:

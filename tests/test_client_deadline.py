@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
-from shardstate import AsyncClient, Client, DeadlineExceededError, Retry
+from shardstate import AsyncClient, Client, DeadlineExceededError, InvalidArgumentError, Retry
 from shardstate.syncbatch import SHARE_AT
 from shardstate.v1 import state_pb2, state_pb2_grpc, types_pb2
 from tests.procs import Proc, Procs
@@ -472,3 +472,74 @@ def test_many_async_callers_each_keep_their_deadline(procs: Procs) -> None:
     got = run(main())
     assert all(isinstance(e, DeadlineExceededError) for e in got), got
     assert all(attempts_in(e, 0.5) == 1 for e in got)
+
+
+@pytest.mark.parametrize("mode", ["sync", "sync-batching", "async-pipeline", "async-unary"])
+def test_attempt_timeout_moves_on_from_a_stopped_router(procs: Procs, mode: str) -> None:
+    """Two routers, one stopped (SIGSTOP: connected, never answering). With
+    Retry(attempt_timeout=) an attempt on the stopped one ends at its cap and the retry goes
+    to the other router, so every call succeeds within its deadline; without it, the call to
+    the stopped router waits its whole deadline and fails."""
+    shard = procs.shard("s1")
+    routers = [procs.router([shard.address]), procs.router([shard.address])]
+    addresses = [r.address for r in routers]
+    calls = 4  # round-robin: at least one goes to the stopped router first
+    # Each client its own connections: grpc shares them between channels by default, and a
+    # connection the other client saw fail would fail at once instead of hanging.
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    # Both routers connected first: a new connection to a stopped process fails at once
+    # (UNAVAILABLE, then the other router); only an open one hangs.
+    warm = 2
+    sid = uid()
+
+    def capped(backoff: CountingBackoff) -> Retry:
+        return Retry(attempts=MANY, backoff=backoff, attempt_timeout=0.5)
+
+    if mode.startswith("sync"):
+        batching = mode == "sync-batching"
+        backoff = CountingBackoff()
+        with Client(addresses, timeout=30, retry=capped(backoff), batching=batching, options=own) as c:
+            c.session(sid).put("k", b"v")
+            for _ in range(warm):
+                c.session(sid).get("k")
+            with stopped(routers[0]):
+                got = [c.session(sid).get("k").value for _ in range(calls)]
+        plain = CountingBackoff()
+        with Client(addresses, timeout=1.0, retry=many(plain), batching=batching, options=own) as c:
+            for _ in range(warm):
+                c.session(sid).get("k")
+            with stopped(routers[0]), pytest.raises(DeadlineExceededError) as failed:
+                for _ in range(calls):
+                    c.session(sid).get("k")
+    else:
+        batching = mode == "async-pipeline"
+        backoff = CountingBackoff()
+
+        async def main() -> tuple[list[bytes], Any]:
+            async with AsyncClient(addresses, timeout=30, retry=capped(backoff), batching=batching, options=own) as c:
+                await c.session(sid).put("k", b"v")
+                for _ in range(warm):
+                    await c.session(sid).get("k")
+                with stopped(routers[0]):
+                    values = [(await c.session(sid).get("k")).value for _ in range(calls)]
+            async with AsyncClient(addresses, timeout=1.0, retry=many(CountingBackoff()), batching=batching, options=own) as c:
+                for _ in range(warm):
+                    await c.session(sid).get("k")
+                with stopped(routers[0]), pytest.raises(DeadlineExceededError) as exc:
+                    for _ in range(calls):
+                        await c.session(sid).get("k")
+            return values, exc
+
+        got, failed = run(main())
+    assert got == [b"v"] * calls
+    assert backoff.calls >= 1  # an attempt on the stopped router timed out and was retried
+    assert attempts_in(failed.value, 1.0) == 1
+
+
+def test_attempt_timeout_is_checked() -> None:
+    for bad in (0, -1, float("inf"), "1", True):
+        with pytest.raises(InvalidArgumentError, match="attempt_timeout"):
+            Retry(attempt_timeout=bad)  # type: ignore[arg-type]
+    r = Retry(attempt_timeout=2)
+    assert (r.attempt(None), r.attempt(5.0), r.attempt(1.5)) == (2, 2, 1.5)
+    assert Retry().attempt(3.0) == 3.0 and Retry().attempt(None) is None

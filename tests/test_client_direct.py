@@ -21,7 +21,8 @@ from shardstate.v1 import admin_pb2, admin_pb2_grpc
 from tests.procs import Proc, Procs
 from tests.stubs import run, uid, wait_until
 
-PATIENT = Retry(attempts=400, backoff=ConstantBackoff(0.1))
+PATIENT = Retry(attempts=400, backoff=ConstantBackoff(0.1), attempt_timeout=10)  # within timeout=PATIENCE
+PATIENCE = 60  # s: each call's deadline (a failover fits in it many times)
 
 
 def cluster_map(router: Proc) -> admin_pb2.ClusterMap:
@@ -193,7 +194,7 @@ def test_kill_9_of_a_primary_and_promote_under_a_direct_client_loses_no_acknowle
     acked: dict[str, list[int]] = {sid: [] for sid in sids}
     failures: list[BaseException] = []
     stop = threading.Event()
-    with Client(router.address, direct=True, retry=PATIENT, timeout=10) as c:
+    with Client(router.address, direct=True, retry=PATIENT, timeout=PATIENCE) as c:
         def worker(sid: str) -> None:
             s = c.session(sid)
             try:
@@ -249,7 +250,7 @@ def test_kill_9_of_a_primary_and_promote_under_an_async_direct_client(procs: Pro
     acked: dict[str, list[int]] = {sid: [] for sid in sids}
 
     async def main() -> None:
-        async with AsyncClient(router.address, direct=True, retry=PATIENT, timeout=10) as c:
+        async with AsyncClient(router.address, direct=True, retry=PATIENT, timeout=PATIENCE) as c:
             stop = asyncio.Event()
 
             async def worker(sid: str) -> None:

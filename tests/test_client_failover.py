@@ -14,7 +14,8 @@ from shardstate import AsyncClient, Change, Client, ConstantBackoff, Retry
 from tests.procs import Procs
 from tests.stubs import run, uid
 
-PATIENT = Retry(attempts=400, backoff=ConstantBackoff(0.1))
+PATIENT = Retry(attempts=400, backoff=ConstantBackoff(0.1), attempt_timeout=10)  # within timeout=PATIENCE
+PATIENCE = 60  # s: each call's deadline (a failover fits in it many times)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60) -> None:
@@ -32,7 +33,7 @@ def test_killed_router_is_invisible_to_sync_clients(procs: Procs) -> None:
     stop = threading.Event()
 
     def worker() -> None:
-        with Client([r.address for r in routers], retry=PATIENT, timeout=10) as c:
+        with Client([r.address for r in routers], retry=PATIENT, timeout=PATIENCE) as c:
             s = c.session(sid)
             try:
                 while not stop.is_set():
@@ -69,7 +70,7 @@ def test_killed_router_is_invisible_to_async_clients(procs: Procs) -> None:
     async def main() -> None:
         acked: list[int] = []
         stop = asyncio.Event()
-        async with AsyncClient([r.address for r in routers], retry=PATIENT, timeout=10) as c:
+        async with AsyncClient([r.address for r in routers], retry=PATIENT, timeout=PATIENCE) as c:
             s = c.session(uid())
 
             async def worker() -> None:
@@ -105,13 +106,13 @@ def test_watch_resumes_across_shard_kill_9(procs: Procs) -> None:
     failures: list[BaseException] = []
     total = 60
 
-    with Client(shard.address, retry=PATIENT, timeout=10) as c:
+    with Client(shard.address, retry=PATIENT, timeout=PATIENCE) as c:
         s = c.session(sid)
         first = s.put("k", b"0")
 
         def watcher() -> None:
             try:
-                with Client(shard.address, retry=PATIENT, timeout=10) as wc:
+                with Client(shard.address, retry=PATIENT, timeout=PATIENCE) as wc:
                     for ch in wc.session(sid).watch(from_revision=first):
                         seen.append(ch)
                         if len(seen) == total:

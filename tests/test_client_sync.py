@@ -453,7 +453,7 @@ def test_dead_address_beside_a_live_one(shard: str) -> None:
 @pytest.mark.parametrize("batching", [True, False], ids=["batching", "unary"])
 def test_retries_survive_kill_9_without_double_applying(procs: Procs, batching: bool) -> None:
     shard = procs.shard("s1")
-    retry = Retry(attempts=400, backoff=ConstantBackoff(0.1))  # patient until each call's deadline (10 s)
+    retry = Retry(attempts=400, backoff=ConstantBackoff(0.1), attempt_timeout=10)  # within each call's 30 s
     acked: list[int] = []
     counts: list[int] = []
     failures: list[BaseException] = []
@@ -461,7 +461,7 @@ def test_retries_survive_kill_9_without_double_applying(procs: Procs, batching: 
     stop = threading.Event()
 
     def writer() -> None:
-        with Client(shard.address, retry=retry, timeout=10, batching=batching) as c:
+        with Client(shard.address, retry=retry, timeout=30, batching=batching) as c:
             s = c.session("crashy")
             # Batching: other threads' calls overlap the writer's, so the calls made while
             # SHARE_AT others are under way ride the loop's Pipeline stream (with fewer
