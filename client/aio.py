@@ -42,6 +42,7 @@ from shardstate.operations import (
     Sleep,
     conflict_pause,
     gave_up,
+    same_record,
 )
 from shardstate.pipeline import HOLD_S, UNARY, Mux, raw_pipeline
 from shardstate.retry import Retry, deadline_exceeded
@@ -379,19 +380,27 @@ class AsyncSession:
         key, ttl_ms, t = core.update_args(key, fn, ttl, timeout)
         t, deadline = core.client.deadline(t)  # one deadline for the read and every CAS
         old: Any = core.cache.lookup(key)
-        if old is UNKNOWN:
+        confirmed = old is UNKNOWN  # old came from the server in this call
+        if confirmed:
             old = await self._run(core.get(key, timeout=t, deadline=deadline))
         for n in range(max(1, attempts)):
             new = fn(old)
-            if new is None:
-                return old  # type: ignore[no-any-return]
+            while new is None:
+                if confirmed:
+                    return old  # type: ignore[no-any-return]
+                # nothing to write from the cached record: decide again from the current one
+                fresh = await self._run(core.get(key, timeout=t, deadline=deadline))
+                if same_record(fresh, old):
+                    return fresh
+                old, confirmed = fresh, True
+                new = fn(old)
             data = codec.to_bytes(new)
             expected = old.version if old else 0
             try:
                 resp = await self.client._call(core.put_call(key, data, expected, ttl_ms, t, deadline))
                 return core.put_done(resp, key, data, expected, ttl_ms, old, "update")
             except ConflictError as e:
-                old = e.current
+                old, confirmed = e.current, True
                 pause = conflict_pause(n)
                 if deadline is not None:
                     core.client.no_time_for(deadline, pause, t, n + 1, e, "update")

@@ -332,6 +332,11 @@ def conflict_pause(n: int) -> float:
     return random.random() * 0.001 * min(n, 20) if n >= 2 else 0.0
 
 
+def same_record(a: Record | None, b: Record | None) -> bool:
+    """Whether two reads of a key found the same write (versions never repeat for a key)."""
+    return a.version == b.version if a is not None and b is not None else a is b
+
+
 def gave_up(key: str, attempts: int, old: Record | None) -> ConflictError:
     return ConflictError(f"update of key {key!r} gave up after {attempts} conflicting attempts", current=old)
 
@@ -488,26 +493,37 @@ class SessionCore:
         """Read-modify-write with compare-and-swap, retried on conflict. `fn(old)` gets the
         current Record (or None) and returns the new value (bytes or str), or None to write
         nothing. Starts from the cached record when there is one: a single writer pays one
-        CAS; a conflict answers with the current record, so a retry needs no read. It is one
+        CAS; a conflict answers with the current record, so a retry needs no read. When fn
+        returns None for the cached record, the current one is read and fn asked again if it
+        changed, so "nothing to write" is decided from what is stored. It is one
         call: its read and every CAS share one deadline (`timeout`), fixed here.
         (AsyncSession.update runs this same loop with awaits, for speed.)"""
         key, ttl_ms, timeout = self.update_args(key, fn, ttl, timeout)
         timeout, deadline = self.client.deadline(timeout)
         cached = self.cache.lookup(key)
         old: Record | None
-        if isinstance(cached, _Unknown):
+        confirmed = isinstance(cached, _Unknown)  # old came from the server in this call
+        if confirmed:
             old = yield from self.get(key, timeout=timeout, deadline=deadline)
         else:
-            old = cached
+            old = cached  # type: ignore[assignment]
         for n in range(max(1, attempts)):
             new = fn(old)
-            if new is None:
-                return old
+            while new is None:
+                if confirmed:
+                    return old
+                # fn chose to write nothing from the cached record, which another writer may
+                # have replaced since: decide again from the current one.
+                fresh = yield from self.get(key, timeout=timeout, deadline=deadline)
+                if same_record(fresh, old):
+                    return fresh
+                old, confirmed = fresh, True
+                new = fn(old)
             try:
                 return (yield from self._put(key, codec.to_bytes(new), old.version if old else 0, ttl_ms,
                                              timeout, "update", old, deadline))
             except ConflictError as e:
-                old = e.current
+                old, confirmed = e.current, True
                 pause = conflict_pause(n)
                 if deadline is not None:
                     self.client.no_time_for(deadline, pause, timeout, n + 1, e, "update")

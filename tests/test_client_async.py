@@ -166,6 +166,31 @@ def test_update_from_8_tasks_is_exact(shard: str, batching: bool) -> None:
     run(main())
 
 
+@BATCHING
+def test_update_writing_nothing_decides_from_the_stored_record(shard: str, batching: bool) -> None:
+    async def main() -> None:
+        async with AsyncClient(shard, batching=batching, timeout=30) as c:
+            s = c.session(uid())
+            other = c.session(s.session_id)  # its own version cache
+            mark = await s.update("phase", lambda old: b"done")
+            await other.put("phase", b"reset")  # s's cache still says "done"
+            seen: list[bytes | None] = []
+
+            def finish(old: Any) -> bytes | None:
+                seen.append(old.value if old else None)
+                return None if old is not None and old.value == b"done" else b"done"
+
+            rec = await s.update("phase", finish)
+            assert seen == [b"done", b"reset"]
+            stored = await s.get("phase")
+            assert (rec.value, rec.version) == (stored.value, stored.version)
+            assert rec.value == b"done" and rec.version > mark.version
+            again = await s.update("phase", finish)
+            assert again.version == rec.version == (await s.get("phase")).version
+
+    run(main())
+
+
 def test_concurrent_calls_coalesce_into_pipeline_batches(shard: str) -> None:
     async def main() -> None:
         async with AsyncClient(shard, timeout=30) as c:

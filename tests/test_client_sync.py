@@ -147,6 +147,31 @@ def test_update_incr_and_json(client: Client) -> None:
         s.get_json("text")
 
 
+def test_update_writing_nothing_decides_from_the_stored_record(client: Client) -> None:
+    """fn returning None ("nothing to write") for the cached record is checked against the
+    stored one: another writer's change makes update() ask fn again and write."""
+    s = client.session(uid())
+    other = client.session(s.session_id)  # its own version cache
+    mark = s.update("phase", lambda old: b"done")
+    assert mark is not None and mark.value == b"done"
+    other.put("phase", b"reset")  # behind s's back: s's cache still says "done"
+    seen: list[bytes | None] = []
+
+    def finish(old: Record | None) -> bytes | None:
+        seen.append(old.value if old else None)
+        return None if old is not None and old.value == b"done" else b"done"
+
+    rec = s.update("phase", finish)
+    assert seen == [b"done", b"reset"]  # asked again, from the stored record
+    stored = s.get("phase")
+    assert rec is not None and stored is not None
+    assert (rec.value, rec.version) == (stored.value, stored.version) == (b"done", stored.version)
+    assert rec.version > mark.version
+    # Nothing changed since: None stands, nothing is written, the stored record is returned.
+    again = s.update("phase", finish)
+    assert again is not None and again.version == rec.version and s.get("phase").version == rec.version
+
+
 def test_scan(client: Client) -> None:
     s = client.session(uid())
     for i in range(25):
