@@ -299,8 +299,17 @@ def test_update_gives_up_with_conflict_error_and_none_means_no_write() -> None:
     with pytest.raises(ConflictError, match="gave up after 3") as ei:
         _drive(s.update("n", lambda old: b"y", attempts=3), answers)
     assert ei.value.current is not None and ei.value.current.version == 3
-    rec, calls = _drive(s.update("n", lambda old: None), [])
-    assert calls == [] and rec is not None and rec.version == 3
+    # None for the cached record: the stored one is read; unchanged, it is the answer
+    rec, calls = _drive(s.update("n", lambda old: None),
+                        [state_pb2.GetResponse(found=True, record=_pb_rec("n", b"x", 3))])
+    assert [c.method for c in calls] == ["Get"] and rec is not None and rec.version == 3
+    # changed behind the cache's back: fn is asked again from the stored record
+    asked: list[int] = []
+    rec, calls = _drive(s.update("n", lambda old: asked.append(old.version) or (None if old.version == 3 else b"z")),
+                        [state_pb2.GetResponse(found=True, record=_pb_rec("n", b"w", 5)),
+                         state_pb2.PutResponse(applied=True, version=6)])
+    assert asked == [3, 5] and [c.method for c in calls] == ["Get", "Put"]
+    assert calls[1].request.expected_version == 5 and rec.value == b"z" and rec.version == 6
 
 
 def test_put_conflict_carries_current_and_refreshes_the_cache() -> None:
