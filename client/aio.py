@@ -44,7 +44,7 @@ from shardstate.operations import (
     gave_up,
     same_record,
 )
-from shardstate.pipeline import HOLD_S, UNARY, Mux, raw_pipeline
+from shardstate.pipeline import HOLD_S, UNARY, Mux, batch_bytes, raw_pipeline
 from shardstate.retry import Retry, deadline_exceeded
 from shardstate.txn import Txn, TxnResult
 from shardstate.v1 import admin_pb2, admin_pb2_grpc
@@ -97,7 +97,7 @@ class AsyncClient:
         self._traced = bool(tracing.client_interceptors(aio=True))
         self._mux = (Mux(self._channels.stub, self._pipeline, max_batch_ops, self._core.timeout,
                          self._cluster_view, codec.timeout(batch_hold_s, "batch_hold_s") or HOLD_S,
-                         answer_budget)
+                         answer_budget, batch_bytes(max_message_bytes))
                      if batching else None)
 
     # ---- public surface ----

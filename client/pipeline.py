@@ -72,6 +72,16 @@ VIEW_TTL_S = 5.0  # a cluster map fetched for splitting is fetched again when ol
 # The largest batch sent (BatchRequest bytes): a server's default max_request_bytes, which it
 # enforces on the whole message (plus a small envelope). Larger ops go alone.
 MAX_BATCH_BYTES = Limits().max_request_bytes
+FRAMING_BYTES = 1024  # what a Pipeline message adds around its BatchRequest (id, tags), with room
+
+
+def batch_bytes(max_message_bytes: int) -> int:
+    """The largest batch a client sending at most `max_message_bytes` builds (<= 0: no limit
+    of its own): MAX_BATCH_BYTES, or less when its own limit is lower, so that concurrent
+    callers' ops never add up to a message the client itself cannot send."""
+    if max_message_bytes <= 0:
+        return MAX_BATCH_BYTES
+    return max(1, min(MAX_BATCH_BYTES, max_message_bytes - FRAMING_BYTES))
 # BatchOp oneof name -> {request length: what precedes the request in BatchRequest.ops}
 _OP_HEADS: dict[str, dict[int, bytes]] = {name: {} for name in _OP_NUMBER}
 
@@ -667,8 +677,10 @@ class Mux:
                  pipeline_for: Callable[[str], Any], max_ops: int = 1000,
                  timeout: float | None = None,
                  view_for: Callable[[str], Awaitable[ClusterView | None]] | None = None,
-                 hold_s: float = HOLD_S, max_response_bytes: int = 0) -> None:
+                 hold_s: float = HOLD_S, max_response_bytes: int = 0,
+                 max_bytes: int = MAX_BATCH_BYTES) -> None:
         self._stub_for = stub_for
+        self._max_bytes = max_bytes  # a batch's BatchRequest bytes at most (batch_bytes)
         self._pipeline_for = pipeline_for
         self._max_ops = max_ops
         self._timeout = timeout
@@ -686,7 +698,7 @@ class Mux:
             fetch = (lambda: view_for(address)) if view_for is not None else None
             conn = self._conns[address] = Conn(self._stub_for(address), self._pipeline_for(address),
                                                self._max_ops, self._timeout, fetch, self._hold_s,
-                                               address, self._batching,
+                                               address, self._batching, max_bytes=self._max_bytes,
                                                max_response_bytes=self._max_response_bytes)
         return conn
 

@@ -449,3 +449,21 @@ def test_batches_shrink_to_the_servers_own_limits(procs: Procs) -> None:
 
     for address in (shard.address, router.address):
         run(main(address))
+
+
+def test_batches_stay_within_the_clients_own_send_limit(shard: str) -> None:
+    """A client whose max_message_bytes is below the server's 4 MiB request limit builds its
+    batches within its own limit: concurrent valid puts that would add up to more than it can
+    send each succeed."""
+    limit = 2 * 1024 * 1024
+    value = b"v" * (900 * 1024)
+
+    async def main() -> None:
+        async with AsyncClient(shard, timeout=30, max_message_bytes=limit) as c:
+            sessions = [c.session(uid()) for _ in range(6)]  # 5.4 MB together
+            versions = await asyncio.gather(*(s.put("k", value) for s in sessions))
+            got = await asyncio.gather(*(s.get("k") for s in sessions))
+            assert [r.version for r in got] == versions and all(r.value == value for r in got)
+            assert c.batching_stats()[shard]["mode"] == "pipeline"
+
+    run(main())
