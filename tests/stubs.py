@@ -6,11 +6,13 @@ No client library: tests speak the wire contract (shardstate.v1) over grpc.insec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -348,3 +350,17 @@ class WriteLoad:
                 assert got.get(seq) == data, f"acknowledged append lost: {sid}/{stream}#{seq}"
                 checked += 1
         return checked
+
+
+@contextlib.contextmanager
+def state_server(servicer: Any, workers: int = 16) -> Iterator[str]:
+    """A real gRPC server on 127.0.0.1:0 serving `servicer` as the State service (a test's
+    own behaviour: slow, silent, recording); yields its address, stopped afterwards."""
+    server = grpc.server(ThreadPoolExecutor(workers))
+    state_pb2_grpc.add_StateServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)

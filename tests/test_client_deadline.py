@@ -17,7 +17,6 @@ import re
 import signal
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -27,7 +26,7 @@ from shardstate import AsyncClient, Client, DeadlineExceededError, InvalidArgume
 from shardstate.syncbatch import SHARE_AT
 from shardstate.v1 import state_pb2, state_pb2_grpc, types_pb2
 from tests.procs import Proc, Procs
-from tests.stubs import run, uid, wait_until
+from tests.stubs import run, state_server, uid, wait_until
 
 DELAY = 0.2  # each answer of _Budgets takes at least this long
 TIMEOUT = 1.0  # the calls' deadline against _Budgets: room for a few answers, not many
@@ -171,16 +170,12 @@ class _Budgets(state_pb2_grpc.StateServicer):
 @contextlib.contextmanager
 def budgets_server(**kw: Any) -> Iterator[tuple[_Budgets, str]]:
     srv = _Budgets(**kw)
-    server = grpc.server(ThreadPoolExecutor(32))
-    state_pb2_grpc.add_StateServicer_to_server(srv, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield srv, f"127.0.0.1:{port}"
-    finally:
-        srv.release.set()
-        srv.stop.set()
-        server.stop(None)
+    with state_server(srv, 32) as address:
+        try:
+            yield srv, address
+        finally:
+            srv.release.set()
+            srv.stop.set()
 
 
 def many(backoff: CountingBackoff | None = None) -> Retry:

@@ -12,11 +12,9 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from shardstate import (
@@ -37,7 +35,7 @@ from shardstate import (
 from shardstate.syncbatch import SHARE_AT
 from shardstate.v1 import state_pb2, state_pb2_grpc
 from tests.procs import Procs
-from tests.stubs import dead_address, uid, wait_until
+from tests.stubs import dead_address, state_server, uid, wait_until
 
 
 class _Slow(state_pb2_grpc.StateServicer):
@@ -57,15 +55,11 @@ class _Slow(state_pb2_grpc.StateServicer):
 def slow_server() -> Iterator[tuple[_Slow, str]]:
     """A real gRPC server with only a Get that waits for `release`, and its address."""
     slow = _Slow()
-    server = grpc.server(ThreadPoolExecutor(16))
-    state_pb2_grpc.add_StateServicer_to_server(slow, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield slow, f"127.0.0.1:{port}"
-    finally:
-        slow.release.set()
-        server.stop(None)
+    with state_server(slow) as address:
+        try:
+            yield slow, address
+        finally:
+            slow.release.set()
 
 
 @pytest.fixture(scope="module")
