@@ -178,14 +178,11 @@ class AsyncClient:
         field = call.batch_field if mux is not None else None
         if self._traced and field is not None and tracing.in_span():
             field = None  # a traced call (also a sync Client's: its loop runs in the caller's context)
-        timeout = core.timeout if call.timeout is None else call.timeout
+        timeout = core.start(call)
         deadline = call.deadline
         # What is left of the deadline for the next attempt; None: no deadline, or not looked
         # up yet (a batched attempt needs only the deadline, a unary one its timeout).
         left: float | None = None
-        if deadline is None and timeout is not None:
-            left = timeout
-            call.deadline = deadline = core.clock() + timeout
         capped = core.retry.attempt_timeout  # each attempt's own cap (None: the deadline's)
         failures = tried = 0
         last: ShardstateError | None = None

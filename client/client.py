@@ -97,6 +97,7 @@ class Client:
     ) -> None:
         credentials = tls.client_credentials(credentials, ca_file, cert_file, key_file, direct)
         pool = AddressPool(parse_addresses(addresses), tls=credentials is not None)
+        opts = channel_options(max_message_bytes, options)
         self._bridge: LoopBridge | None = None
         if batching:
             from shardstate.aio import AsyncClient
@@ -110,9 +111,8 @@ class Client:
             self._bridge = LoopBridge(inner)
         else:
             self._core = ClientCore(pool, retry or Retry(), namespace, timeout, version_cache, direct,
-                                    max_response_bytes=budget.for_channel(channel_options(max_message_bytes, options)))
-        self._channels = SyncChannels(channel_options(max_message_bytes, options), credentials,
-                                      client_token(token))
+                                    max_response_bytes=budget.for_channel(opts))
+        self._channels = SyncChannels(opts, credentials, client_token(token))
 
     # ---- public surface ----
 

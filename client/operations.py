@@ -164,19 +164,23 @@ class ClientCore:
             timeout = self.timeout
         return timeout, (None if timeout is None else self.clock() + timeout)
 
+    def start(self, call: Call) -> float | None:
+        """A call starting: its timeout (None: the client's default), and its deadline fixed
+        now unless the operation fixed it already (Call.deadline)."""
+        timeout = self.timeout if call.timeout is None else call.timeout
+        if call.deadline is None and timeout is not None:
+            call.deadline = self.clock() + timeout
+        return timeout
+
     def retrying(self, call: Call) -> Op[Any]:
         """Attempts of one call: round-robin addresses; after UNAVAILABLE the address is
         skipped for a while and the next attempt goes to another one at once. In direct mode
         a session call goes to its shard's primary first (client/direct.py). Every attempt,
         pause and map fetch fits in the call's one deadline; each attempt gets what is left."""
-        timeout = self.timeout if call.timeout is None else call.timeout
+        timeout = self.start(call)
         deadline = call.deadline
-        left: float | None = None  # what is left of the deadline for the next attempt
-        if deadline is not None:
-            left = deadline - self.clock()
-        elif timeout is not None:
-            left = timeout
-            call.deadline = deadline = self.clock() + timeout
+        # what is left of the deadline for the next attempt
+        left = None if deadline is None else deadline - self.clock()
         failures = tried = 0
         last: ShardstateError | None = None
         via_router = False
@@ -361,12 +365,10 @@ class SessionCore:
 
     def _rpc(self, method: str, request: Any, timeout: Any, batch_field: str | None = None,
              deadline: float | None = None) -> Op[Any]:
-        resp = yield Call(method, request, codec.timeout(timeout), batch_field, deadline)
-        self.saw(resp.header.revision)
-        return resp
+        return self._page(Call(method, request, codec.timeout(timeout), batch_field, deadline))
 
     def _page(self, call: Call) -> Op[Any]:
-        """One request of an operation of several (the pages of scan and read): the first
+        """One request; in an operation of several (the pages of scan and read) the first
         one's deadline, fixed when it starts, is the next ones' (Call.deadline)."""
         resp = yield call
         self.saw(resp.header.revision)

@@ -40,7 +40,7 @@ from typing import Any
 import grpc
 
 from shardstate import codec
-from shardstate.common import errors
+from shardstate.common import budget, errors
 from shardstate.common.clustermap import ClusterView
 from shardstate.common.config import Limits
 from shardstate.common.errors import (
@@ -141,11 +141,6 @@ def _message_limit(exc: ShardstateError) -> tuple[str, int] | None:
 Pending = tuple[str, Any, "asyncio.Future[Any]", float | None, float]
 
 
-def budget_tail(max_response_bytes: int) -> bytes:
-    """The BatchRequest bytes asking for an answer within `max_response_bytes` (0: none)."""
-    return b"\x10" + varint(max_response_bytes) if max_response_bytes > 0 else b""  # field 2
-
-
 def _began(ops: list[Pending]) -> float:
     """When the earliest call among `ops` began (its deadline less its timeout), or _NEVER."""
     return min((p[4] - p[3] for p in ops if p[3] is not None), default=_NEVER)
@@ -155,7 +150,7 @@ def _encode(pending: list[Pending], max_bytes: int = MAX_BATCH_BYTES,
             max_ops: int = 1 << 62, tail: bytes = b"") -> list[tuple[list[Pending], bytes]]:
     """The ops still wanted (not cancelled or expired) as batches of at most `max_ops` ops and
     `max_bytes` of BatchRequest each (an op bigger than that alone): each batch's ops and its
-    bytes, each op's serialized request framed as a BatchOp, then `tail` (budget_tail).
+    bytes, each op's serialized request framed as a BatchOp, then `tail` (budget.wire_tail).
     Concurrent callers' ops never add up to a message the server refuses whole, failing
     every one of them."""
     out: list[tuple[list[Pending], bytes]] = []
@@ -371,7 +366,7 @@ class Conn:
         self.pipeline = pipeline
         self.max_ops = max_ops
         self.max_bytes = max_bytes  # a batch's BatchRequest bytes at most (MAX_BATCH_BYTES)
-        self.tail = budget_tail(max_response_bytes)  # each batch asks for an answer within this
+        self.tail = budget.wire_tail(max_response_bytes)  # each batch asks for an answer within this
         self.timeout = timeout
         self.mode = PIPELINE
         self._loop: asyncio.AbstractEventLoop | None = None

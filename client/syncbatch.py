@@ -92,11 +92,7 @@ class LoopBridge:
         """One logical call (retries included, AsyncClient._call): its response message.
         Its deadline is fixed here, in the caller's thread, when the call starts."""
         loop = self._started()
-        if call.deadline is None:
-            core = self.client._core
-            timeout = core.timeout if call.timeout is None else call.timeout
-            if timeout is not None:
-                call.deadline = core.clock() + timeout
+        self.client._core.start(call)
         coro = self.client._call(call)
         try:
             fut = asyncio.run_coroutine_threadsafe(coro, loop)

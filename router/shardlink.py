@@ -28,6 +28,7 @@ import grpc
 from grpc import aio
 
 from shardstate.common import budget, errors
+from shardstate.common.budget import wire_tail
 from shardstate.common.jsonlog import fields
 from shardstate.common.metrics import Registry
 from shardstate.router.nodes import NodePool
@@ -127,8 +128,8 @@ def pipeline_request(rid: int, ops: list[bytes], budget: int = 0) -> bytes:
     """PipelineRequest{id, batch{ops, max_response_bytes}} framed around the encoded ops (no
     re-encoding)."""
     parts, size = repeated_bytes(1, ops)
-    if budget:
-        tail = b"\x10" + varint(budget)  # BatchRequest.max_response_bytes = 2
+    tail = wire_tail(budget)
+    if tail:
         parts.append(tail)
         size += len(tail)
     return b"".join([b"\x08", varint(rid), b"\x12", varint(size), *parts])
@@ -146,12 +147,9 @@ class _Unit:
     budget: int  # BatchRequest.max_response_bytes for its ops' answer (> 0)
 
 
-_HEAD = b"\x08\x08"  # how an unprocessed result starts (code RESOURCE_EXHAUSTED)
-
-
 def _unprocessed(results: list[bytes]) -> list[int]:
     """The positions of the unprocessed results (a two-byte comparison for any other)."""
-    return [k for k, r in enumerate(results) if r[:2] == _HEAD and unprocessed(r)]
+    return [k for k, r in enumerate(results) if unprocessed(r)]
 
 
 def _fail(chunk: list[_Unit], e: SubBatchError) -> None:

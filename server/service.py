@@ -41,6 +41,13 @@ SIZED_KINDS = frozenset(("get", "scan", "read_log", "txn", "get_session"))
 CAS_KINDS = frozenset(("put", "delete"))
 
 
+def answer_bytes(kind: str | None, reply: Any) -> int:
+    """What an op's reply counts toward its batch's answer budget."""
+    if kind in SIZED_KINDS or (kind in CAS_KINDS and not reply.applied):
+        return int(reply.ByteSize())
+    return 0
+
+
 # What each unary handler's op needs (auth on): method name for messages, role.
 OP_AUTH = {
     "get": ("Get", authz.READ), "scan": ("Scan", authz.READ), "read_log": ("ReadLog", authz.READ),
@@ -334,9 +341,7 @@ class StateService:
                 result = results[i] = await self.run_op(req.ops[i])
                 kind = result.WhichOneof("result")
                 if kind is not None:
-                    reply = getattr(result, kind)
-                    if kind in SIZED_KINDS or (kind in CAS_KINDS and not reply.applied):
-                        used[0] += reply.ByteSize()
+                    used[0] += answer_bytes(kind, getattr(result, kind))
 
         await asyncio.gather(*(run_group(idx) for idx in groups.values()))
         resp.results.extend(r for r in results if r is not None)
@@ -394,8 +399,7 @@ class StateService:
                 reply = await self._run(kind, inner, results.add())
                 if reply is not None:
                     replies.append(reply)
-                    if kind in SIZED_KINDS or (kind in CAS_KINDS and not reply.applied):
-                        used += reply.ByteSize()
+                    used += answer_bytes(kind, reply)
         finally:
             if grouped:
                 self._end_group(results, first, replies)

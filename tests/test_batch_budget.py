@@ -21,7 +21,7 @@ import pytest
 from shardstate import AsyncClient, Client
 from shardstate.common import budget
 from shardstate.common.errors import ConflictError
-from shardstate.pipeline import Pending, _encode, budget_tail
+from shardstate.pipeline import Pending, _encode
 from shardstate.router.shardlink import pipeline_request
 from shardstate.router.wire import RawPipelineRequest, unprocessed
 from shardstate.v1 import state_pb2, state_pb2_grpc, types_pb2
@@ -71,12 +71,12 @@ def test_batches_carry_their_budget_on_the_wire() -> None:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         get = state_pb2.GetRequest(session_id="s", key="k")
         pending: list[Pending] = [("get", get, fut, None, float("inf"))] * 3
-        batches = _encode(pending, max_bytes=15, tail=budget_tail(12345))
+        batches = _encode(pending, max_bytes=15, tail=budget.wire_tail(12345))
         assert len(batches) > 1
         for ops, data in batches:
             req = state_pb2.BatchRequest.FromString(data)
             assert len(req.ops) == len(ops) and req.max_response_bytes == 12345
-        assert state_pb2.BatchRequest.FromString(_encode(pending, tail=budget_tail(0))[0][1]).max_response_bytes == 0
+        assert state_pb2.BatchRequest.FromString(_encode(pending, tail=budget.wire_tail(0))[0][1]).max_response_bytes == 0
         fut.cancel()
 
     run(body())

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from shardstate.common.config import Limits, MiB
+from shardstate.common.protowire import varint
 from shardstate.v1 import state_pb2, types_pb2
 
 LIMIT = "max_response_bytes"
@@ -53,6 +54,12 @@ def share(budget: int, parts: int) -> int:
     a part's share is also the budget of the shard message that carries it with other
     callers' ops, so a part of few ops gets no smaller share than a big one."""
     return max(1, budget // max(1, parts))
+
+
+def wire_tail(budget: int) -> bytes:
+    """The encoded BatchRequest field asking for an answer within `budget` bytes, to append
+    to a BatchRequest's encoded ops (b"" for 0: the server's default)."""
+    return b"\x10" + varint(budget) if budget > 0 else b""  # max_response_bytes = 2
 
 
 def unprocessed_result(budget: int, used: int) -> state_pb2.BatchResult:
